@@ -1,0 +1,40 @@
+"""User-facing errors.
+
+Every failure a user can cause (bad model id, bad file, bad language code, ...) is raised as an
+`SSNError` subclass whose message says what went wrong and what to do. The CLI prints the message
+without a traceback; the app shows it with `st.error`.
+"""
+
+from __future__ import annotations
+
+
+class SSNError(Exception):
+    """Base class: the message is meant to be shown to the user as is."""
+
+
+class ModelLoadError(SSNError):
+    """The model could not be found, verified or loaded."""
+
+
+class UnsupportedArchitectureError(SSNError):
+    """The model family has no neuron-site mapping."""
+
+
+class NeuronFileError(SSNError):
+    """A neuron-set / scores / delta file is unreadable or does not match the loaded model."""
+
+
+class PromptSetError(SSNError):
+    """A prompt set is missing, malformed, empty or uses an unknown language code."""
+
+
+class JudgeError(SSNError):
+    """A judge could not run (guard model unusable, API endpoint unreachable, ...)."""
+
+
+class TrainingError(SSNError):
+    """Training was stopped (non-finite loss, bad configuration, ...)."""
+
+
+class Cancelled(SSNError):
+    """A long job was cancelled by the user; nothing partial was written."""

@@ -1,0 +1,247 @@
+"""NeuronSet: a set of (layer, site kind, neuron index) triples with the metadata that says where it came from.
+
+Stored as ``{(layer, kind): sorted unique LongTensor of indices}``. Saved as JSON (readable, diffable)
+or safetensors (compact; one int64 tensor per (layer, kind), metadata in the header). Loading never
+unpickles, and `validate` checks the set against the loaded model's `SiteMap` so that a set computed
+on another model fails with a clear message instead of silently indexing the wrong neurons.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ssn_core.errors import NeuronFileError
+from ssn_core.io import atomic_save_safetensors, atomic_write_json
+from ssn_core.sites import SITE_KINDS, SiteMap
+
+FORMAT_VERSION = 1
+Key = tuple[int, str]
+
+
+def _as_index_tensor(indices) -> torch.Tensor:
+    tensor = torch.as_tensor(indices, dtype=torch.long).flatten()
+    return torch.unique(tensor)  # sorted, unique
+
+
+@dataclass
+class NeuronSet:
+    neurons: dict[Key, torch.Tensor] = field(default_factory=dict)
+    # model_fingerprint, model_type, n_layers, sizes, method, language, p, data_hash, ... (JSON-serialisable)
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        cleaned: dict[Key, torch.Tensor] = {}
+        for (layer, kind), indices in self.neurons.items():
+            if kind not in SITE_KINDS:
+                raise NeuronFileError(f"unknown site kind {kind!r}; expected one of {', '.join(SITE_KINDS)}")
+            tensor = _as_index_tensor(indices)
+            if tensor.numel():
+                cleaned[(int(layer), kind)] = tensor
+        self.neurons = dict(sorted(cleaned.items(), key=lambda item: (item[0][0], SITE_KINDS.index(item[0][1]))))
+
+    # ----- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_triples(cls, triples: Iterable[tuple[int, str, int]], meta: dict | None = None) -> NeuronSet:
+        grouped: dict[Key, list[int]] = {}
+        for layer, kind, index in triples:
+            grouped.setdefault((int(layer), kind), []).append(int(index))
+        return cls(grouped, dict(meta or {}))
+
+    def triples(self) -> Iterator[tuple[int, str, int]]:
+        for (layer, kind), indices in self.neurons.items():
+            for index in indices.tolist():
+                yield layer, kind, index
+
+    # ----- size and counts ----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return sum(int(t.numel()) for t in self.neurons.values())
+
+    def __contains__(self, triple: tuple[int, str, int]) -> bool:
+        layer, kind, index = triple
+        indices = self.neurons.get((layer, kind))
+        return indices is not None and bool((indices == index).any())
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, NeuronSet):
+            return NotImplemented
+        return self.neurons.keys() == other.neurons.keys() and all(
+            torch.equal(self.neurons[k], other.neurons[k]) for k in self.neurons
+        )
+
+    def get(self, layer: int, kind: str) -> torch.Tensor:
+        return self.neurons.get((layer, kind), torch.empty(0, dtype=torch.long))
+
+    def counts(self) -> dict[Key, int]:
+        return {key: int(t.numel()) for key, t in self.neurons.items()}
+
+    def counts_per_layer(self) -> dict[int, int]:
+        result: dict[int, int] = {}
+        for (layer, _), count in self.counts().items():
+            result[layer] = result.get(layer, 0) + count
+        return result
+
+    def counts_per_kind(self) -> dict[str, int]:
+        result: dict[str, int] = {}
+        for (_, kind), count in self.counts().items():
+            result[kind] = result.get(kind, 0) + count
+        return result
+
+    def fraction_of(self, sites: SiteMap) -> float:
+        return len(self) / max(sites.total_neurons, 1)
+
+    # ----- set algebra --------------------------------------------------------------------------
+    def _combine(self, other: NeuronSet, op: str, meta: dict | None) -> NeuronSet:
+        result: dict[Key, torch.Tensor] = {}
+        for key in set(self.neurons) | set(other.neurons):
+            a, b = self.get(*key), other.get(*key)
+            if op == "union":
+                result[key] = torch.cat([a, b])
+            elif op == "intersection":
+                result[key] = a[torch.isin(a, b)]
+            else:  # difference
+                result[key] = a[~torch.isin(a, b)]
+        merged_meta = {k: v for k, v in self.meta.items() if other.meta.get(k) == v}
+        merged_meta.update(meta or {})
+        return NeuronSet(result, merged_meta)
+
+    def union(self, other: NeuronSet, meta: dict | None = None) -> NeuronSet:
+        return self._combine(other, "union", meta)
+
+    def intersection(self, other: NeuronSet, meta: dict | None = None) -> NeuronSet:
+        return self._combine(other, "intersection", meta)
+
+    def difference(self, other: NeuronSet, meta: dict | None = None) -> NeuronSet:
+        return self._combine(other, "difference", meta)
+
+    __or__ = union
+    __and__ = intersection
+    __sub__ = difference
+
+    def restrict(self, layers: Iterable[int] | None = None, kinds: Iterable[str] | None = None) -> NeuronSet:
+        """The subset in the given layers and/or site kinds (the A/B chat's layer-range filter)."""
+        layer_set = None if layers is None else set(layers)
+        kind_set = None if kinds is None else set(kinds)
+        kept = {
+            key: t for key, t in self.neurons.items()
+            if (layer_set is None or key[0] in layer_set) and (kind_set is None or key[1] in kind_set)
+        }
+        return NeuronSet(kept, dict(self.meta))
+
+    def jaccard(self, other: NeuronSet) -> float:
+        union = len(self | other)
+        return len(self & other) / union if union else 0.0
+
+    # ----- validation ---------------------------------------------------------------------------
+    def validate(self, sites: SiteMap) -> None:
+        """Raise NeuronFileError unless every neuron exists in this model and the geometry recorded matches."""
+        recorded = self.meta.get("model_fingerprint")
+        if recorded and recorded != sites.fingerprint():
+            expected = sites.shape_signature()
+            got = {k: self.meta.get(k) for k in ("model_type", "n_layers", "sizes")}
+            raise NeuronFileError(
+                f"this neuron set was computed on a different model (fingerprint {recorded}, {got}); "
+                f"the loaded model is {expected} (fingerprint {sites.fingerprint()})"
+            )
+        for (layer, kind), indices in self.neurons.items():
+            if layer < 0 or layer >= sites.n_layers:
+                raise NeuronFileError(f"neuron set refers to layer {layer}, but the model has {sites.n_layers} layers")
+            if (layer, kind) not in sites.sites:
+                raise NeuronFileError(f"neuron set refers to site {kind!r}, which this model does not have")
+            size = sites.get(layer, kind).size
+            if int(indices.min()) < 0 or int(indices.max()) >= size:
+                raise NeuronFileError(
+                    f"neuron set refers to {kind} neuron {int(indices.max())} in layer {layer}, "
+                    f"but that site has {size} neurons"
+                )
+
+    def with_model_meta(self, sites: SiteMap) -> NeuronSet:
+        """A copy whose metadata records the geometry of the model it belongs to."""
+        meta = dict(self.meta)
+        meta.update(model_fingerprint=sites.fingerprint(), **sites.shape_signature())
+        return NeuronSet(dict(self.neurons), meta)
+
+    # ----- files --------------------------------------------------------------------------------
+    def to_json_dict(self) -> dict:
+        return {
+            "format": "ssn-lab/neuron-set",
+            "version": FORMAT_VERSION,
+            "meta": self.meta,
+            "neurons": [
+                {"layer": layer, "kind": kind, "indices": indices.tolist()}
+                for (layer, kind), indices in self.neurons.items()
+            ],
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Save as JSON (``.json``) or safetensors (``.safetensors``), atomically."""
+        path = Path(path)
+        if path.suffix == ".json":
+            atomic_write_json(path, self.to_json_dict())
+        elif path.suffix == ".safetensors":
+            tensors = {f"{layer}.{kind}": indices for (layer, kind), indices in self.neurons.items()}
+            header = {"format": "ssn-lab/neuron-set", "version": str(FORMAT_VERSION), "meta": json.dumps(self.meta)}
+            atomic_save_safetensors(path, tensors, header)
+        else:
+            raise NeuronFileError(f"cannot save a neuron set as {path.suffix!r}: use .json or .safetensors")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, sites: SiteMap | None = None) -> NeuronSet:
+        """Load from JSON or safetensors; with ``sites``, validate against that model."""
+        path = Path(path)
+        if not path.is_file():
+            raise NeuronFileError(f"neuron file not found: {path}")
+        if path.suffix == ".json":
+            neuron_set = cls._load_json(path)
+        elif path.suffix == ".safetensors":
+            neuron_set = cls._load_safetensors(path)
+        else:
+            raise NeuronFileError(f"unknown neuron file type {path.suffix!r} ({path}): expected .json or .safetensors")
+        if sites is not None:
+            neuron_set.validate(sites)
+        return neuron_set
+
+    @classmethod
+    def _load_json(cls, path: Path) -> NeuronSet:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise NeuronFileError(f"{path} is not a valid JSON neuron file: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != "ssn-lab/neuron-set":
+            raise NeuronFileError(f"{path} is not an SSN Lab neuron set (missing format 'ssn-lab/neuron-set')")
+        try:
+            grouped = {(int(e["layer"]), str(e["kind"])): [int(i) for i in e["indices"]] for e in data["neurons"]}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise NeuronFileError(f"{path}: malformed neuron entry ({exc!r})") from None
+        return cls(grouped, dict(data.get("meta") or {}))
+
+    @classmethod
+    def _load_safetensors(cls, path: Path) -> NeuronSet:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise NeuronFileError(f"{path} is not a readable safetensors file: {exc}") from None
+        if header.get("format") != "ssn-lab/neuron-set":
+            raise NeuronFileError(f"{path} is not an SSN Lab neuron set (missing format 'ssn-lab/neuron-set')")
+        grouped = {}
+        for name, tensor in tensors.items():
+            layer, _, kind = name.partition(".")
+            if not layer.isdigit() or tensor.dtype not in (torch.int64, torch.int32):
+                raise NeuronFileError(f"{path}: unexpected tensor {name!r} ({tensor.dtype})")
+            grouped[(int(layer), kind)] = tensor
+        try:
+            meta = json.loads(header.get("meta", "{}"))
+        except json.JSONDecodeError:
+            raise NeuronFileError(f"{path}: metadata is not valid JSON") from None
+        return cls(grouped, meta)
