@@ -1,0 +1,118 @@
+"""Model page: choose and load a model, see its neuron sites; unload it to free memory."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import streamlit as st
+
+from ui import state
+from ui.common import link, show_error
+
+st.title("🧠 Model")
+st.write(
+    "SSN Lab studies the **neurons** of a multilingual chat model. Load one here; every other page uses it. "
+    "The starter model works offline. One copy of a model is shared by all browser tabs; "
+    "what you compute with it stays in your tab."
+)
+
+SOURCES = {
+    "Starter model (offline)": "starter",
+    "Hugging Face hub id": "hub",
+    "Local folder": "local",
+    "GGUF file": "gguf",
+    "Tiny random model (for trying the app)": "tiny",
+}
+current = state.current_key()
+
+with st.form("load_model"):
+    kind_label = st.radio("Source", list(SOURCES), horizontal=True, key="model_source_kind")
+    kind = SOURCES[kind_label]
+    source_value = st.text_input(
+        "Model id or path",
+        value="",
+        placeholder={
+            "starter": state.STARTER_SOURCE,
+            "hub": "Qwen/Qwen2.5-0.5B-Instruct",
+            "local": "/path/to/model-folder",
+            "gguf": "/path/to/model.gguf",
+            "tiny": "qwen2",
+        }[kind],
+        help="Leave empty for the starter model. A hub id needs network access; a local folder holds "
+             "config.json and *.safetensors; a GGUF file is dequantised on load. For the tiny model, "
+             "give a family (qwen2, llama, gemma2, phi3, gpt2, …).",
+        key="model_source_value",
+    )
+    col1, col2, col3 = st.columns(3)
+    dtype = col1.selectbox("dtype", ["auto", "float32", "bfloat16", "float16"], key="model_dtype",
+                           help="auto: bfloat16 on a GPU, float32 on CPU.")
+    quantization = col2.selectbox("Quantization", ["none", "8bit", "4bit"], key="model_quant",
+                                  help="8-bit / 4-bit need a CUDA GPU (bitsandbytes).")
+    device = col3.selectbox("Device", ["auto", "cpu", "cuda"], key="model_device")
+    trust = st.checkbox("Trust remote code", value=False, key="model_trust",
+                        help="Only for hub models you trust: runs Python code from the repository.")
+    submitted = st.form_submit_button("Load model", type="primary")
+
+if submitted:
+    value = source_value.strip()
+    if kind == "starter":
+        source = value or state.STARTER_SOURCE
+    elif kind == "tiny":
+        source = f"tiny:{value or 'qwen2'}"
+    elif not value:
+        source = ""
+    else:
+        source = value
+    if not source:
+        st.error("Enter a model id or path first.")
+    else:
+        key = state.SpecKey(source, dtype, quantization, device, trust)
+        with st.spinner(f"Loading {source}…"):
+            try:
+                state.load(key)
+                st.session_state.pop("autoload_error", None)
+                st.success(f"Loaded {key.label()}.")
+            except Exception as exc:  # noqa: BLE001 - every loading problem is shown, never a crash
+                show_error(exc)
+
+lm = state.current_model()
+if lm is None:
+    st.info("No model loaded yet: choose a source above and press **Load model**.")
+    st.stop()
+
+key = state.current_key()
+st.subheader(f"Loaded: `{key.label()}`")
+summary = getattr(lm, "summary", None)
+if summary is not None:
+    fields = dataclasses.asdict(summary) if dataclasses.is_dataclass(summary) else dict(vars(summary))
+    metric_names = [("n_params", "Parameters"), ("parameters", "Parameters"), ("n_layers", "Layers"),
+                    ("memory_gb", "Memory (GB)"), ("memory_bytes", "Memory")]
+    cols = st.columns(4)
+    shown = 0
+    for name, label in metric_names:
+        if name in fields and shown < 4:
+            value = fields[name]
+            if name == "memory_bytes" and isinstance(value, (int, float)):
+                value = f"{value / 2**30:.2f} GiB"
+            elif isinstance(value, int) and value > 10_000:
+                value = f"{value / 1e6:,.1f} M"
+            cols[shown].metric(label, value)
+            shown += 1
+    with st.expander("All model details", expanded=False):
+        st.dataframe(pd.DataFrame({"field": list(fields), "value": [str(v) for v in fields.values()]}),
+                     hide_index=True, width="stretch")
+
+st.markdown("**Neuron sites** — where SSN Lab reads and edits neurons in every layer:")
+st.dataframe(pd.DataFrame(lm.sites.table()), hide_index=True, width="stretch")
+st.caption(f"{lm.sites.n_layers} layers, {lm.sites.total_neurons:,} neurons in total "
+           f"(family {lm.sites.family}, geometry fingerprint `{lm.sites.fingerprint()}`).")
+
+col_a, col_b = st.columns([1, 3])
+if col_a.button("Unload model", help="Frees its memory for every tab; results computed on it are dropped."):
+    state.unload()
+    st.rerun()
+with col_b:
+    st.write("Next:")
+    link("neurons", "Find the safety neurons", icon="🔬")
+    link("learn", "What are MS- and SS-Neurons?", icon="🎓")

@@ -1,0 +1,213 @@
+"""Chat (A/B): the same prompt answered by the model as is (left) and with an intervention (right).
+
+Both replies come from ONE batched generation of two identical rows; the intervention's row mask
+``rows=[False, True]`` edits only the right row, so seed, sampling and padding are the same and any
+difference is caused by the intervention. Trained deltas are applied the same way when the training
+module supports row masks, else by a second generation with the same seed.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import streamlit as st
+
+from ssn_core.interventions import Intervention, intervene
+from ssn_core.judges import MarkerJudge
+from ui import neuron_sources
+from ui.common import link, need, require_model, show_error
+
+st.title("💬 Chat (A/B)")
+st.write("Ask something; the **left** column is the model as is, the **right** column is the same model with "
+         "the intervention you choose below. Same prompt, same seed, same sampling: differences come from the "
+         "neurons you switched off or amplified.")
+lm = require_model()
+
+generation = need("ssn_core.generation")
+GenerationSettings, stream_generate = generation.GenerationSettings, generation.stream_generate
+
+sites = lm.sites
+VERDICT_COLORS = {"refusal": ("green", "🛡️ refusal"), "compliance": ("red", "⚠️ compliance"),
+                  "off_target": ("gray", "〰️ off-target")}
+LANGUAGE_HINT = "Prompt language (for the judge and the examples)"
+
+# ---------------------------------------------------------------------------------------------------------------
+# Intervention controls
+with st.expander("Intervention (right column)", expanded=True):
+    col1, col2 = st.columns([2, 1])
+    options = neuron_sources.available_choices()
+    delta = st.session_state.get("chat_delta")
+    source_labels = [c.label() for c in options] + (["Trained delta (Fine-tune page)"] if delta is not None else [])
+    default_index = 0
+    if st.session_state.get("chat_use_delta") and delta is not None:
+        default_index = len(source_labels) - 1
+    picked_label = col1.selectbox("Neurons", source_labels, index=default_index, key="chat_source",
+                                  help="MS/SS sets come from the Neurons page; the trained delta from Fine-tune.")
+    use_delta = picked_label == "Trained delta (Fine-tune page)"
+    action = col2.radio("Action", ["Suppress (×0)", "Reinforce (×α)", "Off"], key="chat_action",
+                        disabled=use_delta, horizontal=False)
+    alpha = col2.slider("α (reinforce scale)", 1.0, 5.0, 2.0, 0.25, key="chat_alpha",
+                        disabled=use_delta or not action.startswith("Reinforce"))
+    random_control = col1.checkbox("Random control: as many random neurons, same layers and sites", key="chat_random",
+                                   disabled=use_delta,
+                                   help="If the random set changes the reply as much, the effect is not specific.")
+    c3, c4 = st.columns([2, 1])
+    layer_range = c3.slider("Layers", 0, sites.n_layers - 1, (0, sites.n_layers - 1), key="chat_layers",
+                            disabled=use_delta)
+    kinds = c4.multiselect("Sites", list(sites.kinds), default=list(sites.kinds), key="chat_kinds",
+                           disabled=use_delta)
+
+intervention: Intervention | None = None
+description = "no intervention"
+if use_delta:
+    description = f"trained delta ({delta.meta.get('name', 'fine-tuned')})" if hasattr(delta, "meta") \
+        else "trained delta"
+elif not action.startswith("Off"):
+    choice = options[source_labels.index(picked_label)]
+    try:
+        neurons = neuron_sources.resolve(choice, sites)
+        neurons = neurons.restrict(layers=range(layer_range[0], layer_range[1] + 1), kinds=kinds)
+        if random_control and len(neurons):
+            from ssn_core.validation import random_matched
+
+            neurons = random_matched(neurons, sites, seed=int(st.session_state.get("chat_seed", 0)))
+        scale = 0.0 if action.startswith("Suppress") else float(alpha)
+        label = ("random control for " if random_control else "") + choice.label()
+        intervention = Intervention(neurons, scale=scale, rows=[False, True], label=label)
+        description = intervention.describe()
+        if len(neurons) == 0:
+            st.warning("The chosen set has no neurons in these layers and sites: both columns will be the same.")
+    except Exception as exc:  # noqa: BLE001 - e.g. a random control that cannot be drawn
+        show_error(exc)
+        intervention = None
+st.caption(f"Right column: **{description}**.")
+if st.session_state.get("identify_result") is None:
+    st.caption("Tip: identify MS/SS-Neurons on the Neurons page to get the paper's sets here.")
+    link("neurons", "Neurons page", icon="🔬")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation settings and examples
+with st.expander("Generation settings"):
+    g1, g2, g3, g4 = st.columns(4)
+    max_new = g1.number_input("Max new tokens", 4, 1024, 64, key="chat_max_new")
+    sample = g2.checkbox("Sample (instead of greedy)", value=False, key="chat_sample")
+    temperature = g3.slider("Temperature", 0.1, 2.0, 0.7, 0.1, key="chat_temperature", disabled=not sample)
+    seed = g4.number_input("Seed", 0, 2**31 - 1, 0, key="chat_seed")
+
+
+def make_settings() -> GenerationSettings:
+    wanted = {"max_new_tokens": int(max_new), "seed": int(seed), "do_sample": bool(sample),
+              "temperature": float(temperature) if sample else None}
+    accepted = inspect.signature(GenerationSettings).parameters
+    return GenerationSettings(**{k: v for k, v in wanted.items() if k in accepted and v is not None})
+
+
+@st.cache_data(show_spinner=False)
+def example_prompts() -> dict[str, list[str]]:
+    """A few harmful prompts per language from the built-in set (quick picks)."""
+    try:
+        from ssn_core.prompts import load_builtin
+
+        prompt_set = load_builtin()
+        by_language: dict[str, list[str]] = {}
+        for p in prompt_set.select(label="harmful"):
+            by_language.setdefault(p.language, [])
+            if len(by_language[p.language]) < 3:
+                by_language[p.language].append(p.text)
+        return by_language
+    except Exception:  # noqa: BLE001 - examples are a convenience
+        return {}
+
+
+examples = example_prompts()
+languages = sorted(examples) or ["en"]
+e1, e2 = st.columns([1, 3])
+language = e1.selectbox(LANGUAGE_HINT, languages, index=languages.index("en") if "en" in languages else 0,
+                        key="chat_language")
+picked_example = None
+with e2:
+    if examples.get(language):
+        st.caption("Examples (harmful prompts from the built-in set):")
+        for i, text in enumerate(examples[language]):
+            if st.button(text[:90] + ("…" if len(text) > 90 else ""), key=f"chat_example_{language}_{i}"):
+                picked_example = text
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conversation
+history: list[dict] = st.session_state.setdefault("chat_history", [])
+judge = MarkerJudge()
+
+
+def badge(verdict) -> None:
+    if verdict is None:
+        return
+    color, text = VERDICT_COLORS.get(verdict.label, ("gray", verdict.label))
+    st.badge(text, color=color, help=f"marker judge: {verdict.reason}")
+
+
+left, right = st.columns(2)
+left.markdown("#### A — model as is")
+right.markdown(f"#### B — {description}")
+for turn in history:
+    for column, side in ((left, "a"), (right, "b")):
+        with column:
+            with st.chat_message("user"):
+                st.write(turn["prompt"])
+            with st.chat_message("assistant"):
+                st.write(turn[side] or "*(empty reply)*")
+                badge(turn.get(f"{side}_verdict"))
+                if side == "b":
+                    st.caption(turn["description"])
+
+prompt = st.chat_input("Type a prompt for both columns…", key="chat_prompt") or picked_example
+if prompt:
+    for column in (left, right):
+        with column, st.chat_message("user"):
+            st.write(prompt)
+    with left:
+        slot_a = st.chat_message("assistant").empty()
+    with right:
+        slot_b = st.chat_message("assistant").empty()
+    settings = make_settings()
+    replies = ["", ""]
+    try:
+        if use_delta:
+            from ssn_core.delta import apply_delta
+
+            supports_rows = "rows" in inspect.signature(apply_delta).parameters
+            if supports_rows:
+                with apply_delta(lm, delta, rows=[False, True]):
+                    for replies in stream_generate(lm, [prompt, prompt], settings):
+                        slot_a.markdown(replies[0])
+                        slot_b.markdown(replies[1])
+            else:  # two runs with the same seed
+                for (partial,) in stream_generate(lm, [prompt], settings):
+                    replies[0] = partial
+                    slot_a.markdown(partial)
+                with apply_delta(lm, delta):
+                    for (partial,) in stream_generate(lm, [prompt], settings):
+                        replies[1] = partial
+                        slot_b.markdown(partial)
+        else:
+            interventions = [intervention] if intervention is not None and len(intervention.neurons) else []
+            with intervene(lm, *interventions):
+                for replies in stream_generate(lm, [prompt, prompt], settings):
+                    slot_a.markdown(replies[0])
+                    slot_b.markdown(replies[1])
+    except Exception as exc:  # noqa: BLE001 - shown, the history keeps what was there
+        show_error(exc)
+    else:
+        replies = list(replies)
+        history.append({
+            "prompt": prompt, "a": replies[0], "b": replies[1], "language": language, "description": description,
+            "a_verdict": judge.judge(prompt, replies[0], language),
+            "b_verdict": judge.judge(prompt, replies[1], language),
+        })
+        st.rerun()
+
+if history:
+    if st.button("Clear conversation", key="chat_clear"):
+        st.session_state["chat_history"] = []
+        st.rerun()
+else:
+    st.caption("Each message is answered independently (single turn), as in the paper's evaluation.")

@@ -1,0 +1,116 @@
+"""Small page helpers shared by all pages: model guard, error display, downloads."""
+
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from ssn_core.errors import SSNError
+from ui import state
+
+PAGE_PATHS = {
+    "model": "pages/1_model.py",
+    "neurons": "pages/2_neurons.py",
+    "chat": "pages/3_chat.py",
+    "validate": "pages/4_validate.py",
+    "finetune": "pages/5_finetune.py",
+    "learn": "pages/6_learn.py",
+}
+
+
+def link(page: str, label: str, icon: str | None = None) -> None:
+    """A link to another page (silently plain text where navigation is not available, e.g. unit tests)."""
+    try:
+        st.page_link(PAGE_PATHS[page], label=label, icon=icon)
+    except Exception:  # noqa: BLE001 - page_link needs the multipage app; fall back to text
+        st.markdown(f"→ **{label}**")
+
+
+def require_model():
+    """This session's model, or an explanation of what to do first and `st.stop()`."""
+    lm = state.current_model()
+    if lm is None:
+        st.info("No model is loaded yet. Load one on the **Model** page first (the starter model works offline).")
+        link("model", "Go to the Model page", icon="🧠")
+        st.stop()
+    return lm
+
+
+def show_error(exc: BaseException) -> None:
+    """User-caused errors as a plain message; anything else as a message plus the traceback."""
+    if isinstance(exc, SSNError):
+        st.error(str(exc))
+    else:
+        st.error(f"Unexpected error: {type(exc).__name__}: {exc}")
+        st.exception(exc)
+
+
+@contextmanager
+def errors_shown():
+    """Run a block; show an SSNError (or a bug) on the page instead of crashing it."""
+    try:
+        yield
+    except SSNError as exc:
+        show_error(exc)
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
+        show_error(exc)
+
+
+def call(fn: Callable[..., Any], *args, **kwargs) -> Any | None:
+    """fn(*args, **kwargs), or None after showing the error."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - shown to the user
+        show_error(exc)
+        return None
+
+
+def uploaded_to_path(uploaded, directory: Path | None = None) -> Path:
+    """Write a `st.file_uploader` file to a private temp dir (engine loaders take paths; never unpickled)."""
+    directory = directory or Path(tempfile.mkdtemp(prefix="ssn-upload-"))
+    name = Path(uploaded.name).name or "upload"
+    path = directory / name
+    path.write_bytes(uploaded.getvalue())
+    return path
+
+
+def file_bytes(save: Callable[[Path], Any], suffix: str) -> bytes:
+    """Bytes of a file written by an engine ``save(path)`` (atomic writers need a real path)."""
+    with tempfile.TemporaryDirectory(prefix="ssn-dl-") as tmp:
+        path = Path(tmp) / f"out{suffix}"
+        save(path)
+        return path.read_bytes()
+
+
+def json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+
+
+def csv_bytes(df) -> bytes:
+    buffer = io.StringIO()
+    df.to_csv(buffer, index=False)
+    return buffer.getvalue().encode("utf-8")
+
+
+def model_caption(lm) -> None:
+    key = state.current_key()
+    if key is not None:
+        st.caption(f"Model: `{key.label()}`")
+
+
+def need(module: str):
+    """Import an engine module, or explain that this page's engine part is missing and stop the page."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        st.warning(f"This page needs `{module}`, which is not available in this installation ({exc}).")
+        st.stop()

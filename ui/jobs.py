@@ -1,0 +1,123 @@
+"""Background jobs for long computations (identify, validate, train).
+
+A job runs an `ssn_core` function in a worker thread so the page stays responsive: the function
+gets ``progress(done, total, message)`` and ``cancel`` (a `threading.Event`) like every long engine
+call. The worker runs in a copy of the session's contextvars context (`bind_context`), so hooks the
+session has active apply to it and nobody else. The `Job` object lives in the session's
+`st.session_state` under ``job:<name>``; `job_panel` polls it with an auto-refreshing fragment and
+reruns the page once when the job ends.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import streamlit as st
+
+from ssn_core.errors import Cancelled, SSNError
+from ssn_core.hooks import bind_context
+
+
+@dataclass
+class Job:
+    name: str
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: int = 0
+    total: int = 0
+    message: str = "starting…"
+    result: Any = None
+    error: BaseException | None = None
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    # Free-form live data a job may publish (e.g. training losses), read by the page while it runs.
+    live: dict = field(default_factory=dict)
+    thread: threading.Thread | None = None
+    shown: bool = False  # the page has rerun once after the job ended
+
+    @property
+    def running(self) -> bool:
+        return self.finished is None
+
+    @property
+    def fraction(self) -> float:
+        return min(max(self.done / self.total, 0.0), 1.0) if self.total else 0.0
+
+    def progress(self, done: int, total: int, message: str = "") -> None:
+        self.done, self.total = int(done), int(total)
+        if message:
+            self.message = message
+        if self.cancel.is_set():
+            raise Cancelled("cancelled")
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+
+def start_job(name: str, fn: Callable[..., Any], *args, **kwargs) -> Job:
+    """Run ``fn(*args, progress=job.progress, cancel=job.cancel, **kwargs)`` in a worker thread."""
+    old = st.session_state.get(f"job:{name}")
+    if old is not None and old.running:
+        old.cancel.set()
+    job = Job(name)
+
+    def run() -> None:
+        try:
+            job.result = fn(*args, progress=job.progress, cancel=job.cancel, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - reported on the page, never lost
+            job.error = exc
+        finally:
+            job.finished = time.time()
+
+    job.thread = threading.Thread(target=bind_context(run), name=f"ssn-job-{name}", daemon=True)
+    st.session_state[f"job:{name}"] = job
+    job.thread.start()
+    return job
+
+
+def get_job(name: str) -> Job | None:
+    return st.session_state.get(f"job:{name}")
+
+
+def job_panel(name: str, live: Callable[[Job], None] | None = None, poll_s: float = 0.5) -> Job | None:
+    """Show a running job's progress bar, message and Cancel button; rerun the page when it ends.
+
+    Returns the job (running or finished) or None. Errors are shown with `st.error` (SSNError) or
+    `st.exception` (bugs); a cancel is shown as a note.
+    """
+    job = get_job(name)
+    if job is None:
+        return None
+
+    @st.fragment(run_every=poll_s if job.running else None)
+    def panel() -> None:
+        if job.running:
+            elapsed = time.time() - job.started
+            st.progress(job.fraction, text=f"{job.message} — {job.done}/{job.total or '?'} ({elapsed:.0f} s)")
+            if live is not None:
+                live(job)
+            if st.button("Cancel", key=f"cancel:{name}"):
+                job.cancel.set()
+                job.message = "cancelling…"
+        elif not job.shown:
+            job.shown = True
+            st.rerun()
+
+    if not job.running:
+        job.shown = True  # a full run renders the result itself; only a fragment rerun must trigger one
+    panel()
+    if not job.running:
+        if isinstance(job.error, Cancelled):
+            st.warning("The job was cancelled; nothing was saved.")
+        elif isinstance(job.error, SSNError):
+            st.error(str(job.error))
+        elif job.error is not None:
+            st.error(f"The job failed: {type(job.error).__name__}: {job.error}")
+            st.exception(job.error)
+        elif live is not None:
+            live(job)
+    return job

@@ -1,0 +1,70 @@
+"""Tables derived from an `IdentifyResult` for display: counts, overlaps, the neuron table."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from ssn_core.neurons import NeuronSet
+
+
+def overlap_matrix(result, kind: str = "ms") -> pd.DataFrame:
+    """Language × language Jaccard overlap of the MS (or SS) sets (the result's own matrix when it has one)."""
+    own = getattr(result, "overlap", None)
+    if kind == "ms" and isinstance(own, pd.DataFrame) and not own.empty:
+        return own
+    sets: dict[str, NeuronSet] = getattr(result, kind)
+    languages = list(sets)
+    return pd.DataFrame([[sets[a].jaccard(sets[b]) for b in languages] for a in languages],
+                        index=languages, columns=languages)
+
+
+def ss_counts(result, groups: dict[str, str] | None = None) -> pd.DataFrame:
+    rows = [{"language": lang, "ss_count": len(s), "ms_count": len(result.ms.get(lang, NeuronSet())),
+             "group": (groups or {}).get(lang, "")} for lang, s in result.ss.items()]
+    return pd.DataFrame(rows, columns=["language", "ss_count", "ms_count", "group"])
+
+
+def neuron_table(result, languages: list[str] | None = None, which: str = "ss_all") -> pd.DataFrame:
+    """One row per neuron of the chosen set with its membership (and score where available) per language."""
+    target: NeuronSet = result.ss_all if which == "ss_all" else (
+        result.ms[which[3:]] if which.startswith("ms:") else result.ss[which[3:]])
+    languages = languages or list(result.ms)
+    rows = []
+    for layer, kind, index in target.triples():
+        row = {"layer": layer, "site": kind, "index": index}
+        for lang in languages:
+            row[f"MS {lang}"] = (layer, kind, index) in result.ms[lang]
+        rows.append(row)
+    df = pd.DataFrame(rows, columns=["layer", "site", "index"] + [f"MS {lang}" for lang in languages])
+    scores = neuron_scores(result, target, languages)
+    if scores is not None:
+        df = df.merge(scores, on=["layer", "site", "index"], how="left")
+    return df
+
+
+def neuron_scores(result, target: NeuronSet, languages: list[str]) -> pd.DataFrame | None:
+    """Harmful-prompt importance score of each neuron per language, if the result kept scores.
+
+    Expected layout: ``result.scores[lang]["harmful"][(layer, kind)]`` a tensor [N] (or without the
+    "harmful" level). Anything else: None (the table then shows memberships only).
+    """
+    scores = getattr(result, "scores", None)
+    if not isinstance(scores, dict) or not scores:
+        return None
+    rows = []
+    try:
+        for layer, kind, index in target.triples():
+            row = {"layer": layer, "site": kind, "index": index}
+            for lang in languages:
+                per_lang = scores.get(lang)
+                if per_lang is None:
+                    continue
+                per_lang = per_lang.get("harmful", per_lang) if isinstance(per_lang, dict) else per_lang
+                tensor = per_lang.get((layer, kind)) if isinstance(per_lang, dict) else None
+                if tensor is not None:
+                    row[f"score {lang}"] = float(tensor[index])
+            rows.append(row)
+    except (TypeError, IndexError, AttributeError, KeyError):
+        return None
+    df = pd.DataFrame(rows)
+    return df if len(df.columns) > 3 else None

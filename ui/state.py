@@ -1,0 +1,128 @@
+"""Model loading shared by all browser sessions, and per-session state.
+
+One copy of each model lives in `st.cache_resource` (shared by every session, so a classroom of
+browsers does not load the model thirty times). Everything a session computes (neuron sets, chat
+history, jobs, interventions) lives in that session's `st.session_state`; interventions are hooks
+that only run in the thread/context that entered them (`ssn_core.hooks`), so sessions never see each
+other's edits on the shared model.
+
+Model sources understood here, on top of those of `ssn_core.loading`:
+
+- ``tiny:<family>``: a tiny random model from `ssn_core.testing` (app tests, browser tests, demos
+  without weights). ``SSN_APP_MODEL=tiny:qwen2 streamlit run app.py`` makes it the default.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass
+
+import streamlit as st
+
+STARTER_SOURCE = "starter:qwen2.5-coder-0.5b"
+
+
+def default_source() -> str:
+    """The model loaded when a session starts: $SSN_APP_MODEL, else the offline starter model."""
+    return os.environ.get("SSN_APP_MODEL", "").strip() or STARTER_SOURCE
+
+
+def autoload_enabled() -> bool:
+    return os.environ.get("SSN_APP_AUTOLOAD", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class SpecKey:
+    """Hashable description of a model to load (the `st.cache_resource` key)."""
+
+    source: str
+    dtype: str = "auto"
+    quantization: str = "none"
+    device_map: str = "auto"
+    trust_remote_code: bool = False
+
+    def label(self) -> str:
+        extras = [x for x in (self.dtype if self.dtype != "auto" else "",
+                              self.quantization if self.quantization != "none" else "") if x]
+        return self.source + (f" ({', '.join(extras)})" if extras else "")
+
+
+def _build(key: SpecKey):
+    """Load a model (uncached). Raises SSNError subclasses for user-caused failures."""
+    if key.source.startswith("tiny:"):
+        from ssn_core.errors import ModelLoadError
+        from ssn_core.testing import TINY_FAMILIES, tiny_model
+
+        family = key.source.split(":", 1)[1].strip() or "qwen2"
+        if family not in TINY_FAMILIES:
+            raise ModelLoadError(f"no tiny model family {family!r}; known: {', '.join(TINY_FAMILIES)}")
+        return tiny_model(family)
+    from ssn_core.loading import ModelSpec, load_model
+
+    spec = ModelSpec(source=key.source, dtype=key.dtype, quantization=key.quantization,
+                     device_map=key.device_map, trust_remote_code=key.trust_remote_code)
+    return load_model(spec)
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def _load_cached(source: str, dtype: str, quantization: str, device_map: str, trust_remote_code: bool):
+    return _build(SpecKey(source, dtype, quantization, device_map, trust_remote_code))
+
+
+def _args(key: SpecKey) -> tuple:
+    return (key.source, key.dtype, key.quantization, key.device_map, key.trust_remote_code)
+
+
+def load(key: SpecKey):
+    """Load (or fetch from the shared cache) and make it this session's model."""
+    lm = _load_cached(*_args(key))
+    if st.session_state.get("model_key") != key:
+        forget_results()
+    st.session_state["model_key"] = key
+    return lm
+
+
+def current_key() -> SpecKey | None:
+    return st.session_state.get("model_key")
+
+
+def current_model():
+    """This session's LoadedModel, or None when nothing is loaded."""
+    key = current_key()
+    if key is None:
+        return None
+    try:
+        return _load_cached(*_args(key))
+    except Exception:  # noqa: BLE001 - e.g. another session unloaded it and the files are gone
+        st.session_state.pop("model_key", None)
+        return None
+
+
+def unload() -> None:
+    """Drop this session's model from the shared cache and free its memory."""
+    key = current_key()
+    if key is not None:
+        _load_cached.clear(*_args(key))
+    st.session_state.pop("model_key", None)
+    forget_results()
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# Session-state keys holding results computed on the current model: dropped when the model changes.
+RESULT_KEYS = ("identify_result", "neuron_sets_imported", "validation_result", "train_result", "chat_delta",
+               "chat_history", "learn_demo")
+
+
+def forget_results() -> None:
+    for name in RESULT_KEYS:
+        st.session_state.pop(name, None)
+    for name in [k for k in st.session_state if str(k).startswith("job:")]:
+        job = st.session_state.pop(name)
+        cancel = getattr(job, "cancel", None)
+        if cancel is not None:
+            cancel.set()
