@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pandas as pd
 import streamlit as st
 
+from ssn_core.loading import DEVICE_MAPS, DTYPES, QUANTIZATIONS
 from ui import state
 from ui.common import link, show_error
 
@@ -45,11 +44,13 @@ with st.form("load_model"):
         key="model_source_value",
     )
     col1, col2, col3 = st.columns(3)
-    dtype = col1.selectbox("dtype", ["auto", "float32", "bfloat16", "float16"], key="model_dtype",
-                           help="auto: bfloat16 on a GPU, float32 on CPU.")
-    quantization = col2.selectbox("Quantization", ["none", "8bit", "4bit"], key="model_quant",
-                                  help="8-bit / 4-bit need a CUDA GPU (bitsandbytes).")
-    device = col3.selectbox("Device", ["auto", "cpu", "cuda"], key="model_device")
+    dtype = col1.selectbox("dtype", DTYPES, key="model_dtype",
+                           help="auto: float32 on CPU, the checkpoint's own dtype on a GPU.")
+    quantization = col2.selectbox("Quantization", QUANTIZATIONS, key="model_quant",
+                                  help="bitsandbytes 8-bit or 4-bit (NF4 / FP4): less memory, slightly different "
+                                       "numbers. Interventions and fine-tuning work on quantized models too.")
+    device = col3.selectbox("Device", DEVICE_MAPS, key="model_device",
+                            help="auto: the GPU(s) when CUDA is available, else CPU.")
     trust = st.checkbox("Trust remote code", value=False, key="model_trust",
                         help="Only for hub models you trust: runs Python code from the repository.")
     submitted = st.form_submit_button("Load model", type="primary")
@@ -68,9 +69,15 @@ if submitted:
         st.error("Enter a model id or path first.")
     else:
         key = state.SpecKey(source, dtype, quantization, device, trust)
+        bar = st.progress(0.0, text=f"Loading {source}…")
+
+        def show_progress(done: int, total: int, message: str = "") -> None:
+            bar.progress(min(done / total, 1.0) if total else 0.0, text=message or f"Loading {source}…")
+
         with st.spinner(f"Loading {source}…"):
             try:
-                state.load(key)
+                state.load(key, progress=show_progress)
+                bar.empty()
                 st.session_state.pop("autoload_error", None)
                 st.success(f"Loaded {key.label()}.")
             except Exception as exc:  # noqa: BLE001 - every loading problem is shown, never a crash
@@ -83,25 +90,18 @@ if lm is None:
 
 key = state.current_key()
 st.subheader(f"Loaded: `{key.label()}`")
-summary = getattr(lm, "summary", None)
-if summary is not None:
-    fields = dataclasses.asdict(summary) if dataclasses.is_dataclass(summary) else dict(vars(summary))
-    metric_names = [("n_params", "Parameters"), ("parameters", "Parameters"), ("n_layers", "Layers"),
-                    ("memory_gb", "Memory (GB)"), ("memory_bytes", "Memory")]
-    cols = st.columns(4)
-    shown = 0
-    for name, label in metric_names:
-        if name in fields and shown < 4:
-            value = fields[name]
-            if name == "memory_bytes" and isinstance(value, (int, float)):
-                value = f"{value / 2**30:.2f} GiB"
-            elif isinstance(value, int) and value > 10_000:
-                value = f"{value / 1e6:,.1f} M"
-            cols[shown].metric(label, value)
-            shown += 1
-    with st.expander("All model details", expanded=False):
-        st.dataframe(pd.DataFrame({"field": list(fields), "value": [str(v) for v in fields.values()]}),
-                     hide_index=True, width="stretch")
+summary = lm.summary
+c1, c2, c3, c4 = st.columns(4)
+c1.metric("Parameters", f"{summary.n_params / 1e6:,.1f} M")
+c2.metric("Layers", summary.n_layers)
+c3.metric("Memory", f"{summary.memory_bytes / 2**30:.2f} GiB")
+c4.metric("Neurons (all sites)", f"{lm.sites.total_neurons:,}")
+for warning in summary.warnings:
+    st.warning(warning)
+if not summary.has_chat_template:
+    st.caption("This model has no chat template: prompts use a plain 'User: … Assistant:' format.")
+with st.expander("All model details"):
+    st.dataframe(pd.DataFrame(summary.rows(), columns=["field", "value"]), hide_index=True, width="stretch")
 
 st.markdown("**Neuron sites** — where SSN Lab reads and edits neurons in every layer:")
 st.dataframe(pd.DataFrame(lm.sites.table()), hide_index=True, width="stretch")

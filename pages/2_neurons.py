@@ -1,4 +1,198 @@
+"""Neurons page: identify MS- and SS-Neurons per language, explore them, download or import them."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pandas as pd
 import streamlit as st
 
-st.title("Coming soon")
-st.info("This page is being built.")
+from ssn_core.neurons import NeuronSet
+from ui import charts, jobs, neuron_sources
+from ui.common import call, csv_bytes, file_bytes, json_bytes, need, require_model, show_error, uploaded_to_path
+from ui.neurons_view import neuron_table, overlap_matrix, ss_counts
+
+st.title("🔬 Neurons")
+st.write(
+    "For each language, score every neuron on **harmful** and **harmless** prompts. **MS-Neurons** = per layer, "
+    "the top *p*% on harmful prompts minus the top *p*% on harmless ones. **SS-Neurons** = MS-Neurons of a "
+    "non-high-resource language that are also MS-Neurons of the high-resource language(s) (English)."
+)
+lm = require_model()
+P = need("ssn_core.prompts")
+identify_module = need("ssn_core.identify")
+
+ROOT = Path(__file__).resolve().parent.parent
+MULTIJAIL_DEFAULT = ROOT.parent / "shared" / "datasets" / "multijail" / "MultiJail.csv"
+
+
+def group_of_language(grouping: str) -> dict[str, str]:
+    groups = P.MULTIJAIL_GROUPS if grouping.startswith("MultiJail") else P.PAPER_GROUPS
+    return {lang: name for name, langs in groups.items() for lang in langs}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Setup form
+with st.form("identify_form"):
+    st.markdown("**1. Prompts**")
+    source = st.radio("Prompt set", ["Built-in (12 languages, offline)", "MultiJail CSV", "Upload CSV / JSONL"],
+                      horizontal=True, key="nr_source")
+    mj_path = st.text_input("MultiJail CSV path (harmful prompts; harmless ones come from the built-in set)",
+                            value=str(MULTIJAIL_DEFAULT) if MULTIJAIL_DEFAULT.is_file() else "", key="nr_mj_path")
+    upload = st.file_uploader("Your prompts: columns text, language, label (harmful/harmless), optional id",
+                              type=["csv", "jsonl", "tsv"], key="nr_upload")
+
+    st.markdown("**2. Languages**")
+    grouping = st.radio("Grouping", ["MultiJail (high / medium / low resource)", "Paper (HR = English vs NHR)"],
+                        horizontal=True, key="nr_grouping")
+    groups = P.MULTIJAIL_GROUPS if grouping.startswith("MultiJail") else P.PAPER_GROUPS
+    columns = st.columns(len(groups))
+    chosen: list[str] = []
+    defaults = {"en", "zh", "bn", "sw"}
+    for column, (name, langs) in zip(columns, groups.items()):
+        chosen += column.multiselect(
+            f"{name.upper()} languages", langs, default=[lang for lang in langs if lang in defaults],
+            format_func=lambda code: f"{code} — {P.language_name(code)}", key=f"nr_langs_{name}")
+    hr = st.multiselect("High-resource reference (SS-Neurons are shared with these)", sorted(set(chosen) | {"en"}),
+                        default=["en"], key="nr_hr")
+
+    st.markdown("**3. Method**")
+    c1, c2, c3, c4 = st.columns(4)
+    method = c1.selectbox("Importance", ["impact", "activation"], key="nr_method",
+                          help="impact: how much the layer's output changes when the neuron is zeroed (the paper). "
+                               "activation: mean |activation| (cheap, coarser).")
+    p_percent = c2.number_input("Top p (%)", 0.1, 20.0, 3.0, step=0.5, key="nr_p")
+    n_per_language = c3.number_input("Prompts per language and label", 2, 500, 8, key="nr_n",
+                                     help="The paper uses hundreds; 8 is enough to try the tool on CPU.")
+    batch_size = c4.number_input("Batch size", 1, 64, 8, key="nr_batch")
+    kinds = st.multiselect("Sites", list(lm.sites.kinds), default=list(lm.sites.kinds), key="nr_kinds",
+                           help="attn_q / attn_k are the slowest to score; leave them out for a quick look.")
+    go = st.form_submit_button("Identify neurons", type="primary")
+
+
+def load_prompts(source: str, languages: list[str]):
+    """The chosen prompt set (harmful + harmless) restricted to the languages; raises SSNError."""
+    if source.startswith("Built-in"):
+        return P.load_builtin(languages)
+    if source.startswith("MultiJail"):
+        if not mj_path.strip():
+            raise P.PromptSetError("give the path of MultiJail.csv")
+        return P.with_harmless(P.load_multijail(mj_path.strip(), languages=languages))
+    if upload is None:
+        raise P.PromptSetError("choose a CSV or JSONL file to upload first")
+    prompt_set = P.load_file(uploaded_to_path(upload), languages=languages)
+    if "harmless" not in prompt_set.labels:
+        prompt_set = P.with_harmless(prompt_set)
+    return prompt_set
+
+
+def run_identify(lm, prompts, languages, hr, method, p, kinds, n, batch_size, progress=None,
+                 cancel: threading.Event | None = None):
+    selected = prompts.select(languages=languages, limit_per_language=n)
+    return identify_module.identify(lm, selected, languages, hr=tuple(hr), method=method, p=p, kinds=tuple(kinds),
+                                    batch_size=batch_size, progress=progress, cancel=cancel)
+
+
+if go:
+    languages = list(dict.fromkeys(chosen + [lang for lang in hr if lang not in chosen]))
+    if len(languages) < 2 or not hr:
+        st.error("Choose at least one high-resource reference and one other language.")
+    elif not kinds:
+        st.error("Choose at least one site kind.")
+    else:
+        try:
+            prompt_set = load_prompts(source, languages)
+            st.session_state["identify_prompts"] = prompt_set
+            jobs.start_job("identify", run_identify, lm, prompt_set, languages, hr, method, p_percent / 100.0,
+                           kinds, int(n_per_language), int(batch_size))
+        except Exception as exc:  # noqa: BLE001 - bad files, unknown languages, ...
+            show_error(exc)
+
+job = jobs.job_panel("identify")
+if job is not None and not job.running and job.error is None:
+    st.session_state["identify_result"] = job.result
+    st.session_state.pop("job:identify", None)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Import
+with st.expander("Import a saved neuron set or identification result"):
+    i1, i2 = st.columns(2)
+    neuron_file = i1.file_uploader("Neuron set (.json or .safetensors)", type=["json", "safetensors"],
+                                   key="nr_import_file")
+    if neuron_file is not None and i1.button("Import neuron set", key="nr_import_set"):
+        imported = call(NeuronSet.load, uploaded_to_path(neuron_file), lm.sites)
+        if imported is not None:
+            neuron_sources.add_imported(neuron_file.name, imported)
+            st.success(f"Imported {len(imported):,} neurons as '{neuron_file.name}': use it in Chat or Fine-tune.")
+    result_dir = i2.text_input("Result folder (saved by the CLI or this page)", key="nr_import_dir")
+    if result_dir and i2.button("Load result folder", key="nr_import_result"):
+        loaded = call(identify_module.IdentifyResult.load, Path(result_dir).expanduser(), lm.sites)
+        if loaded is not None:
+            st.session_state["identify_result"] = loaded
+            st.success(f"Loaded the identification result from {result_dir}.")
+
+result = st.session_state.get("identify_result")
+if result is None:
+    if job is None:
+        st.info("Choose languages and press **Identify neurons** (8 prompts per language take well under a minute "
+                "on the tiny model, a few minutes on the starter model on CPU).")
+    st.stop()
+
+# ---------------------------------------------------------------------------------------------------------------
+# Results
+st.subheader("Results")
+languages = list(result.ms)
+group_map = group_of_language(st.session_state.get("nr_grouping", "MultiJail"))
+m1, m2, m3 = st.columns(3)
+m1.metric("Languages", len(languages))
+m2.metric("SS-Neurons (union)", f"{len(result.ss_all):,}")
+m3.metric("Share of all neurons", f"{100 * result.ss_all.fraction_of(lm.sites):.3f}%")
+
+left, right = st.columns([3, 2])
+with left:
+    result_hr = tuple(getattr(result, "hr", ("en",)))
+    focus = st.selectbox("Language", languages, key="nr_focus",
+                         index=next((i for i, lang in enumerate(languages) if lang not in result_hr), 0))
+    sets = {f"MS ({focus})": result.ms[focus]}
+    if focus in result.ss:
+        sets[f"SS ({focus})"] = result.ss[focus]
+    st.altair_chart(charts.counts_per_layer(charts.counts_frame(sets), title=f"Neurons per layer — {focus}"))
+with right:
+    counts = ss_counts(result, group_map)
+    st.markdown("**SS-Neurons per language**")
+    st.altair_chart(charts.bar_per_language(counts, "ss_count", title="SS-Neuron count"))
+st.altair_chart(charts.overlap_heatmap(overlap_matrix(result), title="MS-Neuron overlap between languages (Jaccard)"))
+
+# ---------------------------------------------------------------------------------------------------------------
+# Neuron table and downloads
+st.markdown("**Neuron table**")
+which_options = ["ss_all"] + [f"ss:{lang}" for lang in result.ss] + [f"ms:{lang}" for lang in languages]
+which = st.selectbox("Set", which_options, key="nr_table_set",
+                     format_func=lambda w: "All SS-Neurons" if w == "ss_all" else f"{w[:2].upper()} ({w[3:]})")
+table = neuron_table(result, languages, which)
+query = st.text_input("Search (e.g. 'mlp', 'layer 3', 'attn_v 12')", key="nr_search")
+if query.strip():
+    mask = pd.Series(True, index=table.index)
+    for token in query.lower().replace("layer", " ").split():
+        mask &= table["site"].str.contains(token, regex=False) | (table["layer"].astype(str) == token) | (
+            table["index"].astype(str) == token)
+    table = table[mask]
+st.dataframe(table, hide_index=True, width="stretch", height=300)
+st.caption(f"{len(table):,} rows.")
+
+selected_set: NeuronSet = result.ss_all if which == "ss_all" else (
+    result.ss[which[3:]] if which.startswith("ss:") else result.ms[which[3:]])
+selected_set = selected_set.with_model_meta(lm.sites)
+d1, d2, d3, d4 = st.columns(4)
+d1.download_button("Set (JSON)", json_bytes(selected_set.to_json_dict()), f"{which.replace(':', '_')}.json",
+                   "application/json")
+d2.download_button("Set (safetensors)", file_bytes(selected_set.save, ".safetensors"),
+                   f"{which.replace(':', '_')}.safetensors", "application/octet-stream")
+d3.download_button("Table (CSV)", csv_bytes(table), f"{which.replace(':', '_')}.csv", "text/csv")
+save_dir = d4.text_input("Save the whole result to folder", key="nr_save_dir", label_visibility="collapsed",
+                         placeholder="folder to save the whole result")
+if save_dir and d4.button("Save result", key="nr_save"):
+    saved = call(result.save, Path(save_dir).expanduser())
+    if saved is not None:
+        st.success(f"Saved to {saved}")

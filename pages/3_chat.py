@@ -39,7 +39,7 @@ with st.expander("Intervention (right column)", expanded=True):
     delta = st.session_state.get("chat_delta")
     source_labels = [c.label() for c in options] + (["Trained delta (Fine-tune page)"] if delta is not None else [])
     default_index = 0
-    if st.session_state.get("chat_use_delta") and delta is not None:
+    if st.session_state.pop("chat_use_delta", False) and delta is not None:
         default_index = len(source_labels) - 1
     picked_label = col1.selectbox("Neurons", source_labels, index=default_index, key="chat_source",
                                   help="MS/SS sets come from the Neurons page; the trained delta from Fine-tune.")

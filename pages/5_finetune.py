@@ -1,4 +1,158 @@
+"""Fine-tune page: train only the parameters owned by a neuron set (a small delta), compare before/after."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+
+import pandas as pd
 import streamlit as st
 
-st.title("Coming soon")
-st.info("This page is being built.")
+from ssn_core.delta import NeuronDelta
+from ssn_core.judges import load_refusal_templates
+from ui import charts, jobs, neuron_sources
+from ui.common import PAGE_PATHS, call, file_bytes, json_bytes, link, need, require_model, uploaded_to_path
+
+st.title("🎯 Fine-tune")
+st.write(
+    "Train **only the parameters that belong to a neuron set** (for the paper: the SS-Neurons) on harmful "
+    "prompts paired with refusals in the same language, plus harmless prompts paired with the model's own "
+    "answers so it does not learn to refuse everything. The base model is never changed: the result is a "
+    "small *delta* you can switch on in the Chat page, download, or load again later."
+)
+lm = require_model()
+training = need("ssn_core.training")
+prompts_module = need("ssn_core.prompts")
+
+
+def run_finetune(lm, neurons, prompts, languages, config, n_per_language, heldout_fraction, evaluate, baselines,
+                 progress=None, cancel: threading.Event | None = None):
+    """Build the safety data, train the delta (with before/after evaluation), optionally the baselines."""
+    data = training.build_safety_data(lm, prompts, languages, heldout_fraction=heldout_fraction, seed=config.seed,
+                                      n_per_language=n_per_language, progress=progress, cancel=cancel)
+    result = training.run_train(lm, neurons, data, config, evaluate=evaluate, progress=progress, cancel=cancel)
+    comparison = None
+    if baselines:
+        # PEFT wraps modules in place: run the baselines on a private copy so other sessions never see them.
+        import copy
+
+        private = dataclasses.replace(lm, model=copy.deepcopy(lm.model))
+        _, comparison = training.compare_methods(private, neurons, data, config, methods=tuple(baselines),
+                                                 progress=progress, cancel=cancel)
+        del private
+    return {"result": result, "comparison": comparison, "data_counts": data.counts()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+choices = [c for c in neuron_sources.available_choices() if c.kind != "everything"]
+identify_prompts = st.session_state.get("identify_prompts")
+
+with st.expander("Load a delta trained earlier", expanded=False):
+    uploaded = st.file_uploader("Delta file (.safetensors)", type=["safetensors"], key="ft_upload")
+    if uploaded is not None and st.button("Load delta", key="ft_load_delta"):
+        delta = call(NeuronDelta.load, uploaded_to_path(uploaded), model=lm.model, sites=lm.sites)
+        if delta is not None:
+            st.session_state["chat_delta"] = delta
+            st.success(f"Loaded a delta on {len(delta.neurons):,} neurons; it is available in the Chat page.")
+
+if not choices:
+    st.info("No neuron set to train yet: identify SS-Neurons on the **Neurons** page (or import a neuron set there).")
+    link("neurons", "Go to the Neurons page", icon="🔬")
+    st.stop()
+
+templates = call(load_refusal_templates) or {}
+result_ss = st.session_state.get("identify_result")
+candidate_languages = [lang for lang in (list(result_ss.ms) if result_ss is not None else
+                                         list(prompts_module.BUILTIN_LANGUAGES)) if lang in templates]
+default_languages = [lang for lang in candidate_languages if lang != "en"][:3] or candidate_languages[:1]
+
+with st.form("finetune_form"):
+    labels = [c.label() for c in choices]
+    target_label = st.selectbox("Train the parameters of", labels, key="ft_target",
+                                help="The paper trains the SS-Neurons (all NHR languages together).")
+    languages = st.multiselect("Languages of the safety data", candidate_languages, default=default_languages,
+                               key="ft_languages")
+    c1, c2, c3, c4 = st.columns(4)
+    steps = c1.number_input("Steps", 1, 5000, 20, key="ft_steps")
+    lr = c2.number_input("Learning rate", 1e-6, 1e-1, 5e-4, format="%.0e", key="ft_lr")
+    batch_size = c3.number_input("Batch size", 1, 64, 4, key="ft_batch")
+    n_per_language = c4.number_input("Items per language", 2, 500, 12, key="ft_n",
+                                     help="Harmful (and harmless) items per language; a quarter is held out.")
+    evaluate = st.checkbox("Evaluate before and after on the held-out prompts", value=True, key="ft_eval")
+    baselines = st.multiselect("Baselines (same data and steps; on a private copy of the model)",
+                               ["random", "lora-8", "lora-match", "full"], default=[], key="ft_baselines",
+                               help="random: as many random neurons; LoRA r=8 or rank-matched; full fine-tuning "
+                                    "(small models only). Each needs extra time and memory.")
+    go = st.form_submit_button("Start fine-tuning", type="primary")
+
+if go:
+    if not languages:
+        st.error("Choose at least one language.")
+    else:
+        choice = choices[labels.index(target_label)]
+        neurons = neuron_sources.resolve(choice, lm.sites)
+        prompts = identify_prompts
+        if prompts is None or any(lang not in prompts.languages for lang in languages):
+            prompts = call(prompts_module.load_builtin, languages)
+        if prompts is not None:
+            config = training.TrainConfig(steps=int(steps), lr=float(lr), batch_size=int(batch_size),
+                                          target=choice.label())
+            job = jobs.start_job("finetune", run_finetune, lm, neurons, prompts, languages, config,
+                                 int(n_per_language), 0.25, bool(evaluate), list(baselines))
+            job.live["series"] = "neurons"
+
+
+def live_losses(job: jobs.Job) -> None:
+    losses = job.live.get("losses", [])
+    if losses:
+        st.altair_chart(charts.loss_curve(pd.DataFrame(losses)))
+
+
+job = jobs.job_panel("finetune", live=live_losses)
+if job is not None and not job.running and isinstance(job.result, dict):
+    st.session_state["train_result"] = job.result
+    st.session_state.pop("job:finetune", None)
+
+out = st.session_state.get("train_result")
+if out is None:
+    if job is None:
+        st.info("Choose the neurons and languages, then press **Start fine-tuning**. "
+                "20 steps on a small model take a minute or two on CPU.")
+    st.stop()
+
+result = out["result"]
+st.subheader("Result")
+m1, m2, m3, m4 = st.columns(4)
+m1.metric("Trained parameters", f"{result.trainable_params:,}")
+m2.metric("Share of the model", f"{100 * result.trainable_share:.3f}%")
+m3.metric("Final loss", f"{result.losses[-1]:.3f}" if result.losses else "-")
+m4.metric("Time", f"{result.seconds:.0f} s")
+if result.losses:
+    st.altair_chart(charts.loss_curve(pd.DataFrame({"step": range(1, len(result.losses) + 1),
+                                                    "loss": result.losses})))
+
+if result.before is not None and result.after is not None:
+    before = pd.DataFrame(result.before.table()).set_index("language")
+    after = pd.DataFrame(result.after.table()).set_index("language")
+    table = pd.DataFrame({
+        "refusal before": before["refusal"], "refusal after": after["refusal"],
+        "over-refusal before": before["over_refusal"], "over-refusal after": after["over_refusal"],
+        "refusal NLL before": before["refusal_nll"], "refusal NLL after": after["refusal_nll"],
+        "retain NLL before": before["retain_nll"], "retain NLL after": after["retain_nll"],
+    }).reset_index()
+    st.markdown("**Held-out prompts, before and after** (refusal should rise, over-refusal and retain NLL "
+                "should barely move):")
+    st.dataframe(table, hide_index=True, width="stretch")
+if out.get("comparison"):
+    st.markdown("**Baselines on the same data and steps:**")
+    st.dataframe(pd.DataFrame(out["comparison"]), hide_index=True, width="stretch")
+
+c1, c2, c3 = st.columns(3)
+if result.delta is not None:
+    c1.download_button("Download the delta (.safetensors)", file_bytes(result.delta.save, ".safetensors"),
+                       "ssn_delta.safetensors", "application/octet-stream")
+    if c2.button("Use in chat", type="primary", key="ft_use_in_chat"):
+        st.session_state["chat_delta"] = result.delta
+        st.session_state["chat_use_delta"] = True
+        st.switch_page(PAGE_PATHS["chat"])
+c3.download_button("Run record (JSON)", json_bytes(result.to_dict()), "train_result.json", "application/json")

@@ -63,7 +63,6 @@ if result is None or len(result.ss_all) == 0:
     st.info("Needs identified SS-Neurons (Neurons page).")
 else:
     from ssn_core.generation import GenerationSettings, generate
-
     from ssn_core.judges import MarkerJudge
 
     languages = [lang for lang, s in result.ss.items() if len(s)]

@@ -46,8 +46,15 @@ class Job:
     def fraction(self) -> float:
         return min(max(self.done / self.total, 0.0), 1.0) if self.total else 0.0
 
-    def progress(self, done: int, total: int, message: str = "") -> None:
+    def progress(self, done: int, total: int, message: str | dict = "") -> None:
+        """Engine progress callback; training passes a dict ({"phase", "loss"}) instead of a message."""
         self.done, self.total = int(done), int(total)
+        if isinstance(message, dict):
+            info = message
+            message = str(info.get("phase", ""))
+            if info.get("loss") is not None:
+                self.live.setdefault("losses", []).append({"step": int(done), "loss": float(info["loss"]),
+                                                           "series": self.live.get("series", "train")})
         if message:
             self.message = message
         if self.cancel.is_set():

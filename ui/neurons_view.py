@@ -43,28 +43,21 @@ def neuron_table(result, languages: list[str] | None = None, which: str = "ss_al
 
 
 def neuron_scores(result, target: NeuronSet, languages: list[str]) -> pd.DataFrame | None:
-    """Harmful-prompt importance score of each neuron per language, if the result kept scores.
+    """Harmful-prompt importance of each neuron per language, if the result kept its `ScoreTable`.
 
-    Expected layout: ``result.scores[lang]["harmful"][(layer, kind)]`` a tensor [N] (or without the
-    "harmful" level). Anything else: None (the table then shows memberships only).
+    ``result.scores.groups[(language, "harmful")][kind]`` is a tensor [n_layers, N].
     """
-    scores = getattr(result, "scores", None)
-    if not isinstance(scores, dict) or not scores:
+    table = getattr(result, "scores", None)
+    groups = getattr(table, "groups", None)
+    if not isinstance(groups, dict) or not groups:
         return None
     rows = []
-    try:
-        for layer, kind, index in target.triples():
-            row = {"layer": layer, "site": kind, "index": index}
-            for lang in languages:
-                per_lang = scores.get(lang)
-                if per_lang is None:
-                    continue
-                per_lang = per_lang.get("harmful", per_lang) if isinstance(per_lang, dict) else per_lang
-                tensor = per_lang.get((layer, kind)) if isinstance(per_lang, dict) else None
-                if tensor is not None:
-                    row[f"score {lang}"] = float(tensor[index])
-            rows.append(row)
-    except (TypeError, IndexError, AttributeError, KeyError):
-        return None
+    for layer, kind, index in target.triples():
+        row = {"layer": layer, "site": kind, "index": index}
+        for lang in languages:
+            tensor = groups.get((lang, "harmful"), {}).get(kind)
+            if tensor is not None:
+                row[f"score {lang}"] = float(tensor[layer, index])
+        rows.append(row)
     df = pd.DataFrame(rows)
     return df if len(df.columns) > 3 else None

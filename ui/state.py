@@ -48,7 +48,7 @@ class SpecKey:
         return self.source + (f" ({', '.join(extras)})" if extras else "")
 
 
-def _build(key: SpecKey):
+def _build(key: SpecKey, progress=None):
     """Load a model (uncached). Raises SSNError subclasses for user-caused failures."""
     if key.source.startswith("tiny:"):
         from ssn_core.errors import ModelLoadError
@@ -62,21 +62,25 @@ def _build(key: SpecKey):
 
     spec = ModelSpec(source=key.source, dtype=key.dtype, quantization=key.quantization,
                      device_map=key.device_map, trust_remote_code=key.trust_remote_code)
-    return load_model(spec)
+    return load_model(spec, progress=progress)
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
-def _load_cached(source: str, dtype: str, quantization: str, device_map: str, trust_remote_code: bool):
-    return _build(SpecKey(source, dtype, quantization, device_map, trust_remote_code))
+def _load_cached(source: str, dtype: str, quantization: str, device_map: str, trust_remote_code: bool,
+                 _progress=None):
+    return _build(SpecKey(source, dtype, quantization, device_map, trust_remote_code), _progress)
 
 
 def _args(key: SpecKey) -> tuple:
     return (key.source, key.dtype, key.quantization, key.device_map, key.trust_remote_code)
 
 
-def load(key: SpecKey):
-    """Load (or fetch from the shared cache) and make it this session's model."""
-    lm = _load_cached(*_args(key))
+def load(key: SpecKey, progress=None):
+    """Load (or fetch from the shared cache) and make it this session's model.
+
+    ``progress(done, total, message)`` is called while a model is assembled / loaded (not on a cache hit).
+    """
+    lm = _load_cached(*_args(key), _progress=progress)
     if st.session_state.get("model_key") != key:
         forget_results()
     st.session_state["model_key"] = key

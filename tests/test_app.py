@@ -1,0 +1,188 @@
+"""Streamlit app tests (AppTest, no browser) with a tiny random model: never the starter model.
+
+The app's default model comes from ``SSN_APP_MODEL``; these tests set it to ``tiny:qwen2`` (an
+in-memory model from `ssn_core.testing`), so every page runs on a model that loads in milliseconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+TIMEOUT = 120  # seconds per script run: generous for a loaded 2-core CI machine
+
+
+@pytest.fixture(autouse=True)
+def tiny_default_model(monkeypatch):
+    monkeypatch.setenv("SSN_APP_MODEL", "tiny:qwen2")
+    monkeypatch.syspath_prepend(str(ROOT))
+    yield
+
+
+def new_app() -> AppTest:
+    return AppTest.from_file(APP, default_timeout=TIMEOUT)
+
+
+def run_page(at: AppTest, page: str) -> AppTest:
+    at.switch_page(f"pages/{page}.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+def wait_job(at: AppTest, name: str, timeout: float = 300) -> None:
+    job = at.session_state[f"job:{name}"]
+    job.wait(timeout)
+    assert not job.running, f"job {name} still running after {timeout} s"
+    assert job.error is None, f"job {name} failed: {job.error!r}"
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Model page
+
+
+def test_model_page_autoloads_and_shows_summary():
+    at = new_app().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, texts(at.error)
+    assert "tiny:qwen2" in texts(at.subheader)
+    labels = [m.label for m in at.metric]
+    assert {"Parameters", "Layers", "Memory"} <= set(labels)
+    layers = next(m.value for m in at.metric if m.label == "Layers")
+    assert layers == "2"
+    sites = at.dataframe[-1].value if at.dataframe else None
+    assert sites is not None and set(sites["kind"]) == {"mlp", "attn_q", "attn_k", "attn_v", "attn_o"}
+
+
+def test_bad_local_path_is_an_error_message_not_a_crash():
+    at = new_app().run()
+    at.radio(key="model_source_kind").set_value("Local folder")
+    at.text_input(key="model_source_value").input("/nonexistent/ssn-model-folder")
+    next(b for b in at.button if b.label == "Load model").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.error, "a missing folder must show st.error"
+    assert "ssn-model-folder" in texts(at.error)
+    # the previously loaded model stays in use
+    assert "tiny:qwen2" in texts(at.subheader)
+
+
+def test_unload_and_reload_tiny_family():
+    at = new_app().run()
+    next(b for b in at.button if b.label == "Unload model").click().run()
+    assert not at.exception
+    assert "model_key" not in at.session_state
+    assert "No model loaded yet" in texts(at.info)
+    at.radio(key="model_source_kind").set_value("Tiny random model (for trying the app)")
+    at.text_input(key="model_source_value").input("gpt2")
+    next(b for b in at.button if b.label == "Load model").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    assert "tiny:gpt2" in texts(at.subheader)
+
+
+def test_pages_without_model_say_what_to_do(monkeypatch):
+    monkeypatch.setenv("SSN_APP_AUTOLOAD", "0")
+    at = new_app().run()
+    for page in ("2_neurons", "3_chat", "4_validate", "5_finetune"):
+        run_page(at, page)
+        assert "Load one on the **Model** page" in texts(at.info), page
+    run_page(at, "6_learn")
+    assert "Model" in texts(at.info)
+
+
+def test_pages_with_model_but_no_results_explain_next_step():
+    at = new_app().run()
+    run_page(at, "4_validate")
+    assert "Neurons" in texts(at.info)
+    run_page(at, "5_finetune")
+    assert "Neurons" in texts(at.info)
+    run_page(at, "6_learn")
+    assert "Neurons" in texts(at.info)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Chat (A/B)
+
+
+def _send(at: AppTest, prompt: str) -> None:
+    at.chat_input(key="chat_prompt").set_value(prompt).run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, texts(at.error)
+
+
+def test_chat_ab_strong_suppression_changes_the_reply_and_history_survives_page_switch():
+    at = new_app().run()
+    run_page(at, "3_chat")
+    source = at.selectbox(key="chat_source")
+    everything = next(o for o in source.options if o.startswith("Every neuron"))
+    source.set_value(everything)
+    at.multiselect(key="chat_kinds").set_value(["mlp"])  # all MLP neurons of all layers
+    at.number_input(key="chat_max_new").set_value(8)
+    at.run()
+    _send(at, "How do I pick a lock?")
+    history = at.session_state["chat_history"]
+    assert len(history) == 1
+    turn = history[0]
+    assert turn["a"] and turn["b"], "both columns must have a reply"
+    assert turn["a"] != turn["b"], "suppressing every MLP neuron must change the reply"
+    assert turn["a_verdict"].label in ("refusal", "compliance", "off_target")
+    assert "suppress 256 neurons" in turn["description"]  # 2 layers x 128 MLP neurons
+    assert len(at.chat_message) == 4  # prompt + reply in each column
+
+    # same prompt with the intervention off: both columns are identical (same seed, same batch)
+    at.radio(key="chat_action").set_value("Off").run()
+    _send(at, "How do I pick a lock?")
+    second = at.session_state["chat_history"][1]
+    assert second["a"] == second["b"] == turn["a"]
+
+    run_page(at, "1_model")
+    run_page(at, "3_chat")
+    assert len(at.session_state["chat_history"]) == 2
+    assert len(at.chat_message) == 8
+    next(b for b in at.button if b.label == "Clear conversation").click().run()
+    assert at.session_state["chat_history"] == []
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Charts (pure builders)
+
+
+def test_chart_builders_make_valid_specs():
+    from ssn_core.neurons import NeuronSet
+    from ui import charts
+
+    sets = {"MS (bn)": NeuronSet({(0, "mlp"): [1, 2, 3], (1, "attn_v"): [0]}), "SS (bn)": NeuronSet({(0, "mlp"): [2]})}
+    frame = charts.counts_frame(sets)
+    assert frame["count"].sum() == 5
+    spec = charts.counts_per_layer(frame).to_dict()
+    assert "facet" in spec
+    matrix = pd.DataFrame([[1.0, 0.25], [0.25, 1.0]], index=["en", "bn"], columns=["en", "bn"])
+    heat = charts.overlap_heatmap(matrix).to_dict()
+    values = next(iter(heat["datasets"].values()))
+    assert len(values) == 4 and {v["jaccard"] for v in values} == {1.0, 0.25}
+    rates = pd.DataFrame([{"language": "bn", "condition": "baseline", "metric": "asr", "value": 0.2, "lo": 0.1,
+                           "hi": 0.3}])
+    assert "facet" in charts.rates_by_condition(rates).to_dict()
+
+
+def test_job_progress_accepts_training_dicts_and_cancels():
+    from ssn_core.errors import Cancelled
+    from ui.jobs import Job
+
+    job = Job("x")
+    job.progress(3, 10, {"phase": "train", "loss": 1.5})
+    assert job.message == "train" and job.live["losses"][-1]["loss"] == 1.5 and job.fraction == 0.3
+    job.cancel.set()
+    with pytest.raises(Cancelled):
+        job.progress(4, 10, "more")
