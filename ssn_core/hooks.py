@@ -42,13 +42,13 @@ class _ModuleDispatcher:
     """One PyTorch hook per (module, in|out); calls the registered fns active in the caller's context."""
 
     def __init__(self, module: nn.Module, where: str):
-        self.fns: dict[int, list[CarrierFn]] = {}
+        self.fns: dict[int, list[tuple[Callable, bool]]] = {}  # hook id -> [(fn, wants_module_input)]
         if where == "in":
             self.handle = module.register_forward_pre_hook(self._pre_hook)
         else:
             self.handle = module.register_forward_hook(self._post_hook)
 
-    def _apply(self, carrier: torch.Tensor) -> torch.Tensor | None:
+    def _apply(self, carrier: torch.Tensor, module_input: torch.Tensor | None) -> torch.Tensor | None:
         active = _ACTIVE_IDS.get()
         if not active:
             return None
@@ -56,8 +56,8 @@ class _ModuleDispatcher:
         for hook_id, fns in list(self.fns.items()):
             if hook_id not in active:
                 continue
-            for fn in fns:
-                result = fn(carrier)
+            for fn, wants_input in fns:
+                result = fn(carrier, module_input) if wants_input else fn(carrier)
                 if result is not None:
                     carrier, changed = result, True
         return carrier if changed else None
@@ -65,28 +65,30 @@ class _ModuleDispatcher:
     def _pre_hook(self, module, args):
         if not args:
             return None
-        new_input = self._apply(args[0])
+        new_input = self._apply(args[0], None)
         return None if new_input is None else (new_input, *args[1:])
 
     def _post_hook(self, module, args, output):
+        # args[0] is the input the module actually saw (after any "in" hooks on the same module).
+        module_input = args[0] if args else None
         if isinstance(output, tuple):  # not expected for linear layers, but be safe
-            new_first = self._apply(output[0])
+            new_first = self._apply(output[0], module_input)
             return None if new_first is None else (new_first, *output[1:])
-        return self._apply(output)
+        return self._apply(output, module_input)
 
 
 # (id(module), where) -> dispatcher. Modules are kept alive by the dispatcher's hook handle.
 _DISPATCHERS: dict[tuple[int, str], _ModuleDispatcher] = {}
 
 
-def _register(hook_id: int, site_fns: list[tuple[NeuronSite, CarrierFn]]) -> None:
+def _register(hook_id: int, entries: list[tuple[nn.Module, str, Callable, bool]]) -> None:
     with _REGISTRY_LOCK:
-        for site, fn in site_fns:
-            key = (id(site.module), site.where)
+        for module, where, fn, wants_input in entries:
+            key = (id(module), where)
             dispatcher = _DISPATCHERS.get(key)
             if dispatcher is None:
-                dispatcher = _DISPATCHERS[key] = _ModuleDispatcher(site.module, site.where)
-            dispatcher.fns.setdefault(hook_id, []).append(fn)
+                dispatcher = _DISPATCHERS[key] = _ModuleDispatcher(module, where)
+            dispatcher.fns.setdefault(hook_id, []).append((fn, wants_input))
 
 
 def _unregister(hook_id: int) -> None:
@@ -107,10 +109,40 @@ def hook_sites(site_fns: Mapping[NeuronSite, CarrierFn] | list[tuple[NeuronSite,
     on the previous one's result. Yields the registration id.
     """
     pairs = list(site_fns.items()) if isinstance(site_fns, Mapping) else list(site_fns)
+    with _activate([(site.module, site.where, fn, False) for site, fn in pairs]) as hook_id:
+        yield hook_id
+
+
+ModuleFn = Callable[..., torch.Tensor | None]
+
+
+@contextmanager
+def hook_modules(
+    module_fns: Mapping[tuple[nn.Module, str], ModuleFn] | list[tuple[tuple[nn.Module, str], ModuleFn]],
+) -> Iterator[int]:
+    """Like `hook_sites`, but on any module's input or output (used by training deltas on owned slices).
+
+    Keys are ``(module, "in")`` or ``(module, "out")``. An ``"in"`` fn is called as ``fn(x)`` with the
+    module's first positional input; an ``"out"`` fn as ``fn(output, x)``, so it can add a term that
+    depends on the input (a low-rank or sliced weight delta). Either may return a replacement tensor
+    of the same shape, or ``None``. Same dispatchers, same per-context isolation as `hook_sites`.
+    """
+    pairs = list(module_fns.items()) if isinstance(module_fns, Mapping) else list(module_fns)
+    entries = []
+    for (module, where), fn in pairs:
+        if where not in ("in", "out"):
+            raise ValueError(f"hook position must be 'in' or 'out', got {where!r}")
+        entries.append((module, where, fn, where == "out"))
+    with _activate(entries) as hook_id:
+        yield hook_id
+
+
+@contextmanager
+def _activate(entries: list[tuple[nn.Module, str, Callable, bool]]) -> Iterator[int]:
     hook_id = next(_NEXT_ID)
     token = None
     try:
-        _register(hook_id, pairs)
+        _register(hook_id, entries)
         token = _ACTIVE_IDS.set(_ACTIVE_IDS.get() | {hook_id})
         yield hook_id
     finally:

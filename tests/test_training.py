@@ -1,0 +1,350 @@
+"""Targeted fine-tuning: hook_modules, slice deltas (apply / save / load / merge / validate), the training loop,
+baselines leaving the model untouched, and (starter marker) a short real run lowering refusal NLL in an NHR
+language."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+
+from ssn_core.delta import NeuronDelta, apply_delta, merge_delta
+from ssn_core.errors import Cancelled, NeuronFileError, TrainingError
+from ssn_core.hooks import active_hook_count, hook_modules
+from ssn_core.neurons import NeuronSet
+from ssn_core.prompts import load_builtin
+from ssn_core.testing import tiny_model
+from ssn_core.training import (
+    SafetyData,
+    TrainConfig,
+    build_safety_data,
+    encode_example,
+    reply_nll,
+    run_train,
+    split_ids,
+    train_full,
+    train_lora,
+    train_neurons,
+)
+
+NEURONS = NeuronSet({(0, "mlp"): [1, 5, 7], (1, "attn_q"): [0, 3], (1, "attn_k"): [2], (0, "attn_v"): [4, 9],
+                     (1, "attn_o"): [1, 2, 40]})
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(request):
+    """Tiny models run faster on one thread (and far faster when the CI machine is loaded); not the starter."""
+    if "starter" in request.fixturenames:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _ids(n: int = 2, t: int = 9) -> torch.Tensor:
+    return torch.randint(16, 200, (n, t), generator=torch.Generator().manual_seed(1))
+
+
+def _toy_data(languages=("en", "zh"), n: int = 6) -> SafetyData:
+    """Harmful prompts -> refusal templates, no retain set (the tiny model cannot generate meaningfully)."""
+    prompts = load_builtin(list(languages), n=n)
+    return build_safety_data(None, prompts, list(languages), retain=False, heldout_fraction=0.34, seed=0)
+
+
+def _random_delta(lm, neurons=NEURONS, scale: float = 0.1) -> NeuronDelta:
+    delta = NeuronDelta.zeros(lm.model, lm.sites, neurons)
+    g = torch.Generator().manual_seed(0)
+    for p in delta.parameters():
+        p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return delta
+
+
+# ----- hook_modules ---------------------------------------------------------------------------------
+
+
+def test_hook_modules_sees_input_and_output_and_is_removed():
+    lm = tiny_model("qwen2")
+    module = lm.model.model.layers[0].mlp.up_proj
+    seen = {}
+
+    def on_in(x):
+        seen["in"] = x.shape
+
+    def on_out(out, x):
+        seen["out"] = (out.shape, x.shape)
+        return out * 0
+
+    with torch.no_grad():
+        base = lm.model(_ids()).logits
+        with hook_modules({(module, "in"): on_in, (module, "out"): on_out}):
+            hooked = lm.model(_ids()).logits
+        after = lm.model(_ids()).logits
+    assert seen["in"][-1] == 64 and seen["out"][0][-1] == 128 and seen["out"][1][-1] == 64
+    assert not torch.equal(base, hooked)
+    assert torch.equal(base, after)
+    assert active_hook_count(lm.model) == 0
+    with pytest.raises(ValueError), hook_modules({(module, "middle"): on_in}):
+        pass
+
+
+def test_hook_modules_is_invisible_to_other_threads():
+    lm = tiny_model("qwen2")
+    module = lm.model.model.layers[0].self_attn.o_proj
+    results = {}
+    with torch.no_grad():
+        base = lm.model(_ids()).logits
+        with hook_modules({(module, "out"): lambda out, x: out + 1.0}):
+            thread = threading.Thread(target=lambda: results.setdefault("other", lm.model(_ids()).logits))
+            thread.start()
+            thread.join()
+            mine = lm.model(_ids()).logits
+    assert torch.equal(results["other"], base)
+    assert not torch.equal(mine, base)
+
+
+# ----- deltas ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["qwen2", "phi3", "gpt2", "gpt_neox"])
+def test_delta_off_is_bit_identical_and_merge_matches_hook(family):
+    lm = tiny_model(family)
+    delta = _random_delta(lm)
+    ids = _ids()
+    with torch.no_grad():
+        base = lm.model(ids).logits
+        with apply_delta(lm, NeuronDelta.zeros(lm.model, lm.sites, NEURONS)):
+            zero = lm.model(ids).logits
+        with apply_delta(lm, delta):
+            hooked = lm.model(ids).logits
+        off = lm.model(ids).logits
+        merged_model = copy.deepcopy(lm.model)
+        merge_delta(merged_model, delta)
+        merged = merged_model(ids).logits
+    assert torch.equal(off, base) and torch.equal(zero, base)
+    assert (hooked - base).abs().max() > 1e-3
+    torch.testing.assert_close(merged, hooked, atol=1e-5, rtol=1e-4)
+    assert active_hook_count(lm.model) == 0
+
+
+def test_delta_row_mask_edits_only_masked_rows():
+    lm = tiny_model("qwen2")
+    delta = _random_delta(lm)
+    ids = _ids()
+    with torch.no_grad():
+        base = lm.model(ids).logits
+        with apply_delta(lm, delta):
+            tuned = lm.model(ids).logits
+        with apply_delta(lm, delta, rows=[False, True]):
+            mixed = lm.model(ids).logits
+    assert torch.equal(mixed[0], base[0])
+    torch.testing.assert_close(mixed[1], tuned[1])
+
+
+def test_delta_param_count_is_exactly_the_owned_slices():
+    lm = tiny_model("qwen2")
+    delta = NeuronDelta.zeros(lm.model, lm.sites, NEURONS)
+    # mlp neuron: row of gate (64) + row of up (64) + column of down (64); q/k/v: row of 64; o: column of 64
+    assert delta.num_params == 3 * 3 * 64 + (2 + 1 + 2) * 64 + 3 * 64
+
+
+def test_save_load_merge_round_trip_and_validation(tmp_path):
+    lm = tiny_model("qwen2")
+    delta = _random_delta(lm)
+    path = delta.save(tmp_path / "delta.safetensors", {"note": "test"})
+    loaded = NeuronDelta.load(path, lm.model, lm.sites)
+    assert loaded.meta["note"] == "test" and loaded.meta["model_fingerprint"] == lm.sites.fingerprint()
+    assert loaded.neurons == NEURONS
+    ids = _ids()
+    with torch.no_grad():
+        with apply_delta(lm, delta):
+            hooked = lm.model(ids).logits
+        with apply_delta(lm, loaded):
+            hooked_loaded = lm.model(ids).logits
+        merged_model = copy.deepcopy(lm.model)
+        merge_delta(merged_model, loaded)
+        merged = merged_model(ids).logits
+    assert torch.equal(hooked, hooked_loaded)
+    torch.testing.assert_close(merged, hooked, atol=1e-5, rtol=1e-4)
+
+    other = tiny_model("gpt2")
+    with pytest.raises(NeuronFileError, match="different model"):
+        NeuronDelta.load(path, other.model, other.sites)
+    wider = tiny_model("qwen2", intermediate_size=96)
+    with pytest.raises(NeuronFileError):
+        NeuronDelta.load(path, wider.model, wider.sites)
+    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(NeuronFileError):
+        NeuronDelta.load(tmp_path / "bad.safetensors")
+    with pytest.raises(NeuronFileError):
+        NeuronDelta.load(tmp_path / "missing.safetensors")
+
+
+# ----- data -----------------------------------------------------------------------------------------
+
+
+def test_split_is_by_item_id_and_reply_tokens_only_are_scored():
+    data = _toy_data(("en", "zh", "sw"), n=8)
+    train_ids = {ex.item_id for ex in data.train}
+    held_ids = {ex.item_id for ex in data.heldout}
+    assert train_ids and held_ids and not (train_ids & held_ids)
+    for item in held_ids:  # every language of a held-out item is held out
+        assert {ex.language for ex in data.heldout if ex.item_id == item} == {"en", "zh", "sw"}
+    assert split_ids(["a", "b", "c", "d"], 0.5, 3) == split_ids(["d", "c", "b", "a"], 0.5, 3)
+    lm = tiny_model("qwen2")
+    ex = data.train[0]
+    ids, first = encode_example(lm, ex, max_length=512)
+    reply_text = lm.tokenizer.decode(ids[first:])
+    assert reply_text.startswith(ex.reply) and reply_text.endswith("<|im_end|>\n")
+    assert lm.tokenizer.decode(ids[:first]) == lm.format_chat(ex.user_text)
+
+
+# ----- training -------------------------------------------------------------------------------------
+
+
+def test_loss_decreases_on_a_toy_task():
+    lm = tiny_model("qwen2")
+    data = _toy_data()
+    neurons = NeuronSet({(layer, "mlp"): list(range(128)) for layer in range(2)})
+    config = TrainConfig(steps=25, lr=1e-2, batch_size=4, max_length=96, weight_decay=0.0)
+    nll_before = reply_nll(lm, data.train, max_length=96)
+    result = train_neurons(lm, neurons, data, config)
+    nll_after = reply_nll(lm, data.train, lambda: apply_delta(lm, result.delta), max_length=96)
+    assert sum(result.losses[-5:]) / 5 < 0.9 * sum(result.losses[:5]) / 5
+    assert all(nll_after[lang] < nll_before[lang] - 0.1 for lang in nll_before)
+
+
+def test_training_changes_only_selected_slices():
+    lm = tiny_model("qwen2")
+    before = {name: p.detach().clone() for name, p in lm.model.state_dict().items()}
+    requires_grad = [p.requires_grad for p in lm.model.parameters()]
+    result = train_neurons(lm, NEURONS, _toy_data(), TrainConfig(steps=3, lr=1e-2, batch_size=4, max_length=96))
+    assert result.trainable_params == result.delta.num_params and 0 < result.trainable_share < 0.01
+    assert all(p.abs().sum() > 0 for p in result.delta.parameters())
+    # the cached model is untouched: same values, no grads, requires_grad restored, no hooks
+    for name, p in lm.model.state_dict().items():
+        assert torch.equal(p, before[name]), name
+    assert all(p.grad is None for p in lm.model.parameters())
+    assert [p.requires_grad for p in lm.model.parameters()] == requires_grad
+    assert active_hook_count(lm.model) == 0
+
+    merged_model = copy.deepcopy(lm.model)
+    merge_delta(merged_model, result.delta)
+    owned = {}
+    for (layer, kind), idx in NEURONS.neurons.items():
+        for piece in lm.sites.get(layer, kind).owned:
+            owned.setdefault((piece.module_name, piece.axis), set()).update(piece.coords[idx].tolist())
+    for name, p in merged_model.state_dict().items():
+        changed = (p != before[name])
+        module_name = name.rsplit(".", 1)[0]
+        if not name.endswith("weight") or not changed.any():
+            assert not changed.any(), name
+            continue
+        allowed = torch.zeros_like(changed)
+        for (mod, axis), coords in owned.items():
+            if mod == module_name:
+                index = torch.tensor(sorted(coords))
+                if axis == "out":
+                    allowed[index, :] = True
+                else:
+                    allowed[:, index] = True
+        assert not (changed & ~allowed).any(), f"{name} changed outside the neuron slices"
+
+
+def test_bnb_4bit_base_trains_with_deltas(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from ssn_core.loading import ModelSpec, finish_loaded
+    from ssn_core.testing import tiny_hf_model, tiny_tokenizer
+
+    tiny_hf_model("qwen2").save_pretrained(tmp_path / "m")
+    quantized = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "m", device_map="cpu", attn_implementation="eager",
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+    assert type(quantized.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    lm = finish_loaded(quantized, tiny_tokenizer(), name="tiny-4bit", source="tiny", spec=ModelSpec("tiny", device_map="cpu"),
+                       device="cpu", loaded_from="memory", load_seconds=0.0)
+    result = train_neurons(lm, NEURONS, _toy_data(), TrainConfig(steps=4, lr=1e-2, batch_size=2, max_length=64))
+    assert all(torch.isfinite(torch.tensor(result.losses))) and result.delta.norm() > 0
+    ids = _ids()
+    with torch.no_grad():
+        base = lm.model(ids).logits
+        with apply_delta(lm, result.delta):
+            tuned = lm.model(ids).logits
+    assert not torch.equal(base, tuned)
+    with pytest.raises(TrainingError, match="full-precision"):
+        merge_delta(lm.model, result.delta)
+
+
+def test_cancel_leaves_no_file_and_nan_loss_stops(tmp_path):
+    lm = tiny_model("qwen2")
+    data = _toy_data()
+    cancel = threading.Event()
+
+    def progress(step, total, info):
+        if info.get("phase") == "train" and step == 2:
+            cancel.set()
+
+    out = tmp_path / "run"
+    with pytest.raises(Cancelled):
+        run_train(lm, NEURONS, data, TrainConfig(steps=10, max_length=64), out_dir=out, evaluate=False,
+                  progress=progress, cancel=cancel)
+    assert not out.exists() or not any(out.iterdir())
+
+    broken = tiny_model("qwen2")
+    with torch.no_grad():
+        broken.model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingError, match="loss became nan"):
+        train_neurons(broken, NEURONS, data, TrainConfig(steps=3, max_length=64))
+    with pytest.raises(TrainingError, match="bad training configuration"):
+        train_neurons(lm, NEURONS, data, TrainConfig(steps=0))
+
+
+def test_run_train_writes_delta_and_result(tmp_path):
+    lm = tiny_model("qwen2")
+    data = _toy_data()
+    result = run_train(lm, NEURONS, data, TrainConfig(steps=3, lr=1e-2, max_length=64), out_dir=tmp_path,
+                       evaluate=True, eval_kwargs={"generate_replies": False})
+    assert (tmp_path / "delta.safetensors").is_file() and (tmp_path / "train_result.json").is_file()
+    loaded = NeuronDelta.load(tmp_path / "delta.safetensors", lm.model, lm.sites)
+    assert loaded.meta["data_hash"] == data.data_hash and loaded.meta["hyperparameters"]["steps"] == 3
+    assert result.after.refusal_nll["zh"] < result.before.refusal_nll["zh"]
+
+
+def test_baselines_leave_the_model_untouched():
+    lm = tiny_model("qwen2")
+    data = _toy_data()
+    before = {name: p.detach().clone() for name, p in lm.model.state_dict().items()}
+    modules_before = dict(lm.model.named_modules())
+    config = TrainConfig(steps=3, lr=1e-2, batch_size=2, max_length=64)
+    lora = train_lora(lm, data, config, rank=2)
+    full = train_full(lm, data, config)
+    # per layer and rank: q 64+64, k 64+32, v 64+32, o 64+64, gate 64+128, up 64+128, down 128+64 = 1024
+    assert lora.trainable_params == 2 * 2 * 1024
+    assert full.trainable_params == sum(p.numel() for p in lm.model.parameters())
+    assert dict(lm.model.named_modules()).keys() == modules_before.keys()
+    assert all(modules_before[n] is m for n, m in lm.model.named_modules())
+    for name, p in lm.model.state_dict().items():
+        assert torch.equal(p, before[name]), name
+    assert not hasattr(lm.model, "peft_config") and active_hook_count(lm.model) == 0
+
+
+# ----- starter (real model) -------------------------------------------------------------------------
+
+
+@pytest.mark.starter
+def test_starter_short_run_lowers_refusal_nll_in_heldout_nhr_language(starter):
+    prompts = load_builtin(["en", "sw"], n=12)
+    data = build_safety_data(starter, prompts, ["en", "sw"], retain=False, heldout_fraction=0.34, seed=0)
+    held = [ex for ex in data.heldout if ex.language == "sw"]
+    assert held
+    mlp_size = starter.sites.sizes()["mlp"]
+    neurons = NeuronSet({(layer, "mlp"): list(range(0, mlp_size, 97)) for layer in range(starter.sites.n_layers)})
+    result = train_neurons(starter, neurons, data, TrainConfig(steps=4, lr=2e-3, batch_size=4, max_length=96))
+    before = reply_nll(starter, held, max_length=96)["sw"]
+    after = reply_nll(starter, held, lambda: apply_delta(starter, result.delta), max_length=96)["sw"]
+    assert after < before - 0.05, (before, after)
