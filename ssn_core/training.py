@@ -29,6 +29,7 @@ nn.Module, so no DDP wrapper is needed). Only the main process should write file
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -178,7 +179,7 @@ class TrainResult:
     def summary_row(self) -> dict:
         """One row of the comparison table."""
         row = {"method": self.method, "trainable_params": self.trainable_params,
-               "trainable_share": self.trainable_share, "seconds_per_step": round(self.seconds_per_step, 3),
+               "trainable_share": float(f"{self.trainable_share:.4g}"), "seconds_per_step": round(self.seconds_per_step, 3),
                "peak_memory_mb": None if self.peak_memory_mb is None else round(self.peak_memory_mb, 1),
                "final_loss": round(self.losses[-1], 4) if self.losses else None}
         if self.before is not None and self.after is not None:
@@ -486,6 +487,11 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank under ``accelerate launch`` / torchrun (only rank 0 writes files)."""
+    return _dist_info()[0] == 0
+
+
 def _train_loop(lm, model: nn.Module, params: list[torch.Tensor], data: SafetyData, config: TrainConfig,
                 context_factory=nullcontext, progress: TrainProgress | None = None,
                 cancel: threading.Event | None = None) -> tuple[list[float], float, float | None]:
@@ -731,8 +737,11 @@ def train_full(lm, data: SafetyData, config: TrainConfig, *, evaluate: Callable[
             raise TrainingError("full fine-tuning needs a full-precision model (this one is quantized)")
     torch.manual_seed(config.seed)
     tuned = copy.deepcopy(lm.model)
-    tuned_lm = copy.copy(lm)
-    tuned_lm.model = tuned
+    if dataclasses.is_dataclass(lm):  # a LoadedModel: its site map is rebuilt for the copy
+        tuned_lm = dataclasses.replace(lm, model=tuned)
+    else:
+        tuned_lm = copy.copy(lm)
+        tuned_lm.model = tuned
     params = list(tuned.parameters())
     for p in params:
         p.requires_grad_(True)
@@ -750,9 +759,12 @@ def train_full(lm, data: SafetyData, config: TrainConfig, *, evaluate: Callable[
 
 def compare_methods(lm, neurons: NeuronSet, data: SafetyData, config: TrainConfig,
                     methods: Sequence[str] = ("neurons", "random", "lora-8"), *, eval_kwargs: dict | None = None,
-                    random_seed: int = 0, progress: TrainProgress | None = None,
+                    random_seed: int = 0, before: SafetyEval | None = None, progress: TrainProgress | None = None,
                     cancel: threading.Event | None = None) -> tuple[list[TrainResult], list[dict]]:
-    """Run several methods on the same data, steps and evaluation; returns the results and the comparison table."""
+    """Run several methods on the same data, steps and evaluation; returns the results and the comparison table.
+
+    ``before``: the base model's evaluation when already computed (same data and eval settings).
+    """
     from ssn_core.validation import random_matched
 
     unknown = [m for m in methods if m not in METHODS]
@@ -761,7 +773,8 @@ def compare_methods(lm, neurons: NeuronSet, data: SafetyData, config: TrainConfi
     eval_kwargs = dict(eval_kwargs or {})
     eval_kwargs.setdefault("max_length", config.max_length)
     sites = _sites_of(lm)
-    before = evaluate_safety(lm, data, cancel=cancel, **eval_kwargs)
+    if before is None:
+        before = evaluate_safety(lm, data, cancel=cancel, **eval_kwargs)
     results: list[TrainResult] = []
     for method in methods:
         _check_cancel(cancel, "the comparison")

@@ -348,3 +348,18 @@ def test_starter_short_run_lowers_refusal_nll_in_heldout_nhr_language(starter):
     before = reply_nll(starter, held, max_length=96)["sw"]
     after = reply_nll(starter, held, lambda: apply_delta(starter, result.delta), max_length=96)["sw"]
     assert after < before - 0.05, (before, after)
+
+
+def test_cli_train_writes_delta_and_comparison(tmp_path, tiny_dir):
+    from ssn_core.cli import main
+
+    model_dir = tiny_dir("qwen2")
+    neuron_file = NEURONS.save(tmp_path / "neurons.json")
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(model_dir), "--device", "cpu", "--target", str(neuron_file), "--langs", "en,sw",
+            "--n", "3", "--steps", "2", "--max-length", "64", "--eval-tokens", "4", "--baselines", "random",
+            "--out", str(out)]
+    assert main(argv) == 0
+    assert {p.name for p in out.iterdir()} == {"delta.safetensors", "train_result.json", "comparison.json"}
+    assert main([*argv[:5], "--target", "nonsense", "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()
