@@ -1,0 +1,356 @@
+"""MS-Neuron and SS-Neuron selection from importance scores, the language overlap matrix, and result files.
+
+- MS-Neurons(lang): per layer and site kind, the top p of neurons by importance on that language's
+  harmful prompts, minus the top p on its harmless prompts (k = floor(p · N) per layer-site, so a tiny
+  p selects nothing in a layer and p = 1 selects everything on both sides: an empty difference).
+  ``ranking="pooled"`` ranks all kinds of a layer together (k = floor(p · Σ N)) after dividing each kind's
+  scores by their mean, so kinds with larger raw scales do not take every slot.
+- SS-Neurons(lang) = MS(lang) ∩ MS(HR) for every non-high-resource language. With several HR languages
+  MS(HR) is the union of their MS sets (a neuron is "high-resource safety" if any HR language uses it).
+- Also: the union of all SS sets (what the paper suppresses as "all SS-Neurons"), the neurons shared by
+  the SS sets of every NHR language, and language × language overlap counts and Jaccard indices.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ssn_core.errors import NeuronFileError, SSNError
+from ssn_core.io import atomic_write_json, atomic_write_text
+from ssn_core.neurons import NeuronSet
+from ssn_core.scoring import AGGREGATES, METHODS, Progress, ScoreTable, score
+from ssn_core.sites import SITE_KINDS, SiteMap
+
+RANKINGS: tuple[str, ...] = ("per-site", "pooled")
+MANIFEST_FORMAT = "ssn-lab/identify-result"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Selection on score tensors
+# ---------------------------------------------------------------------------------------------------
+def _check_p(p: float) -> float:
+    if not isinstance(p, (int, float)) or math.isnan(p) or not 0 < p <= 1:
+        raise SSNError(f"p (the top fraction per layer) must be in (0, 1], got {p}")
+    return float(p)
+
+
+def _top_k_rows(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask [L, N] of the k highest entries of each row (NaN ranks last; ties broken by index)."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return mask
+    values = torch.nan_to_num(scores.float(), nan=-math.inf)
+    order = torch.argsort(-values, dim=-1, stable=True)[:, :k]
+    return mask.scatter_(1, order, True)
+
+
+def top_fraction(per_kind: dict[str, torch.Tensor], p: float, ranking: str = "per-site") -> dict[str, torch.Tensor]:
+    """{kind: bool mask [L, N]}: the top p of neurons per layer (per site, or pooled over kinds)."""
+    p = _check_p(p)
+    if ranking == "per-site":
+        return {kind: _top_k_rows(scores, math.floor(p * scores.shape[1])) for kind, scores in per_kind.items()}
+    if ranking != "pooled":
+        raise SSNError(f"unknown ranking {ranking!r}; expected one of {', '.join(RANKINGS)}")
+    kinds = list(per_kind)
+    normalised = []
+    for kind in kinds:
+        scores = torch.nan_to_num(per_kind[kind].float(), nan=-math.inf)
+        finite = torch.where(torch.isfinite(scores), scores, 0.0)
+        mean = finite.sum(1, keepdim=True) / torch.isfinite(scores).sum(1, keepdim=True).clamp(min=1)
+        normalised.append(scores / torch.where(mean > 0, mean, 1.0))
+    pooled = torch.cat(normalised, dim=1)  # [L, Σ N]
+    mask = _top_k_rows(pooled, math.floor(p * pooled.shape[1]))
+    sizes = [per_kind[kind].shape[1] for kind in kinds]
+    return dict(zip(kinds, torch.split(mask, sizes, dim=1), strict=True))
+
+
+def _mask_to_set(masks: dict[str, torch.Tensor], meta: dict) -> NeuronSet:
+    neurons = {}
+    for kind, mask in masks.items():
+        for layer in range(mask.shape[0]):
+            indices = mask[layer].nonzero().flatten()
+            if indices.numel():
+                neurons[(layer, kind)] = indices
+    return NeuronSet(neurons, meta)
+
+
+def ms_neurons(scores: ScoreTable, language: str, p: float = 0.03, ranking: str = "per-site",
+               kinds: tuple[str, ...] | None = None, meta: dict | None = None) -> NeuronSet:
+    """Top p by importance on harmful prompts minus top p on harmless prompts, per layer (and site)."""
+    kinds = kinds or scores.kinds
+    harmful = {k: scores.get(language, "harmful", k) for k in kinds}
+    harmless = {k: scores.get(language, "harmless", k) for k in kinds}
+    top_harmful = top_fraction(harmful, p, ranking)
+    top_harmless = top_fraction(harmless, p, ranking)
+    masks = {k: top_harmful[k] & ~top_harmless[k] for k in kinds}
+    return _mask_to_set(masks, {"set": "MS", "language": language, "p": p, "ranking": ranking, **(meta or {})})
+
+
+def ss_neurons(ms: dict[str, NeuronSet], hr: tuple[str, ...]) -> tuple[NeuronSet, dict[str, NeuronSet]]:
+    """(MS(HR) = union of the HR languages' MS sets, {nhr_lang: MS(lang) ∩ MS(HR)})."""
+    missing = [lang for lang in hr if lang not in ms]
+    if missing:
+        raise SSNError(f"high-resource language(s) {', '.join(missing)} have no MS-Neurons computed")
+    ms_hr = NeuronSet()
+    for lang in hr:
+        ms_hr = ms_hr | ms[lang]
+    ss = {}
+    for lang, neurons in ms.items():
+        if lang in hr:
+            continue
+        meta = {k: v for k, v in neurons.meta.items() if k not in ("set", "language")}
+        ss[lang] = neurons.intersection(ms_hr, meta={**meta, "set": "SS", "language": lang, "hr": list(hr)})
+    return ms_hr, ss
+
+
+def overlap_table(sets: dict[str, NeuronSet]) -> pd.DataFrame:
+    """Long table: language_a, language_b, a, b, intersection, union, jaccard for every ordered pair."""
+    rows = []
+    for a, set_a in sets.items():
+        for b, set_b in sets.items():
+            inter, union = len(set_a & set_b), len(set_a | set_b)
+            rows.append({"language_a": a, "language_b": b, "a": len(set_a), "b": len(set_b), "intersection": inter,
+                         "union": union, "jaccard": inter / union if union else 0.0})
+    return pd.DataFrame(rows, columns=["language_a", "language_b", "a", "b", "intersection", "union", "jaccard"])
+
+
+def _counts_rows(name: str, language: str, neurons: NeuronSet, sites: SiteMap | None, kinds) -> list[dict]:
+    counts = neurons.counts()
+    n_layers = sites.n_layers if sites is not None else (max((k[0] for k in counts), default=-1) + 1)
+    return [{"language": language, "set": name, "layer": layer, "kind": kind, "count": counts.get((layer, kind), 0)}
+            for layer in range(n_layers) for kind in kinds]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Result
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class IdentifyResult:
+    scores: ScoreTable
+    ms: dict[str, NeuronSet]
+    ss: dict[str, NeuronSet]
+    ss_all: NeuronSet
+    ss_shared_all_nhr: NeuronSet
+    counts: pd.DataFrame  # language, set, layer, kind, count
+    overlap: pd.DataFrame  # MS overlap, long format (see overlap_table)
+    manifest: dict = field(default_factory=dict)
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        return tuple(self.ms)
+
+    @property
+    def hr(self) -> tuple[str, ...]:
+        return tuple(self.manifest.get("hr", ()))
+
+    def overlap_matrix(self, value: str = "intersection") -> pd.DataFrame:
+        """Square language × language matrix of ``intersection`` counts or ``jaccard`` indices of MS sets."""
+        return self.overlap.pivot(index="language_a", columns="language_b", values=value).loc[
+            list(self.languages), list(self.languages)]
+
+    def summary(self) -> pd.DataFrame:
+        """One row per language: MS and SS counts (what the CLI prints)."""
+        rows = []
+        for lang, ms in self.ms.items():
+            ss = self.ss.get(lang)
+            rows.append({"language": lang, "role": "HR" if lang in self.hr else "NHR", "ms": len(ms),
+                         "ss": len(ss) if ss is not None else None})
+        return pd.DataFrame(rows, columns=["language", "role", "ms", "ss"])
+
+    # ----- files --------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the result directory atomically: into a temp dir next to it, then rename into place."""
+        directory = Path(directory)
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
+        try:
+            self.scores.save(tmp / "scores.safetensors")
+            (tmp / "sets").mkdir()
+            for lang, neurons in self.ms.items():
+                neurons.save(tmp / "sets" / f"ms_{lang}.json")
+            for lang, neurons in self.ss.items():
+                neurons.save(tmp / "sets" / f"ss_{lang}.json")
+            self.ss_all.save(tmp / "sets" / "ss_all.json")
+            self.ss_shared_all_nhr.save(tmp / "sets" / "ss_shared_all_nhr.json")
+            atomic_write_text(tmp / "counts.csv", self.counts.to_csv(index=False))
+            atomic_write_text(tmp / "overlap.csv", self.overlap.to_csv(index=False))
+            atomic_write_json(tmp / "manifest.json", self.manifest)
+            if directory.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
+                os.replace(directory, old / "previous")
+                os.replace(tmp, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, directory)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, sites: SiteMap | None = None) -> IdentifyResult:
+        """Read a result directory; with ``sites``, check every file against the loaded model."""
+        directory = Path(directory)
+        manifest_path = directory / "manifest.json"
+        if not manifest_path.is_file():
+            raise NeuronFileError(f"{directory} is not an SSN Lab identify result (no manifest.json)")
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise NeuronFileError(f"{manifest_path} is not valid JSON: {exc}") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+            raise NeuronFileError(f"{manifest_path} is not an SSN Lab identify manifest")
+        if sites is not None and manifest.get("model_fingerprint") not in (None, sites.fingerprint()):
+            raise NeuronFileError(
+                f"{directory} was computed on a different model ({manifest.get('model_name')}, fingerprint "
+                f"{manifest.get('model_fingerprint')}); the loaded model has fingerprint {sites.fingerprint()}")
+        scores = ScoreTable.load(directory / "scores.safetensors", sites)
+        languages = manifest.get("languages", [])
+        hr = manifest.get("hr", [])
+        ms = {lang: NeuronSet.load(directory / "sets" / f"ms_{lang}.json", sites) for lang in languages}
+        ss = {lang: NeuronSet.load(directory / "sets" / f"ss_{lang}.json", sites) for lang in languages
+              if lang not in hr}
+        ss_all = NeuronSet.load(directory / "sets" / "ss_all.json", sites)
+        shared_path = directory / "sets" / "ss_shared_all_nhr.json"
+        shared = NeuronSet.load(shared_path, sites) if shared_path.is_file() else NeuronSet()
+        try:
+            counts = pd.read_csv(directory / "counts.csv")
+            overlap = pd.read_csv(directory / "overlap.csv", keep_default_na=False)
+        except (OSError, ValueError, pd.errors.ParserError) as exc:
+            raise NeuronFileError(f"{directory}: unreadable counts/overlap table ({exc})") from None
+        for frame in (counts,):
+            frame["language"] = frame["language"].astype(str)
+        return cls(scores=scores, ms=ms, ss=ss, ss_all=ss_all, ss_shared_all_nhr=shared, counts=counts,
+                   overlap=overlap, manifest=manifest)
+
+
+def select(scores: ScoreTable, languages: list[str] | tuple[str, ...], hr: tuple[str, ...] = ("en",), p: float = 0.03,
+           ranking: str = "per-site", sites: SiteMap | None = None, set_meta: dict | None = None) -> dict:
+    """MS, SS, union, shared, counts and overlap from a score table (no model needed)."""
+    p = _check_p(p)
+    if ranking not in RANKINGS:
+        raise SSNError(f"unknown ranking {ranking!r}; expected one of {', '.join(RANKINGS)}")
+    languages = list(dict.fromkeys([*hr, *languages]))
+    for lang in languages:
+        for label in ("harmful", "harmless"):
+            if (lang, label) not in scores.groups:
+                raise SSNError(f"language {lang} has no {label} prompts; MS-Neurons contrast harmful with harmless "
+                               "prompts of the same language")
+    base_meta = dict(set_meta or {})
+    base_meta.update(method=scores.method, aggregate=scores.aggregate)
+
+    def finish(neurons: NeuronSet) -> NeuronSet:
+        return neurons.with_model_meta(sites) if sites is not None else neurons
+
+    ms = {lang: finish(ms_neurons(scores, lang, p, ranking, meta=base_meta)) for lang in languages}
+    _, ss = ss_neurons(ms, tuple(hr))
+    ss = {lang: finish(neurons) for lang, neurons in ss.items()}
+    ss_all, shared = NeuronSet(), None
+    for neurons in ss.values():
+        ss_all = ss_all | neurons
+        shared = neurons if shared is None else shared & neurons
+    union_meta = {**base_meta, "p": p, "ranking": ranking, "hr": list(hr)}
+    ss_all = finish(NeuronSet(ss_all.neurons, {**union_meta, "set": "SS-all", "language": "+".join(ss)}))
+    shared = finish(NeuronSet((shared or NeuronSet()).neurons,
+                              {**union_meta, "set": "SS-shared", "language": "&".join(ss)}))
+    kinds = scores.kinds
+    rows = []
+    for lang in languages:
+        rows += _counts_rows("MS", lang, ms[lang], sites, kinds)
+        if lang in ss:
+            rows += _counts_rows("SS", lang, ss[lang], sites, kinds)
+    rows += _counts_rows("SS-all", "all", ss_all, sites, kinds)
+    rows += _counts_rows("SS-shared", "all", shared, sites, kinds)
+    counts = pd.DataFrame(rows, columns=["language", "set", "layer", "kind", "count"])
+    return {"ms": ms, "ss": ss, "ss_all": ss_all, "ss_shared_all_nhr": shared, "counts": counts,
+            "overlap": overlap_table(ms)}
+
+
+def _versions() -> dict:
+    import transformers
+
+    from ssn_core import __version__ as ssn_version
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "ssn_core": ssn_version,
+            "python": platform.python_version()}
+
+
+def identify(lm, prompts, languages, hr=("en",), method: str = "impact", p: float = 0.03,
+             aggregate: str = "content", kinds=SITE_KINDS, batch_size: int = 8, ranking: str = "per-site",
+             template: str = "chat", sample=None, seed: int = 0, progress: Progress | None = None,
+             cancel: threading.Event | None = None) -> IdentifyResult:
+    """Score ``prompts`` on ``lm`` and select MS-/SS-Neurons for ``languages`` (HR languages are added)."""
+    p = _check_p(p)
+    if method not in METHODS:
+        raise SSNError(f"unknown scoring method {method!r}; expected one of {', '.join(METHODS)}")
+    if aggregate not in AGGREGATES:
+        raise SSNError(f"unknown aggregate {aggregate!r}; expected one of {', '.join(AGGREGATES)}")
+    if ranking not in RANKINGS:
+        raise SSNError(f"unknown ranking {ranking!r}; expected one of {', '.join(RANKINGS)}")
+    if isinstance(languages, str):
+        languages = [lang.strip() for lang in languages.split(",") if lang.strip()]
+    hr = (hr,) if isinstance(hr, str) else tuple(hr)
+    if not hr:
+        raise SSNError("at least one high-resource (HR) language is needed to define SS-Neurons")
+    kinds = tuple(kinds)
+    for kind in kinds:
+        if kind not in SITE_KINDS:
+            raise SSNError(f"unknown site kind {kind!r}; expected some of {', '.join(SITE_KINDS)}")
+    all_languages = list(dict.fromkeys([*hr, *languages]))
+    items = list(getattr(prompts, "prompts", prompts))
+    for lang in all_languages:
+        for label in ("harmful", "harmless"):
+            if not any(x.language == lang and x.label == label for x in items):
+                raise SSNError(f"language {lang} has no {label} prompts; MS-Neurons contrast harmful with harmless "
+                               "prompts of the same language")
+    chosen = [x for x in items if x.language in all_languages]
+    if hasattr(prompts, "select"):
+        data_hash = prompts.select(all_languages).content_hash()
+    else:
+        data_hash = None
+    start = time.perf_counter()
+    table = score(lm, chosen, method=method, aggregate=aggregate, kinds=kinds, batch_size=batch_size,
+                  template=template, sample=sample, seed=seed, progress=progress, cancel=cancel)
+    score_seconds = time.perf_counter() - start
+    sites: SiteMap = lm.sites
+    summary = getattr(lm, "summary", None)
+    model_name = getattr(summary, "name", None) or type(lm.model).__name__
+    set_meta = {"p": p, "data_hash": data_hash, "model_name": model_name}
+    selected = select(table, all_languages, hr, p, ranking, sites, set_meta)
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "version": 1,
+        "model_name": model_name,
+        "model_source": getattr(summary, "source", None),
+        "model_fingerprint": sites.fingerprint(),
+        **sites.shape_signature(),
+        "data_hash": data_hash,
+        "prompt_source": getattr(prompts, "source", None),
+        "method": method,
+        "aggregate": aggregate,
+        "template": template,
+        "ranking": ranking,
+        "kinds": list(table.kinds),
+        "p": p,
+        "seed": seed,
+        "hr": list(hr),
+        "languages": all_languages,
+        "prompt_counts": {f"{lang}/{label}": n for (lang, label), n in table.counts.items()},
+        "timing": {"score_seconds": round(score_seconds, 3), "prompts": len(chosen),
+                   "prompts_per_second": round(len(chosen) / max(score_seconds, 1e-9), 3)},
+        "versions": _versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    return IdentifyResult(scores=table, manifest=manifest, **selected)

@@ -1,0 +1,770 @@
+"""Neuron importance scores, computed for every site in one forward pass per batch.
+
+Importance of neuron N on prompt x (the paper's deactivation effect ΔLLM, made layer-local as in
+PLND, Zhao et al. 2024): how much the output of N's own layer component changes when N is zeroed.
+The component output is the module right after the site: ``down_proj`` output for ``mlp`` neurons,
+``o_proj`` output for the four attention kinds. Per token t:
+
+- ``mlp`` neuron k:    ‖Δout_t‖ = |a_tk| · ‖W_down[:, k]‖                    (exact, closed form)
+- ``attn_o`` neuron k: ‖Δout_t‖ = |z_tk| · ‖W_O[:, k]‖                       (exact, closed form)
+- ``attn_v`` neuron (kv head g, dim j): zeroing it zeroes z_thj for every query head h of group g, so
+  Δout_t = Σ_h z_thj W_O[:, hD+j] and ‖Δout_t‖² = z_gj^T G_gj z_gj with the Gram matrix
+  G_gj[h, h'] = <W_O[:, hD+j], W_O[:, h'D+j]>                                  (exact, closed form)
+- ``attn_q`` / ``attn_k`` dim j: the effect passes through RoPE, q/k norms and the softmax. We recompute
+  the layer's attention from the captured q, k, v carriers with dim j zeroed, for a chunk of dims at
+  once along a new axis, and take ‖W_O Δz‖ (exact, not first-order). The recomputation is checked
+  against the model's own attention output on every batch, so a family whose attention we do not
+  reproduce fails loudly instead of producing wrong scores. Cost grows like T² · D per token; see
+  ``bench/`` and the CLI's ``--sites`` to leave q/k out when it is too slow.
+
+Per prompt the per-token values are averaged over the user's own tokens (``aggregate="content"``,
+default: the chat template's fixed tokens are the same for every prompt and would dilute the
+harmful/harmless contrast), the ``last`` token, or ``all`` tokens. Hooks reduce each carrier to a
+per-prompt vector [B, N] inside the forward pass and drop the activation; statistics are running
+sums per (language, label), so memory does not grow with the number of prompts.
+
+Other methods: ``activation`` (mean |activation| and mean signed activation per neuron, the cheap
+LAPE / safety-neuron contrast) and ``ablation`` (exact: zero one neuron at a time with
+`ssn_core.interventions` and measure the change of the final-layer hidden state; slow, run on a sample
+of neurons to validate the fast scores; with ``aggregate="last"`` it is the paper's literal ΔLLM).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import random
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from torch import nn
+
+from ssn_core.errors import Cancelled, NeuronFileError, SSNError
+from ssn_core.hooks import hook_sites
+from ssn_core.interventions import Intervention, intervene
+from ssn_core.neurons import NeuronSet
+from ssn_core.sites import SITE_KINDS, NeuronSite, SiteMap, weight_axis
+
+METHODS: tuple[str, ...] = ("impact", "activation", "ablation")
+AGGREGATES: tuple[str, ...] = ("content", "last", "all")
+TEMPLATES: tuple[str, ...] = ("chat", "raw")
+FORMAT = "ssn-lab/score-table"
+FORMAT_VERSION = 1
+
+Progress = Callable[[int, int, str], None]
+Group = tuple[str, str]  # (language, label)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Result
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class ScoreTable:
+    """Mean importance per neuron for each (language, label) group.
+
+    ``groups[(language, label)][kind]`` is a float32 tensor [n_layers, N]. For ``ablation`` neurons that
+    were not in the sample are NaN. ``signed`` (activation method only) holds the mean signed activation
+    in the same layout; ``groups`` then holds the mean |activation|.
+    """
+
+    method: str
+    aggregate: str
+    groups: dict[Group, dict[str, torch.Tensor]]
+    counts: dict[Group, int]
+    meta: dict = field(default_factory=dict)  # model_fingerprint, model_type, n_layers, sizes, template, ...
+    signed: dict[Group, dict[str, torch.Tensor]] | None = None
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        present = {kind for per_kind in self.groups.values() for kind in per_kind}
+        return tuple(k for k in SITE_KINDS if k in present)
+
+    @property
+    def languages(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(language for language, _ in self.groups))
+
+    def get(self, language: str, label: str, kind: str) -> torch.Tensor:
+        try:
+            return self.groups[(language, label)][kind]
+        except KeyError:
+            raise SSNError(f"no {kind} scores for ({language}, {label}) in this score table") from None
+
+    def validate(self, sites: SiteMap) -> None:
+        recorded = self.meta.get("model_fingerprint")
+        if recorded and recorded != sites.fingerprint():
+            raise NeuronFileError(
+                f"these scores were computed on a different model (fingerprint {recorded}, "
+                f"{ {k: self.meta.get(k) for k in ('model_type', 'n_layers', 'sizes')} }); the loaded model is "
+                f"{sites.shape_signature()} (fingerprint {sites.fingerprint()})"
+            )
+        sizes = sites.sizes()
+        for group, per_kind in self.groups.items():
+            for kind, tensor in per_kind.items():
+                expected = (sites.n_layers, sizes.get(kind, -1))
+                if tuple(tensor.shape) != expected:
+                    raise NeuronFileError(
+                        f"scores for {group} {kind} have shape {tuple(tensor.shape)}, but the model has {expected}"
+                    )
+
+    # ----- files --------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Save as safetensors (atomic): one tensor per (language, label, kind), metadata as JSON."""
+        from ssn_core.io import atomic_save_safetensors
+
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        for (language, label), per_kind in self.groups.items():
+            for kind, tensor in per_kind.items():
+                tensors[f"mean|{language}|{label}|{kind}"] = tensor.float()
+        for (language, label), per_kind in (self.signed or {}).items():
+            for kind, tensor in per_kind.items():
+                tensors[f"signed|{language}|{label}|{kind}"] = tensor.float()
+        header = {
+            "format": FORMAT,
+            "version": str(FORMAT_VERSION),
+            "method": self.method,
+            "aggregate": self.aggregate,
+            "counts": json.dumps([[lang, label, n] for (lang, label), n in self.counts.items()]),
+            "meta": json.dumps(self.meta),
+        }
+        atomic_save_safetensors(path, tensors, header)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, sites: SiteMap | None = None) -> ScoreTable:
+        path = Path(path)
+        if not path.is_file():
+            raise NeuronFileError(f"score file not found: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise NeuronFileError(f"{path} is not a readable safetensors file: {exc}") from None
+        if header.get("format") != FORMAT:
+            raise NeuronFileError(f"{path} is not an SSN Lab score table (missing format {FORMAT!r})")
+        try:
+            counts = {(str(lang), str(label)): int(n) for lang, label, n in json.loads(header.get("counts", "[]"))}
+            meta = json.loads(header.get("meta", "{}"))
+        except (json.JSONDecodeError, TypeError, ValueError) as exc:
+            raise NeuronFileError(f"{path}: malformed score-table metadata ({exc})") from None
+        groups: dict[Group, dict[str, torch.Tensor]] = {}
+        signed: dict[Group, dict[str, torch.Tensor]] = {}
+        for name, tensor in tensors.items():
+            parts = name.split("|")
+            if len(parts) != 4 or parts[0] not in ("mean", "signed") or parts[3] not in SITE_KINDS:
+                raise NeuronFileError(f"{path}: unexpected tensor {name!r}")
+            target = groups if parts[0] == "mean" else signed
+            target.setdefault((parts[1], parts[2]), {})[parts[3]] = tensor.float()
+        table = cls(
+            method=header.get("method", "?"), aggregate=header.get("aggregate", "?"), groups=groups,
+            counts=counts, meta=meta, signed=signed or None,
+        )
+        if sites is not None:
+            table.validate(sites)
+        return table
+
+
+# ---------------------------------------------------------------------------------------------------
+# Encoding: chat template, left padding, per-token aggregation weights
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class EncodedBatch:
+    input_ids: torch.Tensor  # [B, T] left-padded
+    attention_mask: torch.Tensor  # [B, T] 1 = real token
+    position_ids: torch.Tensor  # [B, T] 0.. for real tokens (so padding does not shift positions)
+    weights: torch.Tensor  # [B, T] float32, rows sum to 1: how each token counts in the prompt's score
+
+
+def _token_weights(n_tokens: int, content: list[int], aggregate: str) -> list[float]:
+    weights = [0.0] * n_tokens
+    if aggregate == "last" or n_tokens == 0:
+        chosen = [n_tokens - 1]
+    elif aggregate == "all" or not content:  # no user tokens (empty prompt): fall back to all tokens
+        chosen = list(range(n_tokens))
+    else:
+        chosen = content
+    for i in chosen:
+        weights[i] = 1.0 / len(chosen)
+    return weights
+
+
+def _content_token_indices(tokenizer, text: str, span: tuple[int, int], add_special: bool) -> tuple[list[int], list[int]]:
+    """Token ids of ``text`` and the indices of the tokens that overlap the character span."""
+    start, end = span
+    try:
+        encoded = tokenizer(text, add_special_tokens=add_special, return_offsets_mapping=True)
+        ids, offsets = list(encoded["input_ids"]), list(encoded["offset_mapping"])
+        content = [i for i, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+        return ids, content
+    except (NotImplementedError, KeyError, TypeError, ValueError):
+        # Slow tokenizers have no offset mapping: count the tokens of the text before and through the span.
+        ids = list(tokenizer(text, add_special_tokens=add_special)["input_ids"])
+        n_before = len(tokenizer(text[:start], add_special_tokens=add_special)["input_ids"])
+        n_through = len(tokenizer(text[:end], add_special_tokens=add_special)["input_ids"])
+        return ids, list(range(min(n_before, len(ids)), min(n_through, len(ids))))
+
+
+def encode_prompt(lm, text: str, template: str = "chat") -> tuple[list[int], list[int]]:
+    """(token ids, indices of the user-content tokens) for one prompt."""
+    if template == "chat":
+        formatted, span = lm.format_chat_with_span(text)
+        return _content_token_indices(lm.tokenizer, formatted, span, add_special=False)
+    if template == "raw":
+        return _content_token_indices(lm.tokenizer, text, (0, len(text)), add_special=True)
+    raise SSNError(f"unknown prompt template {template!r}; expected one of {', '.join(TEMPLATES)}")
+
+
+def make_batch(encoded: Sequence[tuple[list[int], list[int]]], aggregate: str, pad_id: int,
+               device: torch.device | str = "cpu") -> EncodedBatch:
+    """Left-pad encoded prompts into one batch with per-token aggregation weights."""
+    if aggregate not in AGGREGATES:
+        raise SSNError(f"unknown aggregate {aggregate!r}; expected one of {', '.join(AGGREGATES)}")
+    width = max(len(ids) for ids, _ in encoded)
+    ids_rows, mask_rows, weight_rows = [], [], []
+    for ids, content in encoded:
+        pad = width - len(ids)
+        ids_rows.append([pad_id] * pad + list(ids))
+        mask_rows.append([0] * pad + [1] * len(ids))
+        weight_rows.append([0.0] * pad + _token_weights(len(ids), content, aggregate))
+    mask = torch.tensor(mask_rows, dtype=torch.long)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return EncodedBatch(
+        input_ids=torch.tensor(ids_rows, dtype=torch.long, device=device),
+        attention_mask=mask.to(device),
+        position_ids=position_ids.to(device),
+        weights=torch.tensor(weight_rows, dtype=torch.float32, device=device),
+    )
+
+
+def _pad_id(tokenizer) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def _aggregate(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean over tokens: values [B, T, ...] (NaN-safe at zero-weight tokens) -> [B, ...]."""
+    weights = weights.to(values.dtype)
+    mask_shape = (*weights.shape, *([1] * (values.dim() - 2)))
+    values = torch.where((weights > 0).view(mask_shape), values, torch.zeros((), dtype=values.dtype,
+                                                                            device=values.device))
+    return torch.einsum("bt...,bt->b...", values, weights)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-model constants: weight norms, Gram matrices, attention geometry
+# ---------------------------------------------------------------------------------------------------
+def _weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The module's weight as a float32 [out, in] matrix (GPT-2 Conv1D stores [in, out])."""
+    weight = getattr(module, "weight", None)
+    if weight is None or not torch.is_floating_point(weight):
+        raise SSNError(
+            f"impact scores need the floating-point weight of {type(module).__name__}; this layer is quantized "
+            "(use method 'activation', or load the model unquantized)"
+        )
+    weight = weight.detach().float()
+    return weight if weight_axis(module, "in") == 1 else weight.T
+
+
+def _qr_factor(matrix: torch.Tensor) -> torch.Tensor:
+    """R with ‖R y‖ = ‖matrix y‖ for every y, and at most min(rows, cols) rows (cheaper norms)."""
+    return torch.linalg.qr(matrix, mode="r")[1] if matrix.shape[0] > matrix.shape[1] else matrix
+
+
+@dataclass
+class _LayerAttention:
+    """What the exact attention recomputation needs for one layer."""
+
+    module: nn.Module
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    scaling: float
+    softcap: float | None
+    sliding_window: int | None
+    q_norm: nn.Module | None
+    k_norm: nn.Module | None
+    rotary: nn.Module | None
+    rotary_layer_type: str | None
+    w_o_cols: torch.Tensor  # [hidden, H*D] float32
+    o_norms: torch.Tensor  # [H*D] column norms of W_O
+    v_gram: torch.Tensor  # [K, D, G, G]
+    q_factors: torch.Tensor  # [H, r, D]: ‖W_O[:, head h] y‖ = ‖q_factors[h] y‖
+    k_factors: torch.Tensor  # [K, r, G*D]: same for a whole kv group
+
+
+class _ModelConstants:
+    """Weight-derived constants, computed once per model and reused across batches."""
+
+    def __init__(self, model: nn.Module, sites: SiteMap):
+        self.model = model
+        self.sites = sites
+        self.mlp_norms: dict[int, torch.Tensor] = {}
+        self.attention: dict[int, _LayerAttention] = {}
+        self.rotary, self.base_model = _find_rotary(model)
+
+    def mlp(self, layer: int) -> torch.Tensor:
+        if layer not in self.mlp_norms:
+            site = self.sites.get(layer, "mlp")
+            weight = _weight_out_in(site.module)  # [hidden, I]
+            self.mlp_norms[layer] = weight.index_select(1, site.coords.to(weight.device)).norm(dim=0)
+        return self.mlp_norms[layer]
+
+    def attn(self, layer: int) -> _LayerAttention:
+        if layer in self.attention:
+            return self.attention[layer]
+        site = self.sites.get(layer, "attn_o")
+        H, K, D = site.n_heads, site.n_kv_heads, site.head_dim
+        G = H // K
+        w_o = _weight_out_in(site.module).index_select(1, site.coords.to(site.module.weight.device))  # [hidden, H*D]
+        per_head = w_o.view(w_o.shape[0], K, G, D)
+        v_gram = torch.einsum("okgd,okhd->kdgh", per_head, per_head)
+        q_factors = torch.stack([_qr_factor(w_o[:, h * D:(h + 1) * D]) for h in range(H)])
+        k_factors = torch.stack([_qr_factor(w_o[:, g * G * D:(g + 1) * G * D]) for g in range(K)])
+        attn = self.model.get_submodule(site.module_name.rsplit(".", 1)[0])
+        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else \
+            self.model.config
+        if hasattr(attn, "sliding_window"):
+            sliding = attn.sliding_window
+        elif self.sites.model_type in ("mistral", "phi3"):
+            sliding = getattr(config, "sliding_window", None)
+        else:
+            sliding = None
+        scaling = getattr(attn, "scaling", None)
+        if scaling is None:
+            scaling = D ** -0.5
+        layer_type = getattr(attn, "layer_type", None)
+        rotary = self.rotary
+        if rotary is not None and "layer_type" not in inspect.signature(rotary.forward).parameters:
+            layer_type = None
+        self.attention[layer] = _LayerAttention(
+            module=attn, n_heads=H, n_kv_heads=K, head_dim=D, scaling=float(scaling),
+            softcap=getattr(attn, "attn_logit_softcapping", None), sliding_window=sliding,
+            q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
+            rotary=rotary, rotary_layer_type=layer_type, w_o_cols=w_o, o_norms=w_o.norm(dim=0),
+            v_gram=v_gram, q_factors=q_factors, k_factors=k_factors,
+        )
+        return self.attention[layer]
+
+
+def _find_rotary(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+    base = getattr(model, "base_model", model)
+    for candidate in (base, getattr(base, "language_model", None), getattr(model, "model", None)):
+        rotary = getattr(candidate, "rotary_emb", None) if candidate is not None else None
+        if rotary is not None:
+            return rotary, base
+    return None, base
+
+
+_CONSTANTS: dict[int, tuple[nn.Module, _ModelConstants]] = {}
+
+
+def _constants(model: nn.Module, sites: SiteMap) -> _ModelConstants:
+    entry = _CONSTANTS.get(id(model))
+    if entry is None or entry[0] is not model or entry[1].sites is not sites:
+        _CONSTANTS.clear()  # one model at a time: do not keep old models alive
+        entry = _CONSTANTS[id(model)] = (model, _ModelConstants(model, sites))
+    return entry[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact attention recomputation for q / k importance
+# ---------------------------------------------------------------------------------------------------
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+    """x [B, T, ..., D]; cos/sin [B, T, R] with R <= D rotary dims (GPT-NeoX rotates only the first R)."""
+    if cos is None:
+        return x
+    shape = (cos.shape[0], cos.shape[1], *([1] * (x.dim() - 3)), cos.shape[-1])
+    cos, sin = cos.view(shape), sin.view(shape)
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def _prep(x: torch.Tensor, norm: nn.Module | None, cos, sin) -> torch.Tensor:
+    """Projection output per head [B, T, ..., D] -> what enters the attention scores (norm, then RoPE)."""
+    if norm is not None:
+        x = norm(x).float()
+    return _apply_rope(x, cos, sin)
+
+
+def _attention_bias(valid: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """Additive mask [B, 1, T, T]: causal, no padded keys, optional sliding window."""
+    T = valid.shape[1]
+    position = torch.arange(T, device=valid.device)
+    allowed = position[None, :] <= position[:, None]  # [t, s]: s <= t
+    if sliding_window is not None:
+        allowed = allowed & (position[None, :] > position[:, None] - sliding_window)
+    allowed = allowed[None] & valid[:, None, :].bool()  # [B, T, T]
+    return torch.where(allowed, 0.0, torch.finfo(torch.float32).min)[:, None]
+
+
+def _softmax_scores(scores: torch.Tensor, geo: _LayerAttention, bias: torch.Tensor) -> torch.Tensor:
+    scores = scores * geo.scaling
+    if geo.softcap is not None:
+        scores = torch.tanh(scores / geo.softcap) * geo.softcap
+    return torch.softmax(scores + bias, dim=-1)
+
+
+def _chunk_size(n_rows: int, T: int, D: int, budget_bytes: int = 256 * 2**20) -> int:
+    per_dim = n_rows * T * max(T, D) * 4 * 3  # scores, probabilities, outputs
+    return max(1, min(D, budget_bytes // max(per_dim, 1)))
+
+
+def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, weights, kinds, check_tol):
+    """Exact ‖Δ o_proj output‖ when one q (or k) dim is zeroed, aggregated over tokens.
+
+    q_raw [B, T, H, D], k_raw / v [B, T, K, D], z_obs [B, T, H, D] (the model's own attention output).
+    Returns {kind: [B, N]}.
+    """
+    B, T, H, D = q_raw.shape
+    K = k_raw.shape[2]
+    G = H // K
+    qp = _prep(q_raw, geo.q_norm, cos, sin).permute(0, 2, 1, 3).reshape(B, K, G, T, D)  # [B,K,G,T,D]
+    kp = _prep(k_raw, geo.k_norm, cos, sin).permute(0, 2, 1, 3)  # [B,K,T,D]
+    vh = v.permute(0, 2, 1, 3)  # [B,K,T,D]
+    probs = _softmax_scores(torch.einsum("bkgtd,bksd->bkgts", qp, kp), geo, bias[:, None])
+    z = torch.einsum("bkgts,bksd->bkgtd", probs, vh)  # [B,K,G,T,D]
+    # Safety net: our recomputation must reproduce the model's attention on real tokens.
+    z_model = z_obs.permute(0, 2, 1, 3).reshape(B, K, G, T, D)
+    real = (weights > 0)[:, None, None, :, None]
+    error = ((z - z_model) * real).norm() / ((z_model * real).norm() + 1e-12)
+    if not bool(error <= check_tol):
+        raise SSNError(
+            f"exact q/k scoring could not reproduce this model's attention (relative error {float(error):.2e}); "
+            "leave attn_q and attn_k out of the sites for this model"
+        )
+    out: dict[str, torch.Tensor] = {}
+    eye = torch.eye(D, device=q_raw.device)
+    if "attn_q" in kinds:
+        scores = torch.zeros(B, H, D, device=q_raw.device)
+        chunk = _chunk_size(B * H, T, D)
+        for start in range(0, D, chunk):
+            dims = torch.arange(start, min(start + chunk, D), device=q_raw.device)
+            keep = 1.0 - eye[dims]  # [c, D]
+            q_mod = q_raw[:, :, :, None, :] * keep  # [B,T,H,c,D]
+            q_mod = _prep(q_mod, geo.q_norm, cos, sin).permute(0, 2, 3, 1, 4)  # [B,H,c,T,D]
+            q_mod = q_mod.reshape(B, K, G, len(dims), T, D)
+            p_mod = _softmax_scores(torch.einsum("bkgctd,bksd->bkgcts", q_mod, kp), geo, bias[:, None, None])
+            dz = torch.einsum("bkgcts,bksd->bkgctd", p_mod, vh) - z[:, :, :, None]  # [B,K,G,c,T,D]
+            factors = geo.q_factors.view(K, G, -1, D)
+            delta = torch.einsum("kgrd,bkgctd->bkgctr", factors, dz).norm(dim=-1)  # [B,K,G,c,T]
+            scores[:, :, dims] = _aggregate(delta.permute(0, 4, 1, 2, 3), weights).reshape(B, H, len(dims))
+        out["attn_q"] = scores.reshape(B, H * D)
+    if "attn_k" in kinds:
+        scores = torch.zeros(B, K, D, device=q_raw.device)
+        chunk = _chunk_size(B * H, T, D)
+        for start in range(0, D, chunk):
+            dims = torch.arange(start, min(start + chunk, D), device=q_raw.device)
+            keep = 1.0 - eye[dims]
+            k_mod = k_raw[:, :, :, None, :] * keep  # [B,T,K,c,D]
+            k_mod = _prep(k_mod, geo.k_norm, cos, sin).permute(0, 2, 3, 1, 4)  # [B,K,c,T,D]
+            p_mod = _softmax_scores(torch.einsum("bkgtd,bkcsd->bkgcts", qp, k_mod), geo, bias[:, None, None])
+            dz = torch.einsum("bkgcts,bksd->bkctgd", p_mod, vh) - z.permute(0, 1, 3, 2, 4)[:, :, None]
+            dz = dz.reshape(B, K, len(dims), T, G * D)  # [B,K,c,T,G*D]
+            delta = torch.einsum("kri,bkcti->bkctr", geo.k_factors, dz).norm(dim=-1)  # [B,K,c,T]
+            scores[:, :, dims] = _aggregate(delta.permute(0, 3, 1, 2), weights)
+        out["attn_k"] = scores.reshape(B, K * D)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# One batch, all sites, one forward pass
+# ---------------------------------------------------------------------------------------------------
+def _check_kinds(kinds: Iterable[str], sites: SiteMap) -> tuple[str, ...]:
+    kinds = tuple(kinds)
+    for kind in kinds:
+        if kind not in SITE_KINDS:
+            raise SSNError(f"unknown site kind {kind!r}; expected some of {', '.join(SITE_KINDS)}")
+        if kind not in sites.kinds:
+            raise SSNError(f"this model has no {kind!r} sites")
+    if not kinds:
+        raise SSNError("no site kinds selected")
+    return tuple(k for k in SITE_KINDS if k in kinds)
+
+
+def _forward(model: nn.Module, batch: EncodedBatch) -> torch.Tensor:
+    """Run the base model (no LM head: scores are layer-local) and return the final hidden states."""
+    base = getattr(model, "base_model", model)
+    output = base(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+                  use_cache=False)
+    return output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]
+
+
+def _rope_tables(consts: _ModelConstants, geo: _LayerAttention, batch: EncodedBatch, cache: dict):
+    if geo.rotary is None:
+        return None, None
+    key = geo.rotary_layer_type
+    if key not in cache:
+        dummy = torch.zeros(1, dtype=torch.float32, device=batch.position_ids.device)
+        args = (dummy, batch.position_ids) if key is None else (dummy, batch.position_ids, key)
+        cos, sin = geo.rotary(*args)
+        cache[key] = (cos.float(), sin.float())
+    return cache[key]
+
+
+@torch.no_grad()
+def score_batch(lm, batch: EncodedBatch, method: str = "impact", kinds: Sequence[str] = SITE_KINDS,
+                layers: Iterable[int] | None = None) -> dict[tuple[int, str], torch.Tensor | tuple]:
+    """Per-prompt scores [B, N] for every (layer, kind) from one forward pass.
+
+    ``method="impact"`` returns tensors; ``method="activation"`` returns (mean |a|, mean a) pairs.
+    """
+    sites: SiteMap = lm.sites
+    kinds = _check_kinds(kinds, sites)
+    layers = range(sites.n_layers) if layers is None else list(layers)
+    model = lm.model
+    device = batch.input_ids.device
+    weights = batch.weights.to(device)
+    results: dict[tuple[int, str], torch.Tensor | tuple] = {}
+    pairs: list[tuple[NeuronSite, Callable]] = []
+
+    if method == "activation":
+        def activation_hook(site: NeuronSite):
+            def fn(carrier):
+                values = site.read(carrier).float()  # [B, T, N]
+                results[site.key] = (_aggregate(values.abs(), weights), _aggregate(values, weights))
+            return fn
+
+        for layer in layers:
+            for kind in kinds:
+                site = sites.get(layer, kind)
+                pairs.append((site, activation_hook(site)))
+        with hook_sites(pairs):
+            _forward(model, batch)
+        return results
+
+    if method != "impact":
+        raise SSNError(f"score_batch supports 'impact' and 'activation', not {method!r}")
+    consts = _constants(model, sites)
+    attn_kinds = [k for k in kinds if k != "mlp"]
+    needs_recompute = any(k in kinds for k in ("attn_q", "attn_k"))
+    rope_cache: dict = {}
+    bias_cache: dict = {}
+    check_tol = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+
+    def mlp_hook(site: NeuronSite):
+        def fn(carrier):
+            values = site.read(carrier).float().abs()  # [B, T, N]
+            results[site.key] = _aggregate(values, weights) * consts.mlp(site.layer).to(values.device)
+        return fn
+
+    def capture_hook(site: NeuronSite, store: dict):
+        def fn(carrier):
+            store[site.kind] = site.read(carrier).float()
+        return fn
+
+    def o_hook(site: NeuronSite, store: dict):
+        def fn(carrier):
+            geo = consts.attn(site.layer)
+            H, K, D = geo.n_heads, geo.n_kv_heads, geo.head_dim
+            z = site.read(carrier).float()  # [B, T, H*D]
+            B, T = z.shape[:2]
+            if "attn_o" in kinds:
+                results[(site.layer, "attn_o")] = _aggregate(z.abs(), weights) * geo.o_norms.to(z.device)
+            if "attn_v" in kinds:
+                zg = z.view(B, T, K, H // K, D)
+                squared = torch.einsum("btkgd,kdgh,btkhd->btkd", zg, geo.v_gram.to(z.device), zg)
+                results[(site.layer, "attn_v")] = _aggregate(squared.clamp(min=0).sqrt(), weights).reshape(B, K * D)
+            if needs_recompute:
+                cos, sin = _rope_tables(consts, geo, batch, rope_cache)
+                if geo.sliding_window not in bias_cache:
+                    bias_cache[geo.sliding_window] = _attention_bias(batch.attention_mask, geo.sliding_window)
+                qk = _qk_impact(
+                    geo, store.pop("attn_q").view(B, T, H, D), store.pop("attn_k").view(B, T, K, D),
+                    store.pop("attn_v").view(B, T, K, D), z.view(B, T, H, D), cos, sin,
+                    bias_cache[geo.sliding_window], weights, kinds, check_tol,
+                )
+                for kind, value in qk.items():
+                    results[(site.layer, kind)] = value
+            store.clear()
+        return fn
+
+    for layer in layers:
+        if "mlp" in kinds:
+            site = sites.get(layer, "mlp")
+            pairs.append((site, mlp_hook(site)))
+        if attn_kinds:
+            store: dict[str, torch.Tensor] = {}
+            if needs_recompute:
+                for kind in ("attn_q", "attn_k", "attn_v"):
+                    pairs.append((sites.get(layer, kind), capture_hook(sites.get(layer, kind), store)))
+            pairs.append((sites.get(layer, "attn_o"), o_hook(sites.get(layer, "attn_o"), store)))
+    with hook_sites(pairs):
+        _forward(model, batch)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# Exact ablation (slow reference)
+# ---------------------------------------------------------------------------------------------------
+Triple = tuple[int, str, int]
+
+
+def sample_neurons(sites: SiteMap, kinds: Sequence[str], per_site: int, seed: int = 0) -> list[Triple]:
+    """``per_site`` random neurons from every (layer, kind) site, reproducibly."""
+    rng = random.Random(seed)
+    triples: list[Triple] = []
+    for layer in range(sites.n_layers):
+        for kind in kinds:
+            size = sites.get(layer, kind).size
+            for index in sorted(rng.sample(range(size), min(per_site, size))):
+                triples.append((layer, kind, index))
+    return triples
+
+
+@torch.no_grad()
+def ablation_batch(lm, batch: EncodedBatch, neurons: Sequence[Triple], chunk: int = 8) -> torch.Tensor:
+    """Exact effect of zeroing each neuron on the final hidden states: [B, len(neurons)].
+
+    Per token: ‖h_final(suppressed) - h_final(baseline)‖, aggregated with the batch weights (with
+    ``aggregate="last"`` this is the paper's literal ΔLLM). ``chunk`` neurons share one forward pass:
+    the batch is repeated and each copy gets its own row-masked suppression.
+    """
+    model = lm.model
+    baseline = _forward(model, batch).float()  # [B, T, hidden]
+    B = batch.input_ids.shape[0]
+    out = torch.zeros(B, len(neurons))
+    for start in range(0, len(neurons), chunk):
+        group = list(neurons[start:start + chunk])
+        m = len(group)
+        repeated = EncodedBatch(*(t.repeat(m, *([1] * (t.dim() - 1))) for t in
+                                  (batch.input_ids, batch.attention_mask, batch.position_ids, batch.weights)))
+        interventions = []
+        for i, (layer, kind, index) in enumerate(group):
+            rows = torch.zeros(m * B, dtype=torch.bool)
+            rows[i * B:(i + 1) * B] = True
+            interventions.append(Intervention(NeuronSet({(layer, kind): [index]}), scale=0.0, rows=rows))
+        with intervene(lm.sites, *interventions):
+            hidden = _forward(model, repeated).float().view(m, B, *baseline.shape[1:])
+        delta = (hidden - baseline[None]).norm(dim=-1)  # [m, B, T]
+        for i in range(m):
+            out[:, start + i] = _aggregate(delta[i], batch.weights).cpu()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Streaming statistics and the public entry point
+# ---------------------------------------------------------------------------------------------------
+class _Accumulator:
+    """Running sums per (language, label) and (layer, kind); memory independent of the prompt count."""
+
+    def __init__(self, sites: SiteMap, kinds: Sequence[str], groups: Sequence[Group], signed: bool):
+        sizes = sites.sizes()
+        self.n_layers = sites.n_layers
+        self.sums = {g: {k: torch.zeros(sites.n_layers, sizes[k], dtype=torch.float64) for k in kinds} for g in groups}
+        self.signed = ({g: {k: torch.zeros(sites.n_layers, sizes[k], dtype=torch.float64) for k in kinds}
+                        for g in groups} if signed else None)
+        self.counts = {g: 0 for g in groups}
+
+    def add(self, row_groups: Sequence[Group], results: dict) -> None:
+        for group in dict.fromkeys(row_groups):
+            rows = torch.tensor([i for i, g in enumerate(row_groups) if g == group])
+            for (layer, kind), value in results.items():
+                if isinstance(value, tuple):
+                    magnitude, signed = value
+                    self.sums[group][kind][layer] += magnitude.index_select(0, rows.to(magnitude.device)).sum(0).cpu()
+                    self.signed[group][kind][layer] += signed.index_select(0, rows.to(signed.device)).sum(0).cpu()
+                else:
+                    self.sums[group][kind][layer] += value.index_select(0, rows.to(value.device)).sum(0).double().cpu()
+            self.counts[group] += len(rows)
+
+    def means(self, store) -> dict[Group, dict[str, torch.Tensor]]:
+        return {g: {k: (s / max(self.counts[g], 1)).float() for k, s in per_kind.items()} for g, per_kind in
+                store.items() if self.counts[g] > 0}
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds: Sequence[str] = SITE_KINDS,
+          batch_size: int = 8, template: str = "chat", sample: Sequence[Triple] | int | None = None, seed: int = 0,
+          progress: Progress | None = None, cancel: threading.Event | None = None) -> ScoreTable:
+    """Mean importance per neuron for every (language, label) group of ``prompts``.
+
+    ``prompts``: a PromptSet or any iterable of objects with ``.text``, ``.language`` and ``.label``.
+    ``sample`` (ablation only): explicit (layer, kind, index) triples, or a count per site (drawn with
+    ``seed``); unsampled neurons get NaN.
+    """
+    if method not in METHODS:
+        raise SSNError(f"unknown scoring method {method!r}; expected one of {', '.join(METHODS)}")
+    if aggregate not in AGGREGATES:
+        raise SSNError(f"unknown aggregate {aggregate!r}; expected one of {', '.join(AGGREGATES)}")
+    if batch_size < 1:
+        raise SSNError(f"batch size must be at least 1, got {batch_size}")
+    sites: SiteMap = lm.sites
+    kinds = _check_kinds(kinds, sites)
+    items = list(getattr(prompts, "prompts", prompts))
+    if not items:
+        raise SSNError("no prompts to score")
+    groups = list(dict.fromkeys((p.language, p.label) for p in items))
+    device = _model_device(lm.model)
+    pad_id = _pad_id(lm.tokenizer)
+    if method == "ablation":
+        if sample is None:
+            raise SSNError("ablation scores one neuron at a time: give a sample (neuron triples or a count per site)")
+        triples = sample_neurons(sites, kinds, sample, seed) if isinstance(sample, int) else \
+            [(int(layer), str(kind), int(index)) for layer, kind, index in sample]
+        for layer, kind, index in triples:
+            if kind not in kinds or not 0 <= index < sites.get(layer, kind).size:
+                raise SSNError(f"sampled neuron ({layer}, {kind}, {index}) is not a scored neuron of this model")
+    accumulator = _Accumulator(sites, kinds, groups, signed=(method == "activation"))
+
+    # Encode everything first (cheap), then batch by length so little compute is wasted on padding.
+    encoded = [encode_prompt(lm, p.text, template) for p in items]
+    order = sorted(range(len(items)), key=lambda i: len(encoded[i][0]))
+    total = len(items)
+    done = 0
+    if progress:
+        progress(0, total, f"scoring {total} prompts ({method})")
+    for start in range(0, total, batch_size):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("scoring was cancelled; nothing was written")
+        rows = order[start:start + batch_size]
+        batch = make_batch([encoded[i] for i in rows], aggregate, pad_id, device)
+        row_groups = [(items[i].language, items[i].label) for i in rows]
+        if method == "ablation":
+            values = ablation_batch(lm, batch, triples)  # [B, S]
+            results = {}
+            for column, (layer, kind, index) in enumerate(triples):
+                dense = results.setdefault((layer, kind), torch.zeros(len(rows), sites.get(layer, kind).size))
+                dense[:, index] = values[:, column]
+        else:
+            results = score_batch(lm, batch, method, kinds)
+        accumulator.add(row_groups, results)
+        done += len(rows)
+        if progress:
+            progress(done, total, f"scored {done}/{total} prompts")
+    means = accumulator.means(accumulator.sums)
+    if method == "ablation":
+        sampled = {}
+        for layer, kind, index in triples:
+            sampled.setdefault(kind, torch.zeros(sites.n_layers, sites.get(0, kind).size, dtype=torch.bool))[layer,
+                                                                                                              index] = True
+        for per_kind in means.values():
+            for kind, tensor in per_kind.items():
+                tensor[~sampled.get(kind, torch.zeros_like(tensor, dtype=torch.bool))] = math.nan
+    meta = {"model_fingerprint": sites.fingerprint(), **sites.shape_signature(), "template": template,
+            "kinds": list(kinds)}
+    if method == "ablation":
+        meta["sample"] = [list(t) for t in triples]
+    return ScoreTable(method=method, aggregate=aggregate, groups=means, counts=dict(accumulator.counts), meta=meta,
+                      signed=accumulator.means(accumulator.signed) if accumulator.signed is not None else None)
