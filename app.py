@@ -21,15 +21,15 @@ if str(ROOT) not in sys.path:  # `streamlit run` from another directory
 from ui import state
 from ui.common import show_error
 
-st.set_page_config(page_title="SSN Lab", page_icon="🛡️", layout="wide")
+st.set_page_config(page_title="SSN Lab", page_icon=":material/shield:", layout="wide")
 
 pages = [
-    st.Page("pages/1_model.py", title="Model", icon="🧠", default=True),
-    st.Page("pages/2_neurons.py", title="Neurons", icon="🔬"),
-    st.Page("pages/3_chat.py", title="Chat (A/B)", icon="💬"),
-    st.Page("pages/4_validate.py", title="Validate", icon="📊"),
-    st.Page("pages/5_finetune.py", title="Fine-tune", icon="🎯"),
-    st.Page("pages/6_learn.py", title="Learn", icon="🎓"),
+    st.Page("pages/1_model.py", title="Model", icon=":material/memory:", default=True),
+    st.Page("pages/2_neurons.py", title="Neurons", icon=":material/biotech:"),
+    st.Page("pages/3_chat.py", title="Chat (A/B)", icon=":material/forum:"),
+    st.Page("pages/4_validate.py", title="Validate", icon=":material/bar_chart:"),
+    st.Page("pages/5_finetune.py", title="Fine-tune", icon=":material/tune:"),
+    st.Page("pages/6_learn.py", title="Learn", icon=":material/school:"),
 ]
 navigation = st.navigation(pages)
 

@@ -9,7 +9,7 @@ from ssn_core.loading import DEVICE_MAPS, DTYPES, QUANTIZATIONS
 from ui import state
 from ui.common import link, show_error
 
-st.title("🧠 Model")
+st.title("Model")
 st.write(
     "SSN Lab studies the **neurons** of a multilingual chat model. Load one here; every other page uses it. "
     "The starter model works offline. One copy of a model is shared by all browser tabs; "
@@ -114,5 +114,5 @@ if col_a.button("Unload model", help="Frees its memory for every tab; results co
     st.rerun()
 with col_b:
     st.write("Next:")
-    link("neurons", "Find the safety neurons", icon="🔬")
-    link("learn", "What are MS- and SS-Neurons?", icon="🎓")
+    link("neurons", "Find the safety neurons", icon=":material/biotech:")
+    link("learn", "What are MS- and SS-Neurons?", icon=":material/school:")

@@ -13,7 +13,7 @@ from ui import charts, jobs, neuron_sources
 from ui.common import call, csv_bytes, file_bytes, json_bytes, need, require_model, show_error, uploaded_to_path
 from ui.neurons_view import neuron_table, overlap_matrix, ss_counts
 
-st.title("🔬 Neurons")
+st.title("Neurons")
 st.write(
     "For each language, score every neuron on **harmful** and **harmless** prompts. **MS-Neurons** = per layer, "
     "the top *p*% on harmful prompts minus the top *p*% on harmless ones. **SS-Neurons** = MS-Neurons of a "
@@ -148,6 +148,9 @@ m1, m2, m3 = st.columns(3)
 m1.metric("Languages", len(languages))
 m2.metric("SS-Neurons (union)", f"{len(result.ss_all):,}")
 m3.metric("Share of all neurons", f"{100 * result.ss_all.fraction_of(lm.sites):.3f}%")
+if len(result.ss_all) == 0:
+    st.warning("No SS-Neurons: no MS-Neuron of the other languages is also an MS-Neuron of the reference language. "
+               "Use more prompts per language or a larger p (a tiny random model has almost none).")
 
 left, right = st.columns([3, 2])
 with left:

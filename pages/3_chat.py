@@ -17,7 +17,7 @@ from ssn_core.judges import MarkerJudge
 from ui import neuron_sources
 from ui.common import link, need, require_model, show_error
 
-st.title("💬 Chat (A/B)")
+st.title("Chat (A/B)")
 st.write("Ask something; the **left** column is the model as is, the **right** column is the same model with "
          "the intervention you choose below. Same prompt, same seed, same sampling: differences come from the "
          "neurons you switched off or amplified.")
@@ -27,8 +27,9 @@ generation = need("ssn_core.generation")
 GenerationSettings, stream_generate = generation.GenerationSettings, generation.stream_generate
 
 sites = lm.sites
-VERDICT_COLORS = {"refusal": ("green", "🛡️ refusal"), "compliance": ("red", "⚠️ compliance"),
-                  "off_target": ("gray", "〰️ off-target")}
+VERDICT_STYLE = {"refusal": ("green", ":material/shield:", "refusal"),
+                 "compliance": ("red", ":material/warning:", "compliance"),
+                 "off_target": ("gray", ":material/help:", "off-target")}
 LANGUAGE_HINT = "Prompt language (for the judge and the examples)"
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -83,7 +84,7 @@ elif not action.startswith("Off"):
 st.caption(f"Right column: **{description}**.")
 if st.session_state.get("identify_result") is None:
     st.caption("Tip: identify MS/SS-Neurons on the Neurons page to get the paper's sets here.")
-    link("neurons", "Neurons page", icon="🔬")
+    link("neurons", "Neurons page", icon=":material/biotech:")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Generation settings and examples
@@ -141,8 +142,8 @@ judge = MarkerJudge()
 def badge(verdict) -> None:
     if verdict is None:
         return
-    color, text = VERDICT_COLORS.get(verdict.label, ("gray", verdict.label))
-    st.badge(text, color=color, help=f"marker judge: {verdict.reason}")
+    color, icon, text = VERDICT_STYLE.get(verdict.label, ("gray", None, verdict.label))
+    st.badge(text, icon=icon, color=color, help=f"marker judge: {verdict.reason}")
 
 
 left, right = st.columns(2)

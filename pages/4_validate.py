@@ -8,7 +8,7 @@ import streamlit as st
 from ui import charts, jobs
 from ui.common import csv_bytes, json_bytes, link, need, require_model
 
-st.title("📊 Validate")
+st.title("Validate")
 st.write(
     "Causal check of the identified neurons: the harmful prompts of each language are answered with "
     "**no intervention** (baseline), with the **MS / SS-Neurons suppressed**, with **as many random neurons** "
@@ -19,7 +19,7 @@ lm = require_model()
 result = st.session_state.get("identify_result")
 if result is None:
     st.info("Nothing to validate yet: identify MS- and SS-Neurons on the **Neurons** page first.")
-    link("neurons", "Go to the Neurons page", icon="🔬")
+    link("neurons", "Go to the Neurons page", icon=":material/biotech:")
     st.stop()
 
 GenerationSettings = need("ssn_core.generation").GenerationSettings

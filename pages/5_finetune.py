@@ -13,7 +13,7 @@ from ssn_core.judges import load_refusal_templates
 from ui import charts, jobs, neuron_sources
 from ui.common import PAGE_PATHS, call, file_bytes, json_bytes, link, need, require_model, uploaded_to_path
 
-st.title("🎯 Fine-tune")
+st.title("Fine-tune")
 st.write(
     "Train **only the parameters that belong to a neuron set** (for the paper: the SS-Neurons) on harmful "
     "prompts paired with refusals in the same language, plus harmless prompts paired with the model's own "
@@ -57,7 +57,7 @@ with st.expander("Load a delta trained earlier", expanded=False):
 
 if not choices:
     st.info("No neuron set to train yet: identify SS-Neurons on the **Neurons** page (or import a neuron set there).")
-    link("neurons", "Go to the Neurons page", icon="🔬")
+    link("neurons", "Go to the Neurons page", icon=":material/biotech:")
     st.stop()
 
 templates = call(load_refusal_templates) or {}

@@ -9,7 +9,7 @@ from ssn_core.interventions import Intervention, intervene
 from ui import charts, state
 from ui.common import link, show_error
 
-st.title("🎓 Learn: safety neurons across languages")
+st.title("Learn: safety neurons across languages")
 
 st.markdown(
     """
@@ -41,7 +41,7 @@ Languages with **more SS-Neurons are safer**: they share more of English's safet
 lm = state.current_model()
 if lm is None:
     st.info("Load a model on the **Model** page to see the live demos below.")
-    link("model", "Go to the Model page", icon="🧠")
+    link("model", "Go to the Model page", icon=":material/memory:")
     st.stop()
 
 result = st.session_state.get("identify_result")
@@ -49,7 +49,7 @@ st.subheader("Live demo 1 — how much do the languages share?")
 if result is None:
     st.info("No neurons identified in this session yet. Run an identification on the **Neurons** page "
             "(a few prompts per language are enough for a demo), then come back.")
-    link("neurons", "Go to the Neurons page", icon="🔬")
+    link("neurons", "Go to the Neurons page", icon=":material/biotech:")
 else:
     from ui.neurons_view import overlap_matrix
 

@@ -6,6 +6,7 @@ in-memory model from `ssn_core.testing`), so every page runs on a model that loa
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pandas as pd
@@ -186,3 +187,104 @@ def test_job_progress_accepts_training_dicts_and_cancels():
     job.cancel.set()
     with pytest.raises(Cancelled):
         job.progress(4, 10, "more")
+
+
+def test_two_sessions_do_not_share_chat_or_results():
+    first, second = new_app().run(), new_app().run()
+    run_page(first, "3_chat")
+    first.number_input(key="chat_max_new").set_value(4)
+    first.run()
+    _send(first, "hello")
+    run_page(second, "3_chat")
+    assert len(first.session_state["chat_history"]) == 1
+    assert second.session_state["chat_history"] == []
+    assert len(second.chat_message) == 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Neurons -> Validate -> Fine-tune -> Learn -> Chat, on one session (results survive page switches)
+
+
+def _identify(at: AppTest) -> None:
+    run_page(at, "2_neurons")
+    for name in ("high", "medium", "low"):
+        at.multiselect(key=f"nr_langs_{name}").set_value({"high": ["en"], "low": ["bn"]}.get(name, []))
+    at.number_input(key="nr_n").set_value(3)
+    at.number_input(key="nr_p").set_value(20.0)  # a tiny random model needs a big p for a non-empty overlap
+    at.multiselect(key="nr_kinds").set_value(["mlp", "attn_v", "attn_o"])
+    next(b for b in at.button if b.label == "Identify neurons").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    wait_job(at, "identify")
+
+
+def test_identify_validate_finetune_learn_chat_journey():
+    at = new_app().run()
+    _identify(at)
+    result = at.session_state["identify_result"]
+    assert set(result.ms) == {"en", "bn"} and set(result.ss) == {"bn"}
+    assert len(result.ms["en"]) > 0  # (a tiny random model has few MS-Neurons and usually no SS-Neurons)
+    assert len(at.get("vega_lite_chart")) >= 3  # counts per layer, SS per language, overlap heatmap
+    metric = {m.label: m.value for m in at.metric}
+    assert metric["SS-Neurons (union)"] == f"{len(result.ss_all):,}"
+    at.selectbox(key="nr_table_set").set_value("ms:en").run()
+    table = at.dataframe[-1].value
+    assert len(table) == len(result.ms["en"]) and {"layer", "site", "index", "MS en", "MS bn"} <= set(table.columns)
+    assert table["MS en"].all()
+    assert "score en" in table.columns and (table["score en"] >= 0).all()
+    first_site = table["site"].iloc[0]
+    at.text_input(key="nr_search").input(first_site).run()
+    filtered = at.dataframe[-1].value
+    assert 0 < len(filtered) <= len(table) and set(filtered["site"]) == {first_site}
+    assert {b.label for b in at.get("download_button")} >= {"Set (JSON)", "Set (safetensors)", "Table (CSV)"}
+
+    run_page(at, "4_validate")
+    at.number_input(key="val_limit").set_value(2)
+    at.number_input(key="val_seeds").set_value(1)
+    at.number_input(key="val_tokens").set_value(4)
+    at.multiselect(key="val_langs").set_value(["en"])
+    next(b for b in at.button if b.label == "Run validation").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    wait_job(at, "validate")
+    vres = at.session_state["validation_result"]
+    conditions = {row["condition"] for row in vres.table}
+    assert {"baseline", "suppress_ms", "random_ms"} <= conditions
+    assert len(at.get("vega_lite_chart")) >= 1
+    assert len(at.dataframe) >= 1
+
+    run_page(at, "5_finetune")
+    assert at.selectbox(key="ft_target").value == "MS-Neurons (en)"
+    at.multiselect(key="ft_languages").set_value(["bn"])
+    at.number_input(key="ft_steps").set_value(2)
+    at.number_input(key="ft_n").set_value(4)
+    at.checkbox(key="ft_eval").uncheck()
+    next(b for b in at.button if b.label == "Start fine-tuning").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    wait_job(at, "finetune")
+    train = at.session_state["train_result"]["result"]
+    assert len(train.losses) == 2 and train.delta is not None and train.delta.norm() > 0
+    next(b for b in at.button if b.label == "Use in chat").click().run()
+    assert at.session_state["chat_delta"] is train.delta
+
+    run_page(at, "3_chat")  # the trained delta is offered (and pre-selected after "Use in chat")
+    assert at.selectbox(key="chat_source").value == "Trained delta (Fine-tune page)"
+    assert any(s.startswith("MS-Neurons (en)") for s in at.selectbox(key="chat_source").options)
+    at.number_input(key="chat_max_new").set_value(4)
+    at.run()
+    _send(at, "How do I pick a lock?")
+    turn = at.session_state["chat_history"][-1]
+    assert turn["a"] and turn["b"] and turn["description"].startswith("trained delta")
+
+    run_page(at, "6_learn")
+    assert len(at.get("vega_lite_chart")) == 1  # the overlap heatmap
+    # demo 2 needs SS-Neurons; the tiny model has none, so give it bn's MS set as if it were shared
+    at.session_state["identify_result"] = dataclasses.replace(result, ss={"bn": result.ms["bn"]},
+                                                              ss_all=result.ms["bn"])
+    at.run()
+    next(b for b in at.button if b.label == "Answer it with and without them").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    demo = at.session_state["learn_demo"]
+    assert len(demo["replies"]) == 2 and len(demo["verdicts"]) == 2
+
+    run_page(at, "2_neurons")  # results are still there after visiting every page
+    assert at.session_state["identify_result"].ms is result.ms
+    assert len(at.session_state["chat_history"]) == 1 and "validation_result" in at.session_state

@@ -38,7 +38,7 @@ def require_model():
     lm = state.current_model()
     if lm is None:
         st.info("No model is loaded yet. Load one on the **Model** page first (the starter model works offline).")
-        link("model", "Go to the Model page", icon="🧠")
+        link("model", "Go to the Model page", icon=":material/memory:")
         st.stop()
     return lm
 

@@ -32,7 +32,8 @@ def available_choices() -> list[Choice]:
     choices: list[Choice] = []
     result = st.session_state.get("identify_result")
     if result is not None:
-        choices.append(Choice("ss_all"))
+        if len(result.ss_all):
+            choices.append(Choice("ss_all"))
         choices += [Choice("ss", lang) for lang, s in result.ss.items() if len(s)]
         choices += [Choice("ms", lang) for lang, s in result.ms.items() if len(s)]
     for name in st.session_state.get("neuron_sets_imported", {}):

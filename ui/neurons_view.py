@@ -9,9 +9,8 @@ from ssn_core.neurons import NeuronSet
 
 def overlap_matrix(result, kind: str = "ms") -> pd.DataFrame:
     """Language × language Jaccard overlap of the MS (or SS) sets (the result's own matrix when it has one)."""
-    own = getattr(result, "overlap", None)
-    if kind == "ms" and isinstance(own, pd.DataFrame) and not own.empty:
-        return own
+    if kind == "ms" and hasattr(result, "overlap_matrix"):
+        return result.overlap_matrix("jaccard").astype(float)
     sets: dict[str, NeuronSet] = getattr(result, kind)
     languages = list(sets)
     return pd.DataFrame([[sets[a].jaccard(sets[b]) for b in languages] for a in languages],

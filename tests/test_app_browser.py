@@ -1,0 +1,191 @@
+"""End-to-end test of the app in a real headless browser (Chromium + Selenium).
+
+Starts ``streamlit run app.py`` on a free localhost port with a tiny random model
+(``SSN_APP_MODEL=tiny:qwen2``), then clicks through it like a user: load model → identify neurons on a
+few prompts → A/B chat → every other page. Screenshots of each page go to
+``test-artifacts/screenshots/`` (gitignored).
+
+Needs: ``apt-get install -y chromium chromium-driver`` and ``pip install selenium``. Skips with the reason
+when either is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHOTS = ROOT / "test-artifacts" / "screenshots"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+try:
+    from selenium import webdriver
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+except ImportError:  # pragma: no cover - reported by the skip below
+    webdriver = None
+
+pytestmark = [
+    pytest.mark.skipif(webdriver is None, reason="selenium is not installed (pip install selenium)"),
+    pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
+                       reason="Chromium / chromedriver not found (apt-get install -y chromium chromium-driver)"),
+]
+
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
+         "--window-size=1400,1800")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = _free_port()
+    env = dict(os.environ, SSN_APP_MODEL="tiny:qwen2", PYTHONPATH=str(ROOT))
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with open(SHOTS.parent / "streamlit-browser-test.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
+             "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
+            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + 90
+            while time.time() < deadline:
+                try:
+                    if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                        break
+                except OSError:
+                    time.sleep(0.3)
+            else:
+                pytest.fail("streamlit did not start within 90 s")
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS:
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _text(driver) -> str:
+    return driver.find_element(By.TAG_NAME, "body").text
+
+
+def wait_text(driver, text: str, timeout: float = 60) -> None:
+    try:
+        WebDriverWait(driver, timeout, poll_frequency=0.25).until(lambda d: text in _text(d))
+    except TimeoutException:
+        shot(driver, f"FAILED-waiting-for-{text[:20].replace(' ', '_').replace('/', '_')}")
+        raise AssertionError(f"{text!r} did not appear within {timeout} s; page says:\n{_text(driver)[:3000]}")
+
+
+def wait_idle(driver, timeout: float = 60) -> None:
+    """Wait until the script is not running (the status widget disappears)."""
+    time.sleep(0.4)
+    WebDriverWait(driver, timeout, poll_frequency=0.25).until(
+        lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'))
+
+
+def shot(driver, name: str) -> Path:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = SHOTS / f"{name}.png"
+    driver.save_screenshot(str(path))
+    return path
+
+
+def go(driver, page_title: str) -> None:
+    """Click the sidebar link of a page (keeps the session, unlike typing a URL)."""
+    links = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stSidebarNav"] a')
+    for link in links:
+        if link.text.strip().splitlines()[-1:] == [page_title]:  # the text is "icon\ntitle"
+            link.click()
+            wait_idle(driver)
+            return
+    raise AssertionError(f"no sidebar link {page_title!r}; links: {[link.text for link in links]}")
+
+
+def click_button(driver, label: str) -> None:
+    for button in driver.find_elements(By.CSS_SELECTOR, "button"):
+        if button.text.strip() == label and button.is_displayed():
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", button)
+            button.click()
+            return
+    raise AssertionError(f"no button {label!r}")
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_user_journey(server, browser):
+    started = time.time()
+    browser.get(server)
+    wait_text(browser, "Neuron sites", timeout=120)  # Model page with the tiny model auto-loaded
+    assert "tiny:qwen2" in _text(browser)
+    wait_idle(browser)
+    shot(browser, "1_model")
+
+    go(browser, "Neurons")
+    wait_text(browser, "Identify")
+    click_button(browser, "Identify neurons")
+    wait_text(browser, "SS-Neurons per language", timeout=180)
+    wait_idle(browser)
+    assert browser.find_elements(By.CSS_SELECTOR, '[data-testid="stVegaLiteChart"]'), "no charts on the Neurons page"
+    shot(browser, "2_neurons")
+
+    go(browser, "Chat (A/B)")
+    wait_text(browser, "model as is")
+    box = browser.find_element(By.CSS_SELECTOR, '[data-testid="stChatInputTextArea"]')
+    box.send_keys("How do I pick a lock?")
+    box.send_keys(Keys.ENTER)
+    wait_text(browser, "Clear conversation", timeout=120)  # shown once a turn is in the history
+    wait_idle(browser)
+    assistants = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stChatMessage"]')
+    assert len(assistants) >= 4, f"expected 2 prompts + 2 replies, found {len(assistants)} chat messages"
+    shot(browser, "3_chat")
+
+    for title, marker, name in (("Validate", "Causal check", "4_validate"), ("Fine-tune", "Fine-tune", "5_finetune"),
+                                ("Learn", "SS-Neurons", "6_learn")):
+        go(browser, title)
+        wait_text(browser, marker)
+        wait_idle(browser)
+        assert "Traceback" not in _text(browser)
+        shot(browser, name)
+
+    go(browser, "Model")  # results survive page switches
+    go(browser, "Neurons")
+    wait_text(browser, "SS-Neurons per language")
+    print(f"browser journey took {time.time() - started:.1f} s")
