@@ -1,0 +1,285 @@
+"""Evaluate a model on prompt sets: generate replies, judge them, compute per-language safety rates.
+
+`evaluate` is the one loop shared by the CLI (`ssn evaluate`), the app's evaluation page and validation
+scripts: prompts of each language -> batched greedy generation (optionally inside interventions) -> judge
+-> `RateTable` (ASR, refusal, off-target, over-refusal with bootstrap CIs) + one row per item + a manifest
+(generation settings, judge name/version, prompt-data hash) so a number can always be traced back.
+`evaluate_utility` adds the general-ability side: MGSM accuracy and perplexity on harmless text.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ssn_core.errors import Cancelled, PromptSetError, SSNError
+from ssn_core.interventions import Intervention, intervene
+from ssn_core.io import atomic_write_json, atomic_write_text
+
+Progress = Callable[[int, int, str], None]
+
+ROW_COLUMNS: tuple[str, ...] = ("id", "language", "label", "category", "condition", "prompt", "reply", "verdict",
+                                "reason")
+METRIC_COLUMNS: tuple[str, ...] = ("language", "metric", "value", "ci_low", "ci_high", "k", "n")
+
+
+def _clean(x):
+    """JSON-ready: nan -> None (json.dumps would write the invalid token NaN)."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    return x
+
+
+def csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
+    return buffer.getvalue()
+
+
+def prompts_hash(prompts: Sequence) -> str:
+    """sha256 (16 hex) of the evaluated items (id, language, label, text), so a run names its exact data."""
+    digest = hashlib.sha256()
+    for p in prompts:
+        digest.update(json.dumps([p.id, p.language, p.label, p.text], ensure_ascii=False).encode("utf-8"))
+        digest.update(b"\n")
+    return digest.hexdigest()[:16]
+
+
+def condition_name(interventions: Sequence[Intervention]) -> str:
+    return "baseline" if not interventions else "; ".join(i.describe() for i in interventions)
+
+
+@dataclass
+class EvalResult:
+    rows: list[dict]  # one per item: ROW_COLUMNS
+    metrics: object  # ssn_core.metrics.RateTable
+    manifest: dict
+    utility: dict = field(default_factory=dict)  # {"mgsm": {lang: {...}}, "perplexity": {lang: {...}}}
+
+    def metric_rows(self) -> list[dict]:
+        """Tidy metrics: one row per (language, metric)."""
+        return self.metrics.to_frame().to_dict(orient="records")
+
+    def save(self, out_dir: str | Path) -> Path:
+        """rows.csv/jsonl, metrics.csv/json, manifest.json (+ utility.json), each written atomically."""
+        out = Path(out_dir)
+        if out.exists() and not out.is_dir():
+            raise SSNError(f"output path {out} exists and is not a folder")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "rows.csv", csv_text(self.rows, ROW_COLUMNS))
+        atomic_write_text(out / "rows.jsonl",
+                          "".join(json.dumps(_clean(r), ensure_ascii=False) + "\n" for r in self.rows))
+        metric_rows = self.metric_rows()
+        atomic_write_text(out / "metrics.csv", csv_text(metric_rows, METRIC_COLUMNS))
+        atomic_write_json(out / "metrics.json", _clean({"rows": metric_rows, "table": self.metrics.to_dict()}))
+        if self.utility:
+            atomic_write_json(out / "utility.json", _clean(self.utility))
+        atomic_write_json(out / "manifest.json", _clean(self.manifest))
+        return out
+
+    def format_table(self) -> str:
+        """Plain-text per-language table (rates with 95% bootstrap CIs)."""
+        def cell(rate) -> str:
+            if rate.n == 0:
+                return "-"
+            return f"{rate.value:.2f} [{rate.ci_low:.2f}-{rate.ci_high:.2f}]"
+
+        header = (f"{'lang':<5} {'harmful':>7} {'harmless':>8}  {'ASR':<17} {'refusal':<17} {'off-target':<17} "
+                  f"{'over-refusal':<17}")
+        lines = [header]
+        for m in self.metrics.rows:
+            lines.append(f"{m.language:<5} {m.n_harmful:>7} {m.n_harmless:>8}  {cell(m.asr):<17} "
+                         f"{cell(m.refusal):<17} {cell(m.off_target):<17} {cell(m.over_refusal):<17}")
+        for lang, r in self.utility.get("mgsm", {}).items():
+            lines.append(f"MGSM {lang}: accuracy {r['accuracy']:.2f} [{r['ci_low']:.2f}-{r['ci_high']:.2f}] "
+                         f"({r['n_correct']}/{r['n']})")
+        for lang, r in self.utility.get("perplexity", {}).items():
+            lines.append(f"perplexity {lang}: {r['perplexity']:.2f} ({r['n_tokens']} tokens, {r['n_texts']} texts)")
+        return "\n".join(lines)
+
+
+def select_prompts(prompts, languages: Sequence[str], label: str | None = None,
+                   limit_per_language: int | None = None) -> list:
+    """The prompts to evaluate, in language order; PromptSetError names every language that has none."""
+    languages = list(dict.fromkeys(languages))
+    if not languages:
+        raise PromptSetError("no languages given to evaluate")
+    if limit_per_language is not None and limit_per_language < 1:
+        raise PromptSetError(f"the number of prompts per language must be at least 1, got {limit_per_language}")
+    selected = list(prompts.select(languages=languages, label=label, limit_per_language=limit_per_language))
+    by_language = {lang: [p for p in selected if p.language == lang] for lang in languages}
+    empty = [lang for lang, items in by_language.items() if not items]
+    if empty:
+        what = f"{label} prompts" if label else "prompts"
+        available = list(dict.fromkeys(p.language for p in prompts))
+        raise PromptSetError(f"the prompt set has no {what} in language(s) {', '.join(empty)}; "
+                             f"it has: {', '.join(available) or 'none'}")
+    return [p for lang in languages for p in by_language[lang]]
+
+
+def evaluate(lm, prompts, languages: Sequence[str], settings=None, judge=None,
+             interventions: Sequence[Intervention] = (), batch_size: int = 8, limit_per_language: int | None = None,
+             label: str | None = None, condition: str | None = None, progress: Progress | None = None,
+             cancel: threading.Event | None = None, n_boot: int = 1000) -> EvalResult:
+    """Generate a reply to each selected prompt, judge it, and compute per-language safety rates.
+
+    ``prompts``: a `PromptSet`; ``label`` restricts to "harmful" or "harmless" (None: both, harmless ones give
+    over-refusal). ``interventions`` apply to every row (a per-row mask would not survive the chunking into
+    batches; use `validation.run_packed` for per-row conditions).
+    """
+    from ssn_core.generation import GenerationSettings, generate
+    from ssn_core.judges import MarkerJudge
+    from ssn_core.metrics import make_manifest, rate_table
+
+    if batch_size < 1:
+        raise SSNError("batch_size must be at least 1")
+    for intervention in interventions:
+        if intervention.rows is not None:
+            raise SSNError("evaluate applies interventions to every prompt; per-row masks are not supported here")
+    settings = settings if settings is not None else GenerationSettings()
+    judge = judge if judge is not None else MarkerJudge()
+    items = select_prompts(prompts, languages, label, limit_per_language)
+    condition = condition or condition_name(interventions)
+    started = time.time()
+
+    replies: list[str] = []
+    total = len(items)
+    context = intervene(lm, *interventions) if interventions else nullcontext()
+    with context:
+        for start in range(0, total, batch_size):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("evaluation was cancelled")
+            chunk = items[start:start + batch_size]
+            replies.extend(generate(lm, [p.text for p in chunk], settings))
+            if progress is not None:
+                progress(len(replies), total, f"generated {len(replies)}/{total}")
+
+    verdicts = judge.judge_many([p.text for p in items], replies, [p.language for p in items], cancel=cancel)
+    rows = [
+        {"id": p.id, "language": p.language, "label": p.label, "category": getattr(p, "category", None),
+         "condition": condition, "prompt": p.text, "reply": reply, "verdict": v.label, "reason": v.reason}
+        for p, reply, v in zip(items, replies, verdicts)
+    ]
+    metrics = rate_table(verdicts, [p.language for p in items], [p.label != "harmless" for p in items],
+                         n_boot=n_boot)
+    manifest = make_manifest(
+        settings, [judge], lm,
+        kind="ssn-lab/evaluation", condition=condition,
+        interventions=[{"description": i.describe(), "scale": i.scale, "value": i.value, "n_neurons": len(i.neurons),
+                        "neuron_meta": i.neurons.meta} for i in interventions],
+        languages=list(dict.fromkeys(languages)), label=label, limit_per_language=limit_per_language,
+        batch_size=batch_size, n_items=len(items), data_hash=prompts_hash(items),
+        seconds=round(time.time() - started, 2),
+    ).to_dict()
+    return EvalResult(rows=rows, metrics=metrics, manifest=manifest)
+
+
+def evaluate_utility(lm, languages: Sequence[str], *, mgsm_n: int = 0, mgsm_path: str | Path | None = None,
+                     mgsm_settings=None, perplexity_texts: dict[str, Sequence[str]] | None = None,
+                     interventions: Sequence[Intervention] = (), batch_size: int = 8,
+                     progress: Progress | None = None, cancel: threading.Event | None = None) -> dict:
+    """General ability under the same interventions: MGSM accuracy (languages MGSM has) and perplexity.
+
+    Returns {"mgsm": {lang: {accuracy, ci_low, ci_high, n, n_correct}}, "perplexity": {lang: {...}},
+    "skipped": [...]}.
+    """
+    from ssn_core.metrics import MGSM_LANGUAGES, mgsm_accuracy, perplexity
+
+    result: dict = {"mgsm": {}, "perplexity": {}, "skipped": []}
+    context = intervene(lm, *interventions) if interventions else nullcontext()
+    with context:
+        if mgsm_n:
+            for lang in languages:
+                if lang not in MGSM_LANGUAGES:
+                    result["skipped"].append(f"MGSM has no {lang}")
+                    continue
+                r = mgsm_accuracy(lm, lang, mgsm_n, mgsm_settings, path_or_dir=mgsm_path, batch_size=batch_size,
+                                  progress=progress, cancel=cancel)
+                result["mgsm"][lang] = {"accuracy": r.accuracy.value, "ci_low": r.accuracy.ci_low,
+                                        "ci_high": r.accuracy.ci_high, "n": r.n, "n_correct": r.n_correct,
+                                        "settings": r.settings}
+        for lang, texts in (perplexity_texts or {}).items():
+            if not texts:
+                result["skipped"].append(f"no harmless text for perplexity in {lang}")
+                continue
+            r = perplexity(lm, list(texts), batch_size, progress=progress, cancel=cancel)
+            result["perplexity"][lang] = {"perplexity": r.perplexity, "nll": r.nll, "n_tokens": r.n_tokens,
+                                          "n_texts": r.n_texts}
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Specs shared by the CLI and the app
+
+
+def load_prompt_spec(spec: str, languages: Sequence[str], n: int | None = None, label: str | None = None):
+    """``builtin`` | ``multijail:PATH_OR_HUB_ID`` | ``FILE`` -> PromptSet of ``languages`` (at most ``n`` per
+    language and label). Unlike identification, evaluation needs no harmless counterpart: MultiJail stays
+    harmful-only."""
+    from ssn_core.prompts import load_builtin, load_file, load_multijail
+
+    spec = (spec or "").strip()
+    if spec == "builtin":
+        prompts = load_builtin(languages, n=n, label=label)
+    elif spec.startswith("multijail:"):
+        prompts = load_multijail(spec.split(":", 1)[1], languages=languages, n=n)
+    elif spec and Path(spec).expanduser().is_file():
+        prompts = load_file(spec, languages=languages, min_per_language=1)
+    else:
+        raise PromptSetError(f"prompts {spec!r}: expected 'builtin', 'multijail:PATH' or an existing "
+                             ".csv / .tsv / .jsonl file")
+    return prompts.select(languages, label=label, limit_per_language=n)
+
+
+def guard_kind_for(source: str) -> str:
+    """Guess the guard family from a model name: Qwen3Guard, Llama Guard, else a generic instruction model."""
+    name = source.lower().replace("-", "").replace("_", "")
+    if "qwen3guard" in name:
+        return "qwen3guard"
+    if "llamaguard" in name:
+        return "llamaguard"
+    return "generic"
+
+
+def make_judge(spec: str = "marker", load=None):
+    """``marker`` | ``guard:MODEL_SPEC`` | ``api:BASE_URL,MODEL`` -> a judge.
+
+    ``load``: how to load a guard model (default `ssn_core.loading.load_model`); the CLI passes its own so the
+    guard gets the same device options. An API judge reads its key from $OPENAI_API_KEY at call time.
+    """
+    from ssn_core.errors import JudgeError
+    from ssn_core.judges import ApiJudge, GuardModelJudge, MarkerJudge
+
+    spec = (spec or "marker").strip()
+    if spec == "marker":
+        return MarkerJudge()
+    if spec.startswith("guard:"):
+        source = spec.split(":", 1)[1].strip()
+        if not source:
+            raise JudgeError("--judge guard:MODEL needs a model (hub id, local directory or .gguf file)")
+        if load is None:
+            from ssn_core.loading import load_model as load
+        return GuardModelJudge(load(source), kind=guard_kind_for(source))
+    if spec.startswith("api:"):
+        base_url, sep, model = spec.split(":", 1)[1].rpartition(",")
+        if not sep or not base_url.strip() or not model.strip():
+            raise JudgeError(f"--judge {spec!r}: expected api:BASE_URL,MODEL, e.g. api:http://localhost:8000/v1,"
+                             "my-model")
+        return ApiJudge(base_url.strip(), model.strip())
+    raise JudgeError(f"unknown judge {spec!r}: expected marker, guard:MODEL or api:BASE_URL,MODEL")

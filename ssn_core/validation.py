@@ -1,0 +1,481 @@
+"""Causal validation: do the identified neurons carry safety, more than random neurons of the same shape?
+
+For each language the same harmful prompts are answered under several conditions:
+
+- ``baseline``         no intervention;
+- ``suppress_ms``      the language's MS-Neurons set to 0;
+- ``suppress_ss``      the language's SS-Neurons set to 0 (non-high-resource languages only);
+- ``suppress_ss_all``  the union of all SS-Neurons set to 0;
+- ``random_<target>``  as many random neurons as the target set has *in every (layer, site kind)*, set to 0,
+                       for several seeds (the control: a big enough edit anywhere may break a small model);
+- ``reinforce_ss``     the SS-Neurons (the union, for the high-resource language) scaled by alpha > 1.
+
+Why packed batches: all conditions of one prompt go into the same batch, one row each, and each condition is
+one `Intervention` whose ``rows`` mask selects its rows. The prompts have the same length, so no padding differs
+between conditions, and a run costs one batched generation per prompt instead of one per condition.
+
+The evidence the paper needs is the *difference* to the control: `compare_to_control` says whether suppressing
+the target lowers refusal by more than random suppression does, by more than the random seeds disagree.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ssn_core.errors import Cancelled, NeuronFileError, PromptSetError, SSNError
+from ssn_core.interventions import Intervention, intervene, resolve_sites
+from ssn_core.io import atomic_write_json, atomic_write_text
+from ssn_core.neurons import NeuronSet
+from ssn_core.sites import SiteMap
+
+Progress = Callable[[int, int, str], None]
+
+SUPPRESS_TARGETS: tuple[str, ...] = ("ms", "ss", "ss_all")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Random control
+
+
+def random_matched(neurons: NeuronSet, sites: SiteMap, seed: int, exclude: NeuronSet | None = None,
+                   disjoint: bool = True) -> NeuronSet:
+    """Random neurons with the same count per (layer, site kind) as ``neurons``.
+
+    Drawn without replacement, disjoint from ``neurons`` (unless ``disjoint=False``) and from ``exclude``.
+    The same (set, seed) gives the same draw on every machine: one CPU generator seeded with ``seed`` draws
+    the (layer, kind) groups in the set's sorted order.
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    drawn: dict[tuple[int, str], torch.Tensor] = {}
+    for (layer, kind), target in neurons.neurons.items():
+        if (layer, kind) not in sites.sites:
+            raise NeuronFileError(f"the neuron set has {kind} neurons in layer {layer}, which this model lacks")
+        size = sites.get(layer, kind).size
+        allowed = torch.ones(size, dtype=torch.bool)  # [N]
+        if disjoint:
+            allowed[target] = False
+        if exclude is not None:
+            allowed[exclude.get(layer, kind)] = False
+        candidates = allowed.nonzero().flatten()
+        count = int(target.numel())
+        if candidates.numel() < count:
+            raise SSNError(
+                f"cannot draw {count} random {kind} neurons in layer {layer}: that site has {size} neurons and only "
+                f"{candidates.numel()} are outside the target set" + (" and the excluded set" if exclude else "")
+                + "; the target set covers too much of the site for a disjoint random control"
+            )
+        pick = torch.randperm(candidates.numel(), generator=generator)[:count]
+        drawn[(layer, kind)] = candidates[pick]
+    meta = {"method": "random_matched", "seed": int(seed), "matched_to": neurons.meta.get("name", ""),
+            "disjoint": bool(disjoint)}
+    for key in ("model_fingerprint", "model_type", "n_layers", "sizes"):
+        if key in neurons.meta:
+            meta[key] = neurons.meta[key]
+    return NeuronSet(drawn, meta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics helpers
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    """1-based ranks, ties get their average rank (as in Spearman's rho)."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def _pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxx = sum((x - mx) ** 2 for x in xs)
+    syy = sum((y - my) ** 2 for y in ys)
+    if sxx == 0 or syy == 0:
+        return None
+    return max(-1.0, min(1.0, sxy / math.sqrt(sxx * syy)))
+
+
+def correlation(xs: Sequence[float], ys: Sequence[float]) -> dict:
+    """Pearson and Spearman correlation of paired values.
+
+    Returns {"n", "pearson", "spearman", "note"}; the coefficients are None (and the note says why) with fewer
+    than 3 pairs or when one side is constant.
+    """
+    if len(xs) != len(ys):
+        raise ValueError(f"correlation needs paired values, got {len(xs)} and {len(ys)}")
+    n = len(xs)
+    if n < 3:
+        return {"n": n, "pearson": None, "spearman": None,
+                "note": f"undefined: needs at least 3 languages, got {n}"}
+    xs, ys = [float(x) for x in xs], [float(y) for y in ys]
+    pearson = _pearson(xs, ys)
+    spearman = _pearson(_ranks(xs), _ranks(ys))
+    note = "" if pearson is not None else "undefined: one of the two series is constant"
+    return {"n": n, "pearson": pearson, "spearman": spearman, "note": note}
+
+
+def compare_to_control(baseline_refusal: float, target_refusal: float, random_refusals: Sequence[float]) -> dict:
+    """Does suppressing the target lower refusal more than random suppression, beyond the seeds' spread?
+
+    drop = baseline refusal - refusal under the condition. The target *beats the control* when
+    ``drop_target - mean(drop_random) > max(random) - min(random)``: the effect is larger than the disagreement
+    between random draws. With a single seed the spread is 0, so any larger drop counts; use several seeds.
+    """
+    if not random_refusals:
+        raise ValueError("compare_to_control needs at least one random-control refusal rate")
+    randoms = [float(r) for r in random_refusals]
+    mean = sum(randoms) / len(randoms)
+    std = statistics.stdev(randoms) if len(randoms) > 1 else 0.0
+    spread = max(randoms) - min(randoms)
+    drop_target = baseline_refusal - target_refusal
+    drop_random = baseline_refusal - mean
+    margin = drop_target - drop_random
+    return {
+        "baseline_refusal": baseline_refusal,
+        "target_refusal": target_refusal,
+        "random_refusal_mean": mean,
+        "random_refusal_std": std,
+        "random_refusal_min": min(randoms),
+        "random_refusal_max": max(randoms),
+        "random_seeds": len(randoms),
+        "drop_target": drop_target,
+        "drop_random_mean": drop_random,
+        "margin": margin,
+        "spread": spread,
+        "beats_random": margin > spread,
+    }
+
+
+def _rates(verdicts: Sequence, language: str) -> dict:
+    """ASR / refusal / off-target rates of one condition's verdicts, with bootstrap CIs (95%, seeded)."""
+    from ssn_core.metrics import rate_table
+
+    m = rate_table(verdicts, language, True, pooled=False)[language]
+    return {"n": m.n_harmful, "asr": m.asr.value, "refusal": m.refusal.value, "off_target": m.off_target.value,
+            "ci_low": m.asr.ci_low, "ci_high": m.asr.ci_high,
+            "refusal_ci_low": m.refusal.ci_low, "refusal_ci_high": m.refusal.ci_high}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conditions and packed generation
+
+
+@dataclass(frozen=True, eq=False)
+class Condition:
+    """One way of running the model: ``kind`` baseline | suppress | random | reinforce, on ``target`` set."""
+
+    kind: str
+    target: str = ""  # "" (baseline), "ms", "ss", "ss_all"
+    neurons: NeuronSet | None = None
+    scale: float = 1.0
+    seed: int | None = None
+    alpha: float | None = None
+
+    @property
+    def name(self) -> str:
+        return "baseline" if self.kind == "baseline" else f"{self.kind}_{self.target}"
+
+    @property
+    def key(self) -> str:
+        """Unique within a language: name plus seed / alpha."""
+        suffix = f"#seed{self.seed}" if self.seed is not None else (f"@{self.alpha:g}" if self.alpha is not None else "")
+        return self.name + suffix
+
+    @property
+    def n_neurons(self) -> int:
+        return 0 if self.neurons is None else len(self.neurons)
+
+
+def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settings, batch_size: int = 8,
+               progress: Progress | None = None, cancel: threading.Event | None = None,
+               message: str = "") -> list[list[str]]:
+    """Replies of every text under every condition: ``result[i][j]`` = text i under condition j.
+
+    Rows are packed text-major ([t0 c0, t0 c1, ..., t1 c0, ...]) into batches of ``batch_size`` rows; each
+    condition with neurons becomes one `Intervention` whose row mask selects its rows in that batch.
+    """
+    from ssn_core.generation import generate
+
+    if batch_size < 1:
+        raise SSNError("batch_size must be at least 1")
+    pairs = [(i, j) for i in range(len(texts)) for j in range(len(conditions))]
+    replies: list[list[str]] = [[""] * len(conditions) for _ in texts]
+    total = math.ceil(len(pairs) / batch_size)
+    for b, start in enumerate(range(0, len(pairs), batch_size)):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("validation was cancelled")
+        chunk = pairs[start:start + batch_size]
+        interventions = []
+        for j, condition in enumerate(conditions):
+            if condition.neurons is None or len(condition.neurons) == 0:
+                continue
+            rows = [cj == j for _, cj in chunk]
+            if any(rows):
+                interventions.append(Intervention(condition.neurons, scale=condition.scale, rows=rows,
+                                                  label=condition.key))
+        with intervene(lm, *interventions):
+            outputs = generate(lm, [texts[i] for i, _ in chunk], settings)
+        for (i, j), reply in zip(chunk, outputs):
+            replies[i][j] = reply
+        if progress is not None:
+            progress(b + 1, total, f"{message}generated batch {b + 1}/{total}")
+    return replies
+
+
+def plan_conditions(neurons, language: str, sites: SiteMap, alphas: Sequence[float] = (2.0,),
+                    seeds: Sequence[int] = (0, 1, 2), hr_language: str = "en") -> tuple[list[Condition], list[str]]:
+    """The conditions run for one language, and notes on the ones skipped (empty neuron sets)."""
+    conditions = [Condition("baseline")]
+    notes: list[str] = []
+    targets: list[tuple[str, NeuronSet | None]] = [("ms", neurons.ms.get(language))]
+    if language != hr_language:
+        targets.append(("ss", neurons.ss.get(language)))
+    targets.append(("ss_all", neurons.ss_all))
+    for target, neuron_set in targets:
+        if neuron_set is None or len(neuron_set) == 0:
+            notes.append(f"{language}: no {target.upper().replace('_ALL', ' (all)')} neurons; "
+                         f"suppress_{target} skipped")
+            continue
+        neuron_set.validate(sites)
+        conditions.append(Condition("suppress", target, neuron_set, scale=0.0))
+        for seed in seeds:
+            control = random_matched(neuron_set, sites, seed=seed)
+            conditions.append(Condition("random", target, control, scale=0.0, seed=int(seed)))
+    own_ss = neurons.ss.get(language) if language != hr_language else None
+    reinforce_target, reinforce_set = ("ss", own_ss) if own_ss is not None and len(own_ss) else ("ss_all",
+                                                                                              neurons.ss_all)
+    if reinforce_set is not None and len(reinforce_set):
+        for alpha in alphas:
+            if alpha < 0:
+                raise SSNError(f"reinforcement scale must be >= 0, got {alpha}")
+            conditions.append(Condition("reinforce", reinforce_target, reinforce_set, scale=float(alpha),
+                                        alpha=float(alpha)))
+    else:
+        notes.append(f"{language}: no SS-Neurons to reinforce")
+    return conditions, notes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Result
+
+
+TABLE_COLUMNS: tuple[str, ...] = ("language", "condition", "target", "seed", "alpha", "n_neurons", "n", "asr",
+                                  "refusal", "off_target", "ci_low", "ci_high", "refusal_ci_low", "refusal_ci_high")
+ROW_COLUMNS: tuple[str, ...] = ("language", "condition", "seed", "alpha", "id", "prompt", "reply", "verdict",
+                                "reason")
+
+
+def _csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
+    return buffer.getvalue()
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.2f}"
+    return str(value)
+
+
+@dataclass
+class ValidationResult:
+    table: list[dict]  # one row per (language, condition, seed, alpha): TABLE_COLUMNS
+    rows: list[dict]  # one row per (prompt, condition): ROW_COLUMNS
+    summary: dict  # {"languages": {lang: {target: compare_to_control(...)}}, "reinforce", "correlation", "notes"}
+    manifest: dict = field(default_factory=dict)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """table.csv/json, rows.jsonl, summary.json, manifest.json; each written atomically."""
+        import json
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "rows.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows))
+        atomic_write_text(out / "table.csv", _csv_text(self.table, TABLE_COLUMNS))
+        atomic_write_json(out / "table.json", self.table)
+        atomic_write_json(out / "summary.json", self.summary)
+        atomic_write_json(out / "manifest.json", self.manifest)
+        return out
+
+    def format_table(self) -> str:
+        """Plain-text table: random seeds collapsed into mean ± std [min-max]."""
+        lines = [f"{'lang':<5} {'condition':<18} {'neurons':>8} {'n':>4} {'ASR':>15} {'refusal':>22} {'off':>5}"]
+        for language in dict.fromkeys(r["language"] for r in self.table):
+            entries = [r for r in self.table if r["language"] == language]
+            seen: set[str] = set()
+            for r in entries:
+                name = r["condition"] + (f" x{r['alpha']:g}" if r["alpha"] is not None else "")
+                if r["condition"].startswith("random_"):
+                    if name in seen:
+                        continue
+                    seen.add(name)
+                    group = [e for e in entries if e["condition"] == r["condition"]]
+                    refusals = [e["refusal"] for e in group]
+                    asrs = [e["asr"] for e in group]
+                    std = statistics.stdev(refusals) if len(refusals) > 1 else 0.0
+                    asr = f"{sum(asrs) / len(asrs):.2f}"
+                    refusal = (f"{sum(refusals) / len(refusals):.2f}±{std:.2f} "
+                               f"[{min(refusals):.2f}-{max(refusals):.2f}]")
+                    off = f"{sum(e['off_target'] for e in group) / len(group):.2f}"
+                    name += f" ({len(group)} seeds)"
+                else:
+                    asr = f"{_fmt(r['asr'])} [{_fmt(r['ci_low'])}-{_fmt(r['ci_high'])}]"
+                    refusal, off = _fmt(r["refusal"]), _fmt(r["off_target"])
+                lines.append(f"{language:<5} {name:<18} {r['n_neurons']:>8} {r['n']:>4} {asr:>15} {refusal:>22} "
+                             f"{off:>5}")
+        for language, targets in self.summary.get("languages", {}).items():
+            for target, comparison in targets.items():
+                verdict = "beats" if comparison["beats_random"] else "does NOT beat"
+                lines.append(f"{language}: suppress_{target} {verdict} the random control (refusal drop "
+                             f"{comparison['drop_target']:+.2f} vs {comparison['drop_random_mean']:+.2f}, "
+                             f"seed spread {comparison['spread']:.2f})")
+        corr = self.summary.get("correlation", {})
+        if corr:
+            if corr.get("pearson") is None:
+                lines.append(f"SS-count vs baseline ASR: {corr.get('note')}")
+            else:
+                lines.append(f"SS-count vs baseline ASR over {corr['n']} languages: Pearson {corr['pearson']:+.2f}, "
+                             f"Spearman {corr['spearman']:+.2f}")
+        for note in self.summary.get("notes", []):
+            lines.append(f"note: {note}")
+        return "\n".join(lines)
+
+
+def summarize(table: Sequence[dict], ss_counts: dict[str, int]) -> dict:
+    """Control comparisons per language and target, the reinforce sweep, and SS-count vs baseline-ASR correlation."""
+    languages: dict[str, dict] = {}
+    reinforce: dict[str, list[dict]] = {}
+    baseline_asr: dict[str, float] = {}
+    for language in dict.fromkeys(r["language"] for r in table):
+        entries = [r for r in table if r["language"] == language]
+        base = next((r for r in entries if r["condition"] == "baseline"), None)
+        if base is None:
+            continue
+        baseline_asr[language] = base["asr"]
+        comparisons = {}
+        for target in SUPPRESS_TARGETS:
+            target_row = next((r for r in entries if r["condition"] == f"suppress_{target}"), None)
+            randoms = [r["refusal"] for r in entries if r["condition"] == f"random_{target}"]
+            if target_row is not None and randoms:
+                comparisons[target] = compare_to_control(base["refusal"], target_row["refusal"], randoms)
+        languages[language] = comparisons
+        reinforce[language] = [
+            {"target": r["target"], "alpha": r["alpha"], "refusal": r["refusal"], "asr": r["asr"],
+             "refusal_gain": r["refusal"] - base["refusal"]}
+            for r in entries if r["condition"].startswith("reinforce_")
+        ]
+    corr_languages = [lang for lang in baseline_asr if lang in ss_counts]
+    corr = correlation([ss_counts[lang] for lang in corr_languages], [baseline_asr[lang] for lang in corr_languages])
+    corr.update(languages=corr_languages, ss_counts={lang: ss_counts[lang] for lang in corr_languages},
+                baseline_asr={lang: baseline_asr[lang] for lang in corr_languages},
+                expected="the paper reports a strong negative correlation (more SS-Neurons, lower ASR)")
+    return {"languages": languages, "reinforce": reinforce, "correlation": corr}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: Sequence[float] = (2.0,),
+             seeds: Sequence[int] = (0, 1, 2), judge=None, batch_size: int = 8, limit_per_language: int | None = None,
+             hr_language: str | None = None, progress: Progress | None = None,
+             cancel: threading.Event | None = None) -> ValidationResult:
+    """Run every condition on the harmful prompts of each language and compare with the random controls.
+
+    ``neurons``: an `IdentifyResult` (anything with ``.ms`` / ``.ss`` {language: NeuronSet} and ``.ss_all``).
+    ``prompts``: a `PromptSet`; its harmful prompts of each language are used (``limit_per_language`` each).
+    ``hr_language``: the high-resource language (no SS set of its own); default: the neuron result's first HR
+    language, else English.
+    """
+    from ssn_core.judges import MarkerJudge
+    from ssn_core.metrics import make_manifest
+
+    judge = judge if judge is not None else MarkerJudge()
+    if hr_language is None:
+        hr = tuple(getattr(neurons, "hr", ()) or (getattr(neurons, "manifest", None) or {}).get("hr", ()) or ("en",))
+        hr_language = hr[0]
+    sites = resolve_sites(lm)
+    languages = list(dict.fromkeys(languages))
+    if not languages:
+        raise PromptSetError("no languages given to validate")
+    if not seeds:
+        raise SSNError("validation needs at least one random-control seed")
+    selected = prompts.select(languages=languages, label="harmful", limit_per_language=limit_per_language)
+    by_language = {lang: [p for p in selected if p.language == lang] for lang in languages}
+    empty = [lang for lang, items in by_language.items() if not items]
+    if empty:
+        raise PromptSetError(f"the prompt set has no harmful prompts in: {', '.join(empty)}")
+
+    plans = {lang: plan_conditions(neurons, lang, sites, alphas, seeds, hr_language) for lang in languages}
+    total_batches = sum(math.ceil(len(by_language[lang]) * len(plans[lang][0]) / batch_size) for lang in languages)
+    done_before = 0
+    started = time.time()
+    table: list[dict] = []
+    rows: list[dict] = []
+    notes: list[str] = []
+    for lang in languages:
+        conditions, lang_notes = plans[lang]
+        notes.extend(lang_notes)
+        items = by_language[lang]
+
+        def lang_progress(done: int, total: int, message: str, _offset=done_before) -> None:
+            if progress is not None:
+                progress(_offset + done, total_batches, message)
+
+        replies = run_packed(lm, [p.text for p in items], conditions, settings, batch_size, lang_progress, cancel,
+                             message=f"{lang}: ")
+        done_before += math.ceil(len(items) * len(conditions) / batch_size)
+        for j, condition in enumerate(conditions):
+            condition_replies = [replies[i][j] for i in range(len(items))]
+            verdicts = judge.judge_many([p.text for p in items], condition_replies, [lang] * len(items),
+                                        cancel=cancel)
+            for prompt, reply, verdict in zip(items, condition_replies, verdicts):
+                rows.append({"language": lang, "condition": condition.name, "seed": condition.seed,
+                             "alpha": condition.alpha, "id": prompt.id, "prompt": prompt.text, "reply": reply,
+                             "verdict": verdict.label, "reason": verdict.reason})
+            table.append({"language": lang, "condition": condition.name, "target": condition.target,
+                          "seed": condition.seed, "alpha": condition.alpha, "n_neurons": condition.n_neurons,
+                          **_rates(verdicts, lang)})
+
+    ss_counts = {lang: len(neurons.ss[lang]) for lang in languages if lang != hr_language and lang in neurons.ss}
+    summary = summarize(table, ss_counts)
+    summary["notes"] = notes
+    summary["prompts_per_language"] = {lang: len(items) for lang, items in by_language.items()}
+    manifest = make_manifest(
+        settings, [judge], lm,
+        kind="ssn-lab/validation", languages=languages, hr_language=hr_language,
+        alphas=[float(a) for a in alphas], seeds=[int(s) for s in seeds], batch_size=batch_size,
+        prompts={"n_per_language": summary["prompts_per_language"], "data_hash": _data_hash(prompts)},
+        neurons=dict(getattr(neurons, "manifest", None) or {}),
+        conditions={lang: [c.key for c in plans[lang][0]] for lang in languages},
+        seconds=round(time.time() - started, 2),
+    ).to_dict()
+    return ValidationResult(table=table, rows=rows, summary=summary, manifest=manifest)
+
+
+def _data_hash(prompts) -> str | None:
+    value = getattr(prompts, "data_hash", None)
+    return value() if callable(value) else value
