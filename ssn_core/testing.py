@@ -51,3 +51,64 @@ def tiny_hf_model(family: str = "qwen2", seed: int = 0, dtype: torch.dtype = tor
             if name.endswith("bias") or "norm" in name or "ln" in name:
                 param.add_(torch.randn_like(param) * 0.1)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and LoadedModel wrappers for the tiny models
+
+TINY_SPECIALS: tuple[str, ...] = ("<pad>", "<s>", "<|im_end|>", "<|im_start|>")  # ids 0..3: pad, bos, eos, turn start
+TINY_BYTE_OFFSET = 16  # byte b is token 16 + b
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map (what the ByteLevel pre-tokenizer emits)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def tiny_tokenizer(chat_template: bool = True):
+    """An offline byte-level tokenizer matching the tiny models' special ids (pad 0, bos 1, eos 2).
+
+    Every UTF-8 byte is one token, so any text (any script) round-trips. The chat template is
+    ChatML-like (``<|im_start|>role\\n...<|im_end|>``), with ``<|im_end|>`` as eos as in Qwen.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(TINY_SPECIALS)}
+    for byte, char in _bytes_to_unicode().items():
+        vocab[char] = TINY_BYTE_OFFSET + byte
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TINY_SPECIALS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="<|im_end|>"
+    )
+    if chat_template:
+        tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
+
+
+def tiny_model(family: str = "qwen2", seed: int = 0, chat_template: bool = True, **overrides):
+    """A tiny random model of the family as a `LoadedModel` (tokenizer, summary, sites), in memory."""
+    from ssn_core.loading import ModelSpec, finish_loaded
+
+    model = tiny_hf_model(family, seed=seed, **overrides)
+    model.generation_config.eos_token_id = 2
+    model.generation_config.pad_token_id = 0
+    return finish_loaded(
+        model, tiny_tokenizer(chat_template), name=f"tiny-{family}", source=f"tiny:{family}",
+        spec=ModelSpec(f"tiny:{family}", device_map="cpu"), device="cpu", loaded_from="memory", load_seconds=0.0,
+    )

@@ -1,0 +1,41 @@
+# SSN Lab. Two commands:
+#   make run    set up .venv (first time), prepare the starter model (first time), start the app on 127.0.0.1:8501
+#   make test   same set-up, then run the test suite
+# GPU users: choose the torch build, e.g.  make run TORCH_SPEC="torch==2.13.0 --index-url <pytorch CUDA wheel index>"
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+STARTER ?= starter:qwen2.5-coder-0.5b
+
+PY := $(VENV)/bin/python
+# The install stamp is keyed on requirements.txt and TORCH_SPEC: editing either reinstalls, otherwise it is a no-op.
+INSTALL_KEY := $(shell $(PYTHON) -c "import hashlib,sys; h=hashlib.sha256(open('requirements.txt','rb').read()); h.update(sys.argv[1].encode()); print(h.hexdigest()[:16])" "$(TORCH_SPEC)")
+STAMP := $(VENV)/.ssn-installed-$(INSTALL_KEY)
+
+.PHONY: run test install starter lint
+
+run: starter
+	$(PY) -m streamlit run app.py --server.address 127.0.0.1 --server.headless true --browser.gatherUsageStats false
+
+# Tests never reach the Hugging Face hub.
+test: export HF_HUB_OFFLINE := 1
+test: starter
+	$(PY) -m pytest -q
+
+install: $(STAMP)
+
+# torch first, so that the requirements that depend on it (accelerate, bitsandbytes, peft) keep that build.
+$(STAMP): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -r requirements.txt
+	@rm -f $(VENV)/.ssn-installed-*
+	@touch $@
+
+# Assemble + verify + convert the starter model into the cache once (~1.5 min); a no-op afterwards.
+starter: install
+	$(PY) -m ssn_core prepare-starter --name $(STARTER)
+
+lint: install
+	$(PY) -m ruff check .

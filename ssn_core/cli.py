@@ -1,0 +1,652 @@
+"""Command line: ``python -m ssn_core <command>`` (or ``ssn <command>`` when installed).
+
+Adding a command (other modules' owners): write two functions in this file,
+
+    def add_<name>_parser(sub) -> None:       # sub = the subparsers object
+        p = sub.add_parser("<name>", help="...")
+        add_model_args(p)                     # if it needs a model: --model/--dtype/--quant/--device/...
+        p.set_defaults(func=cmd_<name>)
+
+    def cmd_<name>(args) -> int:              # 0 on success
+        lm = load_from_args(args)
+        ...
+
+and append ``add_<name>_parser`` to `SUBCOMMANDS` at the bottom. Import heavy modules (torch, transformers,
+ssn_core.<engine module>) inside ``cmd_<name>`` so that ``--help`` stays fast. Raise `SSNError` subclasses for
+user mistakes: `main` prints ``error: <message>`` and exits with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from ssn_core.errors import SSNError
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    from ssn_core.loading import DEFAULT_STARTER, DEVICE_MAPS, DTYPES, QUANTIZATIONS
+
+    parser.add_argument("--model", default=DEFAULT_STARTER,
+                        help=f"hub id, local model directory, .gguf file or starter model (default: {DEFAULT_STARTER})")
+    parser.add_argument("--dtype", default="auto", choices=DTYPES, help="weight dtype (auto: float32 on CPU)")
+    parser.add_argument("--quant", default="none", choices=QUANTIZATIONS, help="bitsandbytes quantization")
+    parser.add_argument("--device", default="auto", choices=DEVICE_MAPS, help="auto: GPU when available, else CPU")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run the model repository's own Python code (only for repositories you trust)")
+
+
+class TqdmProgress:
+    """`progress(done, total, message)` callback drawing one tqdm bar per message."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.message = None
+
+    def __call__(self, done: int, total: int, message: str) -> None:
+        from tqdm import tqdm
+
+        if message != self.message:
+            self.close()
+            self.message = message
+            self.bar = tqdm(total=total, desc=message, unit="B" if total > 1 else "step", unit_scale=total > 1,
+                            file=sys.stderr, leave=True)
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def load_from_args(args: argparse.Namespace):
+    """Load the model named by `add_model_args` options, with progress bars on stderr."""
+    from ssn_core.loading import ModelSpec, load_model
+
+    spec = ModelSpec(source=args.model, dtype=args.dtype, quantization=args.quant, device_map=args.device,
+                     trust_remote_code=args.trust_remote_code)
+    progress = TqdmProgress()
+    try:
+        return load_model(spec, progress=progress)
+    finally:
+        progress.close()
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain aligned text table."""
+    cells = [[str(c) for c in columns]] + [[str(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)).rstrip() for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# ssn info
+
+
+def add_info_parser(sub) -> None:
+    p = sub.add_parser("info", help="load a model and print its summary and neuron-site table")
+    add_model_args(p)
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    lm = load_from_args(args)
+    summary = lm.summary
+    width = max(len(label) for label, _ in summary.rows())
+    for label, value in summary.rows():
+        print(f"{label.ljust(width)}  {value}")
+    for note in summary.warnings:
+        print(f"warning: {note}")
+    sites = lm.sites
+    print()
+    print(f"Neuron sites ({sites.family} layout, {sites.n_layers} layers, {sites.total_neurons:,} neurons in all):")
+    print(format_table(sites.table(), ["kind", "layers", "neurons_per_layer", "total", "carrier"]))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# ssn chat
+
+
+def add_chat_parser(sub) -> None:
+    p = sub.add_parser("chat", help="one reply to one prompt, optionally with neurons suppressed or reinforced")
+    add_model_args(p)
+    p.add_argument("prompt", help="the user message")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--suppress", metavar="FILE", help="neuron set (.json/.safetensors) to set to 0")
+    group.add_argument("--reinforce", metavar="FILE", help="neuron set (.json/.safetensors) to scale by --alpha")
+    p.add_argument("--alpha", type=float, default=2.0, help="reinforcement scale (default 2)")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--system", default=None,
+                   help="system prompt; default: the model's own default; '' for none")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_chat)
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from ssn_core.generation import GenerationSettings, stream_generate
+    from ssn_core.interventions import reinforce, suppress
+    from ssn_core.neurons import NeuronSet
+
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed, system=args.system)
+    settings.validate()
+    lm = load_from_args(args)
+    context = nullcontext()
+    if args.suppress:
+        neurons = NeuronSet.load(args.suppress, sites=lm.sites)
+        context = suppress(lm, neurons)
+        print(f"[suppressing {len(neurons):,} neurons from {args.suppress}]", file=sys.stderr)
+    elif args.reinforce:
+        neurons = NeuronSet.load(args.reinforce, sites=lm.sites)
+        context = reinforce(lm, neurons, alpha=args.alpha)
+        print(f"[reinforcing {len(neurons):,} neurons from {args.reinforce} x{args.alpha:g}]", file=sys.stderr)
+    shown = ""
+    with context:
+        for (reply,) in stream_generate(lm, [args.prompt], settings):
+            if reply.startswith(shown):
+                sys.stdout.write(reply[len(shown):])
+            else:  # the decoder revised earlier text: print the reply again on a new line
+                sys.stdout.write("\n" + reply)
+            sys.stdout.flush()
+            shown = reply
+    sys.stdout.write("\n")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# ssn prepare-starter
+
+
+def add_prepare_starter_parser(sub) -> None:
+    from ssn_core.loading import DEFAULT_STARTER, STARTERS
+
+    p = sub.add_parser("prepare-starter", help="assemble, verify and convert a starter model into the cache (once)")
+    p.add_argument("--name", default=DEFAULT_STARTER, choices=[f"starter:{k}" for k in STARTERS] + list(STARTERS))
+    p.set_defaults(func=cmd_prepare_starter)
+
+
+def cmd_prepare_starter(args: argparse.Namespace) -> int:
+    import time
+
+    from ssn_core.loading import prepare_starter
+
+    start = time.perf_counter()
+    progress = TqdmProgress()
+    try:
+        path = prepare_starter(args.name, progress=progress)
+    finally:
+        progress.close()
+    print(f"{args.name}: ready in {path} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# ssn train
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser("train", help="fine-tune only the parameters owned by a neuron set (a small delta file)")
+    add_model_args(p)
+    p.add_argument("--neurons", metavar="DIR", help="identify results (from `ssn identify`) for ss / ms-hr / random")
+    p.add_argument("--target", default="ss",
+                   help="ss (union of SS over --langs) | ss:LANG | ms-hr (English MS) | ms:LANG | random | FILE")
+    p.add_argument("--langs", default="en,zh,bn,sw", help="training languages, comma-separated (default en,zh,bn,sw)")
+    p.add_argument("--n", type=int, default=None, help="items per language and label (default: all built-in)")
+    p.add_argument("--heldout", type=float, default=0.25, help="share of item ids held out for evaluation")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--epochs", type=float, default=None, help="overrides --steps")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-eval", action="store_true", help="skip the before/after held-out evaluation")
+    p.add_argument("--eval-n", type=int, default=None, help="held-out items per language to generate for")
+    p.add_argument("--eval-tokens", type=int, default=48, help="max new tokens of evaluation replies")
+    p.add_argument("--baselines", default="",
+                   help="also train on the same data and compare: random,lora-8,lora-match,full (comma-separated)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (delta.safetensors, train_result.json)")
+    p.set_defaults(func=cmd_train)
+
+
+class _TrainProgress:
+    """`progress(step, total, info)` for training: one tqdm bar per phase, the loss as a postfix."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.phase = None
+
+    def __call__(self, done: int, total: int, info: dict) -> None:
+        from tqdm import tqdm
+
+        phase = str(info.get("phase", ""))
+        if phase != self.phase:
+            self.close()
+            self.phase = phase
+            self.bar = tqdm(total=total, desc=phase, unit="step" if phase == "train" else "item", file=sys.stderr)
+        self.bar.total = total
+        self.bar.n = done
+        if "loss" in info:
+            self.bar.set_postfix(loss=f"{info['loss']:.4f}", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ssn_core.errors import TrainingError
+    from ssn_core.generation import GenerationSettings
+    from ssn_core.io import atomic_write_json
+    from ssn_core.prompts import load_builtin, parse_languages
+    from ssn_core.training import (
+        METHODS,
+        TrainConfig,
+        build_safety_data,
+        compare_methods,
+        is_main_process,
+        resolve_target,
+        run_train,
+    )
+
+    languages = parse_languages(args.langs)
+    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
+    unknown = [b for b in baselines if b not in METHODS or b == "neurons"]
+    if unknown:
+        raise TrainingError(f"unknown baseline(s) {', '.join(unknown)}; choose from random, lora-8, lora-match, full")
+    config = TrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                         grad_accum=args.grad_accum, max_length=args.max_length, seed=args.seed,
+                         weight_decay=args.weight_decay, grad_clip=args.grad_clip, target=args.target)
+    config.check()
+    lm = load_from_args(args)
+    neurons = resolve_target(args.target, lm.sites, identify_dir=args.neurons, languages=languages, seed=args.seed)
+    main_process = is_main_process()
+    if main_process:
+        print(f"[training {len(neurons):,} neurons ({args.target}) on {', '.join(languages)}]", file=sys.stderr)
+    progress = _TrainProgress() if main_process else None
+    eval_kwargs = {"settings": GenerationSettings(max_new_tokens=args.eval_tokens),
+                   "max_eval_per_language": args.eval_n}
+    try:
+        prompts = load_builtin(languages, n=args.n)
+        data = build_safety_data(lm, prompts, languages, heldout_fraction=args.heldout, seed=args.seed,
+                                 progress=progress)
+        result = run_train(lm, neurons, data, config, out_dir=args.out if main_process else None,
+                           evaluate=not args.no_eval, eval_kwargs=eval_kwargs, progress=progress)
+        comparison = None
+        if baselines:
+            _, rows = compare_methods(lm, neurons, data, config, methods=baselines, eval_kwargs=eval_kwargs,
+                                      random_seed=args.seed, before=result.before, progress=progress)
+            comparison = [result.summary_row(), *rows]
+    finally:
+        if progress is not None:
+            progress.close()
+    if not main_process:
+        return 0
+    out = Path(args.out)
+    print(f"trained {result.trainable_params:,} parameters ({100 * result.trainable_share:.4f}% of the model) "
+          f"in {result.seconds:.1f} s; final loss {result.losses[-1]:.4f}")
+    if result.before is not None and result.after is not None:
+        rows = []
+        for before, after in zip(result.before.table(), result.after.table(), strict=True):
+            rows.append({"language": before["language"],
+                         "refusal": f"{_pct(before['refusal'])} -> {_pct(after['refusal'])}",
+                         "over_refusal": f"{_pct(before['over_refusal'])} -> {_pct(after['over_refusal'])}",
+                         "refusal_nll": f"{_num(before['refusal_nll'])} -> {_num(after['refusal_nll'])}",
+                         "retain_nll": f"{_num(before['retain_nll'])} -> {_num(after['retain_nll'])}"})
+        print(format_table(rows, ["language", "refusal", "over_refusal", "refusal_nll", "retain_nll"]))
+    if comparison:
+        atomic_write_json(out / "comparison.json", comparison)
+        columns = list(dict.fromkeys(key for row in comparison for key in row))
+        print(format_table(comparison, columns))
+    print(f"saved {out / 'delta.safetensors'} and {out / 'train_result.json'}")
+    return 0
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.0f}%"
+
+
+def _num(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+# ----------------------------------------------------------------------------------------------
+# ssn identify / ssn compare-methods  (scoring.py, identify.py)
+
+_ALL_SITES = "mlp,attn_q,attn_k,attn_v,attn_o"
+
+
+def _add_scoring_args(p: argparse.ArgumentParser, langs: str, n: int | None) -> None:
+    p.add_argument("--langs", default=langs, help=f"comma-separated language codes (default: {langs})")
+    p.add_argument("--prompts", default="builtin",
+                   help="builtin | multijail:PATH_OR_HUB_ID (harmless prompts from the built-in set) | "
+                        "FILE (.csv/.tsv/.jsonl with text, language, label columns)")
+    p.add_argument("--n", type=int, default=n, help="prompts per language and label (default: all)" if n is None
+                   else f"prompts per language and label (default: {n})")
+    p.add_argument("--aggregate", default="content", choices=("content", "last", "all"),
+                   help="tokens a prompt's score averages over: the user's own tokens (default), the last token, all")
+    p.add_argument("--template", default="chat", choices=("chat", "raw"),
+                   help="send prompts through the chat template as a user turn (default) or as raw text")
+    p.add_argument("--sites", default=_ALL_SITES, help=f"site kinds to score (default: {_ALL_SITES}); "
+                   "attn_q/attn_k are exact but cost more (attention is recomputed once per head dim)")
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def _load_prompt_spec(spec: str, languages: list[str], n: int | None):
+    """builtin | multijail:PATH | FILE -> PromptSet restricted to ``languages``, at most ``n`` per (lang, label)."""
+    from pathlib import Path
+
+    from ssn_core.errors import PromptSetError
+    from ssn_core.prompts import load_builtin, load_file, load_multijail, with_harmless
+
+    if spec == "builtin":
+        return load_builtin(languages, n=n)
+    if spec.startswith("multijail:"):
+        harmful = load_multijail(spec.split(":", 1)[1], languages=languages, n=n)
+        prompts = with_harmless(harmful)
+    elif Path(spec).is_file():
+        prompts = load_file(spec, languages=languages)
+    else:
+        raise PromptSetError(f"--prompts {spec!r}: expected 'builtin', 'multijail:PATH' or an existing file")
+    return prompts.select(languages, limit_per_language=n)
+
+
+def _sites_arg(value: str) -> tuple[str, ...]:
+    kinds = tuple(k.strip() for k in value.split(",") if k.strip())
+    if not kinds:
+        raise SSNError("--sites is empty; give some of " + _ALL_SITES)
+    unknown = [k for k in kinds if k not in _ALL_SITES.split(",")]
+    if unknown:
+        raise SSNError(f"unknown site kind {unknown[0]!r} in --sites; expected some of {_ALL_SITES}")
+    return kinds
+
+
+def add_identify_parser(sub) -> None:
+    p = sub.add_parser("identify", help="score neurons and select MS-/SS-Neurons for each language")
+    add_model_args(p)
+    _add_scoring_args(p, "en,zh,bn,sw", None)
+    p.add_argument("--hr", default="en", help="high-resource language(s), comma-separated (default: en)")
+    p.add_argument("--method", default="impact", choices=("impact", "activation"),
+                   help="impact: exact layer-local deactivation effect (default); activation: mean |activation|")
+    p.add_argument("--p", type=float, default=0.03, help="top fraction per layer and site (default: 0.03)")
+    p.add_argument("--ranking", default="per-site", choices=("per-site", "pooled"))
+    p.add_argument("--out", required=True, help="output directory (written atomically)")
+    p.set_defaults(func=cmd_identify)
+
+
+def cmd_identify(args: argparse.Namespace) -> int:
+    import time
+
+    from ssn_core.identify import identify
+    from ssn_core.prompts import parse_languages
+
+    languages = parse_languages(args.langs)
+    hr = parse_languages(args.hr)
+    all_languages = list(dict.fromkeys([*hr, *languages]))
+    prompts = _load_prompt_spec(args.prompts, all_languages, args.n)
+    kinds = _sites_arg(args.sites)
+    lm = load_from_args(args)
+    progress = TqdmProgress()
+    start = time.perf_counter()
+    try:
+        result = identify(lm, prompts, languages, hr=tuple(hr), method=args.method, p=args.p,
+                          aggregate=args.aggregate, kinds=kinds, batch_size=args.batch_size, ranking=args.ranking,
+                          template=args.template, progress=progress)
+    finally:
+        progress.close()
+    out = result.save(args.out)
+    total = lm.sites.total_neurons if set(kinds) == set(lm.sites.kinds) else sum(
+        lm.sites.get(0, k).size * lm.sites.n_layers for k in kinds)
+    rows = []
+    for row in result.summary().to_dict(orient="records"):
+        rows.append({**row, "ms_%": f"{100 * row['ms'] / total:.2f}", "ss": "-" if row["ss"] is None else row["ss"]})
+    print(format_table(rows, ["language", "role", "ms", "ms_%", "ss"]))
+    print(f"all SS (union): {len(result.ss_all)}   shared by every NHR language: {len(result.ss_shared_all_nhr)}   "
+          f"scored neurons: {total}")
+    print(f"{len(prompts)} prompts scored in {result.manifest['timing']['score_seconds']:.1f}s "
+          f"(total {time.perf_counter() - start:.1f}s); wrote {out}")
+    return 0
+
+
+def add_compare_methods_parser(sub) -> None:
+    p = sub.add_parser("compare-methods",
+                       help="validate fast importance scores against exact one-neuron-at-a-time ablation")
+    add_model_args(p)
+    _add_scoring_args(p, "en", 8)
+    p.add_argument("--sample", type=int, default=64, help="neurons per site kind, drawn over all layers (default 64)")
+    p.add_argument("--top", type=float, default=0.1, help="top fraction for the overlap column (default 0.1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="optional output directory for scores and agreement.csv")
+    p.set_defaults(func=cmd_compare_methods)
+
+
+def cmd_compare_methods(args: argparse.Namespace) -> int:
+    from ssn_core.prompts import parse_languages
+    from ssn_core.scoring import compare_methods
+
+    languages = parse_languages(args.langs)
+    prompts = _load_prompt_spec(args.prompts, languages, args.n)
+    kinds = _sites_arg(args.sites)
+    lm = load_from_args(args)
+    progress = TqdmProgress()
+    try:
+        comparison = compare_methods(lm, prompts, sample=args.sample, aggregate=args.aggregate, kinds=kinds,
+                                     batch_size=args.batch_size, template=args.template, top=args.top, seed=args.seed,
+                                     progress=progress)
+    finally:
+        progress.close()
+    rows = [{**r, "spearman": f"{r['spearman']:.3f}", "top_overlap": f"{r['top_overlap']:.2f}"}
+            for r in comparison.agreement.to_dict(orient="records")]
+    print(f"agreement with exact ablation ({len(prompts)} prompts, aggregate={args.aggregate}, "
+          f"top {100 * args.top:g}% overlap):")
+    print(format_table(rows, ["method", "kind", "n", "spearman", "top_overlap"]))
+    print("seconds: " + ", ".join(f"{m} {s:.1f}" for m, s in comparison.seconds.items()))
+    if args.out:
+        print(f"wrote {comparison.save(args.out)}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# ssn evaluate / ssn validate
+
+
+def _add_eval_common_args(p, default_tokens: int) -> None:
+    p.add_argument("--langs", default="en,zh,bn,sw", help="languages, comma-separated (default: en,zh,bn,sw)")
+    p.add_argument("--prompts", default="builtin", help="builtin | multijail:PATH_OR_HUB_ID | FILE (default: builtin)")
+    p.add_argument("--n", type=int, default=None, help="prompts per language (and label); default: all")
+    p.add_argument("--judge", default="marker", help="marker (default) | guard:MODEL | api:BASE_URL,MODEL "
+                   "(the API key is read from $OPENAI_API_KEY)")
+    p.add_argument("--max-new-tokens", type=int, default=default_tokens)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--system", default=None, help="system prompt; default: the model's own default; '' for none")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (files written atomically)")
+
+
+def _judge_from_args(args: argparse.Namespace):
+    from ssn_core.evaluation import make_judge
+    from ssn_core.loading import ModelSpec, load_model
+
+    def load_guard(source: str):
+        spec = ModelSpec(source=source, dtype=args.dtype, quantization=args.quant, device_map=args.device,
+                         trust_remote_code=args.trust_remote_code)
+        return load_model(spec)
+
+    return make_judge(args.judge, load=load_guard)
+
+
+def add_evaluate_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="generate replies, judge them, and report per-language ASR / refusal rates")
+    add_model_args(p)
+    _add_eval_common_args(p, 128)
+    p.add_argument("--label", default="all", choices=("all", "harmful", "harmless"),
+                   help="which prompts to use (harmless prompts give the over-refusal rate; default: all)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--suppress", metavar="FILE", help="neuron set (.json/.safetensors) to set to 0")
+    group.add_argument("--reinforce", metavar="FILE", help="neuron set (.json/.safetensors) to scale by --alpha")
+    p.add_argument("--alpha", type=float, default=2.0, help="reinforcement scale (default 2)")
+    p.add_argument("--mgsm", type=int, default=0, metavar="N", help="also MGSM accuracy on N problems per language")
+    p.add_argument("--mgsm-path", default=None, metavar="DIR",
+                   help="folder of mgsm_<lang>.tsv files (default: the juletxara/mgsm hub dataset)")
+    p.add_argument("--mgsm-tokens", type=int, default=256, help="max new tokens of MGSM replies")
+    p.add_argument("--ppl", type=int, default=0, metavar="N",
+                   help="also perplexity on N built-in harmless prompts per language (languages it has)")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import time
+
+    from ssn_core.evaluation import evaluate, evaluate_utility, load_prompt_spec
+    from ssn_core.generation import GenerationSettings
+    from ssn_core.interventions import Intervention
+    from ssn_core.neurons import NeuronSet
+    from ssn_core.prompts import BUILTIN_LANGUAGES, load_builtin, parse_languages
+
+    languages = parse_languages(args.langs)
+    label = None if args.label == "all" else args.label
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, system=args.system)
+    settings.validate()
+    prompts = load_prompt_spec(args.prompts, languages, args.n, label)
+    lm = load_from_args(args)
+    judge = _judge_from_args(args)
+    interventions = []
+    if args.suppress:
+        interventions.append(Intervention(NeuronSet.load(args.suppress, sites=lm.sites), scale=0.0,
+                                          label=f"suppress {args.suppress}"))
+    elif args.reinforce:
+        if args.alpha < 0:
+            raise SSNError(f"--alpha must be >= 0, got {args.alpha}")
+        interventions.append(Intervention(NeuronSet.load(args.reinforce, sites=lm.sites), scale=args.alpha,
+                                          label=f"reinforce {args.reinforce}"))
+    progress = TqdmProgress()
+    start = time.perf_counter()
+    try:
+        result = evaluate(lm, prompts, languages, settings, judge=judge, interventions=interventions,
+                          batch_size=args.batch_size, label=label, progress=progress)
+        if args.mgsm or args.ppl:
+            ppl_langs = [lang for lang in languages if lang in BUILTIN_LANGUAGES] if args.ppl else []
+            ppl_texts = ({lang: [p.text for p in load_builtin([lang], n=args.ppl, label="harmless")]
+                          for lang in ppl_langs})
+            result.utility = evaluate_utility(
+                lm, languages, mgsm_n=args.mgsm, mgsm_path=args.mgsm_path,
+                mgsm_settings=GenerationSettings(max_new_tokens=args.mgsm_tokens, system=args.system),
+                perplexity_texts=ppl_texts, interventions=interventions, batch_size=args.batch_size,
+                progress=progress)
+    finally:
+        progress.close()
+    out = result.save(args.out)
+    print(result.format_table())
+    print(f"judge {judge.name} ({judge.version}); condition: {result.rows[0]['condition']}; "
+          f"{len(result.rows)} replies in {time.perf_counter() - start:.1f}s; wrote {out}")
+    return 0
+
+
+def add_validate_parser(sub) -> None:
+    p = sub.add_parser("validate", help="causal validation: suppress MS/SS-Neurons vs matched random neurons, "
+                                        "reinforce SS-Neurons")
+    add_model_args(p)
+    p.add_argument("--neurons", required=True, metavar="DIR", help="identify result directory (`ssn identify --out`)")
+    _add_eval_common_args(p, 48)
+    p.add_argument("--seeds", type=int, default=3, help="random-control seeds 0..K-1 (default 3)")
+    p.add_argument("--alphas", default="2", help="reinforcement scales, comma-separated (default 2)")
+    p.set_defaults(func=cmd_validate)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import time
+
+    from ssn_core.evaluation import load_prompt_spec
+    from ssn_core.generation import GenerationSettings
+    from ssn_core.identify import IdentifyResult
+    from ssn_core.prompts import parse_languages
+    from ssn_core.validation import validate
+
+    languages = parse_languages(args.langs)
+    try:
+        alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+    except ValueError:
+        raise SSNError(f"--alphas {args.alphas!r}: expected numbers separated by commas, e.g. 1.5,2,3") from None
+    if not alphas or any(a < 0 for a in alphas):
+        raise SSNError(f"--alphas {args.alphas!r}: give one or more scales >= 0")
+    if args.seeds < 1:
+        raise SSNError(f"--seeds must be at least 1, got {args.seeds}")
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, system=args.system)
+    settings.validate()
+    prompts = load_prompt_spec(args.prompts, languages, args.n, "harmful")
+    lm = load_from_args(args)
+    neurons = IdentifyResult.load(args.neurons, sites=lm.sites)
+    judge = _judge_from_args(args)
+    progress = TqdmProgress()
+    start = time.perf_counter()
+    try:
+        result = validate(lm, neurons, prompts, languages, settings, alphas=alphas, seeds=range(args.seeds),
+                          judge=judge, batch_size=args.batch_size, progress=progress)
+    finally:
+        progress.close()
+    out = result.save(args.out)
+    print(result.format_table())
+    print(f"judge {judge.name} ({judge.version}); prompts per language: "
+          + ", ".join(f"{k} {v}" for k, v in result.summary["prompts_per_language"].items())
+          + f"; {len(result.rows)} replies in {time.perf_counter() - start:.1f}s; wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry and entry point. Add new `add_<name>_parser` functions to this list.
+
+SUBCOMMANDS: list[Callable] = [
+    add_info_parser,
+    add_chat_parser,
+    add_prepare_starter_parser,
+    add_train_parser,
+    add_identify_parser,
+    add_compare_methods_parser,
+    add_evaluate_parser,
+    add_validate_parser,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssn", description="SSN Lab: cross-lingual shared safety neurons")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add_parser in SUBCOMMANDS:
+        add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SSNError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

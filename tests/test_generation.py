@@ -1,0 +1,145 @@
+"""Batched generation: left padding, streaming, seeded sampling, and interventions in the streaming worker."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+
+import pytest
+import torch
+
+from ssn_core.errors import SSNError
+from ssn_core.generation import GenerationSettings, generate, stream_generate
+from ssn_core.hooks import active_hook_count
+from ssn_core.interventions import suppress
+from ssn_core.neurons import NeuronSet
+
+PROMPTS = ["hi", "a much longer prompt, so the others get left padding", "¿Qué tal? 你好"]
+SEED = 2  # a tiny model whose replies depend on the prompt (some random inits answer everything alike)
+
+
+def _all_mlp(lm) -> NeuronSet:
+    size = lm.sites.sizes()["mlp"]
+    return NeuronSet({(layer, "mlp"): list(range(size)) for layer in range(lm.sites.n_layers)})
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_batched_left_padded_generation_equals_one_by_one(tiny, family):
+    lm = tiny(family, seed=SEED)
+    settings = GenerationSettings(max_new_tokens=8)
+    lengths = [len(lm.tokenize_prompts([p])["input_ids"][0]) for p in lm.prompt_texts(PROMPTS)]
+    assert len(set(lengths)) == len(PROMPTS)  # rows really are padded differently
+    batched = generate(lm, PROMPTS, settings)
+    single = [generate(lm, [p], settings)[0] for p in PROMPTS]
+    assert batched == single
+    assert len(set(batched)) > 1, "the tiny model should answer different prompts differently"
+
+
+def test_left_padding_puts_pad_tokens_first(tiny):
+    lm = tiny()
+    batch = lm.tokenize_prompts(lm.prompt_texts(["x", "longer text"]))
+    assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][0, -1] == 1
+    assert batch["input_ids"][0, 0] == lm.tokenizer.pad_token_id
+
+
+def test_reply_excludes_prompt_and_stops_at_max_new_tokens(tiny):
+    lm = tiny()
+    settings = GenerationSettings(max_new_tokens=6)
+    (reply,) = generate(lm, ["hello"], settings)
+    assert "<|im_start|>" not in reply and "hello" not in reply
+    assert 0 < len(reply) <= 6  # one byte token decodes to at most one character
+    assert generate(lm, [], settings) == []
+
+
+def test_stream_final_text_equals_generate_and_grows(tiny):
+    lm = tiny(seed=SEED)
+    settings = GenerationSettings(max_new_tokens=8)
+    expected = generate(lm, PROMPTS, settings)
+    steps = list(stream_generate(lm, PROMPTS, settings))
+    assert steps[-1] == expected
+    assert len(steps) > 2
+    for before, after in itertools.pairwise(steps):
+        assert all(len(b) <= len(a) for b, a in zip(before, after, strict=True))
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(tiny):
+    lm = tiny(seed=SEED)
+    settings = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=1.0, seed=7)
+    first = generate(lm, PROMPTS, settings)
+    assert generate(lm, PROMPTS, settings) == first
+    assert generate(lm, [PROMPTS[1]], settings) == [first[1]]  # same row, other batch: same sample
+    assert generate(lm, PROMPTS, GenerationSettings(max_new_tokens=8)) != first  # not greedy
+    other_seed = GenerationSettings(max_new_tokens=8, do_sample=True, temperature=1.0, seed=8)
+    assert generate(lm, PROMPTS, other_seed) != first
+
+
+def test_intervention_row_mask_follows_batch_order(tiny):
+    lm = tiny(seed=SEED)
+    neurons = _all_mlp(lm)
+    settings = GenerationSettings(max_new_tokens=6)
+    (baseline,) = generate(lm, ["hello"], settings)
+    with suppress(lm, neurons):
+        (suppressed,) = generate(lm, ["hello"], settings)
+    assert suppressed != baseline
+    with suppress(lm, neurons, rows=[False, True]):
+        assert generate(lm, ["hello", "hello"], settings) == [baseline, suppressed]
+    assert active_hook_count(lm.model) == 0
+
+
+def test_stream_worker_thread_sees_the_callers_intervention_only(tiny):
+    lm = tiny(seed=SEED)
+    neurons = _all_mlp(lm)
+    settings = GenerationSettings(max_new_tokens=6)
+    (baseline,) = generate(lm, ["hello"], settings)
+    with suppress(lm, neurons):
+        (suppressed,) = generate(lm, ["hello"], settings)
+        *_, (streamed,) = stream_generate(lm, ["hello"], settings)
+    assert streamed == suppressed != baseline
+    # A thread that did not enter the context is untouched while the caller's intervention is active.
+    other: list[str] = []
+    with suppress(lm, neurons):
+        thread = threading.Thread(target=lambda: other.extend(generate(lm, ["hello"], settings)))
+        thread.start()
+        thread.join()
+    assert other == [baseline]
+
+
+def test_closing_a_stream_early_stops_the_worker(tiny):
+    lm = tiny()
+    before = threading.active_count()
+    stream = stream_generate(lm, ["hello", "world"], GenerationSettings(max_new_tokens=500))
+    first = next(stream)
+    assert len(first) == 2
+    stream.close()
+    assert threading.active_count() == before
+    assert active_hook_count(lm.model) == 0
+
+
+def test_errors_in_the_worker_reach_the_caller(tiny, monkeypatch):
+    lm = tiny()
+
+    def broken_generate(*args, **kwargs):
+        raise RuntimeError("boom in worker")
+
+    monkeypatch.setattr(lm.model, "generate", broken_generate)
+    with pytest.raises(RuntimeError, match="boom in worker"):
+        list(stream_generate(lm, ["hello"], GenerationSettings(max_new_tokens=4)))
+
+
+def test_bad_settings_are_refused(tiny):
+    lm = tiny()
+    with pytest.raises(SSNError, match="max_new_tokens"):
+        generate(lm, ["x"], GenerationSettings(max_new_tokens=0))
+    with pytest.raises(SSNError, match="temperature"):
+        generate(lm, ["x"], GenerationSettings(do_sample=True, temperature=0.0))
+
+
+def test_chat_flag_selects_the_prompt_format(tiny):
+    lm = tiny()
+    for chat, prompt in ((False, "abc"), (True, lm.format_chat("abc"))):
+        ids = lm.tokenize_prompts([prompt], chat_formatted=chat)["input_ids"]  # [1, T]
+        with torch.no_grad():
+            next_token = int(lm.model(ids).logits[0, -1].argmax())
+        expected = lm.tokenizer.decode([next_token], skip_special_tokens=True)
+        assert generate(lm, ["abc"], GenerationSettings(max_new_tokens=1, chat=chat)) == [expected]
+    assert lm.tokenize_prompts(["abc"], chat_formatted=False)["input_ids"].tolist() == [lm.tokenizer("abc")["input_ids"]]
