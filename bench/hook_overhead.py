@@ -1,0 +1,84 @@
+"""Hook overhead during generation: suppression of a realistic set vs none; the A/B pair batched vs one stream."""
+
+from __future__ import annotations
+
+import torch
+
+from bench.common import BenchContext, BenchResult, alternate, fmt_ratio, goal_text, median, paired_ratio, require
+from bench.workloads import bench_prompts, random_neuron_set
+
+SS_FRACTION = 0.003  # a real SS set is ~0.3% of all neurons
+
+
+def chat_ids(lm, text: str) -> list[int]:
+    """Token ids of one chat-formatted user turn, formatted the way the engine formats it."""
+    if hasattr(lm, "format_chat_with_span"):
+        formatted, _ = lm.format_chat_with_span(text)
+    elif hasattr(lm, "format_chat"):
+        formatted = lm.format_chat(text)
+    else:
+        formatted = lm.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                     add_generation_prompt=True)
+    return list(lm.tokenizer(formatted, add_special_tokens=False)["input_ids"])
+
+
+def _pad_id(tokenizer) -> int:
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def hook_overhead(ctx: BenchContext) -> BenchResult:
+    interventions = require("ssn_core.interventions")
+    lm = ctx.lm
+    cfg = ctx.config
+    new_tokens = cfg.pick(4, 24, 64)
+    ids = chat_ids(lm, bench_prompts(1)[0].text)
+    device = next(lm.model.parameters()).device
+    one = torch.tensor([ids], device=device)  # [1, T]
+    two = one.repeat(2, 1)  # [2, T]: the A/B pair (same prompt, same settings)
+    neurons = random_neuron_set(lm.sites, SS_FRACTION, seed=0)
+    pad = _pad_id(lm.tokenizer)
+
+    @torch.no_grad()
+    def generate(input_ids):
+        # min_new_tokens = max_new_tokens: every run produces the same number of tokens, suppressed or not.
+        return lm.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                 pad_token_id=pad)
+
+    def plain():
+        generate(one)
+
+    def suppressed():
+        with interventions.suppress(lm, neurons):
+            generate(one)
+
+    def ab_batched():
+        with interventions.suppress(lm, neurons, rows=[False, True]):
+            generate(two)
+
+    times = alternate({"plain": plain, "suppressed": suppressed, "ab_batched": ab_batched}, cfg.rounds)
+    speed = paired_ratio(times["plain"], times["suppressed"])  # tok/s suppressed / tok/s plain
+    ab = paired_ratio(times["ab_batched"], times["plain"])
+    result = BenchResult(
+        name="hook-overhead",
+        ratios={"suppressed_tok_s": speed, "ab_batched_time": ab},
+        goals={"suppressed_tok_s": ">= 0.97", "ab_batched_time": "<= 1.3"},
+        summary="",
+        batch=1,
+        seq_len=len(ids),
+        details={"new_tokens": new_tokens, "suppressed_neurons": len(neurons),
+                 "fraction_of_all": round(neurons.fraction_of(lm.sites), 5),
+                 "hooked_sites": len(neurons.neurons),
+                 "plain_tok_s": new_tokens / median(times["plain"]), "median_s": {k: median(v) for k, v in
+                                                                                  times.items()},
+                 "times_s": times, "generate": "HF generate, greedy, KV cache"},
+        notes=[("suppression set: random, ~0.3% of every site (hooks on every site: the worst case for a set this "
+                "size)")],
+    )
+    result.summary = (f"hook-overhead: tok/s suppressed/plain {fmt_ratio(speed)}{goal_text(result, 'suppressed_tok_s')}"
+                      f" | A/B batched time / one stream {fmt_ratio(ab)}{goal_text(result, 'ab_batched_time')}")
+    return result

@@ -1,0 +1,74 @@
+"""The benchmark suite in --smoke mode on a tiny random model: every benchmark runs and writes a valid row.
+
+No timing assertions: the figures of a tiny model on a shared CPU mean nothing. What must not rot is the
+code path: each benchmark runs, prints its ratio on its last line and appends a complete JSON row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is not an installed package
+
+from bench.run import BENCHMARKS, main
+
+REQUIRED = ("benchmark", "timestamp", "command", "mode", "model", "dtype", "batch", "seq_len", "ratios", "goals",
+            "met", "summary", "machine", "versions")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    results = tmp_path_factory.mktemp("bench-results")
+    code = main(["--smoke", "--results-dir", str(results)])
+    return code, results
+
+
+def test_smoke_run_exits_cleanly(smoke_run):
+    code, _ = smoke_run
+    assert code == 0
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_each_benchmark_writes_a_complete_row(smoke_run, name):
+    _, results = smoke_run
+    path = results / f"{name}.json"
+    assert path.is_file(), f"{name} wrote no result file (skipped or failed?)"
+    rows = json.loads(path.read_text())
+    assert isinstance(rows, list) and len(rows) == 1
+    row = rows[0]
+    missing = [key for key in REQUIRED if key not in row]
+    assert not missing, f"{name} row lacks {missing}"
+    assert row["benchmark"] == name and row["mode"] == "smoke"
+    assert row["machine"]["cores"] >= 1 and row["machine"]["ram_gib"] > 0
+    assert row["versions"]["torch"] and row["versions"]["transformers"]
+    assert row["ratios"], f"{name} reported no ratio"
+    for key, value in row["ratios"].items():
+        assert isinstance(value, float) and math.isfinite(value) and value > 0, f"{name}: ratio {key}={value}"
+    for key in row["goals"]:
+        assert key in row["ratios"] and row["met"][key] in (True, False)
+    assert row["summary"].startswith(f"{name}:")
+
+
+def test_rows_append_and_unknown_names_are_rejected(tmp_path, capsys):
+    assert main(["--smoke", "--only", "scoring-vs-peer", "--results-dir", str(tmp_path)]) == 0
+    assert main(["--smoke", "--only", "scoring-vs-peer", "--results-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "scoring-vs-peer.json").read_text())
+    assert len(rows) == 2 and rows[0]["timestamp"] <= rows[1]["timestamp"]
+    last_line = capsys.readouterr().out.strip().splitlines()[-2]  # the line before "[bench] done"
+    assert last_line.startswith("scoring-vs-peer:") and "x" in last_line
+    assert main(["--only", "no-such-benchmark"]) == 2
+
+
+def test_gpu_profile_skips_clearly_without_cuda(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert main(["--gpu", "--only", "hook-overhead", "--results-dir", str(tmp_path)]) == 0
+    assert "skipped: --gpu needs CUDA" in capsys.readouterr().out
+    assert not (tmp_path / "hook-overhead.json").exists()
