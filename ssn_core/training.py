@@ -826,8 +826,9 @@ def resolve_target(target: str, sites: SiteMap, *, identify_dir: str | Path | No
                    languages: Sequence[str] = (), seed: int = 0) -> NeuronSet:
     """The neuron set to train.
 
-    ``ss`` union of SS(lang) over ``languages`` (all SS languages of the identify run when none are given);
-    ``ss:LANG`` SS(LANG); ``ms-hr`` the English MS-Neurons (the paper's gradient mask); ``ms:LANG`` MS(LANG);
+    ``ss`` union of SS(lang) over ``languages`` (the run's SS-all when none are given); ``ss:LANG`` SS(LANG);
+    ``ms-hr`` the MS-Neurons of the run's high-resource languages (English by default: the paper's gradient
+    mask); ``ms:LANG`` MS(LANG);
     ``random`` random neurons matched per layer and site to the ``ss`` set (seeded); anything else is a
     neuron file (.json / .safetensors).
     """
@@ -848,6 +849,8 @@ def resolve_target(target: str, sites: SiteMap, *, identify_dir: str | Path | No
     ss, ms = dict(result.ss), dict(result.ms)
 
     def ss_union(langs: Sequence[str]) -> NeuronSet:
+        if not langs and len(result.ss_all):
+            return result.ss_all
         langs = [lang for lang in langs if lang in ss] if langs else sorted(ss)
         if not langs:
             raise TrainingError(f"the identify results in {identify_dir} have no SS-Neurons for "
@@ -868,7 +871,13 @@ def resolve_target(target: str, sites: SiteMap, *, identify_dir: str | Path | No
     elif name.startswith("ss:"):
         neurons = pick(ss, name[3:], "SS-Neurons")
     elif name in ("ms-hr", "ms:hr"):
-        neurons = pick(ms, "en", "MS-Neurons")
+        hr = [lang for lang in (getattr(result, "hr", ()) or ("en",)) if lang in ms]
+        if not hr:
+            raise TrainingError(f"the identify results in {identify_dir} have no MS-Neurons of a high-resource language")
+        neurons = NeuronSet({}, {})
+        for lang in hr:
+            neurons = neurons | ms[lang]
+        neurons.meta.update(name=f"MS({'+'.join(hr)})")
     elif name.startswith("ms:"):
         neurons = pick(ms, name[3:], "MS-Neurons")
     elif name == "random":
@@ -877,6 +886,33 @@ def resolve_target(target: str, sites: SiteMap, *, identify_dir: str | Path | No
         raise TrainingError(f"target {target!r} is empty in {identify_dir}")
     neurons.validate(sites)
     return neurons
+
+
+@dataclass
+class SSShift:
+    """How the MS-/SS-Neurons move when the trained delta is active (re-identification under `apply_delta`)."""
+
+    rows: list[dict]  # language, set (MS/SS), n_before, n_after, jaccard
+    after: object  # the IdentifyResult computed with the delta on
+
+
+def ss_shift(lm, delta: NeuronDelta, prompts, languages: Sequence[str], before, **identify_kwargs) -> SSShift:
+    """Re-identify with the delta switched on and compare each language's MS and SS sets with ``before``.
+
+    ``before``: the IdentifyResult the target was taken from; use the same prompts and identify settings.
+    """
+    from ssn_core.identify import identify
+
+    hr = identify_kwargs.pop("hr", None) or (tuple(before.hr) or ("en",))
+    with apply_delta(lm, delta):
+        after = identify(lm, prompts, list(languages), hr=hr, **identify_kwargs)
+    rows = []
+    for name, old, new in (("MS", before.ms, after.ms), ("SS", before.ss, after.ss)):
+        for lang in new:
+            a, b = old.get(lang, NeuronSet()), new[lang]
+            rows.append({"language": lang, "set": name, "n_before": len(a), "n_after": len(b),
+                         "jaccard": round(a.jaccard(b), 4)})
+    return SSShift(rows=rows, after=after)
 
 
 def load_delta_for(lm, path: str | Path) -> NeuronDelta:

@@ -363,3 +363,44 @@ def test_cli_train_writes_delta_and_comparison(tmp_path, tiny_dir):
     assert {p.name for p in out.iterdir()} == {"delta.safetensors", "train_result.json", "comparison.json"}
     assert main([*argv[:5], "--target", "nonsense", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+
+
+def test_resolve_target_from_identify_results(tmp_path):
+    from ssn_core.identify import identify
+    from ssn_core.training import resolve_target
+
+    lm = tiny_model("qwen2")
+    result = identify(lm, load_builtin(["en", "sw", "zh"], n=2), ["sw", "zh"], p=0.2)
+    result.save(tmp_path / "ident")
+    ident = tmp_path / "ident"
+    assert resolve_target("ss", lm.sites, identify_dir=ident) == result.ss_all
+    assert resolve_target("ss", lm.sites, identify_dir=ident, languages=["sw", "zh"]) == result.ss_all
+    for lang in ("sw", "zh"):
+        if len(result.ss[lang]):
+            assert resolve_target(f"ss:{lang}", lm.sites, identify_dir=ident) == result.ss[lang]
+        else:
+            with pytest.raises(TrainingError, match="empty"):
+                resolve_target(f"ss:{lang}", lm.sites, identify_dir=ident)
+    assert resolve_target("ms-hr", lm.sites, identify_dir=ident) == result.ms["en"]
+    random_set = resolve_target("random", lm.sites, identify_dir=ident, languages=["sw", "zh"], seed=3)
+    assert random_set.counts() == result.ss_all.counts() and random_set != result.ss_all
+    with pytest.raises(TrainingError, match="unknown target"):
+        resolve_target("everything", lm.sites, identify_dir=ident)
+    with pytest.raises(TrainingError, match="identify results"):
+        resolve_target("ss", lm.sites)
+    with pytest.raises(TrainingError, match="no MS-Neurons"):
+        resolve_target("ms:bn", lm.sites, identify_dir=ident)
+
+
+def test_ss_shift_reidentifies_under_the_delta():
+    from ssn_core.identify import identify
+    from ssn_core.training import ss_shift
+
+    lm = tiny_model("qwen2")
+    prompts = load_builtin(["en", "sw"], n=2)
+    before = identify(lm, prompts, ["sw"], p=0.2)
+    unchanged = ss_shift(lm, NeuronDelta.zeros(lm.model, lm.sites, before.ms["en"]), prompts, ["sw"], before, p=0.2)
+    assert all(row["jaccard"] == 1.0 for row in unchanged.rows if row["n_before"])
+    moved = ss_shift(lm, _random_delta(lm, before.ms["en"], scale=2.0), prompts, ["sw"], before, p=0.2)
+    assert any(row["jaccard"] < 1.0 for row in moved.rows if row["set"] == "MS")
+    assert active_hook_count(lm.model) == 0
