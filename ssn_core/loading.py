@@ -433,7 +433,8 @@ def starter_cache_ready(starter: StarterModel | str, root: Path | None = None) -
         meta = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if meta.get("source_sha256") != starter.sha256 or not (hf_dir / "model.safetensors").is_file():
+    has_weights = (hf_dir / "model.safetensors").is_file() or (hf_dir / "model.safetensors.index.json").is_file()
+    if meta.get("source_sha256") != starter.sha256 or not has_weights:
         return None
     return hf_dir
 
@@ -464,6 +465,7 @@ def prepare_starter(name: str = DEFAULT_STARTER, root: Path | None = None, progr
     if ready is not None:
         return ready
     gguf_path = assemble_starter(starter, root, progress)
+    _check_memory(inspect_gguf(gguf_path).n_elements, "float32", "none", "cpu", factor=1.5)
     if progress:
         progress(0, 1, "converting GGUF to safetensors (about a minute and a half, once)")
     model, tokenizer = _load_gguf(gguf_path, None)
