@@ -115,15 +115,18 @@ def ss_neurons(ms: dict[str, NeuronSet], hr: tuple[str, ...]) -> tuple[NeuronSet
     return ms_hr, ss
 
 
-def overlap_table(sets: dict[str, NeuronSet]) -> pd.DataFrame:
-    """Long table: language_a, language_b, a, b, intersection, union, jaccard for every ordered pair."""
+OVERLAP_COLUMNS = ["set", "language_a", "language_b", "a", "b", "intersection", "union", "jaccard"]
+
+
+def overlap_table(sets: dict[str, NeuronSet], name: str = "MS") -> pd.DataFrame:
+    """Long table: set, language_a, language_b, a, b, intersection, union, jaccard for every ordered pair."""
     rows = []
     for a, set_a in sets.items():
         for b, set_b in sets.items():
             inter, union = len(set_a & set_b), len(set_a | set_b)
-            rows.append({"language_a": a, "language_b": b, "a": len(set_a), "b": len(set_b), "intersection": inter,
-                         "union": union, "jaccard": inter / union if union else 0.0})
-    return pd.DataFrame(rows, columns=["language_a", "language_b", "a", "b", "intersection", "union", "jaccard"])
+            rows.append({"set": name, "language_a": a, "language_b": b, "a": len(set_a), "b": len(set_b),
+                         "intersection": inter, "union": union, "jaccard": inter / union if union else 0.0})
+    return pd.DataFrame(rows, columns=OVERLAP_COLUMNS)
 
 
 def _counts_rows(name: str, language: str, neurons: NeuronSet, sites: SiteMap | None, kinds) -> list[dict]:
@@ -144,7 +147,7 @@ class IdentifyResult:
     ss_all: NeuronSet
     ss_shared_all_nhr: NeuronSet
     counts: pd.DataFrame  # language, set, layer, kind, count
-    overlap: pd.DataFrame  # MS overlap, long format (see overlap_table)
+    overlap: pd.DataFrame  # MS overlap of all languages and SS overlap of the NHR languages (see overlap_table)
     manifest: dict = field(default_factory=dict)
 
     @property
@@ -155,10 +158,12 @@ class IdentifyResult:
     def hr(self) -> tuple[str, ...]:
         return tuple(self.manifest.get("hr", ()))
 
-    def overlap_matrix(self, value: str = "intersection") -> pd.DataFrame:
-        """Square language × language matrix of ``intersection`` counts or ``jaccard`` indices of MS sets."""
-        return self.overlap.pivot(index="language_a", columns="language_b", values=value).loc[
-            list(self.languages), list(self.languages)]
+    def overlap_matrix(self, value: str = "intersection", of: str = "MS") -> pd.DataFrame:
+        """Square language × language matrix of ``intersection`` counts or ``jaccard`` indices of the MS
+        sets (``of="MS"``, every language) or the SS sets (``of="SS"``, NHR languages)."""
+        langs = list(self.languages) if of == "MS" else list(self.ss)
+        rows = self.overlap[self.overlap["set"] == of]
+        return rows.pivot(index="language_a", columns="language_b", values=value).loc[langs, langs]
 
     def summary(self) -> pd.DataFrame:
         """One row per language: MS and SS counts (what the CLI prints)."""
@@ -275,7 +280,7 @@ def select(scores: ScoreTable, languages: list[str] | tuple[str, ...], hr: tuple
     rows += _counts_rows("SS-shared", "all", shared, sites, kinds)
     counts = pd.DataFrame(rows, columns=["language", "set", "layer", "kind", "count"])
     return {"ms": ms, "ss": ss, "ss_all": ss_all, "ss_shared_all_nhr": shared, "counts": counts,
-            "overlap": overlap_table(ms)}
+            "overlap": pd.concat([overlap_table(ms, "MS"), overlap_table(ss, "SS")], ignore_index=True)}
 
 
 def _versions() -> dict:

@@ -10,12 +10,19 @@ The component output is the module right after the site: ``down_proj`` output fo
 - ``attn_v`` neuron (kv head g, dim j): zeroing it zeroes z_thj for every query head h of group g, so
   Δout_t = Σ_h z_thj W_O[:, hD+j] and ‖Δout_t‖² = z_gj^T G_gj z_gj with the Gram matrix
   G_gj[h, h'] = <W_O[:, hD+j], W_O[:, h'D+j]>                                  (exact, closed form)
-- ``attn_q`` / ``attn_k`` dim j: the effect passes through RoPE, q/k norms and the softmax. We recompute
-  the layer's attention from the captured q, k, v carriers with dim j zeroed, for a chunk of dims at
-  once along a new axis, and take ‖W_O Δz‖ (exact, not first-order). The recomputation is checked
-  against the model's own attention output on every batch, so a family whose attention we do not
-  reproduce fails loudly instead of producing wrong scores. Cost grows like T² · D per token; see
-  ``bench/`` and the CLI's ``--sites`` to leave q/k out when it is too slow.
+- ``attn_q`` / ``attn_k`` dim j: the effect passes through q/k norms (Qwen3, Gemma3), RoPE (zeroing a
+  pre-RoPE coordinate moves its rotation partner too; GPT-NeoX rotates only the first dims), soft-capping
+  and the softmax. We recompute the layer's attention from the captured q, k, v carriers with dim j
+  zeroed, for a chunk of dims at once along a new axis (memory bounded by ``_chunk_size``), respecting
+  the causal, padding and sliding-window masks. This is EXACT, not first-order:
+  Δout_t = Σ_h W_O,h (A'_h - A_h)_t V, and its norm is computed as ‖(A' - A)(V F^T)‖ with F the R factor
+  of W_O's head (q) or kv-group (k) columns, so no [hidden]-sized tensor is formed per dim. The
+  recomputation is checked against the model's own attention output on every batch, so a family whose
+  attention we do not reproduce fails loudly instead of producing wrong scores. A first-order estimate
+  is not offered: its per-dim Jacobian needs the same T² · D work per head as the exact softmax, so it
+  would save little and be less correct. Cost per token and layer ~ 2 · T · H · D² (q) and
+  T · H · D · r (k): it grows with the prompt length T; leave q/k out with ``kinds`` / ``--sites``
+  when that is too slow (see the measured per-site costs in the report / ``bench``).
 
 Per prompt the per-token values are averaged over the user's own tokens (``aggregate="content"``,
 default: the chat template's fixed tokens are the same for every prompt and would dilute the
@@ -252,12 +259,19 @@ def _pad_id(tokenizer) -> int:
 
 
 def _aggregate(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted mean over tokens: values [B, T, ...] (NaN-safe at zero-weight tokens) -> [B, ...]."""
-    weights = weights.to(values.dtype)
-    mask_shape = (*weights.shape, *([1] * (values.dim() - 2)))
-    values = torch.where((weights > 0).view(mask_shape), values, torch.zeros((), dtype=values.dtype,
-                                                                            device=values.device))
-    return torch.einsum("bt...,bt->b...", values, weights)
+    """Weighted mean over tokens: values [B, T, ...] -> [B, ...]; zero-weight (padding) tokens never count.
+
+    Fast path: one batched matmul. Padding rows of some attention kernels can hold NaN/inf, and
+    0 · NaN = NaN, so a non-finite result is recomputed with the padded tokens masked out explicitly.
+    """
+    weights = weights.to(device=values.device, dtype=values.dtype)  # layers may sit on different devices
+    B, T = weights.shape
+    flat = values.reshape(B, T, -1)
+    out = torch.bmm(weights[:, None, :], flat)[:, 0]
+    if not bool(torch.isfinite(out).all()):
+        flat = torch.where((weights > 0)[..., None], flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+        out = torch.bmm(weights[:, None, :], flat)[:, 0]
+    return out.reshape(B, *values.shape[2:])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -451,6 +465,7 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
     out: dict[str, torch.Tensor] = {}
     eye = torch.eye(D, device=q_raw.device)
     if "attn_q" in kinds:
+        vf_q = torch.einsum("bksd,kgrd->bkgsr", vh, geo.q_factors.view(K, G, -1, D))  # [B,K,G,S,r]
         scores = torch.zeros(B, H, D, device=q_raw.device)
         chunk = _chunk_size(B * H, T, D)
         for start in range(0, D, chunk):
@@ -460,12 +475,12 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
             q_mod = _prep(q_mod, geo.q_norm, cos, sin).permute(0, 2, 3, 1, 4)  # [B,H,c,T,D]
             q_mod = q_mod.reshape(B, K, G, len(dims), T, D)
             p_mod = _softmax_scores(torch.einsum("bkgctd,bksd->bkgcts", q_mod, kp), geo, bias[:, None, None])
-            dz = torch.einsum("bkgcts,bksd->bkgctd", p_mod, vh) - z[:, :, :, None]  # [B,K,G,c,T,D]
-            factors = geo.q_factors.view(K, G, -1, D)
-            delta = torch.einsum("kgrd,bkgctd->bkgctr", factors, dz).norm(dim=-1)  # [B,K,G,c,T]
+            # Δout = W_O,h (A' - A) V = F_h-rotated: ‖(A' - A) (V F_h^T)‖, one matmul per dim.
+            delta = torch.einsum("bkgcts,bkgsr->bkgctr", p_mod - probs[:, :, :, None], vf_q).norm(dim=-1)
             scores[:, :, dims] = _aggregate(delta.permute(0, 4, 1, 2, 3), weights).reshape(B, H, len(dims))
         out["attn_q"] = scores.reshape(B, H * D)
     if "attn_k" in kinds:
+        vf_k = torch.einsum("bksd,krgd->bkgsr", vh, geo.k_factors.view(K, -1, G, D))  # [B,K,G,S,r]
         scores = torch.zeros(B, K, D, device=q_raw.device)
         chunk = _chunk_size(B * H, T, D)
         for start in range(0, D, chunk):
@@ -474,9 +489,8 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
             k_mod = k_raw[:, :, :, None, :] * keep  # [B,T,K,c,D]
             k_mod = _prep(k_mod, geo.k_norm, cos, sin).permute(0, 2, 3, 1, 4)  # [B,K,c,T,D]
             p_mod = _softmax_scores(torch.einsum("bkgtd,bkcsd->bkgcts", qp, k_mod), geo, bias[:, None, None])
-            dz = torch.einsum("bkgcts,bksd->bkctgd", p_mod, vh) - z.permute(0, 1, 3, 2, 4)[:, :, None]
-            dz = dz.reshape(B, K, len(dims), T, G * D)  # [B,K,c,T,G*D]
-            delta = torch.einsum("kri,bkcti->bkctr", geo.k_factors, dz).norm(dim=-1)  # [B,K,c,T]
+            # Δout = Σ_h W_O,h (A'_h - A_h) V_g: the whole group's heads in one contraction.
+            delta = torch.einsum("bkgcts,bkgsr->bkctr", p_mod - probs[:, :, :, None], vf_k).norm(dim=-1)
             scores[:, :, dims] = _aggregate(delta.permute(0, 3, 1, 2), weights)
         out["attn_k"] = scores.reshape(B, K * D)
     return out
@@ -582,12 +596,14 @@ def score_batch(lm, batch: EncodedBatch, method: str = "impact", kinds: Sequence
                 results[(site.layer, "attn_v")] = _aggregate(squared.clamp(min=0).sqrt(), weights).reshape(B, K * D)
             if needs_recompute:
                 cos, sin = _rope_tables(consts, geo, batch, rope_cache)
+                if cos is not None:
+                    cos, sin = cos.to(z.device), sin.to(z.device)
                 if geo.sliding_window not in bias_cache:
                     bias_cache[geo.sliding_window] = _attention_bias(batch.attention_mask, geo.sliding_window)
                 qk = _qk_impact(
                     geo, store.pop("attn_q").view(B, T, H, D), store.pop("attn_k").view(B, T, K, D),
                     store.pop("attn_v").view(B, T, K, D), z.view(B, T, H, D), cos, sin,
-                    bias_cache[geo.sliding_window], weights, kinds, check_tol,
+                    bias_cache[geo.sliding_window].to(z.device), weights.to(z.device), kinds, check_tol,
                 )
                 for kind, value in qk.items():
                     results[(site.layer, kind)] = value
@@ -615,16 +631,24 @@ def score_batch(lm, batch: EncodedBatch, method: str = "impact", kinds: Sequence
 Triple = tuple[int, str, int]
 
 
-def sample_neurons(sites: SiteMap, kinds: Sequence[str], per_site: int, seed: int = 0) -> list[Triple]:
-    """``per_site`` random neurons from every (layer, kind) site, reproducibly."""
+def sample_neurons(sites: SiteMap, kinds: Sequence[str], count: int, seed: int = 0, per: str = "site") -> list[Triple]:
+    """Random neurons, reproducibly: ``count`` from every (layer, kind) site (``per="site"``), or ``count``
+    per kind spread uniformly over all layers (``per="kind"``, what `compare-methods` uses)."""
+    if count < 1:
+        raise SSNError(f"the neuron sample must have at least 1 neuron, got {count}")
     rng = random.Random(seed)
     triples: list[Triple] = []
-    for layer in range(sites.n_layers):
-        for kind in kinds:
-            size = sites.get(layer, kind).size
-            for index in sorted(rng.sample(range(size), min(per_site, size))):
-                triples.append((layer, kind, index))
-    return triples
+    for kind in kinds:
+        size = sites.get(0, kind).size
+        if per == "kind":
+            flat = rng.sample(range(sites.n_layers * size), min(count, sites.n_layers * size))
+            triples += [(i // size, kind, i % size) for i in flat]
+        elif per == "site":
+            for layer in range(sites.n_layers):
+                triples += [(layer, kind, i) for i in rng.sample(range(size), min(count, size))]
+        else:
+            raise SSNError(f"per must be 'site' or 'kind', got {per!r}")
+    return sorted(triples, key=lambda t: (t[0], SITE_KINDS.index(t[1]), t[2]))
 
 
 @torch.no_grad()
@@ -768,3 +792,81 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
         meta["sample"] = [list(t) for t in triples]
     return ScoreTable(method=method, aggregate=aggregate, groups=means, counts=dict(accumulator.counts), meta=meta,
                       signed=accumulator.means(accumulator.signed) if accumulator.signed is not None else None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validating the fast scores against exact ablation
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class MethodComparison:
+    """Fast scores vs exact ablation on the same sampled neurons and prompts."""
+
+    tables: dict[str, ScoreTable]  # method -> scores (ablation: NaN outside the sample)
+    sample: list[Triple]
+    agreement: object  # pandas DataFrame: method, kind, n, spearman, top_overlap
+    top: float
+    seconds: dict[str, float]
+
+    def save(self, directory: str | Path) -> Path:
+        from ssn_core.io import atomic_write_json, atomic_write_text
+
+        directory = Path(directory)
+        for method, table in self.tables.items():
+            table.save(directory / f"scores_{method}.safetensors")
+        atomic_write_text(directory / "agreement.csv", self.agreement.to_csv(index=False))
+        atomic_write_json(directory / "comparison.json", {
+            "sample": [list(t) for t in self.sample], "top": self.top, "seconds": self.seconds,
+            "agreement": self.agreement.to_dict(orient="records"),
+        })
+        return directory
+
+
+def _mean_over_groups(table: ScoreTable, kind: str) -> torch.Tensor:
+    """Prompt-weighted mean score over all (language, label) groups: [L, N]."""
+    total = sum(table.counts[g] for g in table.groups)
+    return sum(per_kind[kind] * table.counts[g] for g, per_kind in table.groups.items()) / max(total, 1)
+
+
+def compare_methods(lm, prompts, sample: Sequence[Triple] | int = 64, methods: Sequence[str] = ("impact",
+                    "activation"), aggregate: str = "content", kinds: Sequence[str] = SITE_KINDS,
+                    batch_size: int = 8, template: str = "chat", top: float = 0.1, seed: int = 0,
+                    progress: Progress | None = None, cancel: threading.Event | None = None) -> MethodComparison:
+    """Spearman rank correlation and top-``top`` overlap of each fast method with exact ablation, per kind.
+
+    ``sample`` is a neuron list or a count per kind (spread over layers). Scores are averaged over all
+    prompts (every language and label) before ranking.
+    """
+    import time
+
+    import pandas as pd
+    from scipy.stats import spearmanr
+
+    sites: SiteMap = lm.sites
+    kinds = _check_kinds(kinds, sites)
+    triples = sample_neurons(sites, kinds, sample, seed, per="kind") if isinstance(sample, int) else list(sample)
+    tables: dict[str, ScoreTable] = {}
+    seconds: dict[str, float] = {}
+    for method in ("ablation", *methods):
+        start = time.perf_counter()
+        tables[method] = score(lm, prompts, method=method, aggregate=aggregate, kinds=kinds, batch_size=batch_size,
+                               template=template, sample=triples if method == "ablation" else None, seed=seed,
+                               progress=progress, cancel=cancel)
+        seconds[method] = round(time.perf_counter() - start, 3)
+    rows = []
+    for method in methods:
+        for kind in kinds:
+            chosen = [(layer, index) for layer, k, index in triples if k == kind]
+            if not chosen:
+                continue
+            layers = torch.tensor([c[0] for c in chosen])
+            indices = torch.tensor([c[1] for c in chosen])
+            exact = _mean_over_groups(tables["ablation"], kind)[layers, indices].double()
+            fast = _mean_over_groups(tables[method], kind)[layers, indices].double()
+            rho = float(spearmanr(exact.numpy(), fast.numpy()).statistic) if len(chosen) > 2 else math.nan
+            k = max(1, math.floor(top * len(chosen)))
+            top_exact = set(torch.argsort(-exact, stable=True)[:k].tolist())
+            top_fast = set(torch.argsort(-fast, stable=True)[:k].tolist())
+            rows.append({"method": method, "kind": kind, "n": len(chosen), "spearman": rho,
+                         "top_overlap": len(top_exact & top_fast) / k})
+    agreement = pd.DataFrame(rows, columns=["method", "kind", "n", "spearman", "top_overlap"])
+    return MethodComparison(tables=tables, sample=triples, agreement=agreement, top=top, seconds=seconds)

@@ -110,7 +110,9 @@ def test_ss_is_ms_intersect_hr_with_union_shared_and_overlap():
     assert len(out["ss_shared_all_nhr"]) == 0  # sw has none
     shared = select(table, ["zh", "bn"], hr=("en",), p=0.1)["ss_shared_all_nhr"]
     assert shared.get(0, "mlp").tolist() == [98, 99]
-    overlap = out["overlap"].set_index(["language_a", "language_b"])
+    ss_overlap = out["overlap"][out["overlap"]["set"] == "SS"].set_index(["language_a", "language_b"])
+    assert ss_overlap.loc[("zh", "bn"), "intersection"] == 2 and ("en", "en") not in ss_overlap.index
+    overlap = out["overlap"][out["overlap"]["set"] == "MS"].set_index(["language_a", "language_b"])
     assert overlap.loc[("zh", "bn"), "intersection"] == 2
     assert overlap.loc[("zh", "bn"), "jaccard"] == pytest.approx(2 / 7)
     assert overlap.loc[("en", "en"), "jaccard"] == 1.0
@@ -177,6 +179,8 @@ def test_identify_end_to_end_save_load(tmp_path):
     assert result.manifest["data_hash"] == prompts.content_hash()
     assert result.manifest["prompt_counts"]["zh/harmful"] == 3
     assert result.overlap_matrix("jaccard").loc["en", "en"] == 1.0
+    assert list(result.overlap_matrix(of="SS").index) == ["zh", "sw"]
+    assert result.overlap_matrix(of="SS").loc["zh", "zh"] == len(result.ss["zh"])
     summary = result.summary().set_index("language")
     assert summary.loc["zh", "ss"] == len(result.ss["zh"])
 
@@ -239,3 +243,54 @@ def test_interrupted_save_leaves_no_partial_directory(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         result.save(tmp_path / "run")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_identify_and_compare_methods(tiny_dir, tmp_path, capsys):
+    from ssn_core.cli import main
+
+    model_dir = tiny_dir("qwen2")
+    out = tmp_path / "identify"
+    code = main(["identify", "--model", str(model_dir), "--langs", "zh,sw", "--hr", "en", "--n", "2",
+                 "--sites", "mlp,attn_v,attn_o", "--p", "0.1", "--batch-size", "4", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "language" in printed and "zh" in printed and "sw" in printed and "NHR" in printed
+    loaded = IdentifyResult.load(out)
+    assert loaded.manifest["prompt_counts"]["sw/harmless"] == 2 and loaded.manifest["kinds"] == ["mlp", "attn_v",
+                                                                                                 "attn_o"]
+    assert f"{len(loaded.ms['zh'])}" in printed
+
+    code = main(["compare-methods", "--model", str(model_dir), "--langs", "en", "--n", "1", "--sample", "6",
+                 "--sites", "mlp,attn_q", "--out", str(tmp_path / "cmp")])
+    printed = capsys.readouterr().out
+    assert code == 0 and "spearman" in printed and "attn_q" in printed
+    assert (tmp_path / "cmp" / "agreement.csv").is_file()
+
+    assert main(["identify", "--model", str(model_dir), "--langs", "zh", "--sites", "mlp,neuron", "--n", "1",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "unknown site kind 'neuron'" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_starter_identify_builtin_four_languages(starter, tmp_path):
+    """Real model, built-in prompts (4 harmful + 4 harmless in en, zh, bn, sw), the three closed-form sites.
+
+    attn_q / attn_k are left out to keep this cheap on 2 CPU cores (they are exact but cost several forwards).
+    """
+    from ssn_core.prompts import load_builtin
+
+    prompts = load_builtin(["en", "zh", "bn", "sw"], n=4)
+    kinds = ("mlp", "attn_v", "attn_o")
+    result = identify(starter, prompts, ["zh", "bn", "sw"], hr=("en",), kinds=kinds, batch_size=8)
+    sites = starter.sites
+    total = sites.n_layers * sum(sites.get(0, k).size for k in kinds)
+    top_p = sites.n_layers * sum(int(0.03 * sites.get(0, k).size) for k in kinds)  # size of each top-3% set
+    for lang, ms in result.ms.items():
+        assert 0 < len(ms) < 0.10 * total, lang
+        assert len(ms) < top_p, f"{lang}: harmless top neurons should remove part of the harmful top set"
+    assert any(len(result.ss[lang]) > 0 for lang in ("zh", "bn", "sw"))
+    assert result.manifest["prompt_counts"] == {f"{lang}/{label}": 4 for lang in ("en", "zh", "bn", "sw")
+                                                for label in ("harmful", "harmless")}
+    out = result.save(tmp_path / "run")
+    loaded = IdentifyResult.load(out, sites)
+    assert loaded.ms == result.ms and loaded.ss == result.ss and loaded.ss_all == result.ss_all

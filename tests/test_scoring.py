@@ -83,17 +83,25 @@ def brute_force(lm, batch, layer, kind, indices=None, chunk=16):
     return result
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "gpt_neox"])
-def test_impact_equals_layer_local_ablation(family):
+# Every kind on the structurally different families (GQA, biases, Conv1D + fused qkv, interleaved fused qkv,
+# fused qkv + gate_up); q/k only where the attention itself differs (q/k norms, soft-capping, sliding layers).
+FAMILY_KINDS = [
+    ("llama", SITE_KINDS), ("qwen2", SITE_KINDS), ("gpt2", SITE_KINDS), ("gpt_neox", SITE_KINDS), ("phi3", SITE_KINDS),
+    ("qwen3", ("attn_q", "attn_k")), ("gemma2", ("attn_q", "attn_k")), ("gemma3_text", ("attn_q", "attn_k")),
+]
+
+
+@pytest.mark.parametrize(("family", "kinds"), FAMILY_KINDS, ids=[f for f, _ in FAMILY_KINDS])
+def test_impact_equals_layer_local_ablation(family, kinds):
     lm = tiny_lm(family)
     batch = _batch(lm, PROMPTS[1:])
-    fast = score_batch(lm, batch, "impact")
+    fast = score_batch(lm, batch, "impact", kinds)
     generator = torch.Generator().manual_seed(0)
     for layer in (0, 1):
-        for kind in SITE_KINDS:
+        for kind in kinds:
             # A random sample of neurons per site (all heads are hit with high probability), plus the first and last.
             size = lm.sites.get(layer, kind).size
-            indices = sorted({0, size - 1, *torch.randperm(size, generator=generator)[:10].tolist()})
+            indices = sorted({0, size - 1, *torch.randperm(size, generator=generator)[:8].tolist()})
             exact = brute_force(lm, batch, layer, kind, indices)
             assert exact.abs().max() > 0
             torch.testing.assert_close(fast[(layer, kind)][:, indices], exact, rtol=1e-4,
@@ -231,3 +239,15 @@ def test_bad_arguments_and_cancel():
         score(lm, prompts, kinds=("mlp",), batch_size=1, progress=progress, cancel=cancel)
     assert calls[0] == (0, 3) and calls[-1] == (1, 3)
     assert active_hook_count(lm.model) == 0
+
+
+def test_aggregate_ignores_non_finite_padding():
+    from ssn_core.scoring import _aggregate
+
+    values = torch.randn(3, 5, 4)
+    weights = torch.rand(3, 5)
+    weights[:, :2] = 0  # left padding
+    values[:, 0] = float("nan")
+    values[:, 1] = float("inf")
+    expected = (values[:, 2:] * weights[:, 2:, None]).sum(1)
+    torch.testing.assert_close(_aggregate(values, weights), expected)
