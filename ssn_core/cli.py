@@ -278,9 +278,10 @@ def cmd_train(args: argparse.Namespace) -> int:
                          grad_accum=args.grad_accum, max_length=args.max_length, seed=args.seed,
                          weight_decay=args.weight_decay, grad_clip=args.grad_clip, target=args.target)
     config.check()
+    # Under `accelerate launch`, this initialises the process group and selects this process's GPU before loading.
+    main_process = is_main_process()
     lm = load_from_args(args)
     neurons = resolve_target(args.target, lm.sites, identify_dir=args.neurons, languages=languages, seed=args.seed)
-    main_process = is_main_process()
     if main_process:
         print(f"[training {len(neurons):,} neurons ({args.target}) on {', '.join(languages)}]", file=sys.stderr)
     progress = _TrainProgress() if main_process else None

@@ -545,10 +545,11 @@ def _train_loop(lm, model: nn.Module, params: list[torch.Tensor], data: SafetyDa
                     )
                 (loss / config.grad_accum).backward()
                 step_loss += float(loss.detach()) / config.grad_accum
-            if world > 1:
+            if world > 1:  # every rank reduces every tensor (a rank with an empty shard contributes zeros)
                 for p in params:
-                    if p.grad is not None:
-                        torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
             grads = [p for p in params if p.grad is not None]
             if config.grad_clip > 0 and grads:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, config.grad_clip))
