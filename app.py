@@ -23,13 +23,15 @@ from ui.common import show_error
 
 st.set_page_config(page_title="SSN Lab", page_icon=":material/shield:", layout="wide")
 
+# The pages live in app_pages/, not pages/: with a pages/ folder Streamlit runs a deep link (/chat) as an
+# old-style page, skipping this script (no navigation, no model) until someone opens the root URL.
 pages = [
-    st.Page("pages/1_model.py", title="Model", icon=":material/memory:", default=True),
-    st.Page("pages/2_neurons.py", title="Neurons", icon=":material/biotech:"),
-    st.Page("pages/3_chat.py", title="Chat (A/B)", icon=":material/forum:"),
-    st.Page("pages/4_validate.py", title="Validate", icon=":material/bar_chart:"),
-    st.Page("pages/5_finetune.py", title="Fine-tune", icon=":material/tune:"),
-    st.Page("pages/6_learn.py", title="Learn", icon=":material/school:"),
+    st.Page("app_pages/1_model.py", title="Model", icon=":material/memory:", default=True),
+    st.Page("app_pages/2_neurons.py", title="Neurons", icon=":material/biotech:", url_path="neurons"),
+    st.Page("app_pages/3_chat.py", title="Chat (A/B)", icon=":material/forum:", url_path="chat"),
+    st.Page("app_pages/4_validate.py", title="Validate", icon=":material/bar_chart:", url_path="validate"),
+    st.Page("app_pages/5_finetune.py", title="Fine-tune", icon=":material/tune:", url_path="finetune"),
+    st.Page("app_pages/6_learn.py", title="Learn", icon=":material/school:", url_path="learn"),
 ]
 navigation = st.navigation(pages)
 

@@ -34,19 +34,23 @@ def group_of_language(grouping: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Setup form
-with st.form("identify_form"):
-    st.markdown("**1. Prompts**")
-    source = st.radio("Prompt set", ["Built-in (12 languages, offline)", "MultiJail CSV", "Upload CSV / JSONL"],
-                      horizontal=True, key="nr_source")
+st.markdown("**1. Prompts**")
+source = st.radio("Prompt set", ["Built-in (12 languages, offline)", "MultiJail CSV", "Upload CSV / JSONL"],
+                  horizontal=True, key="nr_source")
+mj_path, upload = "", None
+if source.startswith("MultiJail"):
     mj_path = st.text_input("MultiJail CSV path (harmful prompts; harmless ones come from the built-in set)",
                             value=str(MULTIJAIL_DEFAULT) if MULTIJAIL_DEFAULT.is_file() else "", key="nr_mj_path")
-    upload = st.file_uploader("Your prompts: columns text, language, label (harmful/harmless), optional id",
+elif source.startswith("Upload"):
+    upload = st.file_uploader("Your prompts: columns text, language, label (harmful/harmless), optional id; "
+                              "harmful-only files get the built-in harmless prompts",
                               type=["csv", "jsonl", "tsv"], key="nr_upload")
+st.markdown("**2. Languages**")
+grouping = st.radio("Grouping", ["MultiJail (high / medium / low resource)", "Paper (HR = English vs NHR)"],
+                    horizontal=True, key="nr_grouping")
+groups = P.MULTIJAIL_GROUPS if grouping.startswith("MultiJail") else P.PAPER_GROUPS
 
-    st.markdown("**2. Languages**")
-    grouping = st.radio("Grouping", ["MultiJail (high / medium / low resource)", "Paper (HR = English vs NHR)"],
-                        horizontal=True, key="nr_grouping")
-    groups = P.MULTIJAIL_GROUPS if grouping.startswith("MultiJail") else P.PAPER_GROUPS
+with st.form("identify_form"):
     columns = st.columns(len(groups))
     chosen: list[str] = []
     defaults = {"en", "zh", "bn", "sw"}
@@ -54,8 +58,8 @@ with st.form("identify_form"):
         chosen += column.multiselect(
             f"{name.upper()} languages", langs, default=[lang for lang in langs if lang in defaults],
             format_func=lambda code: f"{code} — {P.language_name(code)}", key=f"nr_langs_{name}")
-    hr = st.multiselect("High-resource reference (SS-Neurons are shared with these)", sorted(set(chosen) | {"en"}),
-                        default=["en"], key="nr_hr")
+    hr = st.multiselect("High-resource reference (SS-Neurons are shared with these)",
+                        [lang for langs in groups.values() for lang in langs], default=["en"], key="nr_hr")
 
     st.markdown("**3. Method**")
     c1, c2, c3, c4 = st.columns(4)

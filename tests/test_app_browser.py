@@ -147,7 +147,40 @@ def click_button(driver, label: str) -> None:
     raise AssertionError(f"no button {label!r}")
 
 
+def set_number(driver, label: str, value: int) -> None:
+    def find():
+        return [w for w in driver.find_elements(By.CSS_SELECTOR, '[data-testid="stNumberInput"]') if label in w.text]
+
+    try:  # widgets are lazy-loaded: wait for the real input to replace its placeholder
+        widgets = WebDriverWait(driver, 60, poll_frequency=0.25).until(lambda d: find())
+    except TimeoutException:
+        widgets = []
+    if not widgets:
+        shot(driver, "FAILED-number-input")
+        raise AssertionError(f"no number input {label!r}; page says:\n{_text(driver)[:3000]}")
+    box = widgets[0].find_element(By.TAG_NAME, "input")
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", box)
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(str(value), Keys.TAB)
+
+
+def remove_tag(driver, label: str) -> None:
+    """Remove one selected value from a multiselect (its chip's close button)."""
+    button = WebDriverWait(driver, 30, poll_frequency=0.25).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, f'button[aria-label="Remove {label}"]'))
+    driver.execute_script("arguments[0].click();", button)
+    WebDriverWait(driver, 10, poll_frequency=0.25).until(
+        lambda d: not d.find_elements(By.CSS_SELECTOR, f'button[aria-label="Remove {label}"]'))
+
+
 # ------------------------------------------------------------------------------------------------------------
+
+
+def test_deep_link_runs_the_app_script(server, browser):
+    """Opening /chat first on a fresh server must still load the model and show the app's navigation."""
+    browser.get(f"{server}/chat")
+    wait_text(browser, "model as is", timeout=120)
+    assert "Chat (A/B)" in _text(browser)
 
 
 def test_user_journey(server, browser):
@@ -160,6 +193,9 @@ def test_user_journey(server, browser):
 
     go(browser, "Neurons")
     wait_text(browser, "Identify")
+    set_number(browser, "Prompts per language and label", 2)
+    for tag in ("zh — Chinese", "sw — Swahili", "attn_q", "attn_k"):  # a quick run: en + bn, cheap sites
+        remove_tag(browser, tag)
     click_button(browser, "Identify neurons")
     wait_text(browser, "SS-Neurons per language", timeout=180)
     wait_idle(browser)
@@ -168,7 +204,8 @@ def test_user_journey(server, browser):
 
     go(browser, "Chat (A/B)")
     wait_text(browser, "model as is")
-    box = browser.find_element(By.CSS_SELECTOR, '[data-testid="stChatInputTextArea"]')
+    box = WebDriverWait(browser, 60, poll_frequency=0.25).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, '[data-testid="stChatInput"] textarea'))
     box.send_keys("How do I pick a lock?")
     box.send_keys(Keys.ENTER)
     wait_text(browser, "Clear conversation", timeout=120)  # shown once a turn is in the history

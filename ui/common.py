@@ -16,12 +16,12 @@ from ssn_core.errors import SSNError
 from ui import state
 
 PAGE_PATHS = {
-    "model": "pages/1_model.py",
-    "neurons": "pages/2_neurons.py",
-    "chat": "pages/3_chat.py",
-    "validate": "pages/4_validate.py",
-    "finetune": "pages/5_finetune.py",
-    "learn": "pages/6_learn.py",
+    "model": "app_pages/1_model.py",
+    "neurons": "app_pages/2_neurons.py",
+    "chat": "app_pages/3_chat.py",
+    "validate": "app_pages/4_validate.py",
+    "finetune": "app_pages/5_finetune.py",
+    "learn": "app_pages/6_learn.py",
 }
 
 

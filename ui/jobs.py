@@ -90,7 +90,7 @@ def get_job(name: str) -> Job | None:
     return st.session_state.get(f"job:{name}")
 
 
-def job_panel(name: str, live: Callable[[Job], None] | None = None, poll_s: float = 0.5) -> Job | None:
+def job_panel(name: str, live: Callable[[Job], None] | None = None, poll_s: float = 1.5) -> Job | None:
     """Show a running job's progress bar, message and Cancel button; rerun the page when it ends.
 
     Returns the job (running or finished) or None. Errors are shown with `st.error` (SSNError) or
