@@ -13,14 +13,14 @@ PY := $(VENV)/bin/python
 INSTALL_KEY := $(shell $(PYTHON) -c "import hashlib,sys; h=hashlib.sha256(open('requirements.txt','rb').read()); h.update(sys.argv[1].encode()); print(h.hexdigest()[:16])" "$(TORCH_SPEC)")
 STAMP := $(VENV)/.ssn-installed-$(INSTALL_KEY)
 
-.PHONY: run test install starter lint
+.PHONY: run test install starter browser lint
 
 run: starter
 	$(PY) -m streamlit run app.py --server.address 127.0.0.1 --server.headless true --browser.gatherUsageStats false
 
 # Tests never reach the Hugging Face hub.
 test: export HF_HUB_OFFLINE := 1
-test: starter
+test: starter browser
 	$(PY) -m pytest -q
 
 install: $(STAMP)
@@ -36,6 +36,18 @@ $(STAMP): requirements.txt
 # Assemble + verify + convert the starter model into the cache once (~1.5 min); a no-op afterwards.
 starter: install
 	$(PY) -m ssn_core prepare-starter --name $(STARTER)
+
+# Debian's Chromium + chromedriver for the browser end-to-end test (a system package: no browser download).
+# Installed when missing and we are root with apt-get (CI, this dev machine); otherwise that test skips and says why.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing Debian chromium + chromium-driver for the browser test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "note: chromium/chromedriver not found; the browser test will skip (apt-get install chromium chromium-driver)"; \
+	  fi; \
+	fi
 
 lint: install
 	$(PY) -m ruff check .
