@@ -102,10 +102,10 @@ class EvalResult:
 
         header = (f"{'lang':<5} {'harmful':>7} {'harmless':>8}  {'ASR':<17} {'refusal':<17} {'off-target':<17} "
                   f"{'over-refusal':<17}")
-        lines = [header]
+        lines = [header.rstrip()]
         for m in self.metrics.rows:
             lines.append(f"{m.language:<5} {m.n_harmful:>7} {m.n_harmless:>8}  {cell(m.asr):<17} "
-                         f"{cell(m.refusal):<17} {cell(m.off_target):<17} {cell(m.over_refusal):<17}")
+                         f"{cell(m.refusal):<17} {cell(m.off_target):<17} {cell(m.over_refusal)}")
         for lang, r in self.utility.get("mgsm", {}).items():
             lines.append(f"MGSM {lang}: accuracy {r['accuracy']:.2f} [{r['ci_low']:.2f}-{r['ci_high']:.2f}] "
                          f"({r['n_correct']}/{r['n']})")

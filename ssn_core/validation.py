@@ -245,6 +245,10 @@ def plan_conditions(neurons, language: str, sites: SiteMap, alphas: Sequence[flo
     """The conditions run for one language, and notes on the ones skipped (empty neuron sets)."""
     conditions = [Condition("baseline")]
     notes: list[str] = []
+    if language not in neurons.ms:
+        known = ", ".join(neurons.ms) or "none"
+        notes.append(f"{language}: the neuron result has no MS-Neurons for this language (it has {known}); "
+                     "run identify with this language to suppress its own sets")
     targets: list[tuple[str, NeuronSet | None]] = [("ms", neurons.ms.get(language))]
     if language != hr_language:
         targets.append(("ss", neurons.ss.get(language)))

@@ -249,3 +249,33 @@ def test_cli_validate_and_evaluate_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     assert main(["evaluate", "--model", str(path), "--device", "cpu", "--prompts", "nope.csv",
                  "--out", str(tmp_path / "y")]) == 2
     assert "expected 'builtin'" in capsys.readouterr().err
+
+
+# ----- the real starter model -------------------------------------------------------------------------------------
+
+
+def test_starter_suppressing_english_ms_neurons_lowers_refusal_more_than_random(starter):
+    """The paper's core causal claim at toy scale: identify English MS-Neurons on 6+6 built-in prompts, then
+    answer the 6 harmful ones under baseline / suppressed MS / two matched random controls (24 tokens each)."""
+    from ssn_core.identify import identify
+    from ssn_core.judges import MarkerJudge
+    from ssn_core.prompts import load_builtin
+
+    prompts = load_builtin(["en"], n=6)
+    ms = identify(starter, prompts, [], hr=("en",), kinds=("mlp", "attn_v", "attn_o"), batch_size=12).ms["en"]
+    assert 0 < len(ms) < 0.05 * starter.sites.total_neurons
+    harmful = [p.text for p in prompts.select(["en"], label="harmful")]
+    conditions = [Condition("baseline"), Condition("suppress", "ms", ms, scale=0.0)] + [
+        Condition("random", "ms", random_matched(ms, starter.sites, seed=s), scale=0.0, seed=s) for s in (0, 1)]
+    replies = run_packed(starter, harmful, conditions, GenerationSettings(max_new_tokens=24), batch_size=12)
+    judge = MarkerJudge()
+    refusal = {}
+    for j, c in enumerate(conditions):
+        labels = [judge.judge(harmful[i], replies[i][j], "en").label for i in range(len(harmful))]
+        refusal[c.key] = sum(label == "refusal" for label in labels) / len(labels)
+    comparison = compare_to_control(refusal["baseline"], refusal["suppress_ms"],
+                                    [refusal["random_ms#seed0"], refusal["random_ms#seed1"]])
+    report = f"refusal rates {refusal}; comparison {comparison}; replies {replies}"
+    print(report)  # shown with pytest -s / -rP: the measured numbers, not only pass/fail
+    assert refusal["baseline"] >= 0.5, report  # the instruct model refuses most of these at baseline
+    assert comparison["beats_random"], report
