@@ -11,7 +11,7 @@ import streamlit as st
 from ssn_core.neurons import NeuronSet
 from ui import charts, jobs, neuron_sources
 from ui.common import call, csv_bytes, file_bytes, json_bytes, need, require_model, show_error, uploaded_to_path
-from ui.neurons_view import neuron_table, overlap_matrix, ss_counts
+from ui.neurons_view import agreement_frame, neuron_table, overlap_matrix, rank_agreement, ss_counts
 
 st.title("Neurons")
 st.write(
@@ -33,24 +33,25 @@ def group_of_language(grouping: str) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Setup form
-st.markdown("**1. Prompts**")
-source = st.radio("Prompt set", ["Built-in (12 languages, offline)", "MultiJail CSV", "Upload CSV / JSONL"],
+# Setup (folded away once there is a result, so the charts are on screen)
+setup = st.expander("Set up an identification run", expanded=st.session_state.get("identify_result") is None)
+setup.markdown("**1. Prompts**")
+source = setup.radio("Prompt set", ["Built-in (12 languages, offline)", "MultiJail CSV", "Upload CSV / JSONL"],
                   horizontal=True, key="nr_source")
 mj_path, upload = "", None
 if source.startswith("MultiJail"):
-    mj_path = st.text_input("MultiJail CSV path (harmful prompts; harmless ones come from the built-in set)",
+    mj_path = setup.text_input("MultiJail CSV path (harmful prompts; harmless ones come from the built-in set)",
                             value=str(MULTIJAIL_DEFAULT) if MULTIJAIL_DEFAULT.is_file() else "", key="nr_mj_path")
 elif source.startswith("Upload"):
-    upload = st.file_uploader("Your prompts: columns text, language, label (harmful/harmless), optional id; "
+    upload = setup.file_uploader("Your prompts: columns text, language, label (harmful/harmless), optional id; "
                               "harmful-only files get the built-in harmless prompts",
                               type=["csv", "jsonl", "tsv"], key="nr_upload")
-st.markdown("**2. Languages**")
-grouping = st.radio("Grouping", ["MultiJail (high / medium / low resource)", "Paper (HR = English vs NHR)"],
+setup.markdown("**2. Languages**")
+grouping = setup.radio("Grouping", ["MultiJail (high / medium / low resource)", "Paper (HR = English vs NHR)"],
                     horizontal=True, key="nr_grouping")
 groups = P.MULTIJAIL_GROUPS if grouping.startswith("MultiJail") else P.PAPER_GROUPS
 
-with st.form("identify_form"):
+with setup.form("identify_form"):
     columns = st.columns(len(groups))
     chosen: list[str] = []
     defaults = {"en", "zh", "bn", "sw"}
@@ -108,6 +109,7 @@ if go:
         try:
             prompt_set = load_prompts(source, languages)
             st.session_state["identify_prompts"] = prompt_set
+            st.session_state["identify_n"] = int(n_per_language)
             jobs.start_job("identify", run_identify, lm, prompt_set, languages, hr, method, p_percent / 100.0,
                            kinds, int(n_per_language), int(batch_size))
         except Exception as exc:  # noqa: BLE001 - bad files, unknown languages, ...
@@ -167,9 +169,9 @@ with left:
     st.altair_chart(charts.counts_per_layer(charts.counts_frame(sets), title=f"Neurons per layer — {focus}"))
 with right:
     counts = ss_counts(result, group_map)
-    st.markdown("**SS-Neurons per language**")
-    st.altair_chart(charts.bar_per_language(counts, "ss_count", title="SS-Neuron count"))
-st.altair_chart(charts.overlap_heatmap(overlap_matrix(result), title="MS-Neuron overlap between languages (Jaccard)"))
+    st.altair_chart(charts.bar_per_language(counts, "ss_count", title="SS-Neurons per language"))
+st.altair_chart(charts.overlap_heatmap(overlap_matrix(result), title="MS-Neuron overlap between languages (Jaccard)"),
+                width="content")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Neuron table and downloads
@@ -203,3 +205,46 @@ if save_dir and d4.button("Save result", key="nr_save"):
     saved = call(result.save, Path(save_dir).expanduser())
     if saved is not None:
         st.success(f"Saved to {saved}")
+
+# ---------------------------------------------------------------------------------------------------------------
+# Exact-ablation check of the fast scores
+
+
+def run_ablation_check(lm, prompts, language, kinds, per_site, aggregate, progress=None,
+                       cancel: threading.Event | None = None):
+    from ssn_core.scoring import score
+
+    harmful = prompts.select(languages=[language], label="harmful")
+    return score(lm, harmful, method="ablation", aggregate=aggregate, kinds=kinds, sample=per_site, seed=0,
+                 progress=progress, cancel=cancel)
+
+
+with st.expander("Check the fast scores against exact ablation (slow)"):
+    st.write("Exact ablation zeroes one sampled neuron at a time and measures how much the final hidden state "
+             "changes. If the fast scores used above rank neurons like the exact effect does, the rank correlation "
+             "is clearly positive.")
+    prompts_used = st.session_state.get("identify_prompts")
+    if prompts_used is None or getattr(result.scores, "method", "") == "ablation":
+        st.info("Needs an identification run from this session (its prompts and fast scores).")
+    else:
+        a1, a2 = st.columns(2)
+        per_site = a1.number_input("Neurons sampled per site", 1, 64, 4, key="nr_abl_n")
+        check_language = a2.selectbox("Language", languages, key="nr_abl_lang")
+        if st.button("Run the check", key="nr_abl_run"):
+            same_prompts = prompts_used.select(limit_per_language=st.session_state.get("identify_n"))
+            jobs.start_job("ablation", run_ablation_check, lm, same_prompts, check_language,
+                           tuple(result.scores.kinds), int(per_site), result.manifest.get("aggregate", "content"))
+            st.session_state["ablation_language"] = check_language
+        ablation_job = jobs.job_panel("ablation")
+        if ablation_job is not None and not ablation_job.running and ablation_job.error is None:
+            st.session_state["ablation_check"] = (st.session_state.get("ablation_language"), ablation_job.result)
+            st.session_state.pop("job:ablation", None)
+        check = st.session_state.get("ablation_check")
+        if check is not None:
+            check_lang, exact = check
+            frame = agreement_frame(result.scores, exact, check_lang)
+            if frame.empty:
+                st.warning("No sampled neuron has both scores.")
+            else:
+                st.altair_chart(charts.score_agreement(frame))
+                st.dataframe(rank_agreement(frame), hide_index=True)

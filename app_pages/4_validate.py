@@ -27,9 +27,12 @@ ValidationResult, validate = need("ssn_core.validation").ValidationResult, need(
 
 languages_available = list(result.ms)
 prompts = st.session_state.get("identify_prompts")
-if prompts is None:
-    st.warning("The prompt set used for identification is not in this session; load prompts on the Neurons page.")
-    st.stop()
+if prompts is None:  # e.g. a result folder was imported: use the built-in prompts of its languages
+    from ssn_core.prompts import BUILTIN_LANGUAGES, load_builtin
+
+    prompts = load_builtin([lang for lang in languages_available if lang in BUILTIN_LANGUAGES] or ["en"])
+    st.caption("Prompts: the built-in set (the identification's own prompts are not in this session).")
+languages_available = [lang for lang in languages_available if lang in prompts.languages]
 
 with st.form("validate_form"):
     languages = st.multiselect("Languages", languages_available,
@@ -40,7 +43,8 @@ with st.form("validate_form"):
     n_seeds = c2.number_input("Random-control seeds", 1, 10, 3, key="val_seeds")
     alpha = c3.number_input("Reinforce scale α", 0.0, 10.0, 2.0, step=0.5, key="val_alpha")
     max_new = c4.number_input("Max new tokens", 4, 512, 48, key="val_tokens")
-    batch = st.slider("Batch size", 1, 64, 8, key="val_batch", help="Rows generated together (lower it if memory is short).")
+    batch = st.slider("Batch size", 1, 64, 8, key="val_batch",
+                      help="Rows generated together (lower it if memory is short).")
     go = st.form_submit_button("Run validation", type="primary")
 
 if go:

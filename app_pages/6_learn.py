@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pandas as pd
 import streamlit as st
 
 from ssn_core.interventions import Intervention, intervene
@@ -54,7 +53,8 @@ else:
     from ui.neurons_view import overlap_matrix
 
     matrix = overlap_matrix(result)
-    st.altair_chart(charts.overlap_heatmap(matrix, title="MS-Neuron overlap between languages (Jaccard)"))
+    st.altair_chart(charts.overlap_heatmap(matrix, title="MS-Neuron overlap between languages (Jaccard)"),
+                    width="content")
     st.caption("Each cell: shared MS-Neurons / all MS-Neurons of the two languages. The English row shows how much "
                "of English's safety set each language reuses — the SS-Neurons.")
 
@@ -96,11 +96,8 @@ else:
         b.warning(demo["replies"][1] or "(empty)")
 
 st.subheader("Where to go next")
-rows = pd.DataFrame([
-    {"page": "Model", "what": "load a model, see its neuron sites"},
-    {"page": "Neurons", "what": "find MS- and SS-Neurons per language, charts, downloads"},
-    {"page": "Chat (A/B)", "what": "talk to the model with and without the neurons"},
-    {"page": "Validate", "what": "measure the effect against random neurons"},
-    {"page": "Fine-tune", "what": "train only the SS-Neurons to make low-resource languages safer"},
-])
-st.dataframe(rows, hide_index=True, width="stretch")
+link("model", "Model — load a model, see its neuron sites", icon=":material/memory:")
+link("neurons", "Neurons — find MS- and SS-Neurons per language", icon=":material/biotech:")
+link("chat", "Chat (A/B) — talk to the model with and without them", icon=":material/forum:")
+link("validate", "Validate — measure the effect against random neurons", icon=":material/bar_chart:")
+link("finetune", "Fine-tune — train only the SS-Neurons to make low-resource languages safer", icon=":material/tune:")

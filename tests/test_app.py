@@ -217,7 +217,7 @@ def _identify(at: AppTest) -> None:
     wait_job(at, "identify")
 
 
-def test_identify_validate_finetune_learn_chat_journey():
+def test_identify_validate_finetune_learn_chat_journey(tmp_path):
     at = new_app().run()
     _identify(at)
     result = at.session_state["identify_result"]
@@ -236,6 +236,33 @@ def test_identify_validate_finetune_learn_chat_journey():
     filtered = at.dataframe[-1].value
     assert 0 < len(filtered) <= len(table) and set(filtered["site"]) == {first_site}
     assert {b.label for b in at.get("download_button")} >= {"Set (JSON)", "Set (safetensors)", "Table (CSV)"}
+
+    # exact-ablation check of the fast scores on a sample
+    at.number_input(key="nr_abl_n").set_value(2)
+    at.selectbox(key="nr_abl_lang").set_value("en")
+    next(b for b in at.button if b.label == "Run the check").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    wait_job(at, "ablation")
+    language, exact = at.session_state["ablation_check"]
+    assert language == "en" and exact.method == "ablation"
+    agreement = at.dataframe[-1].value
+    assert list(agreement["site"]) == ["mlp", "attn_v", "attn_o", "all"]
+    assert list(agreement["neurons"]) == [4, 4, 4, 12]  # 2 per site x 2 layers
+    assert agreement["spearman"].between(-1, 1).all()
+
+    # save the whole result to a folder, load it back; a wrong folder is an error message
+    at.text_input(key="nr_save_dir").input(str(tmp_path / "result")).run()
+    next(b for b in at.button if b.label == "Save result").click().run()
+    assert (tmp_path / "result" / "manifest.json").is_file() and not at.error
+    at.text_input(key="nr_import_dir").input(str(tmp_path / "nowhere")).run()
+    next(b for b in at.button if b.label == "Load result folder").click().run()
+    assert not at.exception and "nowhere" in texts(at.error)
+    at.text_input(key="nr_import_dir").input(str(tmp_path / "result")).run()
+    next(b for b in at.button if b.label == "Load result folder").click().run()
+    assert not at.exception and not at.error, texts(at.error)
+    reloaded = at.session_state["identify_result"]
+    assert reloaded is not result and reloaded.ms["en"] == result.ms["en"]
+    at.session_state["identify_result"] = result
 
     run_page(at, "4_validate")
     at.number_input(key="val_limit").set_value(2)
@@ -288,3 +315,4 @@ def test_identify_validate_finetune_learn_chat_journey():
     run_page(at, "2_neurons")  # results are still there after visiting every page
     assert at.session_state["identify_result"].ms is result.ms
     assert len(at.session_state["chat_history"]) == 1 and "validation_result" in at.session_state
+

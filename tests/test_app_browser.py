@@ -45,7 +45,7 @@ pytestmark = [
 
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage",
-         "--window-size=1400,1800")
+         "--window-size=1400,2600")
 
 
 def _free_port() -> int:
@@ -114,10 +114,12 @@ def wait_text(driver, text: str, timeout: float = 60) -> None:
 
 
 def wait_idle(driver, timeout: float = 60) -> None:
-    """Wait until the script is not running (the status widget disappears)."""
+    """Wait until the script is not running: no "running" icon, no stale (greyed) elements."""
+    busy = ('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"], '
+            '[data-stale="true"]')
     time.sleep(0.4)
-    WebDriverWait(driver, timeout, poll_frequency=0.25).until(
-        lambda d: not d.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]'))
+    WebDriverWait(driver, timeout, poll_frequency=0.25).until(lambda d: not d.find_elements(By.CSS_SELECTOR, busy))
+    time.sleep(0.3)
 
 
 def shot(driver, name: str) -> Path:
@@ -186,7 +188,7 @@ def test_deep_link_runs_the_app_script(server, browser):
 def test_user_journey(server, browser):
     started = time.time()
     browser.get(server)
-    wait_text(browser, "Neuron sites", timeout=120)  # Model page with the tiny model auto-loaded
+    wait_text(browser, "Unload model", timeout=120)  # Model page with the tiny model auto-loaded
     assert "tiny:qwen2" in _text(browser)
     wait_idle(browser)
     shot(browser, "1_model")
@@ -197,7 +199,7 @@ def test_user_journey(server, browser):
     for tag in ("zh — Chinese", "sw — Swahili", "attn_q", "attn_k"):  # a quick run: en + bn, cheap sites
         remove_tag(browser, tag)
     click_button(browser, "Identify neurons")
-    wait_text(browser, "SS-Neurons per language", timeout=180)
+    wait_text(browser, "MS-Neuron overlap between languages", timeout=180)
     wait_idle(browser)
     assert browser.find_elements(By.CSS_SELECTOR, '[data-testid="stVegaLiteChart"]'), "no charts on the Neurons page"
     shot(browser, "2_neurons")
@@ -214,8 +216,18 @@ def test_user_journey(server, browser):
     assert len(assistants) >= 4, f"expected 2 prompts + 2 replies, found {len(assistants)} chat messages"
     shot(browser, "3_chat")
 
-    for title, marker, name in (("Validate", "Causal check", "4_validate"), ("Fine-tune", "Fine-tune", "5_finetune"),
-                                ("Learn", "SS-Neurons", "6_learn")):
+    go(browser, "Validate")
+    wait_text(browser, "Run validation")
+    for label, value in (("Prompts per language", 2), ("Random-control seeds", 1), ("Max new tokens", 4)):
+        set_number(browser, label, value)
+    click_button(browser, "Run validation")
+    wait_text(browser, "All replies (CSV)", timeout=180)
+    wait_idle(browser)
+    assert browser.find_elements(By.CSS_SELECTOR, '[data-testid="stVegaLiteChart"]'), "no chart on the Validate page"
+    shot(browser, "4_validate")
+
+    for title, marker, name in (("Fine-tune", "Start fine-tuning", "5_finetune"),
+                                ("Learn", "Where to go next", "6_learn")):
         go(browser, title)
         wait_text(browser, marker)
         wait_idle(browser)

@@ -44,12 +44,12 @@ def overlap_heatmap(matrix: pd.DataFrame, title: str = "Overlap (Jaccard)", valu
         color=alt.Color(f"{value_name}:Q", scale=alt.Scale(scheme="blues"), title=value_name),
         tooltip=["lang_a", "lang_b", alt.Tooltip(f"{value_name}:Q", format=".3f")],
     )
-    text = alt.Chart(long).mark_text(fontSize=10).encode(
+    text = alt.Chart(long).mark_text(fontSize=13).encode(
         x=alt.X("lang_b:N", sort=order), y=alt.Y("lang_a:N", sort=order),
         text=alt.Text(f"{value_name}:Q", format=".2f"),
         color=alt.condition(alt.datum[value_name] > 0.5, alt.value("white"), alt.value("black")),
     )
-    size = max(220, 36 * len(order))
+    size = max(260, 56 * len(order))
     return (heat + text).properties(width=size, height=size)
 
 
@@ -103,3 +103,13 @@ def loss_curve(df: pd.DataFrame, title: str = "Training loss") -> alt.Chart:
     if "series" in df.columns:
         enc["color"] = alt.Color("series:N", title=None)
     return alt.Chart(df, title=title).mark_line(point=len(df) < 60).encode(**enc).properties(height=240)
+
+
+def score_agreement(df: pd.DataFrame, title: str = "Fast score vs exact ablation (sampled neurons)") -> alt.Chart:
+    """Scatter of the fast importance vs the exact ablation effect, one point per sampled neuron (log axes)."""
+    return alt.Chart(df, title=title).mark_circle(size=60, opacity=0.7).encode(
+        x=alt.X("fast:Q", scale=alt.Scale(type="symlog"), title="fast score (identification)"),
+        y=alt.Y("exact:Q", scale=alt.Scale(type="symlog"), title="exact ablation effect"),
+        color=alt.Color("site:N", sort=SITE_ORDER),
+        tooltip=["layer", "site", "index", alt.Tooltip("fast:Q", format=".4g"), alt.Tooltip("exact:Q", format=".4g")],
+    ).properties(height=280)

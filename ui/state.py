@@ -118,7 +118,7 @@ def unload() -> None:
 
 
 # Session-state keys holding results computed on the current model: dropped when the model changes.
-RESULT_KEYS = ("identify_result", "neuron_sets_imported", "validation_result", "train_result", "chat_delta",
+RESULT_KEYS = ("identify_result", "identify_prompts", "ablation_check", "neuron_sets_imported", "validation_result", "train_result", "chat_delta",
                "chat_history", "learn_demo")
 
 
