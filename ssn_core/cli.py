@@ -419,8 +419,10 @@ def cmd_identify(args: argparse.Namespace) -> int:
     total = lm.sites.total_neurons if set(kinds) == set(lm.sites.kinds) else sum(
         lm.sites.get(0, k).size * lm.sites.n_layers for k in kinds)
     rows = []
-    for row in result.summary().to_dict(orient="records"):
-        rows.append({**row, "ms_%": f"{100 * row['ms'] / total:.2f}", "ss": "-" if row["ss"] is None else row["ss"]})
+    for lang, ms in result.ms.items():
+        ss = result.ss.get(lang)
+        rows.append({"language": lang, "role": "HR" if lang in result.hr else "NHR", "ms": len(ms),
+                     "ms_%": f"{100 * len(ms) / total:.2f}", "ss": "-" if ss is None else len(ss)})
     print(format_table(rows, ["language", "role", "ms", "ms_%", "ss"]))
     print(f"all SS (union): {len(result.ss_all)}   shared by every NHR language: {len(result.ss_shared_all_nhr)}   "
           f"scored neurons: {total}")

@@ -172,7 +172,7 @@ class IdentifyResult:
             ss = self.ss.get(lang)
             rows.append({"language": lang, "role": "HR" if lang in self.hr else "NHR", "ms": len(ms),
                          "ss": len(ss) if ss is not None else None})
-        return pd.DataFrame(rows, columns=["language", "role", "ms", "ss"])
+        return pd.DataFrame(rows, columns=["language", "role", "ms", "ss"]).astype({"ss": "Int64"})  # HR: <NA>
 
     # ----- files --------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
