@@ -75,7 +75,7 @@ def chart_frame(table: list[dict]) -> pd.DataFrame:
     rows = []
     for (language, label), group in df.groupby(["language", "label"], sort=False):
         if len(group) > 1:  # random seeds: mean, spread as the error bar
-            for metric in ("asr", "refusal"):
+            for metric in ("asr", "refusal", "off_target"):
                 rows.append({"language": language, "condition": label, "metric": metric,
                              "value": group[metric].mean(), "lo": group[metric].min(), "hi": group[metric].max()})
         else:
@@ -84,12 +84,15 @@ def chart_frame(table: list[dict]) -> pd.DataFrame:
                          "lo": r["ci_low"], "hi": r["ci_high"]})
             rows.append({"language": language, "condition": label, "metric": "refusal", "value": r["refusal"],
                          "lo": r["refusal_ci_low"], "hi": r["refusal_ci_high"]})
+            rows.append({"language": language, "condition": label, "metric": "off_target", "value": r["off_target"],
+                         "lo": r["off_target"], "hi": r["off_target"]})
     return pd.DataFrame(rows)
 
 
 st.subheader("Results")
 st.altair_chart(charts.rates_by_condition(chart_frame(vres.table)))
-st.caption("Error bars: 95% bootstrap interval for single runs; min–max over seeds for the random controls.")
+st.caption("asr = complied with the harmful request, refusal = refused, off_target = neither (echo, loop, wrong "
+           "language). Error bars: 95% bootstrap interval for single runs; min–max over seeds for the random controls.")
 
 verdicts = []
 for language, targets in vres.summary.get("languages", {}).items():
@@ -103,7 +106,7 @@ if verdicts:
     st.dataframe(pd.DataFrame(verdicts), hide_index=True, width="stretch")
 
 corr = vres.summary.get("correlation", {})
-if corr.get("ss_counts"):
+if len(corr.get("ss_counts") or {}) >= 2:
     scatter = pd.DataFrame({"language": list(corr["ss_counts"]),
                             "ss_count": list(corr["ss_counts"].values()),
                             "baseline_asr": [corr["baseline_asr"][lang] for lang in corr["ss_counts"]]})
@@ -114,8 +117,11 @@ if corr.get("ss_counts"):
     else:
         st.caption(f"Pearson {corr['pearson']:+.2f}, Spearman {corr['spearman']:+.2f} over {corr['n']} languages. "
                    f"The paper reports a strong negative correlation (more SS-Neurons, lower ASR).")
-for note in vres.summary.get("notes", []):
-    st.caption(f"Note: {note}")
+notes = vres.summary.get("notes", [])
+if notes:
+    with st.expander(f"Notes ({len(notes)}): conditions skipped"):
+        for note in notes:
+            st.caption(note)
 
 table = pd.DataFrame(vres.table)
 st.dataframe(table, hide_index=True, width="stretch")

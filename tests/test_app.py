@@ -79,6 +79,15 @@ def test_bad_local_path_is_an_error_message_not_a_crash():
     assert "tiny:qwen2" in texts(at.subheader)
 
 
+def test_failed_autoload_is_shown_and_the_model_page_still_works(monkeypatch):
+    monkeypatch.setenv("SSN_APP_MODEL", "tiny:no-such-family")
+    at = new_app().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert "no-such-family" in texts(at.error)
+    assert "No model loaded yet" in texts(at.info)
+    assert "model_key" not in at.session_state
+
+
 def test_unload_and_reload_tiny_family():
     at = new_app().run()
     next(b for b in at.button if b.label == "Unload model").click().run()
