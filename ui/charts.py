@@ -8,7 +8,7 @@ import pandas as pd
 from ssn_core.neurons import NeuronSet
 
 SITE_ORDER = ["mlp", "attn_q", "attn_k", "attn_v", "attn_o"]
-CONDITION_COLORS = {"refusal": "#4c78a8", "compliance": "#e45756", "off_target": "#bab0ac", "asr": "#e45756"}
+METRIC_COLORS = {"asr": "#e45756", "refusal": "#4c78a8", "off_target": "#bab0ac"}
 
 
 def counts_frame(sets: dict[str, NeuronSet]) -> pd.DataFrame:
@@ -70,7 +70,10 @@ def rates_by_condition(df: pd.DataFrame, title: str = "Refusal and attack succes
     bars = alt.Chart().mark_bar().encode(
         x=alt.X("condition:N", title=None, sort=None),
         y=alt.Y("value:Q", title="rate", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("metric:N", title=None),
+        color=alt.Color("metric:N", title=None,
+                        scale=alt.Scale(domain=["asr", "refusal", "off_target"],
+                                        range=[METRIC_COLORS["asr"], METRIC_COLORS["refusal"],
+                                               METRIC_COLORS["off_target"]])),
         xOffset="metric:N",
         tooltip=["language", "condition", "metric", alt.Tooltip("value:Q", format=".2f"),
                  alt.Tooltip("lo:Q", format=".2f"), alt.Tooltip("hi:Q", format=".2f")],
