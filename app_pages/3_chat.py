@@ -78,6 +78,10 @@ elif not action.startswith("Off"):
         description = intervention.describe()
         if len(neurons) == 0:
             st.warning("The chosen set has no neurons in these layers and sites: both columns will be the same.")
+        if choice.kind == "everything":
+            middle = (sites.n_layers * 2 // 5, sites.n_layers * 3 // 5)
+            st.caption(f"Extreme demo without identified neurons. Switching off *everything* just breaks the model; "
+                       f"try Sites = mlp and Layers ≈ {middle[0]}–{middle[1]}: many models then stop refusing.")
     except Exception as exc:  # noqa: BLE001 - e.g. a random control that cannot be drawn
         show_error(exc)
         intervention = None
