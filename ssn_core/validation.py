@@ -326,7 +326,7 @@ class ValidationResult:
 
     def format_table(self) -> str:
         """Plain-text table: random seeds collapsed into mean ± std [min-max]."""
-        lines = [f"{'lang':<5} {'condition':<18} {'neurons':>8} {'n':>4} {'ASR':>15} {'refusal':>22} {'off':>5}"]
+        lines = [f"{'lang':<5} {'condition':<26} {'neurons':>8} {'n':>4} {'ASR':>17} {'refusal':>22} {'off':>5}"]
         for language in dict.fromkeys(r["language"] for r in self.table):
             entries = [r for r in self.table if r["language"] == language]
             seen: set[str] = set()
@@ -348,7 +348,7 @@ class ValidationResult:
                 else:
                     asr = f"{_fmt(r['asr'])} [{_fmt(r['ci_low'])}-{_fmt(r['ci_high'])}]"
                     refusal, off = _fmt(r["refusal"]), _fmt(r["off_target"])
-                lines.append(f"{language:<5} {name:<18} {r['n_neurons']:>8} {r['n']:>4} {asr:>15} {refusal:>22} "
+                lines.append(f"{language:<5} {name:<26} {r['n_neurons']:>8} {r['n']:>4} {asr:>17} {refusal:>22} "
                              f"{off:>5}")
         for language, targets in self.summary.get("languages", {}).items():
             for target, comparison in targets.items():
