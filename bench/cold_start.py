@@ -50,9 +50,11 @@ def worker(argv: list[str] | None = None) -> None:
 def cold_start(ctx: BenchContext) -> BenchResult:
     cfg = ctx.config
     require("ssn_core.loading")
+    if cfg.gpu:
+        raise Skipped("cold-start measures the CPU-side GGUF conversion; run it without --gpu")
     if not cfg.smoke and not cfg.model.startswith("starter:"):
         raise Skipped(f"cold-start measures the starter's GGUF -> safetensors path; {cfg.model!r} is not a starter")
-    cached_loads = cfg.pick(1, 2, 3)
+    cached_loads = cfg.pick(1, 1, 3)
     cache = tempfile.mkdtemp(prefix="ssn-bench-cache-")
     old = os.environ.get("SSN_CACHE")
     os.environ["SSN_CACHE"] = cache  # inherited by the workers

@@ -53,7 +53,7 @@ class BenchConfig:
 
     @property
     def rounds(self) -> int:
-        return self.repeats or self.pick(1, 3, 5)
+        return self.repeats or self.pick(1, 2, 5)
 
 
 @dataclass
@@ -120,21 +120,13 @@ def load_bench_model(config: BenchConfig):
     if config.gpu:
         if not torch.cuda.is_available():
             raise Skipped("--gpu needs CUDA, and torch sees no CUDA device here")
-        spec = loading.ModelSpec.parse(config.model) if hasattr(loading.ModelSpec, "parse") else None
-        return loading.load_model(gpu_spec(loading, config.model, spec))
+        return loading.load_model(gpu_spec(loading, config.model))
     return loading.load_model(config.model)
 
 
-def gpu_spec(loading, source: str, parsed=None):
-    """The --gpu profile: bitsandbytes 4-bit (nf4) on CUDA."""
-    import dataclasses
-
-    spec = parsed if parsed is not None else loading.ModelSpec(source=source)
-    changes = {}
-    for name, value in (("quantization", "4bit"), ("device", "cuda"), ("device_map", "cuda"), ("dtype", "bfloat16")):
-        if any(f.name == name for f in dataclasses.fields(spec)):
-            changes[name] = value
-    return dataclasses.replace(spec, **changes)
+def gpu_spec(loading, source: str):
+    """The --gpu profile: bitsandbytes 4-bit (nf4) weights, bfloat16 compute, everything on the first GPU."""
+    return loading.ModelSpec(source=source, dtype="bfloat16", quantization="4bit-nf4", device_map="cuda")
 
 
 # ----- timing -------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ def hook_overhead(ctx: BenchContext) -> BenchResult:
     interventions = require("ssn_core.interventions")
     lm = ctx.lm
     cfg = ctx.config
-    new_tokens = cfg.pick(4, 24, 64)
+    new_tokens = cfg.pick(4, 16, 64)
     ids = chat_ids(lm, bench_prompts(1)[0].text)
     device = next(lm.model.parameters()).device
     one = torch.tensor([ids], device=device)  # [1, T]
@@ -60,9 +60,15 @@ def hook_overhead(ctx: BenchContext) -> BenchResult:
         with interventions.suppress(lm, neurons, rows=[False, True]):
             generate(two)
 
-    times = alternate({"plain": plain, "suppressed": suppressed, "ab_batched": ab_batched}, cfg.rounds)
+    def batched_plain():  # diagnostic: the same two rows with no hooks (what batching alone costs)
+        generate(two)
+
+    times = alternate({"plain": plain, "suppressed": suppressed, "ab_batched": ab_batched,
+                       "batched_plain": batched_plain}, cfg.rounds)
     speed = paired_ratio(times["plain"], times["suppressed"])  # tok/s suppressed / tok/s plain
     ab = paired_ratio(times["ab_batched"], times["plain"])
+    batching = paired_ratio(times["batched_plain"], times["plain"])
+    row_mask_cost = paired_ratio(times["ab_batched"], times["batched_plain"])
     result = BenchResult(
         name="hook-overhead",
         ratios={"suppressed_tok_s": speed, "ab_batched_time": ab},
@@ -73,6 +79,7 @@ def hook_overhead(ctx: BenchContext) -> BenchResult:
         details={"new_tokens": new_tokens, "suppressed_neurons": len(neurons),
                  "fraction_of_all": round(neurons.fraction_of(lm.sites), 5),
                  "hooked_sites": len(neurons.neurons),
+                 "two_rows_no_hooks_vs_one_stream": batching, "ab_vs_two_rows_no_hooks": row_mask_cost,
                  "plain_tok_s": new_tokens / median(times["plain"]), "median_s": {k: median(v) for k, v in
                                                                                   times.items()},
                  "times_s": times, "generate": "HF generate, greedy, KV cache"},
@@ -80,5 +87,6 @@ def hook_overhead(ctx: BenchContext) -> BenchResult:
                 "size)")],
     )
     result.summary = (f"hook-overhead: tok/s suppressed/plain {fmt_ratio(speed)}{goal_text(result, 'suppressed_tok_s')}"
-                      f" | A/B batched time / one stream {fmt_ratio(ab)}{goal_text(result, 'ab_batched_time')}")
+                      f" | A/B batched time / one stream {fmt_ratio(ab)}{goal_text(result, 'ab_batched_time')}"
+                      f" (two rows without hooks {fmt_ratio(batching)}; row-masked hooks on top {fmt_ratio(row_mask_cost)})")
     return result

@@ -91,7 +91,7 @@ def worker(argv: list[str] | None = None) -> None:
 def scoring_memory(ctx: BenchContext) -> BenchResult:
     cfg = ctx.config
     require("ssn_core.scoring")
-    small, large = cfg.pick((2, 6), (10, 100), (100, 1000))
+    small, large = cfg.pick((2, 6), (8, 80), (100, 1000))
     batch_size = cfg.pick(4, 8, 8)
     # --quick scores the closed-form kinds only (q/k's exact recomputation is ~2x the cost of the rest);
     # the q/k transient buffers are per batch, so they do not change with the prompt count either way.

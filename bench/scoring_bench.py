@@ -22,7 +22,7 @@ def scoring_vs_forward(ctx: BenchContext) -> BenchResult:
     scoring = require("ssn_core.scoring")
     lm = ctx.lm
     cfg = ctx.config
-    batches = scoring_batches(lm, n_prompts=cfg.pick(2, 4, 32), batch_size=cfg.pick(2, 4, 8))
+    batches = scoring_batches(lm, n_prompts=cfg.pick(2, 2, 32), batch_size=cfg.pick(2, 2, 8))
     kinds = lm.sites.kinds
 
     def run_forward():
@@ -67,7 +67,7 @@ def scoring_vs_ablation(ctx: BenchContext) -> BenchResult:
     batches = scoring_batches(lm, n_prompts=cfg.pick(2, 2, 4), batch_size=cfg.pick(2, 2, 4))
     batch = batches[0]
     # A few neurons of every kind, spread over all layers: the per-neuron cost hardly depends on which.
-    sample = scoring.sample_neurons(lm.sites, lm.sites.kinds, cfg.pick(1, 2, 8), 0, per="kind")
+    sample = scoring.sample_neurons(lm.sites, lm.sites.kinds, cfg.pick(1, 1, 8), 0, per="kind")
     chunk = 8  # the engine's default: 8 neurons share one forward over a repeated batch
 
     times = alternate(
@@ -186,7 +186,7 @@ def scoring_vs_peer(ctx: BenchContext) -> BenchResult:
     scoring = require("ssn_core.scoring")
     lm = ctx.lm
     cfg = ctx.config
-    batches = scoring_batches(lm, n_prompts=cfg.pick(2, 4, 32), batch_size=cfg.pick(2, 4, 8))
+    batches = scoring_batches(lm, n_prompts=cfg.pick(2, 2, 32), batch_size=cfg.pick(2, 2, 8))
     sites = _site_list(lm)
 
     def ours():
