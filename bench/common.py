@@ -137,11 +137,15 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def alternate(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Time each fn ``rounds`` times, interleaved; the order rotates each round so drift hits all alike."""
+def alternate(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
+              warm: list[str] | None = None) -> dict[str, list[float]]:
+    """Time each fn ``rounds`` times, interleaved; the order rotates each round so drift hits all alike.
+
+    ``warm``: the fns to run untimed first (default all); one call that fills every cache is enough.
+    """
     names = list(fns)
     for _ in range(warmup):
-        for name in names:
+        for name in (warm if warm is not None else names):
             fns[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
