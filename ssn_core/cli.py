@@ -53,7 +53,9 @@ class TqdmProgress:
         if message != self.message:
             self.close()
             self.message = message
-            self.bar = tqdm(total=total, desc=message, unit="B" if total > 1 else "step", unit_scale=total > 1,
+            # Byte counts (starter assembly) get B/kB/MB units; everything else counts items.
+            in_bytes = total > 1_000_000
+            self.bar = tqdm(total=total, desc=message, unit="B" if in_bytes else "it", unit_scale=in_bytes,
                             file=sys.stderr, leave=True)
         self.bar.total = total
         self.bar.n = done

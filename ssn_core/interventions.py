@@ -62,28 +62,52 @@ def resolve_sites(target) -> SiteMap:
 
 
 def _edit_fn(site: NeuronSite, neuron_indices: torch.Tensor, intervention: Intervention):
+    """The carrier edit for one site.
+
+    Scaling is one out-of-place multiply by a precomputed multiplier (ones except ``scale`` at the
+    neurons' coordinates; [B, 1, C] when a row mask is given, so unmasked rows are multiplied by
+    exactly 1.0 and stay bit-identical). Clamping writes the value at those coordinates.
+    """
     coords = site.carrier_coords(neuron_indices)  # [n] positions in the carrier's last dim
     row_mask = None if intervention.rows is None else torch.as_tensor(intervention.rows, dtype=torch.bool)
     scale, value = float(intervention.scale), intervention.value
-    on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    cache: dict[tuple, torch.Tensor] = {}
 
-    def edit(carrier: torch.Tensor) -> torch.Tensor:  # carrier: [B, T, C]
-        device = carrier.device
-        if device not in on_device:
-            on_device[device] = (coords.to(device), None if row_mask is None else row_mask.to(device))
-        coords_d, rows_d = on_device[device]
-        selected = carrier.index_select(-1, coords_d)  # [B, T, n]
-        new_values = torch.full_like(selected, value) if value is not None else selected * scale
-        edited = carrier.index_copy(-1, coords_d, new_values)  # out of place: the input stays intact
-        if rows_d is None:
-            return edited
-        if rows_d.numel() != carrier.shape[0]:
+    def multiplier(carrier: torch.Tensor) -> torch.Tensor:
+        key = (carrier.device, carrier.dtype, carrier.shape[-1])
+        if key not in cache:
+            factors = torch.ones(carrier.shape[-1], dtype=carrier.dtype, device=carrier.device)
+            factors[coords.to(carrier.device)] = scale
+            if row_mask is not None:  # [B, 1, C]: rows outside the mask keep factor 1
+                rows = row_mask.to(carrier.device).view(-1, 1)
+                factors = torch.where(rows, factors, torch.ones_like(factors)).unsqueeze(1)
+            cache[key] = factors
+        return cache[key]
+
+    def check_rows(carrier: torch.Tensor) -> None:
+        if row_mask is not None and row_mask.numel() != carrier.shape[0]:
             raise SSNError(
-                f"the intervention's row mask has {rows_d.numel()} rows but the batch has {carrier.shape[0]}"
+                f"the intervention's row mask has {row_mask.numel()} rows but the batch has {carrier.shape[0]}"
             )
-        return torch.where(rows_d.view(-1, *([1] * (carrier.dim() - 1))), edited, carrier)
 
-    return edit
+    def scale_edit(carrier: torch.Tensor) -> torch.Tensor:  # carrier: [B, T, C]
+        check_rows(carrier)
+        factors = multiplier(carrier)
+        if factors.dim() == 2 and carrier.dim() == 2:  # unbatched [T, C] carrier with a row mask: not expected
+            factors = factors.squeeze(1)
+        return carrier * factors
+
+    def clamp_edit(carrier: torch.Tensor) -> torch.Tensor:
+        check_rows(carrier)
+        coords_d = coords.to(carrier.device)
+        selected = carrier.index_select(-1, coords_d)  # [B, T, n]
+        edited = carrier.index_copy(-1, coords_d, torch.full_like(selected, value))  # out of place
+        if row_mask is None:
+            return edited
+        rows = row_mask.to(carrier.device).view(-1, *([1] * (carrier.dim() - 1)))
+        return torch.where(rows, edited, carrier)
+
+    return clamp_edit if value is not None else scale_edit
 
 
 @contextmanager
