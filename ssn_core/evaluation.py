@@ -9,9 +9,7 @@ scripts: prompts of each language -> batched greedy generation (optionally insid
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import math
 import threading
@@ -23,7 +21,7 @@ from pathlib import Path
 
 from ssn_core.errors import Cancelled, PromptSetError, SSNError
 from ssn_core.interventions import Intervention, intervene
-from ssn_core.io import atomic_write_json, atomic_write_text
+from ssn_core.io import atomic_write_json, atomic_write_text, csv_text
 
 Progress = Callable[[int, int, str], None]
 
@@ -41,15 +39,6 @@ def _clean(x):
     if isinstance(x, (list, tuple)):
         return [_clean(v) for v in x]
     return x
-
-
-def csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
-    return buffer.getvalue()
 
 
 def prompts_hash(prompts: Sequence) -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,3 +48,13 @@ def atomic_save_safetensors(
 ) -> None:
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
     _atomic_replace(Path(path), lambda tmp: save_file(contiguous, tmp, metadata=metadata))
+
+
+def csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """Rows as CSV text with the given columns (missing or None values empty), for atomic_write_text."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
+    return buffer.getvalue()

@@ -20,8 +20,6 @@ the target lowers refusal by more than random suppression does, by more than the
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import statistics
 import threading
@@ -34,7 +32,7 @@ import torch
 
 from ssn_core.errors import Cancelled, NeuronFileError, PromptSetError, SSNError
 from ssn_core.interventions import Intervention, intervene, resolve_sites
-from ssn_core.io import atomic_write_json, atomic_write_text
+from ssn_core.io import atomic_write_json, atomic_write_text, csv_text
 from ssn_core.neurons import NeuronSet
 from ssn_core.sites import SiteMap
 
@@ -287,15 +285,6 @@ ROW_COLUMNS: tuple[str, ...] = ("language", "condition", "seed", "alpha", "id", 
                                 "reason")
 
 
-def _csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
-    return buffer.getvalue()
-
-
 def _fmt(value) -> str:
     if value is None:
         return "-"
@@ -318,7 +307,7 @@ class ValidationResult:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "rows.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows))
-        atomic_write_text(out / "table.csv", _csv_text(self.table, TABLE_COLUMNS))
+        atomic_write_text(out / "table.csv", csv_text(self.table, TABLE_COLUMNS))
         atomic_write_json(out / "table.json", self.table)
         atomic_write_json(out / "summary.json", self.summary)
         atomic_write_json(out / "manifest.json", self.manifest)
