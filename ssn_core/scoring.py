@@ -434,9 +434,68 @@ def _softmax_scores(scores: torch.Tensor, geo: _LayerAttention, bias: torch.Tens
     return torch.softmax(scores + bias, dim=-1)
 
 
-def _chunk_size(n_rows: int, T: int, D: int, budget_bytes: int = 256 * 2**20) -> int:
-    per_dim = n_rows * T * max(T, D) * 4 * 3  # scores, probabilities, outputs
-    return max(1, min(D, budget_bytes // max(per_dim, 1)))
+def _chunk_size(n_rows: int, T: int, S: int, width: int, budget_bytes: int = 256 * 2**20) -> int:
+    per_dim = n_rows * T * max(S, width) * 4 * 3  # scores, probabilities, outputs
+    return max(1, budget_bytes // max(per_dim, 1))
+
+
+def _weighted_rows(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt, the token positions that count in its aggregate: (index [B, R], weights [B, R]).
+
+    Only these query rows reach the score, so the recomputation can skip every other row exactly. Prompts with
+    fewer counted tokens are filled with their last position at weight 0.
+    """
+    counted = weights > 0  # [B, T]
+    n_rows = max(int(counted.sum(-1).max()), 1)
+    position = torch.arange(weights.shape[1], device=weights.device).expand_as(weights)
+    # Counted positions first (in order), then the others: the first n_rows columns are what we need.
+    order = torch.argsort(torch.where(counted, position, position + weights.shape[1]), dim=-1)[:, :n_rows]
+    kept = torch.gather(counted, 1, order)
+    last = torch.where(counted, position, -1).max(-1, keepdim=True).values.clamp(min=0)
+    index = torch.where(kept, order, last)
+    return index, torch.where(kept, torch.gather(weights, 1, index), 0.0)
+
+
+def _take_rows(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """x[b, index[b], ...] along ``dim`` (index [B, R])."""
+    shape = [1] * x.dim()
+    shape[0], shape[dim] = index.shape
+    expanded = index.view(shape).expand(*[r if i == dim else s for i, (s, r) in enumerate(zip(x.shape, shape))])
+    return torch.gather(x, dim, expanded)
+
+
+def _rope_pairs(cos: torch.Tensor | None, sin: torch.Tensor | None, B: int, T: int, D: int, device
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """RoPE maps the basis vector e_d to own[b, t, d] e_d + other[b, t, d] e_partner[d]: (own, other, partner).
+
+    Zeroing dim d of a query (key) therefore moves each attention score by two products, O(T*S) per dim instead
+    of a full O(T*S*D) recomputation. None if RoPE here does not have that two-coordinate form.
+    """
+    partner = torch.arange(D, device=device)
+    if cos is None:
+        return torch.ones(B, T, D, device=device), torch.zeros(B, T, D, device=device), partner
+    rot = cos.shape[-1]
+    half = rot // 2
+    partner[:half] += half
+    partner[half:rot] -= half
+    rotated = _apply_rope(torch.eye(D, device=device).expand(B, T, D, D), cos, sin)  # [B, T, d, j] = rope(e_d)_j
+    own = rotated.diagonal(dim1=-2, dim2=-1)
+    other = torch.gather(rotated, 3, partner.view(1, 1, D, 1).expand(B, T, D, 1))[..., 0]
+    other = torch.where(partner == torch.arange(D, device=device), 0.0, other)
+    if not torch.allclose(rotated.abs().sum(-1), own.abs() + other.abs(), atol=1e-5):
+        return None
+    return own, other, partner
+
+
+def _shifted_softmax(base: torch.Tensor, shift: torch.Tensor, geo: _LayerAttention, bias: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities for the scores ``base - shift`` (``shift`` already scaled; reused as the buffer).
+
+    ``base`` is the scaled score, and already carries the mask unless soft-capping has to come first.
+    """
+    logits = torch.sub(base, shift, out=shift)
+    if geo.softcap is not None:
+        logits.div_(geo.softcap).tanh_().mul_(geo.softcap).add_(bias)
+    return torch.softmax(logits, dim=-1)
 
 
 def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, weights, kinds, check_tol):
@@ -444,18 +503,31 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
 
     q_raw [B, T, H, D], k_raw / v [B, T, K, D], z_obs [B, T, H, D] (the model's own attention output).
     Returns {kind: [B, N]}.
+
+    Only the query rows that count in a prompt's aggregate are recomputed (R of T), against the keys up to the
+    last such row (S of T, attention is causal). Without q/k norms, the score change of zeroing one dim is two
+    products (see ``_rope_pairs``); with them (Qwen3, Gemma 3) the normed and rotated q/k are recomputed per dim.
     """
-    B, T, H, D = q_raw.shape
+    B, _, H, D = q_raw.shape
     K = k_raw.shape[2]
     G = H // K
-    qp = _prep(q_raw, geo.q_norm, cos, sin).permute(0, 2, 1, 3).reshape(B, K, G, T, D)  # [B,K,G,T,D]
-    kp = _prep(k_raw, geo.k_norm, cos, sin).permute(0, 2, 1, 3)  # [B,K,T,D]
-    vh = v.permute(0, 2, 1, 3)  # [B,K,T,D]
-    probs = _softmax_scores(torch.einsum("bkgtd,bksd->bkgts", qp, kp), geo, bias[:, None])
-    z = torch.einsum("bkgts,bksd->bkgtd", probs, vh)  # [B,K,G,T,D]
-    # Safety net: our recomputation must reproduce the model's attention on real tokens.
-    z_model = z_obs.permute(0, 2, 1, 3).reshape(B, K, G, T, D)
-    real = (weights > 0)[:, None, None, :, None]
+    rows, row_weights = _weighted_rows(weights)  # [B, R]
+    R = rows.shape[1]
+    S = int(rows.max()) + 1
+    k_raw, v = k_raw[:, :S], v[:, :S]
+    key_cos, key_sin = (cos[:, :S], sin[:, :S]) if cos is not None else (None, None)
+    row_cos, row_sin = (_take_rows(cos, rows), _take_rows(sin, rows)) if cos is not None else (None, None)
+    q_rows = _take_rows(q_raw, rows)  # [B, R, H, D]
+    bias = _take_rows(bias[..., :S], rows, dim=2)  # [B, 1, R, S]
+    qp = _prep(q_rows, geo.q_norm, row_cos, row_sin).permute(0, 2, 1, 3).reshape(B, K, G, R, D)  # [B,K,G,R,D]
+    kp = _prep(k_raw, geo.k_norm, key_cos, key_sin).permute(0, 2, 1, 3)  # [B,K,S,D]
+    vh = v.permute(0, 2, 1, 3)  # [B,K,S,D]
+    raw_scores = torch.einsum("bkgtd,bksd->bkgts", qp, kp)  # [B,K,G,R,S] before scaling / softcap / mask
+    probs = _softmax_scores(raw_scores, geo, bias[:, None])
+    z = torch.einsum("bkgts,bksd->bkgtd", probs, vh)  # [B,K,G,R,D]
+    # Safety net: our recomputation must reproduce the model's attention on the rows that count.
+    z_model = _take_rows(z_obs, rows).permute(0, 2, 1, 3).reshape(B, K, G, R, D)
+    real = (row_weights > 0)[:, None, None, :, None]
     error = ((z - z_model) * real).norm() / ((z_model * real).norm() + 1e-12)
     if not bool(error <= check_tol):
         raise SSNError(
@@ -464,34 +536,72 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
         )
     out: dict[str, torch.Tensor] = {}
     eye = torch.eye(D, device=q_raw.device)
+    # Scaled scores (plus the mask when no soft-capping sits in between): what a score shift is subtracted from.
+    base = raw_scores * geo.scaling if geo.softcap is not None else raw_scores * geo.scaling + bias[:, None]
     if "attn_q" in kinds:
         vf_q = torch.einsum("bksd,kgrd->bkgsr", vh, geo.q_factors.view(K, G, -1, D))  # [B,K,G,S,r]
+        pairs = _rope_pairs(row_cos, row_sin, B, R, D, q_raw.device) if geo.q_norm is None else None
+        if pairs is not None:
+            # Zeroing q_d shifts score (t, s) by q_d(t) (own_d(t) k_d(s) + other_d(t) k_partner(d)(s)): a rank-2
+            # product per (head, dim), one small matmul for a chunk of dims.
+            own, other, partner = pairs  # [B, R, D] x2, [D]
+            row_factors = torch.stack((q_rows * own[:, :, None], q_rows * other[:, :, None]), dim=-1)  # [B,R,H,D,2]
+            row_factors = (row_factors * geo.scaling).permute(0, 2, 3, 1, 4).reshape(B, K, G, D, R, 2)
+            k_cols = kp.transpose(2, 3)  # [B,K,D,S]
+            key_factors = torch.stack((k_cols, k_cols[:, :, partner]), dim=3)[:, :, None]  # [B,K,1,D,2,S]
         scores = torch.zeros(B, H, D, device=q_raw.device)
-        chunk = _chunk_size(B * H, T, D)
+        chunk = min(D, _chunk_size(B * H, R, S, vf_q.shape[-1]))
         for start in range(0, D, chunk):
-            dims = torch.arange(start, min(start + chunk, D), device=q_raw.device)
-            keep = 1.0 - eye[dims]  # [c, D]
-            q_mod = q_raw[:, :, :, None, :] * keep  # [B,T,H,c,D]
-            q_mod = _prep(q_mod, geo.q_norm, cos, sin).permute(0, 2, 3, 1, 4)  # [B,H,c,T,D]
-            q_mod = q_mod.reshape(B, K, G, len(dims), T, D)
-            p_mod = _softmax_scores(torch.einsum("bkgctd,bksd->bkgcts", q_mod, kp), geo, bias[:, None, None])
+            end = min(start + chunk, D)
+            if pairs is not None:
+                shift = torch.matmul(row_factors[:, :, :, start:end], key_factors[:, :, :, start:end])  # [B,K,G,c,R,S]
+                p_mod = _shifted_softmax(base[:, :, :, None], shift, geo, bias[:, None, None])
+            else:
+                keep = 1.0 - eye[start:end]  # [c, D]
+                q_mod = q_rows[:, :, :, None, :] * keep  # [B,R,H,c,D]
+                q_mod = _prep(q_mod, geo.q_norm, row_cos, row_sin).permute(0, 2, 3, 1, 4)  # [B,H,c,R,D]
+                q_mod = q_mod.reshape(B, K, G, end - start, R, D)
+                p_mod = _softmax_scores(torch.einsum("bkgctd,bksd->bkgcts", q_mod, kp), geo, bias[:, None, None])
             # Δout = W_O,h (A' - A) V = F_h-rotated: ‖(A' - A) (V F_h^T)‖, one matmul per dim.
-            delta = torch.einsum("bkgcts,bkgsr->bkgctr", p_mod - probs[:, :, :, None], vf_q).norm(dim=-1)
-            scores[:, :, dims] = _aggregate(delta.permute(0, 4, 1, 2, 3), weights).reshape(B, H, len(dims))
+            c = end - start
+            p_mod.sub_(probs[:, :, :, None])
+            delta = torch.matmul(p_mod.view(B, K, G, c * R, S), vf_q).norm(dim=-1).view(B, K, G, c, R)
+            scores[:, :, start:end] = _aggregate(delta.permute(0, 4, 1, 2, 3), row_weights).reshape(B, H, c)
         out["attn_q"] = scores.reshape(B, H * D)
     if "attn_k" in kinds:
         vf_k = torch.einsum("bksd,krgd->bkgsr", vh, geo.k_factors.view(K, -1, G, D))  # [B,K,G,S,r]
+        pairs = _rope_pairs(key_cos, key_sin, B, S, D, q_raw.device) if geo.k_norm is None else None
         scores = torch.zeros(B, K, D, device=q_raw.device)
-        chunk = _chunk_size(B * H, T, D)
-        for start in range(0, D, chunk):
-            dims = torch.arange(start, min(start + chunk, D), device=q_raw.device)
-            keep = 1.0 - eye[dims]
-            k_mod = k_raw[:, :, :, None, :] * keep  # [B,T,K,c,D]
-            k_mod = _prep(k_mod, geo.k_norm, cos, sin).permute(0, 2, 3, 1, 4)  # [B,K,c,T,D]
-            p_mod = _softmax_scores(torch.einsum("bkgtd,bkcsd->bkgcts", qp, k_mod), geo, bias[:, None, None])
-            # Δout = Σ_h W_O,h (A'_h - A_h) V_g: the whole group's heads in one contraction.
-            delta = torch.einsum("bkgcts,bkgsr->bkctr", p_mod - probs[:, :, :, None], vf_k).norm(dim=-1)
-            scores[:, :, dims] = _aggregate(delta.permute(0, 3, 1, 2), weights)
+        chunk = min(D, _chunk_size(B * H, R, S, vf_k.shape[-1]))
+        if pairs is not None:
+            # Zeroing k_d shifts score (t, g, s) by k_d(s) (own_d(s) q_d(t, g) + other_d(s) q_partner(d)(t, g)).
+            # Layout [B, K, dim, R, G, S] puts a group's heads next to the keys: Σ_h W_O,h (A'_h - A_h) V_g is then
+            # one matmul over (G, S) without copying the big tensor.
+            own, other, partner = pairs  # [B, S, D] x2, [D]
+            q_cols = (qp * geo.scaling).permute(0, 1, 4, 3, 2)  # [B,K,D,R,G]
+            row_factors = torch.stack((q_cols, q_cols[:, :, partner]), dim=-1).reshape(B, K, D, R * G, 2)
+            key_factors = torch.stack(((k_raw * own[:, :, None]).permute(0, 2, 3, 1),
+                                       (k_raw * other[:, :, None]).permute(0, 2, 3, 1)), dim=3)  # [B,K,D,2,S]
+            base_k = base.permute(0, 1, 3, 2, 4)[:, :, None]  # [B,K,1,R,G,S]
+            probs_k = probs.permute(0, 1, 3, 2, 4)[:, :, None]
+            bias_k = bias[:, :, None, :, None]  # [B,1,1,R,1,S]
+            vf_k_flat = vf_k.reshape(B, K, G * S, -1)  # [B,K,G*S,r]
+            for start in range(0, D, chunk):
+                end, c = min(start + chunk, D), min(start + chunk, D) - start
+                shift = torch.matmul(row_factors[:, :, start:end], key_factors[:, :, start:end]).view(B, K, c, R, G, S)
+                p_mod = _shifted_softmax(base_k, shift, geo, bias_k).sub_(probs_k)
+                delta = torch.matmul(p_mod.view(B, K, c * R, G * S), vf_k_flat).norm(dim=-1).view(B, K, c, R)
+                scores[:, :, start:end] = _aggregate(delta.permute(0, 3, 1, 2), row_weights)
+        else:
+            for start in range(0, D, chunk):
+                end = min(start + chunk, D)
+                keep = 1.0 - eye[start:end]
+                k_mod = k_raw[:, :, :, None, :] * keep  # [B,S,K,c,D]
+                k_mod = _prep(k_mod, geo.k_norm, key_cos, key_sin).permute(0, 2, 3, 1, 4)  # [B,K,c,S,D]
+                p_mod = _softmax_scores(torch.einsum("bkgtd,bkcsd->bkgcts", qp, k_mod), geo, bias[:, None, None])
+                # Δout = Σ_h W_O,h (A'_h - A_h) V_g: the whole group's heads in one contraction.
+                delta = torch.einsum("bkgcts,bkgsr->bkctr", p_mod - probs[:, :, :, None], vf_k).norm(dim=-1)
+                scores[:, :, start:end] = _aggregate(delta.permute(0, 3, 1, 2), row_weights)
         out["attn_k"] = scores.reshape(B, K * D)
     return out
 
