@@ -63,6 +63,15 @@ def hook_overhead(ctx: BenchContext) -> BenchResult:
     def batched_plain():  # diagnostic: the same two rows with no hooks (what batching alone costs)
         generate(two)
 
+    # The machine's floor for any batched A/B: the output projection (the largest matrix) applied to two rows
+    # instead of one. On a GPU this is ~1.0x; small-m GEMM on a CPU BLAS can cost ~2x.
+    head = lm.model.get_output_embeddings().weight.detach()
+    rows_one = torch.randn(1, head.shape[1], dtype=head.dtype, device=head.device)
+    rows_two = torch.randn(2, head.shape[1], dtype=head.dtype, device=head.device)
+    head_times = alternate({"one": lambda: torch.nn.functional.linear(rows_one, head),
+                            "two": lambda: torch.nn.functional.linear(rows_two, head)}, max(cfg.rounds, 5) * 4)
+    head_floor = paired_ratio(head_times["two"], head_times["one"])
+
     times = alternate({"plain": plain, "suppressed": suppressed, "ab_batched": ab_batched,
                        "batched_plain": batched_plain}, cfg.rounds)
     speed = paired_ratio(times["plain"], times["suppressed"])  # tok/s suppressed / tok/s plain
@@ -80,6 +89,7 @@ def hook_overhead(ctx: BenchContext) -> BenchResult:
                  "fraction_of_all": round(neurons.fraction_of(lm.sites), 5),
                  "hooked_sites": len(neurons.neurons),
                  "two_rows_no_hooks_vs_one_stream": batching, "ab_vs_two_rows_no_hooks": row_mask_cost,
+                 "lm_head_two_rows_vs_one": head_floor,
                  "plain_tok_s": new_tokens / median(times["plain"]), "median_s": {k: median(v) for k, v in
                                                                                   times.items()},
                  "times_s": times, "generate": "HF generate, greedy, KV cache"},
@@ -88,5 +98,6 @@ def hook_overhead(ctx: BenchContext) -> BenchResult:
     )
     result.summary = (f"hook-overhead: tok/s suppressed/plain {fmt_ratio(speed)}{goal_text(result, 'suppressed_tok_s')}"
                       f" | A/B batched time / one stream {fmt_ratio(ab)}{goal_text(result, 'ab_batched_time')}"
-                      f" (two rows without hooks {fmt_ratio(batching)}; row-masked hooks on top {fmt_ratio(row_mask_cost)})")
+                      f" (two rows without hooks {fmt_ratio(batching)}; row-masked hooks on top {fmt_ratio(row_mask_cost)};"
+                      f" floor: lm_head on two rows vs one {fmt_ratio(head_floor)})")
     return result
