@@ -35,7 +35,7 @@ from torch import nn
 
 from ssn_core.errors import NeuronFileError, TrainingError
 from ssn_core.hooks import hook_modules
-from ssn_core.io import atomic_save_safetensors
+from ssn_core.io import atomic_save_safetensors, read_safetensors
 from ssn_core.neurons import NeuronSet
 from ssn_core.sites import SiteMap, weight_axis
 
@@ -182,19 +182,8 @@ class NeuronDelta:
     def load(cls, path: str | Path, model: nn.Module | None = None, sites: SiteMap | None = None,
              device: torch.device | str | None = None) -> NeuronDelta:
         """Read a delta file (never unpickles); with ``model`` and ``sites``, validate it against that model."""
-        from safetensors import SafetensorError, safe_open
-
         path = Path(path)
-        if not path.is_file():
-            raise NeuronFileError(f"delta file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-                tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is not iterable
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise NeuronFileError(f"{path} is not a readable safetensors file: {exc}") from None
-        if header.get("format") != DELTA_FORMAT:
-            raise NeuronFileError(f"{path} is not an SSN Lab delta (missing format {DELTA_FORMAT!r})")
+        header, tensors = read_safetensors(path, DELTA_FORMAT, "delta")
         try:
             meta = json.loads(header.get("meta", "{}"))
             neuron_data = json.loads(header["neurons"])

@@ -58,3 +58,27 @@ def csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
     for row in rows:
         writer.writerow({c: ("" if row.get(c) is None else row.get(c)) for c in columns})
     return buffer.getvalue()
+
+
+def read_safetensors(path: str | os.PathLike, expected_format: str, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """(header metadata, tensors) of an SSN Lab safetensors file, never unpickling anything.
+
+    Raises NeuronFileError with a one-line reason when the file is missing, unreadable, or not ``expected_format``
+    (``what`` names the kind of file in the message: "score table", "neuron set", "delta").
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from ssn_core.errors import NeuronFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise NeuronFileError(f"{what} file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise NeuronFileError(f"{path} is not a readable safetensors file: {exc}") from None
+    if header.get("format") != expected_format:
+        raise NeuronFileError(f"{path} is not an SSN Lab {what} (missing format {expected_format!r})")
+    return header, tensors

@@ -14,11 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from ssn_core.errors import NeuronFileError
-from ssn_core.io import atomic_save_safetensors, atomic_write_json
+from ssn_core.io import atomic_save_safetensors, atomic_write_json, read_safetensors
 from ssn_core.sites import SITE_KINDS, SiteMap
 
 FORMAT_VERSION = 1
@@ -224,16 +222,7 @@ class NeuronSet:
 
     @classmethod
     def _load_safetensors(cls, path: Path) -> NeuronSet:
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise NeuronFileError(f"{path} is not a readable safetensors file: {exc}") from None
-        if header.get("format") != "ssn-lab/neuron-set":
-            raise NeuronFileError(f"{path} is not an SSN Lab neuron set (missing format 'ssn-lab/neuron-set')")
+        header, tensors = read_safetensors(path, "ssn-lab/neuron-set", "neuron set")
         grouped = {}
         for name, tensor in tensors.items():
             layer, _, kind = name.partition(".")

@@ -48,13 +48,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file
 from torch import nn
 
 from ssn_core.errors import Cancelled, NeuronFileError, SSNError
 from ssn_core.hooks import hook_sites
 from ssn_core.interventions import Intervention, intervene
+from ssn_core.io import atomic_save_safetensors, read_safetensors
 from ssn_core.neurons import NeuronSet
 from ssn_core.sites import SITE_KINDS, NeuronSite, SiteMap, weight_axis
 
@@ -122,7 +121,6 @@ class ScoreTable:
     # ----- files --------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Save as safetensors (atomic): one tensor per (language, label, kind), metadata as JSON."""
-        from ssn_core.io import atomic_save_safetensors
 
         path = Path(path)
         tensors: dict[str, torch.Tensor] = {}
@@ -146,16 +144,7 @@ class ScoreTable:
     @classmethod
     def load(cls, path: str | Path, sites: SiteMap | None = None) -> ScoreTable:
         path = Path(path)
-        if not path.is_file():
-            raise NeuronFileError(f"score file not found: {path}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                header = f.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise NeuronFileError(f"{path} is not a readable safetensors file: {exc}") from None
-        if header.get("format") != FORMAT:
-            raise NeuronFileError(f"{path} is not an SSN Lab score table (missing format {FORMAT!r})")
+        header, tensors = read_safetensors(path, FORMAT, "score table")
         try:
             counts = {(str(lang), str(label)): int(n) for lang, label, n in json.loads(header.get("counts", "[]"))}
             meta = json.loads(header.get("meta", "{}"))
