@@ -206,7 +206,11 @@ def add_train_parser(sub) -> None:
     p.add_argument("--neurons", metavar="DIR", help="identify results (from `ssn identify`) for ss / ms-hr / random")
     p.add_argument("--target", default="ss",
                    help="ss (union of SS over --langs) | ss:LANG | ms-hr (English MS) | ms:LANG | random | FILE")
-    p.add_argument("--langs", default="en,zh,bn,sw", help="training languages, comma-separated (default en,zh,bn,sw)")
+    p.add_argument("--langs", default=None, help="training languages, comma-separated (default en,zh,bn,sw, or those "
+                   "of --data)")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="reuse the safety data of an earlier run (its OUT/safety_data.json: same items, split and "
+                   "retain replies) instead of building it again")
     p.add_argument("--n", type=int, default=None, help="items per language and label (default: all built-in)")
     p.add_argument("--heldout", type=float, default=0.25, help="share of item ids held out for evaluation")
     p.add_argument("--steps", type=int, default=60)
@@ -263,6 +267,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from ssn_core.prompts import load_builtin, parse_languages
     from ssn_core.training import (
         METHODS,
+        SafetyData,
         TrainConfig,
         build_safety_data,
         compare_methods,
@@ -271,7 +276,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_train,
     )
 
-    languages = parse_languages(args.langs)
+    languages = parse_languages(args.langs or "en,zh,bn,sw")
     baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
     unknown = [b for b in baselines if b not in METHODS or b == "neurons"]
     if unknown:
@@ -283,6 +288,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Under `accelerate launch`, this initialises the process group and selects this process's GPU before loading.
     main_process = is_main_process()
     lm = load_from_args(args)
+    saved_data = None
+    if args.data:
+        saved_data = SafetyData.load(args.data, lm.sites)
+        if args.langs and set(languages) != set(saved_data.languages):
+            raise TrainingError(f"--langs {','.join(languages)} does not match the languages of {args.data} "
+                                f"({','.join(saved_data.languages)}); leave --langs out to use the data's")
+        languages = saved_data.languages
     neurons = resolve_target(args.target, lm.sites, identify_dir=args.neurons, languages=languages, seed=args.seed)
     if main_process:
         print(f"[training {len(neurons):,} neurons ({args.target}) on {', '.join(languages)}]", file=sys.stderr)
@@ -290,9 +302,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     eval_kwargs = {"settings": GenerationSettings(max_new_tokens=args.eval_tokens),
                    "max_eval_per_language": args.eval_n}
     try:
-        prompts = load_builtin(languages, n=args.n)
-        data = build_safety_data(lm, prompts, languages, heldout_fraction=args.heldout, seed=args.seed,
-                                 progress=progress)
+        if saved_data is not None:
+            data = saved_data
+        else:
+            prompts = load_builtin(languages, n=args.n)
+            data = build_safety_data(lm, prompts, languages, heldout_fraction=args.heldout, seed=args.seed,
+                                     progress=progress)
         result = run_train(lm, neurons, data, config, out_dir=args.out if main_process else None,
                            evaluate=not args.no_eval, eval_kwargs=eval_kwargs, progress=progress)
         comparison = None
@@ -317,11 +332,13 @@ def cmd_train(args: argparse.Namespace) -> int:
                          "refusal_nll": f"{_num(before['refusal_nll'])} -> {_num(after['refusal_nll'])}",
                          "retain_nll": f"{_num(before['retain_nll'])} -> {_num(after['retain_nll'])}"})
         print(format_table(rows, ["language", "refusal", "over_refusal", "refusal_nll", "retain_nll"]))
+    data.save(out / "safety_data.json", lm)
     if comparison:
         atomic_write_json(out / "comparison.json", comparison)
         columns = list(dict.fromkeys(key for row in comparison for key in row))
         print(format_table(comparison, columns))
-    print(f"saved {out / 'delta.safetensors'} and {out / 'train_result.json'}")
+    print(f"saved {out / 'delta.safetensors'}, {out / 'train_result.json'} and {out / 'safety_data.json'} "
+          "(reuse it with --data)")
     return 0
 
 

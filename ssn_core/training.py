@@ -61,6 +61,9 @@ METHODS: tuple[str, ...] = ("neurons", "random", "lora-match", "lora-8", "full")
 # Configuration and results
 
 
+SAFETY_DATA_FORMAT = "ssn-lab/safety-data"
+
+
 @dataclass
 class TrainConfig:
     """Hyperparameters of one run. ``epochs`` (when set) overrides ``steps``."""
@@ -128,6 +131,55 @@ class SafetyData:
             return out
 
         return {"train": count(self.train), "heldout": count(self.heldout)}
+
+    def save(self, path: str | Path, lm=None) -> Path:
+        """Write the set as JSON (atomically), so other targets and baselines can train on exactly the same data.
+
+        The retain replies are the base model's own, so the file records which model produced them.
+        """
+        from ssn_core.io import atomic_write_json
+
+        path = Path(path)
+        atomic_write_json(path, {
+            "format": SAFETY_DATA_FORMAT, "version": 1, "data_hash": self.data_hash, "languages": self.languages,
+            "heldout_ids": self.heldout_ids,
+            "model_fingerprint": _sites_of(lm).fingerprint() if lm is not None else None,
+            "model_name": _model_name(lm) if lm is not None else None, "counts": self.counts(),
+            "train": [asdict(ex) for ex in self.train], "heldout": [asdict(ex) for ex in self.heldout],
+        })
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, sites: SiteMap | None = None) -> SafetyData:
+        """Read a set written by ``save``; with ``sites``, refuse one whose retain replies came from another model."""
+        path = Path(path)
+        if not path.is_file():
+            raise PromptSetError(f"safety data file not found: {path}")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise PromptSetError(f"{path} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict) or data.get("format") != SAFETY_DATA_FORMAT:
+            raise PromptSetError(f"{path} is not an SSN Lab safety data file (missing format {SAFETY_DATA_FORMAT!r}; "
+                                 "`ssn train --out DIR` writes DIR/safety_data.json)")
+        recorded = data.get("model_fingerprint")
+        if sites is not None and recorded and recorded != sites.fingerprint():
+            raise PromptSetError(f"{path} was built with another model ({data.get('model_name') or recorded}); its "
+                                 "retain replies are that model's own. Build the data again for this model")
+        try:
+            train = [TrainExample(**ex) for ex in data["train"]]
+            heldout = [TrainExample(**ex) for ex in data["heldout"]]
+            languages = [str(lang) for lang in data["languages"]]
+            heldout_ids = [str(i) for i in data["heldout_ids"]]
+            data_hash = str(data["data_hash"])
+        except (KeyError, TypeError) as exc:
+            raise PromptSetError(f"{path}: malformed safety data ({exc!r})") from None
+        if not train:
+            raise PromptSetError(f"{path} has no training examples")
+        leaked = {ex.item_id for ex in train} & set(heldout_ids)
+        if leaked:
+            raise PromptSetError(f"{path}: {len(leaked)} held-out item id(s) also appear in train (e.g. {min(leaked)!r})")
+        return cls(train=train, heldout=heldout, languages=languages, heldout_ids=heldout_ids, data_hash=data_hash)
 
 
 @dataclass

@@ -5,13 +5,14 @@ language."""
 from __future__ import annotations
 
 import copy
+import json
 import threading
 
 import pytest
 import torch
 
 from ssn_core.delta import NeuronDelta, apply_delta, merge_delta
-from ssn_core.errors import Cancelled, NeuronFileError, TrainingError
+from ssn_core.errors import Cancelled, NeuronFileError, PromptSetError, TrainingError
 from ssn_core.hooks import active_hook_count, hook_modules
 from ssn_core.neurons import NeuronSet
 from ssn_core.prompts import load_builtin
@@ -360,9 +361,41 @@ def test_cli_train_writes_delta_and_comparison(tmp_path, tiny_dir):
             "--n", "3", "--steps", "2", "--max-length", "64", "--eval-tokens", "4", "--baselines", "random",
             "--out", str(out)]
     assert main(argv) == 0
-    assert {p.name for p in out.iterdir()} == {"delta.safetensors", "train_result.json", "comparison.json"}
+    assert {p.name for p in out.iterdir()} == {"delta.safetensors", "train_result.json", "comparison.json",
+                                              "safety_data.json"}
     assert main([*argv[:5], "--target", "nonsense", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
+    # A second target trains on exactly the same items, split and retain replies.
+    again = tmp_path / "again"
+    reuse = ["train", "--model", str(model_dir), "--device", "cpu", "--target", str(neuron_file), "--steps", "1",
+             "--max-length", "64", "--no-eval", "--data", str(out / "safety_data.json"), "--out", str(again)]
+    assert main(reuse) == 0
+    first, second = (json.loads((d / "train_result.json").read_text()) for d in (out, again))
+    assert first["meta"]["data_hash"] == second["meta"]["data_hash"]
+    assert (again / "safety_data.json").read_text() == (out / "safety_data.json").read_text()
+    assert main([*reuse[:-1], str(tmp_path / "y"), "--langs", "en,zh"]) == 2  # languages differ from the data's
+    assert not (tmp_path / "y").exists()
+
+
+def test_safety_data_round_trip_and_bad_files(tmp_path):
+    lm = tiny_model("qwen2")
+    data = _toy_data(("en", "sw"), n=6)
+    path = data.save(tmp_path / "data.json", lm)
+    loaded = SafetyData.load(path, lm.sites)
+    assert loaded == data
+    other = tiny_model("llama")  # retain replies are the base model's own: another model must not reuse them
+    with pytest.raises(PromptSetError, match="another model"):
+        SafetyData.load(path, other.sites)
+    with pytest.raises(PromptSetError, match="not found"):
+        SafetyData.load(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(PromptSetError, match="not valid JSON"):
+        SafetyData.load(tmp_path / "bad.json")
+    leaky = json.loads(path.read_text())
+    leaky["heldout_ids"].append(leaky["train"][0]["item_id"])
+    (tmp_path / "leaky.json").write_text(json.dumps(leaky))
+    with pytest.raises(PromptSetError, match="also appear in train"):
+        SafetyData.load(tmp_path / "leaky.json")
 
 
 def test_resolve_target_from_identify_results(tmp_path):
