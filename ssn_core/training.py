@@ -427,11 +427,22 @@ def _pad_id(tokenizer) -> int:
 
 def response_loss(model: nn.Module, input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor
                   ) -> tuple[torch.Tensor, int]:
-    """Mean next-token NLL over the reply tokens of a batch, and how many tokens it covers."""
+    """Mean next-token NLL over the reply tokens of a batch, and how many tokens it covers.
+
+    The output layer runs only from the first position that predicts a reply token on (``logits_to_keep``): the
+    prompt positions' logits would be thrown away, and for a 150k-word vocabulary they are a large share of the
+    step's time and memory.
+    """
     device = _input_device(model)
-    logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits  # [B, T, V]
-    shift_logits = logits[:, :-1].float()  # position t predicts token t+1
-    shift_labels = labels[:, 1:].to(logits.device)
+    scored = (labels[:, 1:] != -100).any(0).nonzero()  # positions t whose next token is scored
+    first = int(scored[0]) if len(scored) else 0
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+    try:
+        logits = model(**inputs, logits_to_keep=labels.shape[1] - first).logits  # [B, T - first, V]
+    except TypeError:  # a model class without logits_to_keep: all positions
+        logits, first = model(**inputs).logits, 0
+    shift_logits = logits[:, :-1].float()  # kept position first + i predicts token first + i + 1
+    shift_labels = labels[:, first + 1:].to(logits.device)
     n_tokens = int((shift_labels != -100).sum())
     loss = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
                            ignore_index=-100, reduction="sum") / max(n_tokens, 1)

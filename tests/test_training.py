@@ -20,9 +20,11 @@ from ssn_core.testing import tiny_model
 from ssn_core.training import (
     SafetyData,
     TrainConfig,
+    _collate,
     build_safety_data,
     encode_example,
     reply_nll,
+    response_loss,
     run_train,
     split_ids,
     train_full,
@@ -204,6 +206,22 @@ def test_split_is_by_item_id_and_reply_tokens_only_are_scored():
 
 
 # ----- training -------------------------------------------------------------------------------------
+
+
+def test_response_loss_on_reply_positions_equals_full_logits():
+    """The output layer runs only from the first reply position on; the loss must be the full-logits loss."""
+    lm = tiny_model("qwen2")
+    data = _toy_data(("en", "sw"), n=4)
+    batch = [encode_example(lm, ex, max_length=96) for ex in data.train[:3]]
+    input_ids, attention, labels = _collate(batch, pad_id=0)
+    loss, n_tokens = response_loss(lm.model, input_ids, attention, labels)
+    with torch.no_grad():
+        logits = lm.model(input_ids=input_ids, attention_mask=attention).logits
+    target = labels[:, 1:]
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                 ignore_index=-100, reduction="sum") / (target != -100).sum()
+    assert n_tokens == int((target != -100).sum()) > 0
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_loss_decreases_on_a_toy_task():
