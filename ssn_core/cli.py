@@ -526,6 +526,8 @@ def add_evaluate_parser(sub) -> None:
     group.add_argument("--suppress", metavar="FILE", help="neuron set (.json/.safetensors) to set to 0")
     group.add_argument("--reinforce", metavar="FILE", help="neuron set (.json/.safetensors) to scale by --alpha")
     p.add_argument("--alpha", type=float, default=2.0, help="reinforcement scale (default 2)")
+    p.add_argument("--delta", metavar="FILE", help="a trained delta (`ssn train --out DIR`: DIR/delta.safetensors), "
+                   "switched on for every reply (combines with --suppress / --reinforce)")
     p.add_argument("--mgsm", type=int, default=0, metavar="N", help="also MGSM accuracy on N problems per language")
     p.add_argument("--mgsm-path", default=None, metavar="DIR",
                    help="folder of mgsm_<lang>.tsv files (default: the juletxara/mgsm hub dataset)")
@@ -537,6 +539,7 @@ def add_evaluate_parser(sub) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import time
+    from contextlib import nullcontext
 
     from ssn_core.evaluation import evaluate, evaluate_utility, load_prompt_spec
     from ssn_core.generation import GenerationSettings
@@ -560,20 +563,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             raise SSNError(f"--alpha must be >= 0, got {args.alpha}")
         interventions.append(Intervention(NeuronSet.load(args.reinforce, sites=lm.sites), scale=args.alpha,
                                           label=f"reinforce {args.reinforce}"))
+    delta_context, condition = nullcontext(), None
+    if args.delta:
+        from ssn_core.delta import NeuronDelta, apply_delta
+
+        delta = NeuronDelta.load(args.delta, lm.model, lm.sites)  # NeuronFileError when it belongs to another model
+        delta_context = apply_delta(lm, delta)
+        condition = " + ".join([f"delta {args.delta}", *(i.describe() for i in interventions)])
     progress = TqdmProgress()
     start = time.perf_counter()
     try:
-        result = evaluate(lm, prompts, languages, settings, judge=judge, interventions=interventions,
-                          batch_size=args.batch_size, label=label, progress=progress)
-        if args.mgsm or args.ppl:
-            ppl_langs = [lang for lang in languages if lang in BUILTIN_LANGUAGES] if args.ppl else []
-            ppl_texts = ({lang: [p.text for p in load_builtin([lang], n=args.ppl, label="harmless")]
-                          for lang in ppl_langs})
-            result.utility = evaluate_utility(
-                lm, languages, mgsm_n=args.mgsm, mgsm_path=args.mgsm_path,
-                mgsm_settings=GenerationSettings(max_new_tokens=args.mgsm_tokens, system=args.system),
-                perplexity_texts=ppl_texts, interventions=interventions, batch_size=args.batch_size,
-                progress=progress)
+        with delta_context:
+            result = evaluate(lm, prompts, languages, settings, judge=judge, interventions=interventions,
+                              batch_size=args.batch_size, label=label, condition=condition, progress=progress)
+            if args.mgsm or args.ppl:
+                ppl_langs = [lang for lang in languages if lang in BUILTIN_LANGUAGES] if args.ppl else []
+                ppl_texts = ({lang: [p.text for p in load_builtin([lang], n=args.ppl, label="harmless")]
+                              for lang in ppl_langs})
+                result.utility = evaluate_utility(
+                    lm, languages, mgsm_n=args.mgsm, mgsm_path=args.mgsm_path,
+                    mgsm_settings=GenerationSettings(max_new_tokens=args.mgsm_tokens, system=args.system),
+                    perplexity_texts=ppl_texts, interventions=interventions, batch_size=args.batch_size,
+                    progress=progress)
     finally:
         progress.close()
     out = result.save(args.out)

@@ -393,6 +393,15 @@ def test_cli_train_writes_delta_and_comparison(tmp_path, tiny_dir):
     assert (again / "safety_data.json").read_text() == (out / "safety_data.json").read_text()
     assert main([*reuse[:-1], str(tmp_path / "y"), "--langs", "en,zh"]) == 2  # languages differ from the data's
     assert not (tmp_path / "y").exists()
+    # `ssn evaluate --delta` generates with the delta switched on (MGSM, perplexity, any prompt set).
+    evaluate = ["evaluate", "--device", "cpu", "--langs", "en", "--n", "1", "--max-new-tokens", "3",
+                "--delta", str(out / "delta.safetensors")]
+    assert main([*evaluate, "--model", str(model_dir), "--out", str(tmp_path / "ev")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "ev" / "rows.jsonl").read_text().splitlines()]
+    assert rows and all(row["condition"].startswith("delta ") for row in rows)
+    other_model = tiny_dir("llama")
+    assert main([*evaluate, "--model", str(other_model), "--out", str(tmp_path / "ev2")]) == 2
+    assert not (tmp_path / "ev2").exists()
 
 
 def test_safety_data_round_trip_and_bad_files(tmp_path):
