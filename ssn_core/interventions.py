@@ -61,44 +61,61 @@ def resolve_sites(target) -> SiteMap:
     raise TypeError(f"expected a LoadedModel, SiteMap or model, got {type(target).__name__}")
 
 
-def _edit_fn(site: NeuronSite, neuron_indices: torch.Tensor, intervention: Intervention):
-    """The carrier edit for one site.
+def _check_rows(row_mask: torch.Tensor | None, carrier: torch.Tensor) -> None:
+    if row_mask is not None and row_mask.numel() != carrier.shape[0]:
+        raise SSNError(f"the intervention's row mask has {row_mask.numel()} rows but the batch has {carrier.shape[0]}")
 
-    Scaling is one out-of-place multiply by a precomputed multiplier (ones except ``scale`` at the
-    neurons' coordinates; [B, 1, C] when a row mask is given, so unmasked rows are multiplied by
-    exactly 1.0 and stay bit-identical). Clamping writes the value at those coordinates.
+
+def _row_mask(intervention: Intervention) -> torch.Tensor | None:
+    return None if intervention.rows is None else torch.as_tensor(intervention.rows, dtype=torch.bool)
+
+
+def _scale_fn(site: NeuronSite, parts: list[tuple[torch.Tensor, Intervention]]):
+    """One carrier edit for all the scale interventions on a site: a single out-of-place multiply.
+
+    The multiplier is ones except each intervention's scale at its neurons' coordinates ([B, 1, C] when any has a
+    row mask, 1.0 outside its rows, so untouched rows stay bit-identical); several interventions multiply into
+    one tensor, so a validation batch packing many conditions still costs one multiply per site.
     """
-    coords = site.carrier_coords(neuron_indices)  # [n] positions in the carrier's last dim
-    row_mask = None if intervention.rows is None else torch.as_tensor(intervention.rows, dtype=torch.bool)
-    scale, value = float(intervention.scale), intervention.value
+    masks = [_row_mask(intervention) for _, intervention in parts]
     cache: dict[tuple, torch.Tensor] = {}
 
     def multiplier(carrier: torch.Tensor) -> torch.Tensor:
         key = (carrier.device, carrier.dtype, carrier.shape[-1])
         if key not in cache:
-            factors = torch.ones(carrier.shape[-1], dtype=carrier.dtype, device=carrier.device)
-            factors[coords.to(carrier.device)] = scale
-            if row_mask is not None:  # [B, 1, C]: rows outside the mask keep factor 1
-                rows = row_mask.to(carrier.device).view(-1, 1)
-                factors = torch.where(rows, factors, torch.ones_like(factors)).unsqueeze(1)
-            cache[key] = factors
+            width = carrier.shape[-1]
+            n_rows = next((m.numel() for m in masks if m is not None), None)
+            combined = torch.ones(width if n_rows is None else (n_rows, 1, width), dtype=carrier.dtype,
+                                  device=carrier.device)
+            for (indices, intervention), row_mask in zip(parts, masks, strict=True):
+                factors = torch.ones(width, dtype=carrier.dtype, device=carrier.device)
+                factors[site.carrier_coords(indices).to(carrier.device)] = float(intervention.scale)
+                if row_mask is not None:  # [B, 1, C]: rows outside the mask keep factor 1
+                    rows = row_mask.to(carrier.device).view(-1, 1)
+                    factors = torch.where(rows, factors, torch.ones_like(factors)).unsqueeze(1)
+                combined = combined * factors
+            cache[key] = combined
         return cache[key]
 
-    def check_rows(carrier: torch.Tensor) -> None:
-        if row_mask is not None and row_mask.numel() != carrier.shape[0]:
-            raise SSNError(
-                f"the intervention's row mask has {row_mask.numel()} rows but the batch has {carrier.shape[0]}"
-            )
-
     def scale_edit(carrier: torch.Tensor) -> torch.Tensor:  # carrier: [B, T, C]
-        check_rows(carrier)
+        for row_mask in masks:
+            _check_rows(row_mask, carrier)
         factors = multiplier(carrier)
-        if factors.dim() == 2 and carrier.dim() == 2:  # unbatched [T, C] carrier with a row mask: not expected
+        if factors.dim() == 3 and carrier.dim() == 2:  # unbatched [T, C] carrier with a row mask: not expected
             factors = factors.squeeze(1)
         return carrier * factors
 
+    return scale_edit
+
+
+def _clamp_fn(site: NeuronSite, neuron_indices: torch.Tensor, intervention: Intervention):
+    """Set the neurons' carrier values to ``intervention.value`` (out of place; only in the masked rows)."""
+    coords = site.carrier_coords(neuron_indices)  # [n] positions in the carrier's last dim
+    row_mask = _row_mask(intervention)
+    value = intervention.value
+
     def clamp_edit(carrier: torch.Tensor) -> torch.Tensor:
-        check_rows(carrier)
+        _check_rows(row_mask, carrier)
         coords_d = coords.to(carrier.device)
         selected = carrier.index_select(-1, coords_d)  # [B, T, n]
         edited = carrier.index_copy(-1, coords_d, torch.full_like(selected, value))  # out of place
@@ -107,19 +124,33 @@ def _edit_fn(site: NeuronSite, neuron_indices: torch.Tensor, intervention: Inter
         rows = row_mask.to(carrier.device).view(-1, *([1] * (carrier.dim() - 1)))
         return torch.where(rows, edited, carrier)
 
-    return clamp_edit if value is not None else scale_edit
+    return clamp_edit
 
 
 @contextmanager
 def intervene(target, *interventions: Intervention) -> Iterator[None]:
     """Apply the interventions to forward passes inside the block (this thread/context only)."""
     sites = resolve_sites(target)
-    pairs = []
+    # Per site, in order: consecutive scale interventions merge into one multiply; a clamp stands alone.
+    per_site: dict[tuple[int, str], list[tuple[torch.Tensor, Intervention]]] = {}
     for intervention in interventions:
         intervention.neurons.validate(sites)
-        for (layer, kind), indices in intervention.neurons.neurons.items():
-            site = sites.get(layer, kind)
-            pairs.append((site, _edit_fn(site, indices, intervention)))
+        for key, indices in intervention.neurons.neurons.items():
+            per_site.setdefault(key, []).append((indices, intervention))
+    pairs = []
+    for (layer, kind), parts in per_site.items():
+        site = sites.get(layer, kind)
+        run: list[tuple[torch.Tensor, Intervention]] = []
+        for indices, intervention in parts:
+            if intervention.value is None:
+                run.append((indices, intervention))
+                continue
+            if run:
+                pairs.append((site, _scale_fn(site, run)))
+                run = []
+            pairs.append((site, _clamp_fn(site, indices, intervention)))
+        if run:
+            pairs.append((site, _scale_fn(site, run)))
     with hook_sites(pairs):
         yield
 

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
+from ssn_core import hooks
 from ssn_core.errors import SSNError, UnsupportedArchitectureError
 from ssn_core.hooks import active_hook_count, bind_context, hook_sites
 from ssn_core.interventions import Intervention, clamp, intervene, reinforce, suppress
@@ -130,6 +131,31 @@ def test_row_mask_leaves_row_zero_bit_identical():
     assert torch.equal(mixed[0], baseline[0])
     torch.testing.assert_close(mixed[1], all_suppressed[1])
     assert not torch.allclose(mixed[1], baseline[1])
+
+
+def test_packed_conditions_merge_into_one_multiply_per_site_and_match_separate_runs():
+    """Validation packs conditions as row-masked interventions: one hook fn per site, same numbers as one by one."""
+    model = tiny_hf_model("qwen2")
+    sites = find_sites(model)
+    ms = NeuronSet({(0, "mlp"): [1, 4, 9], (1, "attn_v"): [2]})
+    ss = NeuronSet({(0, "mlp"): [4, 11], (1, "attn_o"): [5, 6]})
+    batch = TOKENS[:1].repeat(4, 1)
+    packed = [Intervention(ms, scale=0.0, rows=[False, True, False, False]),
+              Intervention(ss, scale=0.0, rows=[False, False, True, False]),
+              Intervention(ss, scale=3.0, rows=[False, False, False, True])]
+    site = sites.get(0, "mlp")  # touched by all three conditions
+    with intervene(model, *packed):
+        registered = sum(len(fns) for fns in hooks._DISPATCHERS[(id(site.module), site.where)].fns.values())
+        mixed = logits(model, batch)
+    assert registered == 1 and active_hook_count(model) == 0
+    single = TOKENS[:1]
+    torch.testing.assert_close(mixed[0], logits(model, single)[0])
+    with suppress(model, ms):
+        torch.testing.assert_close(mixed[1], logits(model, single)[0])
+    with suppress(model, ss):
+        torch.testing.assert_close(mixed[2], logits(model, single)[0])
+    with reinforce(model, ss, alpha=3.0):
+        torch.testing.assert_close(mixed[3], logits(model, single)[0])
 
 
 def test_row_mask_of_wrong_size_is_a_clear_error():
