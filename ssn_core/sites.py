@@ -188,6 +188,11 @@ def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     raise UnsupportedArchitectureError("could not find the decoder layers of this model")
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's decoder layers, in order (the residual stream runs through them)."""
+    return _find_layers(model)[1]
+
+
 def _make_site(layer, kind, prefix, layer_module, carrier_rel, where, coords, owned, geometry) -> NeuronSite:
     module = layer_module.get_submodule(carrier_rel)
     coords = coords.to(torch.long)
