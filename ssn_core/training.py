@@ -49,6 +49,7 @@ from torch import nn
 from ssn_core.delta import NeuronDelta, apply_delta, module_dims, neuron_set_hash
 from ssn_core.errors import Cancelled, PromptSetError, TrainingError
 from ssn_core.neurons import NeuronSet
+from ssn_core.pairs import own_replies, pick_template, render_pair
 from ssn_core.sites import SiteMap
 
 # progress(step, total, info): info has "phase" and, during training, "loss" (for the live loss chart).
@@ -291,12 +292,6 @@ def _json_ready(obj):
 # Data
 
 
-def _pick(options: Sequence[str], seed: int, *parts: str) -> str:
-    """A deterministic choice from seed and item (not Python's salted hash)."""
-    digest = hashlib.sha256("|".join([str(seed), *parts]).encode()).digest()
-    return options[int.from_bytes(digest[:8], "little") % len(options)]
-
-
 def split_ids(ids: Sequence[str], heldout_fraction: float, seed: int) -> tuple[set[str], set[str]]:
     """Split item ids into (train, held-out), deterministically; at least one of each when there are two ids."""
     unique = sorted(set(ids))
@@ -343,19 +338,16 @@ def build_safety_data(lm, prompts, languages: Sequence[str], *, heldout_fraction
     held_ids |= held_ids_s
 
     examples: list[TrainExample] = [
-        TrainExample(p.id, p.language, "refusal", p.text, _pick(templates[p.language], seed, p.id, p.language))
+        TrainExample(p.id, p.language, "refusal", p.text, pick_template(templates[p.language], seed, p.id, p.language))
         for p in harmful
     ]
     if harmless:
-        from ssn_core.generation import GenerationSettings, generate
-
-        settings = GenerationSettings(max_new_tokens=retain_max_new_tokens)
-        replies: list[str] = []
-        for start in range(0, len(harmless), batch_size):
-            _check_cancel(cancel, "building the retain set")
-            replies.extend(generate(lm, [p.text for p in harmless[start:start + batch_size]], settings))
+        def retain_progress(done: int, total: int, message: str) -> None:
             if progress is not None:
-                progress(len(replies), len(harmless), {"phase": "retain replies"})
+                progress(done, total, {"phase": "retain replies"})
+
+        replies = own_replies(lm, [p.text for p in harmless], max_new_tokens=retain_max_new_tokens,
+                              batch_size=batch_size, progress=retain_progress, cancel=cancel, what="retain replies")
         examples += [TrainExample(p.id, p.language, "retain", p.text, reply.strip() or ".")
                      for p, reply in zip(harmless, replies)]
     train = [ex for ex in examples if ex.item_id in train_ids]
@@ -371,26 +363,6 @@ def _limit_ids(prompts: list, n: int) -> list:
     """The first ``n`` item ids (in sorted order) in every language, so the limit keeps items parallel."""
     keep = set(sorted({p.id for p in prompts})[:n])
     return [p for p in prompts if p.id in keep]
-
-
-def _format_prompt(lm, user_text: str) -> str:
-    return lm.format_chat(user_text)
-
-
-def render_pair(lm, user_text: str, reply: str) -> tuple[str, str]:
-    """(prompt, completion) text: the reply as the chat template renders an assistant turn (end-of-turn included)."""
-    prompt = _format_prompt(lm, user_text)
-    tokenizer = lm.tokenizer
-    full = None
-    if getattr(tokenizer, "chat_template", None):
-        try:
-            messages = [{"role": "user", "content": user_text}, {"role": "assistant", "content": reply}]
-            full = tokenizer.apply_chat_template(messages, tokenize=False)
-        except Exception:  # noqa: BLE001 - templates that reject this shape: fall back to prompt + reply + eos
-            full = None
-    if isinstance(full, str) and full.startswith(prompt) and len(full) > len(prompt):
-        return prompt, full[len(prompt):]
-    return prompt, " " + reply + (tokenizer.eos_token or "")
 
 
 def encode_example(lm, example: TrainExample, max_length: int) -> tuple[list[int], int]:
