@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ssn_core.errors import SSNError
-from ssn_core.hooks import hook_sites
+from ssn_core.hooks import hook_modules, hook_sites
 from ssn_core.neurons import NeuronSet
 from ssn_core.sites import NeuronSite, SiteMap, find_sites
 
@@ -128,12 +128,25 @@ def _clamp_fn(site: NeuronSite, neuron_indices: torch.Tensor, intervention: Inte
 
 
 @contextmanager
-def intervene(target, *interventions: Intervention) -> Iterator[None]:
-    """Apply the interventions to forward passes inside the block (this thread/context only)."""
+def intervene(target, *interventions) -> Iterator[None]:
+    """Apply the interventions to forward passes inside the block (this thread/context only).
+
+    Neuron interventions (`Intervention`) and module-level ones (anything with ``module_fns(target)``, such as
+    `ssn_core.direction.DirectionAblation`) can be mixed; module-level ones need a LoadedModel or a model as target.
+    """
     sites = resolve_sites(target)
+    neuron_interventions = [i for i in interventions if isinstance(i, Intervention)]
+    module_interventions = [i for i in interventions if not isinstance(i, Intervention)]
+    module_fns = []
+    for intervention in module_interventions:
+        if not hasattr(intervention, "module_fns"):
+            raise SSNError(f"not an intervention: {type(intervention).__name__}")
+        if isinstance(target, SiteMap):
+            raise SSNError(f"{intervention.describe()} needs the model (a LoadedModel), not only its site map")
+        module_fns += intervention.module_fns(target)
     # Per site, in order: consecutive scale interventions merge into one multiply; a clamp stands alone.
     per_site: dict[tuple[int, str], list[tuple[torch.Tensor, Intervention]]] = {}
-    for intervention in interventions:
+    for intervention in neuron_interventions:
         intervention.neurons.validate(sites)
         for key, indices in intervention.neurons.neurons.items():
             per_site.setdefault(key, []).append((indices, intervention))
@@ -151,7 +164,7 @@ def intervene(target, *interventions: Intervention) -> Iterator[None]:
             pairs.append((site, _clamp_fn(site, indices, intervention)))
         if run:
             pairs.append((site, _scale_fn(site, run)))
-    with hook_sites(pairs):
+    with hook_sites(pairs), hook_modules(module_fns):
         yield
 
 

@@ -57,8 +57,8 @@ from ssn_core.io import atomic_save_safetensors, read_safetensors
 from ssn_core.neurons import NeuronSet
 from ssn_core.sites import SITE_KINDS, NeuronSite, SiteMap, weight_axis
 
-METHODS: tuple[str, ...] = ("impact", "activation", "ablation")
-AGGREGATES: tuple[str, ...] = ("content", "last", "all")
+METHODS: tuple[str, ...] = ("impact", "activation", "ablation", "global", "attribution", "direction")
+AGGREGATES: tuple[str, ...] = ("content", "last", "all", "reply")
 TEMPLATES: tuple[str, ...] = ("chat", "raw")
 FORMAT = "ssn-lab/score-table"
 FORMAT_VERSION = 1
@@ -178,10 +178,22 @@ class EncodedBatch:
     weights: torch.Tensor  # [B, T] float32, rows sum to 1: how each token counts in the prompt's score
 
 
-def _token_weights(n_tokens: int, content: list[int], aggregate: str) -> list[float]:
+def _token_weights(n_tokens: int, content: list[int], aggregate: str, reply_start: int | None = None) -> list[float]:
+    """How each token counts in a prompt's score (rows sum to 1).
+
+    With a teacher-forced reply appended (``reply_start`` = index of its first token), ``last`` is still the last
+    *prompt* token (where the model decides how to open its reply) and ``reply`` is every position that predicts a
+    reply token: the last prompt token and the reply's own tokens but its last.
+    """
     weights = [0.0] * n_tokens
-    if aggregate == "last" or n_tokens == 0:
-        chosen = [n_tokens - 1]
+    prompt_end = n_tokens if reply_start is None else reply_start  # tokens before this are the prompt
+    if aggregate == "reply":
+        if reply_start is None or reply_start >= n_tokens:
+            raise SSNError("aggregate 'reply' scores (prompt, reply) pairs; this prompt has no reply "
+                           "(build pairs with ssn_core.pairs.build_pairs)")
+        chosen = list(range(reply_start - 1, n_tokens - 1))
+    elif aggregate == "last" or prompt_end == 0:
+        chosen = [max(prompt_end - 1, 0)]
     elif aggregate == "all" or not content:  # no user tokens (empty prompt): fall back to all tokens
         chosen = list(range(n_tokens))
     else:
@@ -207,28 +219,42 @@ def _content_token_indices(tokenizer, text: str, span: tuple[int, int], add_spec
         return ids, list(range(min(n_before, len(ids)), min(n_through, len(ids))))
 
 
-def encode_prompt(lm, text: str, template: str = "chat") -> tuple[list[int], list[int]]:
-    """(token ids, indices of the user-content tokens) for one prompt."""
+def encode_prompt(lm, text: str, template: str = "chat", reply: str | None = None
+                  ) -> tuple[list[int], list[int]] | tuple[list[int], list[int], int]:
+    """(token ids, indices of the user-content tokens) for one prompt; with a ``reply``, the reply's tokens are
+    appended as the chat template renders an assistant turn and the index of its first token comes third."""
     if template == "chat":
         formatted, span = lm.format_chat_with_span(text)
-        return _content_token_indices(lm.tokenizer, formatted, span, add_special=False)
-    if template == "raw":
-        return _content_token_indices(lm.tokenizer, text, (0, len(text)), add_special=True)
-    raise SSNError(f"unknown prompt template {template!r}; expected one of {', '.join(TEMPLATES)}")
+        ids, content = _content_token_indices(lm.tokenizer, formatted, span, add_special=False)
+    elif template == "raw":
+        formatted = text
+        ids, content = _content_token_indices(lm.tokenizer, text, (0, len(text)), add_special=True)
+    else:
+        raise SSNError(f"unknown prompt template {template!r}; expected one of {', '.join(TEMPLATES)}")
+    if reply is None:
+        return ids, content
+    from ssn_core.pairs import completion_text
+
+    reply_ids = list(lm.tokenizer(completion_text(lm, text, reply, formatted if template == "chat" else None),
+                                  add_special_tokens=False)["input_ids"])
+    return ids + reply_ids, content, len(ids)
 
 
-def make_batch(encoded: Sequence[tuple[list[int], list[int]]], aggregate: str, pad_id: int,
+def make_batch(encoded: Sequence[tuple], aggregate: str, pad_id: int,
                device: torch.device | str = "cpu") -> EncodedBatch:
-    """Left-pad encoded prompts into one batch with per-token aggregation weights."""
+    """Left-pad encoded prompts ((ids, content) or (ids, content, reply_start)) into one batch with per-token
+    aggregation weights."""
     if aggregate not in AGGREGATES:
         raise SSNError(f"unknown aggregate {aggregate!r}; expected one of {', '.join(AGGREGATES)}")
-    width = max(len(ids) for ids, _ in encoded)
+    width = max(len(item[0]) for item in encoded)
     ids_rows, mask_rows, weight_rows = [], [], []
-    for ids, content in encoded:
+    for item in encoded:
+        ids, content = item[0], item[1]
+        reply_start = item[2] if len(item) > 2 else None
         pad = width - len(ids)
         ids_rows.append([pad_id] * pad + list(ids))
         mask_rows.append([0] * pad + [1] * len(ids))
-        weight_rows.append([0.0] * pad + _token_weights(len(ids), content, aggregate))
+        weight_rows.append([0.0] * pad + _token_weights(len(ids), content, aggregate, reply_start))
     mask = torch.tensor(mask_rows, dtype=torch.long)
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     return EncodedBatch(
@@ -820,17 +846,24 @@ def _model_device(model: nn.Module) -> torch.device:
 
 def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds: Sequence[str] = SITE_KINDS,
           batch_size: int = 8, template: str = "chat", sample: Sequence[Triple] | int | None = None, seed: int = 0,
+          projections: int = 8, directions: torch.Tensor | None = None,
           progress: Progress | None = None, cancel: threading.Event | None = None) -> ScoreTable:
     """Mean importance per neuron for every (language, label) group of ``prompts``.
 
-    ``prompts``: a PromptSet or any iterable of objects with ``.text``, ``.language`` and ``.label``.
-    ``sample`` (ablation only): explicit (layer, kind, index) triples, or a count per site (drawn with
-    ``seed``); unsampled neurons get NaN.
+    ``prompts``: a PromptSet or any iterable of objects with ``.text``, ``.language`` and ``.label`` (and ``.reply``
+    for ``aggregate="reply"``: `ssn_core.pairs.PromptPair`). ``sample`` (ablation only): explicit (layer, kind,
+    index) triples, or a count per site (drawn with ``seed``); unsampled neurons get NaN. ``projections``: random
+    projections of the ``global`` estimate. ``directions`` ([L, hidden], ``direction`` only): the refusal direction of
+    every layer; by default the difference of means of these prompts' harmful and harmless groups.
+    Method notes: `ssn_core.attribution` (global, attribution), `ssn_core.direction` (direction).
     """
     if method not in METHODS:
         raise SSNError(f"unknown scoring method {method!r}; expected one of {', '.join(METHODS)}")
     if aggregate not in AGGREGATES:
         raise SSNError(f"unknown aggregate {aggregate!r}; expected one of {', '.join(AGGREGATES)}")
+    if method == "attribution" and aggregate != "all":
+        raise SSNError("attribution sums a · ∂margin/∂a over every position (the estimate of zeroing the neuron "
+                       f"everywhere); use aggregate 'all', not {aggregate!r}")
     if batch_size < 1:
         raise SSNError(f"batch size must be at least 1, got {batch_size}")
     sites: SiteMap = lm.sites
@@ -838,6 +871,15 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
     items = list(getattr(prompts, "prompts", prompts))
     if not items:
         raise SSNError("no prompts to score")
+    if aggregate == "reply":
+        missing = [p for p in items if not getattr(p, "reply", None)]
+        if missing:
+            raise SSNError(f"aggregate 'reply' scores (prompt, reply) pairs, but {len(missing)} prompt(s) have no reply "
+                           f"(e.g. {missing[0].id!r}); build them with ssn_core.pairs.build_pairs")
+    if method == "direction" and directions is None:
+        from ssn_core.direction import difference_of_means
+
+        directions, _ = difference_of_means(lm, items, batch_size=batch_size, cancel=cancel)
     groups = list(dict.fromkeys((p.language, p.label) for p in items))
     device = _model_device(lm.model)
     pad_id = _pad_id(lm.tokenizer)
@@ -852,7 +894,7 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
     accumulator = _Accumulator(sites, kinds, groups, signed=(method == "activation"))
 
     # Encode everything first (cheap), then batch by length so little compute is wasted on padding.
-    encoded = [encode_prompt(lm, p.text, template) for p in items]
+    encoded = [encode_prompt(lm, p.text, template, p.reply if aggregate == "reply" else None) for p in items]
     order = sorted(range(len(items)), key=lambda i: len(encoded[i][0]))
     total = len(items)
     done = 0
@@ -870,6 +912,18 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
             for column, (layer, kind, index) in enumerate(triples):
                 dense = results.setdefault((layer, kind), torch.zeros(len(rows), sites.get(layer, kind).size))
                 dense[:, index] = values[:, column]
+        elif method == "global":
+            from ssn_core.attribution import global_batch
+
+            results = global_batch(lm, batch, kinds, projections=projections, seed=seed + start)
+        elif method == "attribution":
+            from ssn_core.attribution import attribution_batch
+
+            results = attribution_batch(lm, [items[i] for i in rows], kinds)
+        elif method == "direction":
+            from ssn_core.direction import direction_batch
+
+            results = direction_batch(lm, batch, kinds, directions)
         else:
             results = score_batch(lm, batch, method, kinds)
         accumulator.add(row_groups, results)
@@ -889,6 +943,8 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
             "kinds": list(kinds)}
     if method == "ablation":
         meta["sample"] = [list(t) for t in triples]
+    if method == "global":
+        meta["projections"] = int(projections)
     return ScoreTable(method=method, aggregate=aggregate, groups=means, counts=dict(accumulator.counts), meta=meta,
                       signed=accumulator.means(accumulator.signed) if accumulator.signed is not None else None)
 

@@ -40,7 +40,7 @@ def test_top_fraction_per_site_and_edge_cases():
         with pytest.raises(SSNError, match=r"must be in \(0, 1\]"):
             top_fraction(scores, bad)
     with pytest.raises(SSNError, match="unknown ranking"):
-        top_fraction(scores, 0.1, ranking="global")
+        top_fraction(scores, 0.1, ranking="everywhere")
 
 
 def test_pooled_ranking_normalises_each_kind_by_its_mean():
