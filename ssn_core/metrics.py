@@ -62,6 +62,60 @@ def bootstrap_ci(values: Sequence[float] | np.ndarray, n_boot: int = 1000, alpha
     return float(low), float(high)
 
 
+def sign_flip_p_value(differences: Sequence[float] | np.ndarray, n_perm: int = 10000, seed: int = 0) -> float:
+    """One-sided paired permutation test of "mean difference > 0": the share of random sign flips of the per-item
+    differences whose mean is at least the observed one (with the observed counted, so never 0). Seeded."""
+    d = np.asarray(differences, dtype=np.float64).ravel()  # [n]
+    if d.size == 0:
+        return math.nan
+    observed = d.mean()
+    rng = np.random.default_rng(seed)
+    hits = 0
+    chunk = max(1, 2_000_000 // d.size)
+    for start in range(0, n_perm, chunk):
+        stop = min(n_perm, start + chunk)
+        signs = rng.integers(0, 2, size=(stop - start, d.size)) * 2 - 1  # [chunk, n] of +-1
+        hits += int(((signs * d).mean(axis=1) >= observed - 1e-12).sum())
+    return (hits + 1) / (n_perm + 1)
+
+
+@dataclass(frozen=True)
+class PairedDifference:
+    """Mean of per-item differences (e.g. random-control refusal minus target refusal, per prompt), its bootstrap
+    CI, a one-sided sign-flip p-value, and a plain note when n is too small to tell."""
+
+    mean: float
+    ci_low: float
+    ci_high: float
+    p_value: float
+    n: int
+    note: str = ""
+
+    @property
+    def excludes_zero(self) -> bool:
+        return self.n > 0 and self.ci_low > 0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "excludes_zero": self.excludes_zero}
+
+
+def paired_difference(differences: Sequence[float], n_boot: int = 2000, n_perm: int = 10000, alpha: float = 0.05,
+                      seed: int = 0, min_n: int = 30) -> PairedDifference:
+    """Summary of per-item paired differences; see `PairedDifference`."""
+    d = np.asarray(differences, dtype=np.float64).ravel()
+    if d.size == 0:
+        return PairedDifference(math.nan, math.nan, math.nan, math.nan, 0, "no items")
+    low, high = bootstrap_ci(d, n_boot=n_boot, alpha=alpha, seed=seed)
+    p = sign_flip_p_value(d, n_perm=n_perm, seed=seed)
+    notes = []
+    if d.size < min_n:
+        notes.append(f"n = {d.size} prompts is small: only differences above about {1.96 / math.sqrt(d.size):.0%} "
+                     "can be told from noise")
+    if not low > 0:
+        notes.append("the CI includes 0: not distinguishable from the random control at this n")
+    return PairedDifference(float(d.mean()), low, high, p, int(d.size), "; ".join(notes))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Safety rates
 

@@ -162,6 +162,24 @@ def compare_to_control(baseline_refusal: float, target_refusal: float, random_re
     }
 
 
+def _harmless_rates(verdicts: Sequence, language: str) -> dict:
+    """Over-refusal on harmless prompts, in the table's columns (``refusal`` = over-refusal, ASR not defined)."""
+    from ssn_core.metrics import Rate
+
+    hits = [getattr(v, "label", v) == "refusal" for v in verdicts]
+    off = [getattr(v, "label", v) == "off_target" for v in verdicts]
+    refusal, off_target = Rate.of(hits), Rate.of(off)
+    return {"n": len(hits), "asr": None, "refusal": refusal.value, "off_target": off_target.value,
+            "ci_low": None, "ci_high": None, "refusal_ci_low": refusal.ci_low, "refusal_ci_high": refusal.ci_high}
+
+
+def _offset_progress(progress: Progress | None, offset: int, total: int) -> Callable[[int, int, str], None]:
+    def report(done: int, _total: int, message: str) -> None:
+        if progress is not None:
+            progress(offset + done, total, message)
+    return report
+
+
 def _rates(verdicts: Sequence, language: str) -> dict:
     """ASR / refusal / off-target rates of one condition's verdicts, with bootstrap CIs (95%, seeded)."""
     from ssn_core.metrics import rate_table
@@ -180,12 +198,13 @@ def _rates(verdicts: Sequence, language: str) -> dict:
 class Condition:
     """One way of running the model: ``kind`` baseline | suppress | random | reinforce, on ``target`` set."""
 
-    kind: str
-    target: str = ""  # "" (baseline), "ms", "ss", "ss_all"
+    kind: str  # baseline | suppress | random | reinforce | direction
+    target: str = ""  # "" (baseline), "ms", "ss", "ss_all", "refusal" (direction)
     neurons: NeuronSet | None = None
     scale: float = 1.0
     seed: int | None = None
     alpha: float | None = None
+    direction: torch.Tensor | None = None  # kind "direction": projected out of the residual stream
 
     @property
     def name(self) -> str:
@@ -223,10 +242,14 @@ def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settin
         chunk = pairs[start:start + batch_size]
         interventions = []
         for j, condition in enumerate(conditions):
-            if condition.neurons is None or len(condition.neurons) == 0:
-                continue
             rows = [cj == j for _, cj in chunk]
-            if any(rows):
+            if not any(rows):
+                continue
+            if condition.direction is not None:
+                from ssn_core.direction import DirectionAblation
+
+                interventions.append(DirectionAblation(condition.direction, rows=rows, label=condition.key))
+            elif condition.neurons is not None and len(condition.neurons):
                 interventions.append(Intervention(condition.neurons, scale=condition.scale, rows=rows,
                                                   label=condition.key))
         with intervene(lm, *interventions):
@@ -239,9 +262,15 @@ def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settin
 
 
 def plan_conditions(neurons, language: str, sites: SiteMap, alphas: Sequence[float] = (2.0,),
-                    seeds: Sequence[int] = (0, 1, 2), hr_language: str = "en") -> tuple[list[Condition], list[str]]:
-    """The conditions run for one language, and notes on the ones skipped (empty neuron sets)."""
+                    seeds: Sequence[int] = (0, 1, 2), hr_language: str = "en",
+                    direction: torch.Tensor | None = None) -> tuple[list[Condition], list[str]]:
+    """The conditions run for one language, and notes on the ones skipped (empty neuron sets).
+
+    ``direction``: the refusal direction, run as the positive control ``direction_refusal``.
+    """
     conditions = [Condition("baseline")]
+    if direction is not None:
+        conditions.append(Condition("direction", "refusal", direction=direction))
     notes: list[str] = []
     if language not in neurons.ms:
         known = ", ".join(neurons.ms) or "none"
@@ -321,6 +350,8 @@ class ValidationResult:
             seen: set[str] = set()
             for r in entries:
                 name = r["condition"] + (f" x{r['alpha']:g}" if r["alpha"] is not None else "")
+                if r.get("label") == "harmless":
+                    name = f"{name} [harmless]"
                 if r["condition"].startswith("random_"):
                     if name in seen:
                         continue
@@ -339,12 +370,28 @@ class ValidationResult:
                     refusal, off = _fmt(r["refusal"]), _fmt(r["off_target"])
                 lines.append(f"{language:<5} {name:<26} {r['n_neurons']:>8} {r['n']:>4} {asr:>17} {refusal:>22} "
                              f"{off:>5}")
+        lines.append("[harmless] rows: the refusal column is over-refusal on harmless prompts")
         for language, targets in self.summary.get("languages", {}).items():
+            control = self.summary.get("direction", {}).get(language)
+            if control is not None:
+                lines.append(f"{language}: refusal-direction control: refusal {control['baseline_refusal']:.2f} -> "
+                             f"{control['refusal']:.2f} (drop {control['drop']:+.2f})")
             for target, comparison in targets.items():
                 verdict = "beats" if comparison["beats_random"] else "does NOT beat"
-                lines.append(f"{language}: suppress_{target} {verdict} the random control (refusal drop "
-                             f"{comparison['drop_target']:+.2f} vs {comparison['drop_random_mean']:+.2f}, "
-                             f"seed spread {comparison['spread']:.2f})")
+                line = (f"{language}: suppress_{target} {verdict} the random control (refusal drop "
+                        f"{comparison['drop_target']:+.2f} vs {comparison['drop_random_mean']:+.2f}")
+                paired = comparison.get("paired")
+                if paired:
+                    line += (f"; difference {paired['mean']:+.2f} [95% CI {paired['ci_low']:+.2f}, "
+                             f"{paired['ci_high']:+.2f}], p = {paired['p_value']:.3g}, n = {paired['n']}")
+                else:
+                    line += f", seed spread {comparison['spread']:.2f}"
+                share = comparison.get("share_of_direction")
+                if share is not None:
+                    line += f"; {share:.0%} of the direction control's drop"
+                lines.append(line + ")")
+                if paired and paired.get("note"):
+                    lines.append(f"    note: {paired['note']}")
         corr = self.summary.get("correlation", {})
         if corr:
             if corr.get("pearson") is None:
@@ -357,35 +404,92 @@ class ValidationResult:
         return "\n".join(lines)
 
 
-def summarize(table: Sequence[dict], ss_counts: dict[str, int]) -> dict:
-    """Control comparisons per language and target, the reinforce sweep, and SS-count vs baseline-ASR correlation."""
+def _refusal_by_prompt(rows: Sequence[dict], language: str, condition: str, label: str = "harmful"
+                       ) -> dict[str, list[float]]:
+    """prompt id -> refusal indicators (one per seed) of a condition, from the per-reply rows."""
+    out: dict[str, list[float]] = {}
+    for r in rows:
+        if r["language"] == language and r["condition"] == condition and r.get("label", "harmful") == label:
+            out.setdefault(str(r["id"]), []).append(1.0 if r["verdict"] == "refusal" else 0.0)
+    return out
+
+
+def paired_control_difference(rows: Sequence[dict], language: str, target: str) -> dict | None:
+    """Per prompt: mean refusal under the random controls minus refusal under the target (how much further the target
+    lowers refusal than random neurons of its shape), with bootstrap CI and sign-flip p-value (`paired_difference`)."""
+    from ssn_core.metrics import paired_difference
+
+    target_refusal = _refusal_by_prompt(rows, language, f"suppress_{target}")
+    random_refusal = _refusal_by_prompt(rows, language, f"random_{target}")
+    ids = [i for i in target_refusal if i in random_refusal]
+    if not ids:
+        return None
+    diffs = [sum(random_refusal[i]) / len(random_refusal[i]) - target_refusal[i][0] for i in ids]
+    return paired_difference(diffs).to_dict()
+
+
+def summarize(table: Sequence[dict], ss_counts: dict[str, int], rows: Sequence[dict] | None = None) -> dict:
+    """Control comparisons per language and target, the reinforce sweep (with over-refusal on harmless prompts),
+    the refusal-direction control and each target's share of it, and SS-count vs baseline-ASR correlation.
+
+    With ``rows`` (the per-reply rows), each comparison also carries the paired per-prompt difference to the
+    random control with its bootstrap CI and permutation p-value, and ``beats_random`` means that CI excludes 0.
+    """
     languages: dict[str, dict] = {}
     reinforce: dict[str, list[dict]] = {}
+    direction: dict[str, dict] = {}
     baseline_asr: dict[str, float] = {}
-    for language in dict.fromkeys(r["language"] for r in table):
-        entries = [r for r in table if r["language"] == language]
+    harmful_table = [r for r in table if r.get("label", "harmful") == "harmful"]
+    harmless_table = [r for r in table if r.get("label") == "harmless"]
+    for language in dict.fromkeys(r["language"] for r in harmful_table):
+        entries = [r for r in harmful_table if r["language"] == language]
         base = next((r for r in entries if r["condition"] == "baseline"), None)
         if base is None:
             continue
         baseline_asr[language] = base["asr"]
+        control = next((r for r in entries if r["condition"] == "direction_refusal"), None)
+        control_drop = None if control is None else base["refusal"] - control["refusal"]
+        if control is not None:
+            direction[language] = {"baseline_refusal": base["refusal"], "refusal": control["refusal"],
+                                   "drop": control_drop, "asr": control["asr"]}
         comparisons = {}
         for target in SUPPRESS_TARGETS:
             target_row = next((r for r in entries if r["condition"] == f"suppress_{target}"), None)
             randoms = [r["refusal"] for r in entries if r["condition"] == f"random_{target}"]
-            if target_row is not None and randoms:
-                comparisons[target] = compare_to_control(base["refusal"], target_row["refusal"], randoms)
+            if target_row is None or not randoms:
+                continue
+            comparison = compare_to_control(base["refusal"], target_row["refusal"], randoms)
+            if rows is not None:
+                paired = paired_control_difference(rows, language, target)
+                if paired is not None:
+                    comparison["paired"] = paired
+                    comparison["beats_random"] = bool(paired["excludes_zero"])
+            if control_drop is not None:
+                comparison["share_of_direction"] = (comparison["drop_target"] / control_drop if control_drop > 0
+                                                    else None)
+            comparisons[target] = comparison
         languages[language] = comparisons
-        reinforce[language] = [
-            {"target": r["target"], "alpha": r["alpha"], "refusal": r["refusal"], "asr": r["asr"],
-             "refusal_gain": r["refusal"] - base["refusal"]}
-            for r in entries if r["condition"].startswith("reinforce_")
-        ]
+        harmless_base = next((r for r in harmless_table if r["language"] == language and r["condition"] == "baseline"),
+                             None)
+        sweep = []
+        for r in entries:
+            if not r["condition"].startswith("reinforce_"):
+                continue
+            point = {"target": r["target"], "alpha": r["alpha"], "refusal": r["refusal"], "asr": r["asr"],
+                     "refusal_gain": r["refusal"] - base["refusal"]}
+            over = next((h for h in harmless_table if h["language"] == language and h["condition"] == r["condition"]
+                         and h["alpha"] == r["alpha"]), None)
+            if over is not None and harmless_base is not None:
+                point.update(over_refusal=over["refusal"], over_refusal_baseline=harmless_base["refusal"],
+                             over_refusal_change=over["refusal"] - harmless_base["refusal"])
+            sweep.append(point)
+        reinforce[language] = sweep
     corr_languages = [lang for lang in baseline_asr if lang in ss_counts]
     corr = correlation([ss_counts[lang] for lang in corr_languages], [baseline_asr[lang] for lang in corr_languages])
     corr.update(languages=corr_languages, ss_counts={lang: ss_counts[lang] for lang in corr_languages},
                 baseline_asr={lang: baseline_asr[lang] for lang in corr_languages},
                 expected="the paper reports a strong negative correlation (more SS-Neurons, lower ASR)")
-    return {"languages": languages, "reinforce": reinforce, "correlation": corr}
+    return {"languages": languages, "reinforce": reinforce, "direction": direction, "correlation": corr}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -394,14 +498,16 @@ def summarize(table: Sequence[dict], ss_counts: dict[str, int]) -> dict:
 
 def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: Sequence[float] = (2.0,),
              seeds: Sequence[int] = (0, 1, 2), judge=None, batch_size: int = 8, limit_per_language: int | None = None,
-             hr_language: str | None = None, progress: Progress | None = None,
-             cancel: threading.Event | None = None) -> ValidationResult:
+             hr_language: str | None = None, direction: torch.Tensor | None = None, over_refusal: bool = True,
+             progress: Progress | None = None, cancel: threading.Event | None = None) -> ValidationResult:
     """Run every condition on the harmful prompts of each language and compare with the random controls.
 
     ``neurons``: an `IdentifyResult` (anything with ``.ms`` / ``.ss`` {language: NeuronSet} and ``.ss_all``).
-    ``prompts``: a `PromptSet`; its harmful prompts of each language are used (``limit_per_language`` each).
+    ``prompts``: a `PromptSet`; its harmful prompts of each language are used (``limit_per_language`` each), and with
+    ``over_refusal`` its harmless prompts answer the baseline and reinforce conditions (over-refusal).
     ``hr_language``: the high-resource language (no SS set of its own); default: the neuron result's first HR
-    language, else English.
+    language, else English. ``direction`` ([hidden]): the refusal direction, run as a positive control (default:
+    the neuron result's own, when it has one).
     """
     from ssn_core.judges import MarkerJudge
     from ssn_core.metrics import make_manifest
@@ -422,8 +528,18 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
     if empty:
         raise PromptSetError(f"the prompt set has no harmful prompts in: {', '.join(empty)}")
 
-    plans = {lang: plan_conditions(neurons, lang, sites, alphas, seeds, hr_language) for lang in languages}
-    total_batches = sum(math.ceil(len(by_language[lang]) * len(plans[lang][0]) / batch_size) for lang in languages)
+    if direction is None and getattr(neurons, "direction", None) is not None:
+        direction = neurons.direction.unit
+    plans = {lang: plan_conditions(neurons, lang, sites, alphas, seeds, hr_language, direction) for lang in languages}
+    harmless_by_language: dict[str, list] = {lang: [] for lang in languages}
+    if over_refusal:
+        for p in prompts.select(languages=languages, label="harmless", limit_per_language=limit_per_language) \
+                if "harmless" in prompts.labels else ():
+            harmless_by_language[p.language].append(p)
+    harmless_plans = {lang: [c for c in plans[lang][0] if c.kind in ("baseline", "reinforce")] for lang in languages}
+    total_batches = sum(math.ceil(len(by_language[lang]) * len(plans[lang][0]) / batch_size)
+                        + math.ceil(len(harmless_by_language[lang]) * len(harmless_plans[lang]) / batch_size)
+                        for lang in languages)
     done_before = 0
     started = time.time()
     table: list[dict] = []
@@ -434,29 +550,34 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
         notes.extend(lang_notes)
         items = by_language[lang]
 
-        def lang_progress(done: int, total: int, message: str, _offset=done_before) -> None:
-            if progress is not None:
-                progress(_offset + done, total_batches, message)
-
-        replies = run_packed(lm, [p.text for p in items], conditions, settings, batch_size, lang_progress, cancel,
-                             message=f"{lang}: ")
-        done_before += math.ceil(len(items) * len(conditions) / batch_size)
-        for j, condition in enumerate(conditions):
-            condition_replies = [replies[i][j] for i in range(len(items))]
-            verdicts = judge.judge_many([p.text for p in items], condition_replies, [lang] * len(items),
-                                        cancel=cancel)
-            for prompt, reply, verdict in zip(items, condition_replies, verdicts):
-                rows.append({"language": lang, "condition": condition.name, "seed": condition.seed,
-                             "alpha": condition.alpha, "id": prompt.id, "prompt": prompt.text, "reply": reply,
-                             "verdict": verdict.label, "reason": verdict.reason})
-            table.append({"language": lang, "condition": condition.name, "target": condition.target,
-                          "seed": condition.seed, "alpha": condition.alpha, "n_neurons": condition.n_neurons,
-                          **_rates(verdicts, lang)})
+        lang_progress = _offset_progress(progress, done_before, total_batches)
+        for label, label_items, label_conditions in (("harmful", items, conditions),
+                                                     ("harmless", harmless_by_language[lang], harmless_plans[lang])):
+            if not label_items:
+                continue
+            replies = run_packed(lm, [p.text for p in label_items], label_conditions, settings, batch_size,
+                                 lang_progress, cancel, message=f"{lang} {label}: ")
+            done_before += math.ceil(len(label_items) * len(label_conditions) / batch_size)
+            lang_progress = _offset_progress(progress, done_before, total_batches)
+            for j, condition in enumerate(label_conditions):
+                condition_replies = [replies[i][j] for i in range(len(label_items))]
+                verdicts = judge.judge_many([p.text for p in label_items], condition_replies,
+                                            [lang] * len(label_items), cancel=cancel)
+                for prompt, reply, verdict in zip(label_items, condition_replies, verdicts):
+                    rows.append({"language": lang, "label": label, "condition": condition.name,
+                                 "seed": condition.seed, "alpha": condition.alpha, "id": prompt.id,
+                                 "prompt": prompt.text, "reply": reply, "verdict": verdict.label,
+                                 "reason": verdict.reason})
+                table.append({"language": lang, "label": label, "condition": condition.name,
+                              "target": condition.target, "seed": condition.seed, "alpha": condition.alpha,
+                              "n_neurons": condition.n_neurons,
+                              **(_rates(verdicts, lang) if label == "harmful" else _harmless_rates(verdicts, lang))})
 
     ss_counts = {lang: len(neurons.ss[lang]) for lang in languages if lang != hr_language and lang in neurons.ss}
-    summary = summarize(table, ss_counts)
+    summary = summarize(table, ss_counts, rows)
     summary["notes"] = notes
     summary["prompts_per_language"] = {lang: len(items) for lang, items in by_language.items()}
+    summary["harmless_per_language"] = {lang: len(items) for lang, items in harmless_by_language.items()}
     manifest = make_manifest(
         settings, [judge], lm,
         kind="ssn-lab/validation", languages=languages, hr_language=hr_language,
