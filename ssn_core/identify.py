@@ -27,13 +27,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ssn_core.direction import RefusalDirection
 from ssn_core.errors import NeuronFileError, SSNError
 from ssn_core.io import atomic_write_json, atomic_write_text
 from ssn_core.neurons import NeuronSet
+from ssn_core.pairs import PromptPair, load_pairs, save_pairs
 from ssn_core.scoring import AGGREGATES, METHODS, Progress, ScoreTable, score
 from ssn_core.sites import SITE_KINDS, SiteMap
 
-RANKINGS: tuple[str, ...] = ("per-site", "pooled")
+RANKINGS: tuple[str, ...] = ("per-site", "pooled", "global")
 MANIFEST_FORMAT = "ssn-lab/identify-result"
 
 
@@ -61,6 +63,8 @@ def top_fraction(per_kind: dict[str, torch.Tensor], p: float, ranking: str = "pe
     p = _check_p(p)
     if ranking == "per-site":
         return {kind: _top_k_rows(scores, math.floor(p * scores.shape[1])) for kind, scores in per_kind.items()}
+    if ranking == "global":
+        return _top_global(per_kind, p)
     if ranking != "pooled":
         raise SSNError(f"unknown ranking {ranking!r}; expected one of {', '.join(RANKINGS)}")
     kinds = list(per_kind)
@@ -74,6 +78,27 @@ def top_fraction(per_kind: dict[str, torch.Tensor], p: float, ranking: str = "pe
     mask = _top_k_rows(pooled, math.floor(p * pooled.shape[1]))
     sizes = [per_kind[kind].shape[1] for kind in kinds]
     return dict(zip(kinds, torch.split(mask, sizes, dim=1), strict=True))
+
+
+def _top_global(per_kind: dict[str, torch.Tensor], p: float) -> dict[str, torch.Tensor]:
+    """The top p of all scored neurons of every layer and kind together, by raw score (k = floor(p · Σ L·N)).
+
+    Meant for scores in one unit across layers and kinds (attribution: nats of refusal margin; global: the final
+    hidden state's change; direction: the write along the refusal direction), where a layer that matters more
+    should take more of the set.
+    """
+    kinds = list(per_kind)
+    flat = torch.cat([torch.nan_to_num(per_kind[k].float(), nan=-math.inf).flatten() for k in kinds])  # [Σ L·N]
+    k = math.floor(p * flat.numel())
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        mask[torch.argsort(-flat, stable=True)[:k]] = True
+    out, offset = {}, 0
+    for kind in kinds:
+        shape = per_kind[kind].shape
+        out[kind] = mask[offset:offset + shape.numel()].view(shape)
+        offset += shape.numel()
+    return out
 
 
 def _mask_to_set(masks: dict[str, torch.Tensor], meta: dict) -> NeuronSet:
@@ -149,6 +174,8 @@ class IdentifyResult:
     counts: pd.DataFrame  # language, set, layer, kind, count
     overlap: pd.DataFrame  # MS overlap of all languages and SS overlap of the NHR languages (see overlap_table)
     manifest: dict = field(default_factory=dict)
+    direction: RefusalDirection | None = None  # the positive control, found on the same prompts
+    pairs: list[PromptPair] | None = None  # the (prompt, reply) pairs scored, when replies were used
 
     @property
     def languages(self) -> tuple[str, ...]:
@@ -192,6 +219,11 @@ class IdentifyResult:
             atomic_write_text(tmp / "counts.csv", self.counts.to_csv(index=False))
             atomic_write_text(tmp / "overlap.csv", self.overlap.to_csv(index=False))
             atomic_write_json(tmp / "manifest.json", self.manifest)
+            if self.direction is not None:
+                self.direction.save(tmp / "direction.safetensors")
+            if self.pairs is not None:
+                save_pairs(tmp / "pairs.json", self.pairs, meta={"model_fingerprint": self.manifest.get(
+                    "model_fingerprint")})
             if directory.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
                 os.replace(directory, old / "previous")
@@ -237,8 +269,17 @@ class IdentifyResult:
             raise NeuronFileError(f"{directory}: unreadable counts/overlap table ({exc})") from None
         for frame in (counts,):
             frame["language"] = frame["language"].astype(str)
+        direction_path = directory / "direction.safetensors"
+        direction = RefusalDirection.load(direction_path, sites) if direction_path.is_file() else None
+        pairs_path = directory / "pairs.json"
+        pairs = load_pairs(pairs_path) if pairs_path.is_file() else None
         return cls(scores=scores, ms=ms, ss=ss, ss_all=ss_all, ss_shared_all_nhr=shared, counts=counts,
-                   overlap=overlap, manifest=manifest)
+                   overlap=overlap, manifest=manifest, direction=direction, pairs=pairs)
+
+    @property
+    def item_ids(self) -> frozenset[str]:
+        """The prompt item ids identification used (held-out evaluation must use others)."""
+        return frozenset(self.manifest.get("item_ids", ()))
 
 
 def select(scores: ScoreTable, languages: list[str] | tuple[str, ...], hr: tuple[str, ...] = ("en",), p: float = 0.03,
@@ -294,9 +335,18 @@ def _versions() -> dict:
 
 def identify(lm, prompts, languages, hr=("en",), method: str = "impact", p: float = 0.03,
              aggregate: str = "content", kinds=SITE_KINDS, batch_size: int = 8, ranking: str = "per-site",
-             template: str = "chat", sample=None, seed: int = 0, progress: Progress | None = None,
+             template: str = "chat", sample=None, seed: int = 0, pairs=None, own_replies: bool | None = None,
+             find_direction: bool = False, projections: int = 8, progress: Progress | None = None,
              cancel: threading.Event | None = None) -> IdentifyResult:
-    """Score ``prompts`` on ``lm`` and select MS-/SS-Neurons for ``languages`` (HR languages are added)."""
+    """Score ``prompts`` on ``lm`` and select MS-/SS-Neurons for ``languages`` (HR languages are added).
+
+    ``pairs``: (prompt, reply) pairs to score instead of bare prompts (`ssn_core.pairs`); with
+    ``aggregate="reply"`` they are built from ``prompts`` when not given, and with ``own_replies=True`` also for
+    ``attribution`` (whose harmful prompts then take the model's own refusals, harmless ones its own answers).
+    ``find_direction``: also find the refusal direction (the positive control) on the HR languages' prompts; the
+    ``direction`` method then scores along it. The manifest records the item ids used (``item_ids``), so that
+    validation and evaluation can take the others.
+    """
     p = _check_p(p)
     if method not in METHODS:
         raise SSNError(f"unknown scoring method {method!r}; expected one of {', '.join(METHODS)}")
@@ -326,9 +376,25 @@ def identify(lm, prompts, languages, hr=("en",), method: str = "impact", p: floa
     else:
         data_hash = None
     start = time.perf_counter()
-    table = score(lm, chosen, method=method, aggregate=aggregate, kinds=kinds, batch_size=batch_size,
-                  template=template, sample=sample, seed=seed, progress=progress, cancel=cancel)
-    score_seconds = time.perf_counter() - start
+    if pairs is None and (aggregate == "reply" or (method == "attribution" and own_replies)):
+        from ssn_core.pairs import build_pairs
+
+        pairs = build_pairs(lm, chosen, batch_size=batch_size, seed=seed, progress=progress, cancel=cancel)
+    if pairs is not None:
+        pairs = [x for x in pairs if x.language in all_languages]
+    pair_seconds = time.perf_counter() - start
+    direction = None
+    if find_direction or method == "direction":
+        from ssn_core.direction import find_refusal_direction
+
+        direction = find_refusal_direction(lm, [x for x in chosen if x.language in hr], list(hr),
+                                           batch_size=batch_size, progress=progress, cancel=cancel)
+    direction_seconds = time.perf_counter() - start - pair_seconds
+    table = score(lm, pairs if pairs is not None else chosen, method=method, aggregate=aggregate, kinds=kinds,
+                  batch_size=batch_size, template=template, sample=sample, seed=seed, projections=projections,
+                  directions=direction.directions if direction is not None else None, progress=progress,
+                  cancel=cancel)
+    score_seconds = time.perf_counter() - start - pair_seconds - direction_seconds
     sites: SiteMap = lm.sites
     summary = getattr(lm, "summary", None)
     model_name = getattr(summary, "name", None) or type(lm.model).__name__
@@ -353,9 +419,15 @@ def identify(lm, prompts, languages, hr=("en",), method: str = "impact", p: floa
         "hr": list(hr),
         "languages": all_languages,
         "prompt_counts": {f"{lang}/{label}": n for (lang, label), n in table.counts.items()},
+        "item_ids": sorted({x.id for x in chosen}),
+        "replies": None if pairs is None else {
+            "own": sum(x.source == "own" for x in pairs), "template": sum(x.source == "template" for x in pairs)},
+        "projections": projections if method == "global" else None,
+        "direction_layer": None if direction is None else direction.layer,
         "timing": {"score_seconds": round(score_seconds, 3), "prompts": len(chosen),
-                   "prompts_per_second": round(len(chosen) / max(score_seconds, 1e-9), 3)},
+                   "prompts_per_second": round(len(chosen) / max(score_seconds, 1e-9), 3),
+                   "pair_seconds": round(pair_seconds, 3), "direction_seconds": round(direction_seconds, 3)},
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return IdentifyResult(scores=table, manifest=manifest, **selected)
+    return IdentifyResult(scores=table, manifest=manifest, direction=direction, pairs=pairs, **selected)
