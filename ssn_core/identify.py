@@ -17,8 +17,6 @@ import json
 import math
 import os
 import platform
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,7 +26,7 @@ import pandas as pd
 import torch
 
 from ssn_core.errors import NeuronFileError, SSNError
-from ssn_core.io import atomic_write_json, atomic_write_text
+from ssn_core.io import atomic_write_json, atomic_write_text, writing_result_dir
 from ssn_core.neurons import NeuronSet
 from ssn_core.scoring import AGGREGATES, METHODS, Progress, ScoreTable, score
 from ssn_core.sites import SITE_KINDS, SiteMap
@@ -176,11 +174,9 @@ class IdentifyResult:
 
     # ----- files --------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the result directory atomically: into a temp dir next to it, then rename into place."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-        try:
+        """Write the result folder atomically (a temp folder next to it, then one rename); an existing folder is
+        only replaced when it is an earlier identify result (`ssn_core.io.check_out_dir`)."""
+        with writing_result_dir(directory, MANIFEST_FORMAT) as tmp:
             self.scores.save(tmp / "scores.safetensors")
             (tmp / "sets").mkdir()
             for lang, neurons in self.ms.items():
@@ -192,17 +188,7 @@ class IdentifyResult:
             atomic_write_text(tmp / "counts.csv", self.counts.to_csv(index=False))
             atomic_write_text(tmp / "overlap.csv", self.overlap.to_csv(index=False))
             atomic_write_json(tmp / "manifest.json", self.manifest)
-            if directory.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
-                os.replace(directory, old / "previous")
-                os.replace(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+        return Path(directory).expanduser()
 
     @classmethod
     def load(cls, directory: str | os.PathLike, sites: SiteMap | None = None) -> IdentifyResult:
