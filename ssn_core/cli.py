@@ -13,7 +13,10 @@ Adding a command (other modules' owners): write two functions in this file,
 
 and append ``add_<name>_parser`` to `SUBCOMMANDS` at the bottom. Import heavy modules (torch, transformers,
 ssn_core.<engine module>) inside ``cmd_<name>`` so that ``--help`` stays fast. Raise `SSNError` subclasses for
-user mistakes: `main` prints ``error: <message>`` and exits with status 2, without a traceback.
+user mistakes: `main` prints ``error: <message>`` and exits with status 2, without a traceback (anything else is
+one ``internal error:`` line, exit 1). Check every argument before ``load_from_args``: float options are finite
+already (`finite_float`); a command with ``--out`` calls ``check_out(args.out, KIND)`` first and writes its result
+with ``ssn_core.io.writing_result_dir(out, KIND)`` (KIND: ``ssn-lab/<name>``, written into its manifest.json).
 """
 
 from __future__ import annotations
