@@ -303,13 +303,14 @@ def write_row(ctx: BenchContext, result: BenchResult, elapsed_s: float) -> Path:
     }
     path = Path(ctx.config.results_dir) / f"{result.name}.json"
     rows = []
-    if path.is_file():
+    if os.path.lexists(path):  # append to an earlier result list; never replace a file that is something else
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            rows = []
-        if not isinstance(rows, list):
-            rows = []
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            rows = None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and "benchmark" in r for r in rows):
+            raise SystemExit(f"bench: {path} exists and is not a list of benchmark rows; move it away or pass "
+                             "another --results-dir")
     rows.append(row)
     atomic_write_json(path, rows)
     return path

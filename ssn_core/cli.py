@@ -13,19 +13,52 @@ Adding a command (other modules' owners): write two functions in this file,
 
 and append ``add_<name>_parser`` to `SUBCOMMANDS` at the bottom. Import heavy modules (torch, transformers,
 ssn_core.<engine module>) inside ``cmd_<name>`` so that ``--help`` stays fast. Raise `SSNError` subclasses for
-user mistakes: `main` prints ``error: <message>`` and exits with status 2, without a traceback.
+user mistakes: `main` prints ``error: <message>`` and exits with status 2, without a traceback (anything else is
+one ``internal error:`` line, exit 1). Check every argument before ``load_from_args``: float options are finite
+already (`finite_float`); a command with ``--out`` calls ``check_out(args.out, KIND)`` first and writes its result
+with ``ssn_core.io.writing_result_dir(out, KIND)`` (KIND: ``ssn-lab/<name>``, written into its manifest.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable
 
-from ssn_core.errors import SSNError
+from ssn_core.errors import Cancelled, SSNError
 
 # ----------------------------------------------------------------------------------------------
 # Shared helpers
+
+
+def finite_float(text: str) -> float:
+    """argparse type for every float option: a finite number (NaN and infinity never become results)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _finite_floats(parser: argparse.ArgumentParser) -> None:
+    """Make every ``type=float`` option of the parser and its subcommands use `finite_float`."""
+    for action in parser._actions:  # argparse keeps no public list of its actions
+        if action.type is float:
+            action.type = finite_float
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                _finite_floats(subparser)
+
+
+def check_out(path, kind: str):
+    """`ssn_core.io.check_out_dir`: refuse an --out that is not new, empty or an earlier result of this kind,
+    before the model is loaded."""
+    from ssn_core.io import check_out_dir
+
+    return check_out_dir(path, kind)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -75,9 +108,12 @@ def load_from_args(args: argparse.Namespace):
                      trust_remote_code=args.trust_remote_code)
     progress = TqdmProgress()
     try:
-        return load_model(spec, progress=progress)
+        lm = load_model(spec, progress=progress)
     finally:
         progress.close()
+    for note in lm.summary.warnings:  # e.g. no chat template, a damaged starter cache that was rebuilt
+        print(f"warning: {note}", file=sys.stderr)
+    return lm
 
 
 def format_table(rows: list[dict], columns: list[str]) -> str:
@@ -105,8 +141,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     width = max(len(label) for label, _ in summary.rows())
     for label, value in summary.rows():
         print(f"{label.ljust(width)}  {value}")
-    for note in summary.warnings:
-        print(f"warning: {note}")
     sites = lm.sites
     print()
     print(f"Neuron sites ({sites.family} layout, {sites.n_layers} layers, {sites.total_neurons:,} neurons in all):")
@@ -139,21 +173,28 @@ def add_chat_parser(sub) -> None:
 def cmd_chat(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
-    from ssn_core.generation import GenerationSettings, stream_generate
+    from ssn_core.generation import GenerationSettings, check_prompts, stream_generate
     from ssn_core.interventions import reinforce, suppress
     from ssn_core.neurons import NeuronSet
 
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, system=args.system)
     settings.validate()
+    if not args.prompt.strip():
+        raise SSNError("the prompt is empty; give some text to answer")
+    if args.reinforce and args.alpha < 0:
+        raise SSNError(f"--alpha must be >= 0, got {args.alpha}")
+    neuron_file = args.suppress or args.reinforce
+    neurons = NeuronSet.load(neuron_file) if neuron_file else None  # a bad file fails before the model loads
     lm = load_from_args(args)
+    check_prompts(lm, [args.prompt], settings)
     context = nullcontext()
     if args.suppress:
-        neurons = NeuronSet.load(args.suppress, sites=lm.sites)
+        neurons.validate(lm.sites)
         context = suppress(lm, neurons)
         print(f"[suppressing {len(neurons):,} neurons from {args.suppress}]", file=sys.stderr)
     elif args.reinforce:
-        neurons = NeuronSet.load(args.reinforce, sites=lm.sites)
+        neurons.validate(lm.sites)
         context = reinforce(lm, neurons, alpha=args.alpha)
         print(f"[reinforcing {len(neurons):,} neurons from {args.reinforce} x{args.alpha:g}]", file=sys.stderr)
     shown = ""
@@ -188,10 +229,13 @@ def cmd_prepare_starter(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     progress = TqdmProgress()
+    notes: list[str] = []
     try:
-        path = prepare_starter(args.name, progress=progress)
+        path = prepare_starter(args.name, progress=progress, notes=notes)
     finally:
         progress.close()
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
     print(f"{args.name}: ready in {path} ({time.perf_counter() - start:.1f} s)")
     return 0
 
@@ -261,12 +305,13 @@ class _TrainProgress:
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ssn_core.errors import TrainingError
+    from ssn_core.errors import Cancelled, TrainingError
     from ssn_core.generation import GenerationSettings
-    from ssn_core.io import atomic_write_json
+    from ssn_core.io import atomic_write_json, writing_result_dir
     from ssn_core.prompts import load_builtin, parse_languages
     from ssn_core.training import (
         METHODS,
+        RESULT_KIND,
         SafetyData,
         TrainConfig,
         build_safety_data,
@@ -285,6 +330,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                          grad_accum=args.grad_accum, max_length=args.max_length, seed=args.seed,
                          weight_decay=args.weight_decay, grad_clip=args.grad_clip, target=args.target)
     config.check()
+    if not 0 <= args.heldout < 1:
+        raise TrainingError(f"--heldout must be in [0, 1), got {args.heldout}")
+    out = check_out(args.out, RESULT_KIND)
+    if args.data and not Path(args.data).expanduser().is_file():
+        raise TrainingError(f"--data {args.data}: no such file (it is OUT/safety_data.json of an earlier `ssn train`)")
     # Under `accelerate launch`, this initialises the process group and selects this process's GPU before loading.
     main_process = is_main_process()
     lm = load_from_args(args)
@@ -308,19 +358,31 @@ def cmd_train(args: argparse.Namespace) -> int:
             prompts = load_builtin(languages, n=args.n)
             data = build_safety_data(lm, prompts, languages, heldout_fraction=args.heldout, seed=args.seed,
                                      progress=progress)
-        result = run_train(lm, neurons, data, config, out_dir=args.out if main_process else None,
-                           evaluate=not args.no_eval, eval_kwargs=eval_kwargs, progress=progress)
-        comparison = None
+        result = run_train(lm, neurons, data, config, evaluate=not args.no_eval, eval_kwargs=eval_kwargs,
+                           progress=progress)
+        comparison, baseline_error = None, None
         if baselines:
-            _, rows = compare_methods(lm, neurons, data, config, methods=baselines, eval_kwargs=eval_kwargs,
-                                      random_seed=args.seed, before=result.before, progress=progress)
-            comparison = [result.summary_row(), *rows]
+            try:
+                _, rows = compare_methods(lm, neurons, data, config, methods=baselines, eval_kwargs=eval_kwargs,
+                                          random_seed=args.seed, before=result.before, progress=progress)
+                comparison = [result.summary_row(), *rows]
+            except SSNError as exc:  # the neuron training is done: keep it, then report the failure
+                if isinstance(exc, Cancelled) or not main_process:
+                    raise
+                baseline_error = exc
     finally:
         if progress is not None:
             progress.close()
     if not main_process:
         return 0
-    out = Path(args.out)
+    with writing_result_dir(out, RESULT_KIND) as tmp:  # one folder per run: delta, record, data, comparison
+        result.write_files(tmp)
+        data.save(tmp / "safety_data.json", lm)
+        if comparison:
+            atomic_write_json(tmp / "comparison.json", comparison)
+    if baseline_error is not None:
+        raise SSNError(f"the baselines failed: {baseline_error}. The {args.target} training itself finished and was "
+                       f"saved in {out}")
     print(f"trained {result.trainable_params:,} parameters ({100 * result.trainable_share:.4f}% of the model) "
           f"in {result.seconds:.1f} s; final loss {result.losses[-1]:.4f}")
     if result.before is not None and result.after is not None:
@@ -332,9 +394,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          "refusal_nll": f"{_num(before['refusal_nll'])} -> {_num(after['refusal_nll'])}",
                          "retain_nll": f"{_num(before['retain_nll'])} -> {_num(after['retain_nll'])}"})
         print(format_table(rows, ["language", "refusal", "over_refusal", "refusal_nll", "retain_nll"]))
-    data.save(out / "safety_data.json", lm)
     if comparison:
-        atomic_write_json(out / "comparison.json", comparison)
         columns = list(dict.fromkeys(key for row in comparison for key in row))
         print(format_table(comparison, columns))
     print(f"saved {out / 'delta.safetensors'}, {out / 'train_result.json'} and {out / 'safety_data.json'} "
@@ -391,6 +451,15 @@ def _load_prompt_spec(spec: str, languages: list[str], n: int | None):
     return prompts.select(languages, limit_per_language=n)
 
 
+def _check_contrast(prompts, languages: list[str]) -> None:
+    """MS-Neurons contrast harmful with harmless prompts: every language needs both (checked before the model load)."""
+    for lang in languages:
+        for label in ("harmful", "harmless"):
+            if not any(p.language == lang and p.label == label for p in prompts):
+                raise SSNError(f"language {lang} has no {label} prompts; MS-Neurons contrast harmful with harmless "
+                               "prompts of the same language")
+
+
 def _sites_arg(value: str) -> tuple[str, ...]:
     kinds = tuple(k.strip() for k in value.split(",") if k.strip())
     if not kinds:
@@ -417,13 +486,16 @@ def add_identify_parser(sub) -> None:
 def cmd_identify(args: argparse.Namespace) -> int:
     import time
 
-    from ssn_core.identify import identify
+    from ssn_core.identify import MANIFEST_FORMAT, _check_p, identify
     from ssn_core.prompts import parse_languages
 
     languages = parse_languages(args.langs)
     hr = parse_languages(args.hr)
     all_languages = list(dict.fromkeys([*hr, *languages]))
+    _check_p(args.p)
+    check_out(args.out, MANIFEST_FORMAT)
     prompts = _load_prompt_spec(args.prompts, all_languages, args.n)
+    _check_contrast(prompts, all_languages)
     kinds = _sites_arg(args.sites)
     lm = load_from_args(args)
     progress = TqdmProgress()
@@ -464,9 +536,15 @@ def add_compare_methods_parser(sub) -> None:
 
 def cmd_compare_methods(args: argparse.Namespace) -> int:
     from ssn_core.prompts import parse_languages
-    from ssn_core.scoring import compare_methods
+    from ssn_core.scoring import COMPARISON_KIND, compare_methods
 
     languages = parse_languages(args.langs)
+    if not 0 < args.top <= 1:
+        raise SSNError(f"--top must be in (0, 1], got {args.top}")
+    if args.sample < 1:
+        raise SSNError(f"--sample must be at least 1, got {args.sample}")
+    if args.out:
+        check_out(args.out, COMPARISON_KIND)
     prompts = _load_prompt_spec(args.prompts, languages, args.n)
     kinds = _sites_arg(args.sites)
     lm = load_from_args(args)
@@ -516,6 +594,20 @@ def _judge_from_args(args: argparse.Namespace):
     return make_judge(args.judge, load=load_guard)
 
 
+def _early_judge(args: argparse.Namespace):
+    """The judge built and checked before any model is loaded (marker, api: key and endpoint); None for a guard
+    model judge, which is loaded after the model under test."""
+    from ssn_core.evaluation import make_judge
+
+    if (args.judge or "").strip().startswith("guard:"):
+        return None
+    judge = make_judge(args.judge)
+    check = getattr(judge, "check", None)
+    if callable(check):
+        check()
+    return judge
+
+
 def add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="generate replies, judge them, and report per-language ASR / refusal rates")
     add_model_args(p)
@@ -541,37 +633,60 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import time
     from contextlib import nullcontext
 
-    from ssn_core.evaluation import evaluate, evaluate_utility, load_prompt_spec
-    from ssn_core.generation import GenerationSettings
+    from ssn_core.evaluation import RESULT_KIND, evaluate, evaluate_utility, load_prompt_spec
+    from ssn_core.generation import GenerationSettings, check_prompts
     from ssn_core.interventions import Intervention
+    from ssn_core.metrics import MGSM_LANGUAGES, load_mgsm
     from ssn_core.neurons import NeuronSet
     from ssn_core.prompts import BUILTIN_LANGUAGES, load_builtin, parse_languages
 
+    # Everything that can be checked without the model is checked first: no reply is generated for nothing.
     languages = parse_languages(args.langs)
     label = None if args.label == "all" else args.label
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, system=args.system)
     settings.validate()
+    mgsm_settings = GenerationSettings(max_new_tokens=args.mgsm_tokens, system=args.system)
+    if args.mgsm:
+        mgsm_settings.validate()
+    if args.reinforce and args.alpha < 0:
+        raise SSNError(f"--alpha must be >= 0, got {args.alpha}")
+    if args.mgsm < 0 or args.ppl < 0:
+        raise SSNError(f"--mgsm and --ppl count problems / texts per language: give N >= 0 (got {args.mgsm}, "
+                       f"{args.ppl})")
+    out = check_out(args.out, RESULT_KIND)
     prompts = load_prompt_spec(args.prompts, languages, args.n, label)
-    lm = load_from_args(args)
-    judge = _judge_from_args(args)
-    interventions = []
-    if args.suppress:
-        interventions.append(Intervention(NeuronSet.load(args.suppress, sites=lm.sites), scale=0.0,
-                                          label=f"suppress {args.suppress}"))
-    elif args.reinforce:
-        if args.alpha < 0:
-            raise SSNError(f"--alpha must be >= 0, got {args.alpha}")
-        interventions.append(Intervention(NeuronSet.load(args.reinforce, sites=lm.sites), scale=args.alpha,
-                                          label=f"reinforce {args.reinforce}"))
-    delta_context, condition = nullcontext(), None
+    if args.mgsm:
+        for lang in languages:
+            if lang in MGSM_LANGUAGES:
+                load_mgsm(lang, args.mgsm_path, n=args.mgsm)  # a missing folder or offline hub fails now
+    neuron_file = args.suppress or args.reinforce
+    neurons = NeuronSet.load(neuron_file) if neuron_file else None
+    delta = None
     if args.delta:
         from ssn_core.delta import NeuronDelta, apply_delta
 
-        delta = NeuronDelta.load(args.delta, lm.model, lm.sites)  # NeuronFileError when it belongs to another model
+        delta = NeuronDelta.load(args.delta)  # unreadable or non-finite: refused before the model load
+    judge = _early_judge(args)
+
+    lm = load_from_args(args)
+    check_prompts(lm, [p.text for p in prompts], settings)
+    judge = judge or _judge_from_args(args)
+    interventions = []
+    if args.suppress:
+        neurons.validate(lm.sites)
+        interventions.append(Intervention(neurons, scale=0.0, label=f"suppress {args.suppress}"))
+    elif args.reinforce:
+        neurons.validate(lm.sites)
+        interventions.append(Intervention(neurons, scale=args.alpha, label=f"reinforce {args.reinforce}"))
+    delta_context, condition = nullcontext(), None
+    if delta is not None:
+        # Validated against the model (NeuronFileError when it belongs to another one), slices next to their modules.
+        delta = NeuronDelta.load(args.delta, lm.model, lm.sites)
         delta_context = apply_delta(lm, delta)
         condition = " + ".join([f"delta {args.delta}", *(i.describe() for i in interventions)])
     progress = TqdmProgress()
     start = time.perf_counter()
+    utility_error = None
     try:
         with delta_context:
             result = evaluate(lm, prompts, languages, settings, judge=judge, interventions=interventions,
@@ -580,14 +695,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 ppl_langs = [lang for lang in languages if lang in BUILTIN_LANGUAGES] if args.ppl else []
                 ppl_texts = ({lang: [p.text for p in load_builtin([lang], n=args.ppl, label="harmless")]
                               for lang in ppl_langs})
-                result.utility = evaluate_utility(
-                    lm, languages, mgsm_n=args.mgsm, mgsm_path=args.mgsm_path,
-                    mgsm_settings=GenerationSettings(max_new_tokens=args.mgsm_tokens, system=args.system),
-                    perplexity_texts=ppl_texts, interventions=interventions, batch_size=args.batch_size,
-                    progress=progress)
+                try:
+                    result.utility = evaluate_utility(
+                        lm, languages, mgsm_n=args.mgsm, mgsm_path=args.mgsm_path, mgsm_settings=mgsm_settings,
+                        perplexity_texts=ppl_texts, interventions=interventions, batch_size=args.batch_size,
+                        progress=progress)
+                except SSNError as exc:  # the safety replies are done: save them, then report the failure
+                    if isinstance(exc, Cancelled):
+                        raise
+                    utility_error = exc
     finally:
         progress.close()
-    out = result.save(args.out)
+    out = result.save(out)
+    if utility_error is not None:
+        raise SSNError(f"the utility evaluation failed: {utility_error}. The safety evaluation itself was saved in "
+                       f"{out} (without utility.json)")
     print(result.format_table())
     print(f"judge {judge.name} ({judge.version}); condition: {result.rows[0]['condition']}; "
           f"{len(result.rows)} replies in {time.perf_counter() - start:.1f}s; wrote {out}")
@@ -608,27 +730,36 @@ def add_validate_parser(sub) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     import time
 
+    from ssn_core.errors import PromptSetError
     from ssn_core.evaluation import load_prompt_spec
-    from ssn_core.generation import GenerationSettings
+    from ssn_core.generation import GenerationSettings, check_prompts
     from ssn_core.identify import IdentifyResult
     from ssn_core.prompts import parse_languages
-    from ssn_core.validation import validate
+    from ssn_core.validation import RESULT_KIND, validate
 
     languages = parse_languages(args.langs)
     try:
         alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
     except ValueError:
         raise SSNError(f"--alphas {args.alphas!r}: expected numbers separated by commas, e.g. 1.5,2,3") from None
-    if not alphas or any(a < 0 for a in alphas):
-        raise SSNError(f"--alphas {args.alphas!r}: give one or more scales >= 0")
+    if not alphas or any(not math.isfinite(a) or a < 0 for a in alphas):
+        raise SSNError(f"--alphas {args.alphas!r}: give one or more finite scales >= 0")
     if args.seeds < 1:
         raise SSNError(f"--seeds must be at least 1, got {args.seeds}")
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, system=args.system)
     settings.validate()
+    out = check_out(args.out, RESULT_KIND)
+    IdentifyResult.load(args.neurons)  # not an identify result: fails before the model load
     prompts = load_prompt_spec(args.prompts, languages, args.n, "harmful")
+    without = [lang for lang in languages if not any(p.language == lang and p.label == "harmful" for p in prompts)]
+    if without:
+        raise PromptSetError(f"the prompt set has no harmful prompts in language(s) {', '.join(without)}; validation "
+                             "measures what suppressing neurons does to replies to harmful prompts")
+    judge = _early_judge(args)
     lm = load_from_args(args)
+    check_prompts(lm, [p.text for p in prompts], settings)
     neurons = IdentifyResult.load(args.neurons, sites=lm.sites)
-    judge = _judge_from_args(args)
+    judge = judge or _judge_from_args(args)
     progress = TqdmProgress()
     start = time.perf_counter()
     try:
@@ -636,7 +767,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
                           judge=judge, batch_size=args.batch_size, progress=progress)
     finally:
         progress.close()
-    out = result.save(args.out)
+    out = result.save(out)
     print(result.format_table())
     print(f"judge {judge.name} ({judge.version}); prompts per language: "
           + ", ".join(f"{k} {v}" for k, v in result.summary["prompts_per_language"].items())
@@ -661,14 +792,21 @@ SUBCOMMANDS: list[Callable] = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssn", description="SSN Lab: cross-lingual shared safety neurons")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of an internal error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for add_parser in SUBCOMMANDS:
         add_parser(sub)
+    for command in sub.choices.values():  # `ssn COMMAND ... --debug` works as well as `ssn --debug COMMAND`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="print the traceback of an internal error")
+    _finite_floats(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit status: 0 done, 2 a user error (``error: <message>``, no traceback), 130 interrupted,
+    1 an internal error (a bug: one ``internal error:`` line; ``--debug`` adds the traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -677,8 +815,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("\ninterrupted", file=sys.stderr)  # on a new line: a progress bar may end the current one
         return 130
+    except Exception as exc:  # noqa: BLE001 - a bug: one line for the user, the traceback on request
+        if getattr(args, "debug", False):
+            import traceback
+
+            traceback.print_exc()
+        text = str(exc).strip().splitlines()
+        summary = f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
+        hint = "traceback above" if getattr(args, "debug", False) else "rerun with --debug for the traceback"
+        print(f"internal error: {summary}; {hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from torch import nn
 from ssn_core.errors import NeuronFileError, TrainingError
 from ssn_core.hooks import hook_modules
 from ssn_core.io import atomic_save_safetensors, read_safetensors
-from ssn_core.neurons import NeuronSet
+from ssn_core.neurons import NeuronSet, parse_meta, parse_neuron_entries
 from ssn_core.sites import SiteMap, weight_axis
 
 DELTA_FORMAT = "ssn-lab/neuron-delta"
@@ -151,7 +151,8 @@ class NeuronDelta:
             n = piece.coords.numel()
             expected = (n, n_in) if piece.axis == "out" else (n_out, n)
             limit = n_out if piece.axis == "out" else n_in
-            if tuple(piece.weight.shape) != expected or (n and int(piece.coords.max()) >= limit):
+            if tuple(piece.weight.shape) != expected or (n and (int(piece.coords.max()) >= limit
+                                                                 or int(piece.coords.min()) < 0)):
                 raise NeuronFileError(
                     f"delta slice {piece.key} has shape {tuple(piece.weight.shape)} but the model's module needs "
                     f"{expected}: the delta belongs to another model"
@@ -187,11 +188,12 @@ class NeuronDelta:
         try:
             meta = json.loads(header.get("meta", "{}"))
             neuron_data = json.loads(header["neurons"])
-            grouped = {(int(e["layer"]), str(e["kind"])): [int(i) for i in e["indices"]]
-                       for e in neuron_data["neurons"]}
         except (KeyError, TypeError, ValueError) as exc:
             raise NeuronFileError(f"{path}: malformed delta header ({exc!r})") from None
-        neurons = NeuronSet(grouped, dict(neuron_data.get("meta") or {}))
+        if not isinstance(meta, dict) or not isinstance(neuron_data, dict):
+            raise NeuronFileError(f"{path}: malformed delta header (meta and neurons must be JSON objects)")
+        neurons = NeuronSet(parse_neuron_entries(neuron_data.get("neurons"), f"{path} (neuron set)"),
+                            parse_meta(neuron_data.get("meta"), f"{path} (neuron set)"))
         slices: dict[str, SliceDelta] = {}
         for name, tensor in tensors.items():
             if not name.endswith(".delta"):
@@ -201,9 +203,16 @@ class NeuronDelta:
             coords = tensors.get(f"{key}.coords")
             if not sep or axis not in ("out", "in") or coords is None or tensor.dim() != 2:
                 raise NeuronFileError(f"{path}: unexpected tensor {name!r}")
+            if not tensor.is_floating_point():
+                raise NeuronFileError(f"{path}: delta {key!r} holds {tensor.dtype} values, not floating point numbers")
+            if not bool(torch.isfinite(tensor).all()):
+                raise NeuronFileError(f"{path}: delta {key!r} holds non-finite values (NaN or infinity): the training "
+                                      "that wrote it diverged or the file is damaged")
             n = tensor.shape[0] if axis == "out" else tensor.shape[1]
-            if coords.dtype not in (torch.int64, torch.int32) or coords.numel() != n:
+            if coords.dtype not in (torch.int64, torch.int32) or coords.dim() != 1 or coords.numel() != n:
                 raise NeuronFileError(f"{path}: coords of {key!r} do not match its delta")
+            if n and int(coords.min()) < 0:
+                raise NeuronFileError(f"{path}: coords of {key!r} are negative ({int(coords.min())})")
             weight = tensor.to(device) if device is not None else tensor
             slices[key] = SliceDelta(module_name, axis, coords.to(torch.long), weight)
         delta = cls(neurons, slices, meta)

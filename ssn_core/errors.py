@@ -38,3 +38,21 @@ class TrainingError(SSNError):
 
 class Cancelled(SSNError):
     """A long job was cancelled by the user; nothing partial was written."""
+
+
+def finite(value, what: str) -> float:
+    """``value`` as a float; SSNError naming ``what`` unless it is a real, finite number (not NaN or infinity).
+
+    Every number a user gives (CLI, API, app) passes through this before it can become a result.
+    """
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, int | float) and not hasattr(value, "__float__"):
+        raise SSNError(f"{what} must be a number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise SSNError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise SSNError(f"{what} must be a finite number, got {value!r}")
+    return number

@@ -21,13 +21,14 @@ from pathlib import Path
 
 from ssn_core.errors import Cancelled, PromptSetError, SSNError
 from ssn_core.interventions import Intervention, intervene
-from ssn_core.io import atomic_write_json, atomic_write_text, csv_text
+from ssn_core.io import atomic_write_json, atomic_write_text, csv_text, writing_result_dir
 
 Progress = Callable[[int, int, str], None]
 
 ROW_COLUMNS: tuple[str, ...] = ("id", "language", "label", "category", "condition", "prompt", "reply", "verdict",
                                 "reason")
 METRIC_COLUMNS: tuple[str, ...] = ("language", "metric", "value", "ci_low", "ci_high", "k", "n")
+RESULT_KIND = "ssn-lab/evaluation"  # manifest kind of an `ssn evaluate --out` folder
 
 
 def _clean(x):
@@ -66,21 +67,19 @@ class EvalResult:
         return self.metrics.to_frame().to_dict(orient="records")
 
     def save(self, out_dir: str | Path) -> Path:
-        """rows.csv/jsonl, metrics.csv/json, manifest.json (+ utility.json), each written atomically."""
-        out = Path(out_dir)
-        if out.exists() and not out.is_dir():
-            raise SSNError(f"output path {out} exists and is not a folder")
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "rows.csv", csv_text(self.rows, ROW_COLUMNS))
-        atomic_write_text(out / "rows.jsonl",
-                          "".join(json.dumps(_clean(r), ensure_ascii=False) + "\n" for r in self.rows))
-        metric_rows = self.metric_rows()
-        atomic_write_text(out / "metrics.csv", csv_text(metric_rows, METRIC_COLUMNS))
-        atomic_write_json(out / "metrics.json", _clean({"rows": metric_rows, "table": self.metrics.to_dict()}))
-        if self.utility:
-            atomic_write_json(out / "utility.json", _clean(self.utility))
-        atomic_write_json(out / "manifest.json", _clean(self.manifest))
-        return out
+        """rows.csv/jsonl, metrics.csv/json, manifest.json (+ utility.json) as one folder, replaced as a whole (an
+        existing folder only when it is an earlier evaluation: `ssn_core.io.check_out_dir`)."""
+        with writing_result_dir(out_dir, RESULT_KIND) as tmp:
+            atomic_write_text(tmp / "rows.csv", csv_text(self.rows, ROW_COLUMNS))
+            atomic_write_text(tmp / "rows.jsonl",
+                              "".join(json.dumps(_clean(r), ensure_ascii=False) + "\n" for r in self.rows))
+            metric_rows = self.metric_rows()
+            atomic_write_text(tmp / "metrics.csv", csv_text(metric_rows, METRIC_COLUMNS))
+            atomic_write_json(tmp / "metrics.json", _clean({"rows": metric_rows, "table": self.metrics.to_dict()}))
+            if self.utility:
+                atomic_write_json(tmp / "utility.json", _clean(self.utility))
+            atomic_write_json(tmp / "manifest.json", _clean(self.manifest))
+        return Path(out_dir).expanduser()
 
     def format_table(self) -> str:
         """Plain-text per-language table (rates with 95% bootstrap CIs)."""
@@ -169,7 +168,7 @@ def evaluate(lm, prompts, languages: Sequence[str], settings=None, judge=None,
                          n_boot=n_boot)
     manifest = make_manifest(
         settings, [judge], lm,
-        kind="ssn-lab/evaluation", condition=condition,
+        kind=RESULT_KIND, condition=condition,
         interventions=[{"description": i.describe(), "scale": i.scale, "value": i.value, "n_neurons": len(i.neurons),
                         "neuron_meta": i.neurons.meta} for i in interventions],
         languages=list(dict.fromkeys(languages)), label=label, limit_per_language=limit_per_language,

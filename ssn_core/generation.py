@@ -27,7 +27,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from ssn_core.errors import SSNError
+from ssn_core.errors import SSNError, finite
 from ssn_core.loading import LoadedModel
 
 
@@ -44,8 +44,12 @@ class GenerationSettings:
     chat: bool = True  # False: the texts are raw prompts, no chat template
 
     def validate(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not hasattr(self.max_new_tokens, "__index__"):
+            raise SSNError(f"max_new_tokens must be a whole number, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
             raise SSNError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        finite(self.temperature, "temperature")
+        finite(self.top_p, "top_p")
         if self.do_sample and self.temperature <= 0:
             raise SSNError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if self.do_sample and not 0 < self.top_p <= 1:
@@ -110,10 +114,53 @@ class _QueueStreamer(BaseStreamer):
         pass  # the worker signals the end itself, with the final sequences
 
 
+def context_length(lm: LoadedModel) -> int | None:
+    """The most tokens (prompt + reply) the model's position embeddings cover, from its config; None if unknown."""
+    config = lm.model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(text, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_texts(user_texts: list[str]) -> None:
+    for i, text in enumerate(user_texts):
+        if not isinstance(text, str) or not text.strip():
+            where = "the prompt" if len(user_texts) == 1 else f"prompt {i + 1} of {len(user_texts)}"
+            raise SSNError(f"{where} is empty; give some text to answer")
+
+
+def _check_lengths(lm: LoadedModel, lengths: list[int], settings: GenerationSettings) -> None:
+    limit = context_length(lm)
+    if limit is None or not lengths:
+        return
+    worst = max(range(len(lengths)), key=lambda i: lengths[i])
+    if lengths[worst] + settings.max_new_tokens > limit:
+        where = "the prompt" if len(lengths) == 1 else f"prompt {worst + 1} of {len(lengths)}"
+        raise SSNError(f"{where} is {lengths[worst]:,} tokens long (with the chat template); with up to "
+                       f"{settings.max_new_tokens:,} new tokens that exceeds the model's context of {limit:,} tokens. "
+                       "Shorten the prompt or lower max_new_tokens")
+
+
+def check_prompts(lm: LoadedModel, user_texts: list[str], settings: GenerationSettings) -> None:
+    """Raise SSNError unless every text can be answered: not empty, and prompt + max_new_tokens within the model's
+    context. `generate` checks each batch; callers with long jobs check all their prompts up front with this."""
+    settings.validate()
+    _check_texts(user_texts)
+    prompts = lm.prompt_texts(user_texts, chat=settings.chat, system=settings.system)
+    add_special = not (settings.chat and lm.has_chat_template)
+    lengths = [len(ids) for ids in lm.tokenizer(prompts, add_special_tokens=add_special)["input_ids"]]
+    _check_lengths(lm, lengths, settings)
+
+
 def _prepare(lm: LoadedModel, user_texts: list[str], settings: GenerationSettings):
     settings.validate()
+    _check_texts(user_texts)
     prompts = lm.prompt_texts(user_texts, chat=settings.chat, system=settings.system)
     inputs = lm.tokenize_prompts(prompts, chat_formatted=settings.chat, padding_side="left")  # [B, T]
+    _check_lengths(lm, inputs["attention_mask"].sum(dim=1).tolist(), settings)
     stop_ids = lm.stop_token_ids
     pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
     # generate() fills every field left None from the model's own generation_config, so the fields that

@@ -17,8 +17,6 @@ import json
 import math
 import os
 import platform
-import shutil
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,7 +27,7 @@ import torch
 
 from ssn_core.direction import RefusalDirection
 from ssn_core.errors import NeuronFileError, SSNError
-from ssn_core.io import atomic_write_json, atomic_write_text
+from ssn_core.io import atomic_write_json, atomic_write_text, writing_result_dir
 from ssn_core.neurons import NeuronSet
 from ssn_core.pairs import PromptPair, load_pairs, save_pairs
 from ssn_core.scoring import AGGREGATES, METHODS, Progress, ScoreTable, score
@@ -203,11 +201,9 @@ class IdentifyResult:
 
     # ----- files --------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write the result directory atomically: into a temp dir next to it, then rename into place."""
-        directory = Path(directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
-        try:
+        """Write the result folder atomically (a temp folder next to it, then one rename); an existing folder is
+        only replaced when it is an earlier identify result (`ssn_core.io.check_out_dir`)."""
+        with writing_result_dir(directory, MANIFEST_FORMAT) as tmp:
             self.scores.save(tmp / "scores.safetensors")
             (tmp / "sets").mkdir()
             for lang, neurons in self.ms.items():
@@ -224,17 +220,7 @@ class IdentifyResult:
             if self.pairs is not None:
                 save_pairs(tmp / "pairs.json", self.pairs, meta={"model_fingerprint": self.manifest.get(
                     "model_fingerprint")})
-            if directory.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".old", dir=directory.parent))
-                os.replace(directory, old / "previous")
-                os.replace(tmp, directory)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return directory
+        return Path(directory).expanduser()
 
     @classmethod
     def load(cls, directory: str | os.PathLike, sites: SiteMap | None = None) -> IdentifyResult:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ssn_core.errors import SSNError
+from ssn_core.errors import SSNError, finite
 from ssn_core.hooks import hook_modules, hook_sites
 from ssn_core.neurons import NeuronSet
 from ssn_core.sites import NeuronSite, SiteMap, find_sites
@@ -147,6 +147,8 @@ def intervene(target, *interventions) -> Iterator[None]:
     # Per site, in order: consecutive scale interventions merge into one multiply; a clamp stands alone.
     per_site: dict[tuple[int, str], list[tuple[torch.Tensor, Intervention]]] = {}
     for intervention in neuron_interventions:
+        finite(intervention.scale if intervention.value is None else intervention.value,
+               "an intervention's scale" if intervention.value is None else "an intervention's clamp value")
         intervention.neurons.validate(sites)
         for key, indices in intervention.neurons.neurons.items():
             per_site.setdefault(key, []).append((indices, intervention))
@@ -175,7 +177,7 @@ def suppress(target, neurons: NeuronSet, rows=None) -> contextmanager:
 
 def reinforce(target, neurons: NeuronSet, alpha: float = 2.0, rows=None) -> contextmanager:
     """Scale the neurons by alpha (> 1 strengthens them)."""
-    if alpha < 0:
+    if finite(alpha, "the reinforcement scale alpha") < 0:
         raise SSNError(f"reinforcement scale must be >= 0, got {alpha}")
     return intervene(target, Intervention(neurons, scale=alpha, rows=rows, label=f"reinforce x{alpha:g}"))
 

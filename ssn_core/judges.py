@@ -665,6 +665,22 @@ class ApiJudge(Judge):
                              "which is not set")
         return key
 
+    def check(self, timeout: float = 5.0) -> None:
+        """Raise JudgeError now, before any reply is generated, when the API key is missing or nothing listens at
+        the endpoint's host and port (a TCP connection only: nothing is sent)."""
+        import socket
+
+        self._key()
+        parsed = urllib.parse.urlparse(self.base_url)
+        try:
+            port = parsed.port or (443 if parsed.scheme == "https" else 80)
+            with socket.create_connection((parsed.hostname, port), timeout=min(timeout, self.timeout)):
+                pass
+        except ValueError as e:
+            raise JudgeError(f"API judge base_url {self.base_url!r} is not a valid URL: {e}") from None
+        except OSError as e:
+            raise JudgeError(f"API judge could not reach {self.url}: {e.strerror or e}") from None
+
     def complete(self, prompt: str, reply: str, language: str | None = None) -> str:
         """Send one judging request; the model's raw answer text."""
         key = self._key()

@@ -23,6 +23,7 @@ Why some choices:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib.util
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ssn_core.errors import ModelLoadError, UnsupportedArchitectureError
+from ssn_core.io import apply_umask, atomic_write_json, swap_dir
 
 if TYPE_CHECKING:
     import torch
@@ -408,6 +410,7 @@ def assemble_starter(starter: StarterModel | str, root: Path | None = None, prog
                             progress(done, starter.size, f"assembling {starter.name}")
             out.flush()
             os.fsync(out.fileno())
+        apply_umask(tmp_name)
         if digest.hexdigest() != starter.sha256:
             raise ModelLoadError(
                 f"checksum mismatch for starter model {starter.name}: got sha256 {digest.hexdigest()}, "
@@ -422,54 +425,154 @@ def assemble_starter(starter: StarterModel | str, root: Path | None = None, prog
     return dest
 
 
-def starter_cache_ready(starter: StarterModel | str, root: Path | None = None) -> Path | None:
-    """The starter's safetensors cache directory if it is complete, else None."""
+def _safetensors_size_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be complete (its header and its size disagree), or None; reads 8 bytes + the
+    JSON header only."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                return f"{path.name} is cut short ({size} bytes)"
+            header_len = struct.unpack("<Q", head)[0]
+            if header_len > min(size - 8, 100_000_000):
+                return f"{path.name} is cut short or damaged (its header is longer than the file)"
+            header = json.loads(f.read(header_len))
+        ends = [int(t["data_offsets"][1]) for key, t in header.items() if key != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        return f"{path.name} has a damaged header"
+    expected = 8 + header_len + max(ends, default=0)
+    if size != expected:
+        return f"{path.name} has {size:,} bytes but its header describes {expected:,} (truncated or damaged)"
+    return None
+
+
+def check_starter_cache(starter: StarterModel | str, root: Path | None = None, *, checksums: bool = False,
+                        progress: Progress | None = None) -> tuple[Path | None, str | None]:
+    """Is the starter's safetensors cache complete? ``(folder, None)`` when it is, ``(None, None)`` when it was
+    never prepared, ``(None, why)`` when it is there but damaged.
+
+    Always checked (cheap, every load): the marker file, the size of every file it records, and that each
+    safetensors file is as long as its own header says. ``checksums=True`` (prepare-starter, or after a failed
+    load) also re-hashes every file against the sha256 recorded when the cache was written.
+    """
     starter = get_starter(starter) if isinstance(starter, str) else starter
     hf_dir = starter_dir(starter, root) / "hf"
+    if not os.path.lexists(hf_dir):
+        return None, None
     marker = hf_dir / _CACHE_MARKER
-    if not marker.is_file():
-        return None
     try:
         meta = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    has_weights = (hf_dir / "model.safetensors").is_file() or (hf_dir / "model.safetensors.index.json").is_file()
-    if meta.get("source_sha256") != starter.sha256 or not has_weights:
-        return None
-    return hf_dir
+        return None, f"its {_CACHE_MARKER} is missing or unreadable"
+    if not isinstance(meta, dict) or meta.get("source_sha256") != starter.sha256:
+        return None, "it was converted from another GGUF file"
+    if not (hf_dir / "model.safetensors").is_file() and not (hf_dir / "model.safetensors.index.json").is_file():
+        return None, "it holds no model weights"
+    files = meta.get("files")
+    recorded = files if isinstance(files, dict) else {}
+    for name, record in recorded.items():
+        path = hf_dir / name
+        if not path.is_file():
+            return None, f"{name} is missing"
+        size = path.stat().st_size
+        written = record.get("size") if isinstance(record, dict) else None
+        if size != written:
+            return None, f"{name} has {size:,} bytes but {written:,} were written" if isinstance(written, int) else \
+                f"{name} has no recorded size"
+    for path in sorted(hf_dir.glob("*.safetensors")):
+        problem = _safetensors_size_problem(path)
+        if problem:
+            return None, problem
+    if checksums:
+        if not recorded:
+            return None, "it records no checksums (it was written by an older SSN Lab)"
+        for name, record in recorded.items():
+            if _sha256_file(hf_dir / name, progress, f"verifying the starter cache ({name})") != record.get("sha256"):
+                return None, f"{name} does not match the checksum recorded when it was written"
+    return hf_dir, None
 
 
-def _save_cache(model, tokenizer, starter: StarterModel, root: Path | None) -> Path:
-    """Save model + tokenizer as safetensors into the starter cache, atomically (temp dir + rename)."""
+def starter_cache_ready(starter: StarterModel | str, root: Path | None = None) -> Path | None:
+    """The starter's safetensors cache directory if it is complete (cheap checks), else None."""
+    return check_starter_cache(starter, root)[0]
+
+
+def _nonfinite_weight(model) -> str | None:
+    """The name of the first floating-point parameter holding NaN or infinity (a damaged cache), or None."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            # One reduction pass, no temporary copy: NaN and infinity survive a float64 sum, finite weights cannot
+            # overflow it.
+            if param.is_floating_point() and not bool(torch.isfinite(param.sum(dtype=torch.float64))):
+                return name
+    return None
+
+
+def _save_cache(model, tokenizer, starter: StarterModel, root: Path | None, progress: Progress | None = None) -> Path:
+    """Save model + tokenizer as safetensors into the starter cache, atomically (temp dir + rename), recording the
+    size and sha256 of every file so that a damaged cache is found later (`check_starter_cache`)."""
     final = starter_dir(starter, root) / "hf"
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".hf-", dir=final.parent))
     try:
+        apply_umask(tmp, directory=True)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        meta = {"source_sha256": starter.sha256, "starter": starter.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        (tmp / _CACHE_MARKER).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if final.exists():  # incomplete or stale (a complete one would have been used)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        files = {}
+        for path in sorted(p for p in tmp.iterdir() if p.is_file()):
+            apply_umask(path)  # safetensors writes its files 0600
+            files[path.name] = {"size": path.stat().st_size,
+                                "sha256": _sha256_file(path, progress, "recording the starter cache's checksums")}
+        meta = {"source_sha256": starter.sha256, "starter": starter.name, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "files": files}
+        atomic_write_json(tmp / _CACHE_MARKER, meta)
+        swap_dir(tmp, final)  # a complete cache would have been used: the old one is incomplete or damaged
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
 
 
-def prepare_starter(name: str = DEFAULT_STARTER, root: Path | None = None, progress: Progress | None = None) -> Path:
-    """Assemble, verify and convert a starter model once; returns its safetensors cache directory."""
+def _damaged_note(starter: StarterModel, root: Path | None, problem: str) -> str:
+    return (f"the starter cache {starter_dir(starter, root) / 'hf'} was damaged ({problem}); "
+            "rebuilt it from the pinned GGUF")
+
+
+@contextlib.contextmanager
+def _rebuilding(starter: StarterModel, root: Path | None, problem: str | None):
+    """A failed rebuild of a damaged cache says that the cache was damaged, not only why the rebuild failed."""
+    try:
+        yield
+    except ModelLoadError as exc:
+        if problem is None:
+            raise
+        raise ModelLoadError(f"the starter cache {starter_dir(starter, root) / 'hf'} is damaged ({problem}) and could "
+                             f"not be rebuilt: {exc}") from exc
+
+
+def prepare_starter(name: str = DEFAULT_STARTER, root: Path | None = None, progress: Progress | None = None,
+                    notes: list[str] | None = None) -> Path:
+    """Assemble, verify and convert a starter model once; returns its safetensors cache directory.
+
+    An existing cache is verified in full (sizes and checksums); a damaged one is rebuilt from the pinned GGUF,
+    with a note appended to ``notes``.
+    """
     starter = get_starter(name)
-    ready = starter_cache_ready(starter, root)
+    ready, problem = check_starter_cache(starter, root, checksums=True, progress=progress)
     if ready is not None:
         return ready
-    gguf_path = assemble_starter(starter, root, progress)
-    _check_memory(inspect_gguf(gguf_path).n_elements, "float32", "none", "cpu", factor=1.5)
-    if progress:
-        progress(0, 1, "converting GGUF to safetensors (about a minute and a half, once)")
-    model, tokenizer = _load_gguf(gguf_path, None)
-    final = _save_cache(model, tokenizer, starter, root)
+    with _rebuilding(starter, root, problem):
+        gguf_path = assemble_starter(starter, root, progress)
+        _check_memory(inspect_gguf(gguf_path).n_elements, "float32", "none", "cpu", factor=1.5)
+        if progress:
+            progress(0, 1, "converting GGUF to safetensors (about a minute and a half, once)")
+        model, tokenizer = _load_gguf(gguf_path, None)
+        final = _save_cache(model, tokenizer, starter, root, progress)
+    if problem is not None and notes is not None:
+        notes.append(_damaged_note(starter, root, problem))
     if progress:
         progress(1, 1, "starter model ready")
     return final
@@ -788,13 +891,21 @@ def _load_pretrained(source: str, spec: ModelSpec, device: str, *, local: bool):
         kwargs["device_map"] = {"": "cuda:0"} if device == "cuda" else device
     elif device != "cpu":
         kwargs["device_map"] = {"": "cuda:0"} if device == "cuda" else "auto"
+    for weights in sorted(Path(source).glob("*.safetensors")) if local else ():
+        problem = _safetensors_size_problem(weights)
+        if problem:
+            raise ModelLoadError(f"{source}: {problem}; the model files are incomplete (an interrupted download or "
+                                 "copy?)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **common)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelLoadError(f"could not load the tokenizer of {source}: {_first_line(exc)}") from exc
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
-    except (OSError, ValueError, RuntimeError, ImportError, NotImplementedError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, RuntimeError, ImportError, NotImplementedError, TypeError, AttributeError,
+            SafetensorError) as exc:
         msg = _first_line(exc)
         if "out of memory" in msg.lower():
             raise ModelLoadError(f"not enough memory to load {source}: {msg}") from exc
@@ -950,27 +1061,45 @@ def _place(model, spec: ModelSpec, device: str):
 def _load_starter(spec: ModelSpec, source: str, device: str, start: float, progress: Progress | None) -> LoadedModel:
     starter = get_starter(source)
     name = starter.display_name
-    cached = starter_cache_ready(starter)
+    cached, problem = check_starter_cache(starter)
     notes: list[str] = []
-    if cached is None:
+    if cached is not None:
+        try:
+            return _load_starter_cache(cached, spec, source, name, device, start, notes)
+        except Exception:
+            # A load from a cache that looked complete failed: verify it in full; rebuild it only when damaged.
+            _, problem = check_starter_cache(starter, checksums=True, progress=progress)
+            if problem is None:
+                raise
+    if problem is not None:
+        notes.append(_damaged_note(starter, None, problem))
+    with _rebuilding(starter, None, problem):
         gguf_path = assemble_starter(starter, progress=progress)
         _check_memory(inspect_gguf(gguf_path).n_elements, "float32", "none", "cpu", factor=1.5)
         if progress:
             progress(0, 1, "converting the starter model from GGUF (about a minute and a half, once)")
         model, tokenizer = _load_gguf(gguf_path, spec)
-        try:
-            _save_cache(model, tokenizer, starter, None)
-        except OSError as exc:  # e.g. disk full: the model is loaded, only the speed-up is lost
-            notes.append(f"could not save the safetensors cache ({_first_line(exc)}); the next load will be slow again")
-        if spec.quantization == "none":
-            model = _place(model, spec, device)
-            return finish_loaded(model, tokenizer, name=name, source=source, spec=spec, device=device,
-                                 loaded_from="gguf", load_seconds=time.perf_counter() - start, warnings_=notes)
-        cached = starter_cache_ready(starter)
-        del model
-        if cached is None:
-            raise ModelLoadError("quantizing the starter model needs its safetensors cache, which could not be saved")
+    try:
+        _save_cache(model, tokenizer, starter, None, progress)
+    except OSError as exc:  # e.g. disk full: the model is loaded, only the speed-up is lost
+        notes.append(f"could not save the safetensors cache ({_first_line(exc)}); the next load will be slow again")
+    if spec.quantization == "none":
+        model = _place(model, spec, device)
+        return finish_loaded(model, tokenizer, name=name, source=source, spec=spec, device=device,
+                             loaded_from="gguf", load_seconds=time.perf_counter() - start, warnings_=notes)
+    cached = starter_cache_ready(starter)
+    del model
+    if cached is None:
+        raise ModelLoadError("quantizing the starter model needs its safetensors cache, which could not be saved")
+    return _load_starter_cache(cached, spec, source, name, device, start, notes)
+
+
+def _load_starter_cache(cached: Path, spec: ModelSpec, source: str, name: str, device: str, start: float,
+                        notes: list[str]) -> LoadedModel:
     model, tokenizer, n_params, _ = _load_pretrained(str(cached), spec, device, local=True)
+    broken = _nonfinite_weight(model)  # a same-size corruption loads "fine" and then answers "!!!!"
+    if broken is not None:
+        raise ModelLoadError(f"the starter cache {cached} holds NaN or infinite weights ({broken})")
     return finish_loaded(model, tokenizer, name=name, source=source, spec=spec, device=device,
                          loaded_from="safetensors-cache", load_seconds=time.perf_counter() - start,
                          n_params=n_params, warnings_=notes)

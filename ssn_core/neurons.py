@@ -9,6 +9,7 @@ on another model fails with a clear message instead of silently indexing the wro
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +24,61 @@ FORMAT_VERSION = 1
 Key = tuple[int, str]
 
 
+MAX_INDEX = 2**31 - 1  # no model has more layers or neurons per site; larger numbers are damage, not data
+
+
 def _as_index_tensor(indices) -> torch.Tensor:
-    tensor = torch.as_tensor(indices, dtype=torch.long).flatten()
+    """Sorted unique int64 indices; NeuronFileError for floats, booleans, negatives or absurd sizes."""
+    try:
+        tensor = torch.as_tensor(indices)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise NeuronFileError(f"neuron indices must be whole numbers >= 0 ({exc})") from None
+    if tensor.numel() == 0:
+        return torch.empty(0, dtype=torch.long)
+    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+        raise NeuronFileError(f"neuron indices must be whole numbers, got {tensor.dtype} values")
+    tensor = tensor.to(torch.long).flatten()
+    if int(tensor.min()) < 0 or int(tensor.max()) > MAX_INDEX:
+        bad = int(tensor.min()) if int(tensor.min()) < 0 else int(tensor.max())
+        raise NeuronFileError(f"neuron index {bad} is out of range (indices are >= 0)")
     return torch.unique(tensor)  # sorted, unique
+
+
+def _whole_number(value, what: str, where: str) -> int:
+    """A JSON whole number in [0, MAX_INDEX] (not a bool, not 1.0, not 1e30, not Infinity)."""
+    if type(value) is not int:
+        raise NeuronFileError(f"{where}: {what} must be a whole number >= 0, got {value!r}")
+    if not 0 <= value <= MAX_INDEX:
+        raise NeuronFileError(f"{where}: {what} {value} is out of range")
+    return value
+
+
+def parse_neuron_entries(entries, where: str) -> dict[Key, list[int]]:
+    """The ``neurons`` list of a JSON neuron set ({layer, kind, indices} objects) with strict types."""
+    if not isinstance(entries, list):
+        raise NeuronFileError(f"{where}: 'neurons' must be a list of {{layer, kind, indices}} objects")
+    grouped: dict[Key, list[int]] = {}
+    for n, entry in enumerate(entries):
+        if not isinstance(entry, dict) or not {"layer", "kind", "indices"} <= set(entry):
+            raise NeuronFileError(f"{where}: neuron entry {n} must be an object with layer, kind and indices")
+        layer = _whole_number(entry["layer"], "layer", where)
+        kind = entry["kind"]
+        if not isinstance(kind, str) or kind not in SITE_KINDS:
+            raise NeuronFileError(f"{where}: unknown site kind {kind!r}; expected one of {', '.join(SITE_KINDS)}")
+        if not isinstance(entry["indices"], list):
+            raise NeuronFileError(f"{where}: indices of layer {layer} {kind} must be a list")
+        indices = [_whole_number(i, "neuron index", where) for i in entry["indices"]]
+        grouped.setdefault((layer, kind), []).extend(indices)
+    return grouped
+
+
+def parse_meta(value, where: str) -> dict:
+    """A neuron set's metadata: a JSON object (absent = {})."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise NeuronFileError(f"{where}: 'meta' must be a JSON object, got {type(value).__name__}")
+    return dict(value)
 
 
 @dataclass
@@ -39,9 +92,15 @@ class NeuronSet:
         for (layer, kind), indices in self.neurons.items():
             if kind not in SITE_KINDS:
                 raise NeuronFileError(f"unknown site kind {kind!r}; expected one of {', '.join(SITE_KINDS)}")
+            try:
+                layer_number = operator.index(layer)  # ints, numpy ints, integer 0-d tensors; not 1.0
+            except TypeError:
+                layer_number = -1
+            if isinstance(layer, bool) or layer_number < 0:
+                raise NeuronFileError(f"a layer must be a whole number >= 0, got {layer!r}")
             tensor = _as_index_tensor(indices)
             if tensor.numel():
-                cleaned[(int(layer), kind)] = tensor
+                cleaned[(layer_number, kind)] = tensor
         self.neurons = dict(sorted(cleaned.items(), key=lambda item: (item[0][0], SITE_KINDS.index(item[0][1]))))
 
     # ----- construction -------------------------------------------------------------------------
@@ -194,6 +253,12 @@ class NeuronSet:
     def load(cls, path: str | Path, sites: SiteMap | None = None) -> NeuronSet:
         """Load from JSON or safetensors; with ``sites``, validate against that model."""
         path = Path(path)
+        if path.is_dir():
+            hint = ""
+            if (path / "manifest.json").is_file() and (path / "sets").is_dir():
+                hint = (f"; it holds an identify result: pass one of its sets, e.g. {path / 'sets' / 'ss_all.json'}, "
+                        f"or the folder itself where a command takes --neurons")
+            raise NeuronFileError(f"{path} is a folder, not a neuron file{hint}")
         if not path.is_file():
             raise NeuronFileError(f"neuron file not found: {path}")
         if path.suffix == ".json":
@@ -214,11 +279,9 @@ class NeuronSet:
             raise NeuronFileError(f"{path} is not a valid JSON neuron file: {exc}") from None
         if not isinstance(data, dict) or data.get("format") != "ssn-lab/neuron-set":
             raise NeuronFileError(f"{path} is not an SSN Lab neuron set (missing format 'ssn-lab/neuron-set')")
-        try:
-            grouped = {(int(e["layer"]), str(e["kind"])): [int(i) for i in e["indices"]] for e in data["neurons"]}
-        except (KeyError, TypeError, ValueError) as exc:
-            raise NeuronFileError(f"{path}: malformed neuron entry ({exc!r})") from None
-        return cls(grouped, dict(data.get("meta") or {}))
+        if "neurons" not in data:
+            raise NeuronFileError(f"{path}: malformed neuron set (no 'neurons' list)")
+        return cls(parse_neuron_entries(data["neurons"], str(path)), parse_meta(data.get("meta"), str(path)))
 
     @classmethod
     def _load_safetensors(cls, path: Path) -> NeuronSet:
@@ -226,11 +289,14 @@ class NeuronSet:
         grouped = {}
         for name, tensor in tensors.items():
             layer, _, kind = name.partition(".")
-            if not layer.isdigit() or tensor.dtype not in (torch.int64, torch.int32):
+            if not layer.isdigit() or tensor.dtype not in (torch.int64, torch.int32) or kind not in SITE_KINDS:
                 raise NeuronFileError(f"{path}: unexpected tensor {name!r} ({tensor.dtype})")
             grouped[(int(layer), kind)] = tensor
         try:
             meta = json.loads(header.get("meta", "{}"))
         except json.JSONDecodeError:
             raise NeuronFileError(f"{path}: metadata is not valid JSON") from None
-        return cls(grouped, meta)
+        try:
+            return cls(grouped, parse_meta(meta, str(path)))
+        except NeuronFileError as exc:
+            raise NeuronFileError(f"{path}: {exc}") from None

@@ -952,6 +952,9 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
 # ---------------------------------------------------------------------------------------------------
 # Validating the fast scores against exact ablation
 # ---------------------------------------------------------------------------------------------------
+COMPARISON_KIND = "ssn-lab/method-comparison"  # manifest kind of an `ssn compare-methods --out` folder
+
+
 @dataclass
 class MethodComparison:
     """Fast scores vs exact ablation on the same sampled neurons and prompts."""
@@ -963,17 +966,19 @@ class MethodComparison:
     seconds: dict[str, float]
 
     def save(self, directory: str | Path) -> Path:
-        from ssn_core.io import atomic_write_json, atomic_write_text
+        """scores_<method>.safetensors, agreement.csv, comparison.json and manifest.json as one folder, replaced as
+        a whole (an existing folder only when it is an earlier comparison: `ssn_core.io.check_out_dir`)."""
+        from ssn_core.io import atomic_write_json, atomic_write_text, writing_result_dir
 
-        directory = Path(directory)
-        for method, table in self.tables.items():
-            table.save(directory / f"scores_{method}.safetensors")
-        atomic_write_text(directory / "agreement.csv", self.agreement.to_csv(index=False))
-        atomic_write_json(directory / "comparison.json", {
-            "sample": [list(t) for t in self.sample], "top": self.top, "seconds": self.seconds,
-            "agreement": self.agreement.to_dict(orient="records"),
-        })
-        return directory
+        with writing_result_dir(directory, COMPARISON_KIND) as tmp:
+            for method, table in self.tables.items():
+                table.save(tmp / f"scores_{method}.safetensors")
+            atomic_write_text(tmp / "agreement.csv", self.agreement.to_csv(index=False))
+            atomic_write_json(tmp / "comparison.json", {
+                "sample": [list(t) for t in self.sample], "top": self.top, "seconds": self.seconds,
+                "agreement": self.agreement.to_dict(orient="records"),
+            })
+        return Path(directory).expanduser()
 
 
 def _mean_over_groups(table: ScoreTable, kind: str) -> torch.Tensor:

@@ -63,6 +63,7 @@ METHODS: tuple[str, ...] = ("neurons", "random", "lora-match", "lora-8", "full")
 
 
 SAFETY_DATA_FORMAT = "ssn-lab/safety-data"
+RESULT_KIND = "ssn-lab/train-result"  # manifest kind of an `ssn train --out` folder
 
 
 @dataclass
@@ -85,16 +86,18 @@ class TrainConfig:
         problems = []
         if self.epochs is None and self.steps < 1:
             problems.append(f"steps must be >= 1 (got {self.steps})")
-        if self.epochs is not None and self.epochs <= 0:
-            problems.append(f"epochs must be > 0 (got {self.epochs})")
+        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            problems.append(f"epochs must be a positive number (got {self.epochs})")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             problems.append(f"lr must be a positive number (got {self.lr})")
         if self.batch_size < 1 or self.grad_accum < 1:
             problems.append("batch_size and grad_accum must be >= 1")
         if self.max_length < 8:
             problems.append(f"max_length must be >= 8 tokens (got {self.max_length})")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            problems.append("weight_decay and grad_clip must be >= 0")
+        if not (self.weight_decay >= 0 and self.grad_clip >= 0 and math.isfinite(self.weight_decay)
+                and math.isfinite(self.grad_clip)):
+            problems.append(f"weight_decay and grad_clip must be finite numbers >= 0 (got {self.weight_decay}, "
+                            f"{self.grad_clip})")
         if problems:
             raise TrainingError("bad training configuration: " + "; ".join(problems))
 
@@ -260,17 +263,24 @@ class TrainResult:
             "summary": self.summary_row(), "meta": self.meta,
         }
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write delta.safetensors (neuron methods) and train_result.json into ``out_dir``, atomically."""
+    def write_files(self, folder: str | Path) -> None:
+        """delta.safetensors (neuron methods) and train_result.json into an existing folder, each atomically."""
         from ssn_core.io import atomic_write_json
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        folder = Path(folder)
         if self.delta is not None:
-            self.delta.save(out / "delta.safetensors",
+            self.delta.save(folder / "delta.safetensors",
                             {"config": asdict(self.config), "method": self.method, **self.meta})
-        atomic_write_json(out / "train_result.json", _json_ready(self.to_dict()))
-        return out
+        atomic_write_json(folder / "train_result.json", _json_ready(self.to_dict()))
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write the result folder (`write_files` + manifest.json) as a whole; an existing folder is only replaced
+        when it is an earlier training result (`ssn_core.io.check_out_dir`)."""
+        from ssn_core.io import writing_result_dir
+
+        with writing_result_dir(out_dir, RESULT_KIND) as tmp:
+            self.write_files(tmp)
+        return Path(out_dir).expanduser()
 
 
 def _mean(values) -> float | None:
@@ -294,6 +304,8 @@ def _json_ready(obj):
 
 def split_ids(ids: Sequence[str], heldout_fraction: float, seed: int) -> tuple[set[str], set[str]]:
     """Split item ids into (train, held-out), deterministically; at least one of each when there are two ids."""
+    if not (isinstance(heldout_fraction, int | float) and 0 <= heldout_fraction < 1):
+        raise TrainingError(f"the held-out share must be a number in [0, 1), got {heldout_fraction}")
     unique = sorted(set(ids))
     shuffled = unique[:]
     random.Random(seed).shuffle(shuffled)

@@ -32,7 +32,7 @@ import torch
 
 from ssn_core.errors import Cancelled, NeuronFileError, PromptSetError, SSNError
 from ssn_core.interventions import Intervention, intervene, resolve_sites
-from ssn_core.io import atomic_write_json, atomic_write_text, csv_text
+from ssn_core.io import atomic_write_json, atomic_write_text, csv_text, writing_result_dir
 from ssn_core.neurons import NeuronSet
 from ssn_core.sites import SiteMap
 
@@ -308,6 +308,7 @@ def plan_conditions(neurons, language: str, sites: SiteMap, alphas: Sequence[flo
 # Result
 
 
+RESULT_KIND = "ssn-lab/validation"  # manifest kind of an `ssn validate --out` folder
 TABLE_COLUMNS: tuple[str, ...] = ("language", "condition", "target", "seed", "alpha", "n_neurons", "n", "asr",
                                   "refusal", "off_target", "ci_low", "ci_high", "refusal_ci_low", "refusal_ci_high")
 ROW_COLUMNS: tuple[str, ...] = ("language", "condition", "seed", "alpha", "id", "prompt", "reply", "verdict",
@@ -330,17 +331,17 @@ class ValidationResult:
     manifest: dict = field(default_factory=dict)
 
     def save(self, out_dir: str | Path) -> Path:
-        """table.csv/json, rows.jsonl, summary.json, manifest.json; each written atomically."""
+        """table.csv/json, rows.jsonl, summary.json, manifest.json as one folder, replaced as a whole (an existing
+        folder only when it is an earlier validation: `ssn_core.io.check_out_dir`)."""
         import json
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "rows.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows))
-        atomic_write_text(out / "table.csv", csv_text(self.table, TABLE_COLUMNS))
-        atomic_write_json(out / "table.json", self.table)
-        atomic_write_json(out / "summary.json", self.summary)
-        atomic_write_json(out / "manifest.json", self.manifest)
-        return out
+        with writing_result_dir(out_dir, RESULT_KIND) as tmp:
+            atomic_write_text(tmp / "rows.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.rows))
+            atomic_write_text(tmp / "table.csv", csv_text(self.table, TABLE_COLUMNS))
+            atomic_write_json(tmp / "table.json", self.table)
+            atomic_write_json(tmp / "summary.json", self.summary)
+            atomic_write_json(tmp / "manifest.json", self.manifest)
+        return Path(out_dir).expanduser()
 
     def format_table(self) -> str:
         """Plain-text table: random seeds collapsed into mean ± std [min-max]."""
@@ -580,7 +581,7 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
     summary["harmless_per_language"] = {lang: len(items) for lang, items in harmless_by_language.items()}
     manifest = make_manifest(
         settings, [judge], lm,
-        kind="ssn-lab/validation", languages=languages, hr_language=hr_language,
+        kind=RESULT_KIND, languages=languages, hr_language=hr_language,
         alphas=[float(a) for a in alphas], seeds=[int(s) for s in seeds], batch_size=batch_size,
         prompts={"n_per_language": summary["prompts_per_language"], "data_hash": _data_hash(prompts)},
         neurons=dict(getattr(neurons, "manifest", None) or {}),

@@ -107,7 +107,7 @@ def test_stream_worker_thread_sees_the_callers_intervention_only(tiny):
 def test_closing_a_stream_early_stops_the_worker(tiny):
     lm = tiny()
     before = threading.active_count()
-    stream = stream_generate(lm, ["hello", "world"], GenerationSettings(max_new_tokens=500))
+    stream = stream_generate(lm, ["hello", "world"], GenerationSettings(max_new_tokens=480))
     first = next(stream)
     assert len(first) == 2
     stream.close()

@@ -380,7 +380,9 @@ def test_cli_train_writes_delta_and_comparison(tmp_path, tiny_dir):
             "--out", str(out)]
     assert main(argv) == 0
     assert {p.name for p in out.iterdir()} == {"delta.safetensors", "train_result.json", "comparison.json",
-                                              "safety_data.json"}
+                                              "safety_data.json", "manifest.json"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["format"] == "ssn-lab/train-result" and "safety_data.json" in manifest["files"]
     assert main([*argv[:5], "--target", "nonsense", "--out", str(tmp_path / "x")]) == 2
     assert not (tmp_path / "x").exists()
     # A second target trains on exactly the same items, split and retain replies.
