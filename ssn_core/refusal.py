@@ -73,6 +73,11 @@ def load_openings(n_refusal: int = 2, n_compliance: int = 2, path: str | Path | 
     return Openings(refusal=refusal, compliance=compliance, version=str(data.get("version", "?")))
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (log-probabilities of a half-precision model), float64 kept."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _opening_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])[:max_tokens]
     if not ids:
@@ -95,7 +100,7 @@ def opening_logprobs(lm, prompt_texts: Sequence[str], openings: Sequence[Sequenc
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=positions, use_cache=True,
                 logits_to_keep=1)
-    first_logprobs = F.log_softmax(out.logits[:, -1].float(), dim=-1)  # [B, V]: predicts each opening's first token
+    first_logprobs = F.log_softmax(_wide(out.logits[:, -1]), dim=-1)  # [B, V]: predicts each opening's first token
     cache_key = "cache" if "cache" in out else "past_key_values"  # renamed in transformers 5.x
     cache = out[cache_key]
 
@@ -118,7 +123,7 @@ def opening_logprobs(lm, prompt_texts: Sequence[str], openings: Sequence[Sequenc
         cont_positions = mask.sum(-1)[parent, None] + torch.arange(width - 1, device=device)  # [R, M-1]
         out2 = model(input_ids=cont[:, :-1], attention_mask=torch.cat([mask[parent], cont_mask[:, :-1]], dim=1),
                      position_ids=cont_positions, use_cache=True, **{cache_key: cache})
-        logprobs = F.log_softmax(out2.logits.float(), dim=-1)  # [R, M-1, V]: position i predicts token i+1
+        logprobs = F.log_softmax(_wide(out2.logits), dim=-1)  # [R, M-1, V]: position i predicts token i+1
         next_lp = logprobs.gather(-1, cont[:, 1:, None])[..., 0] * cont_mask[:, 1:]  # [R, M-1], 0 on padding
         lp = lp_first + next_lp.sum(-1)
     else:
@@ -163,7 +168,7 @@ def refusal_margin(lm, texts: Sequence[str], languages: Sequence[str], *, openin
             stop = start + batch_size
             batch_openings = [r + c for r, c in zip(ref_lists[start:stop], comp_lists[start:stop], strict=True)]
             logprobs = opening_logprobs(lm, texts[start:stop], batch_openings, max_tokens=max_tokens, system=system)
-            out.append(margins_from_logprobs(logprobs, [len(r) for r in ref_lists[start:stop]]).float().cpu())
+            out.append(_wide(margins_from_logprobs(logprobs, [len(r) for r in ref_lists[start:stop]])).cpu())
             if progress is not None:
                 progress(min(stop, len(texts)), len(texts), f"refusal margin {min(stop, len(texts))}/{len(texts)}")
     return torch.cat(out) if out else torch.zeros(0)
