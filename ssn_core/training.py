@@ -351,6 +351,8 @@ def build_safety_data(lm, prompts, languages: Sequence[str], *, heldout_fraction
 
         settings = GenerationSettings(max_new_tokens=retain_max_new_tokens)
         replies: list[str] = []
+        if progress is not None:
+            progress(0, len(harmless), {"phase": "retain replies"})
         for start in range(0, len(harmless), batch_size):
             _check_cancel(cancel, "building the retain set")
             replies.extend(generate(lm, [p.text for p in harmless[start:start + batch_size]], settings))
@@ -587,6 +589,8 @@ def _train_loop(lm, model: nn.Module, params: list[torch.Tensor], data: SafetyDa
     losses: list[float] = []
     device = _input_device(model)
     started = time.perf_counter()
+    if progress is not None:
+        progress(0, total, {"phase": "train"})
     with _PeakMemory(device) as memory:
         for step in range(total):
             _check_cancel(cancel, "training")
@@ -642,8 +646,11 @@ def _total_params(model: nn.Module) -> int:
 def evaluate_safety(lm, data: SafetyData, context_factory=nullcontext, *, settings=None, judge=None,
                     max_eval_per_language: int | None = None, batch_size: int = 8, max_length: int = 256,
                     generate_replies: bool = True, cancel: threading.Event | None = None,
-                    progress: TrainProgress | None = None) -> SafetyEval:
-    """Held-out refusal / over-refusal (generate + marker judge) and reply NLLs under a context."""
+                    progress: TrainProgress | None = None, phase: str = "evaluate") -> SafetyEval:
+    """Held-out refusal / over-refusal (generate + marker judge) and reply NLLs under a context.
+
+    ``phase`` names this evaluation in ``progress`` ("evaluating before", "evaluating after").
+    """
     from ssn_core.judges import MarkerJudge
 
     heldout = data.heldout
@@ -658,6 +665,9 @@ def evaluate_safety(lm, data: SafetyData, context_factory=nullcontext, *, settin
         heldout = kept
     harmful = [ex for ex in heldout if ex.kind == "refusal"]
     harmless = [ex for ex in heldout if ex.kind == "retain"]
+    n_replies = len(heldout) if generate_replies else 0
+    if progress is not None:
+        progress(0, n_replies, {"phase": phase})
     refusal_nll = reply_nll(lm, harmful, context_factory, max_length)
     retain_nll = reply_nll(lm, harmless, context_factory, max_length)
     refusal: dict[str, float] = {}
@@ -677,7 +687,7 @@ def evaluate_safety(lm, data: SafetyData, context_factory=nullcontext, *, settin
                 _check_cancel(cancel, "evaluation")
                 replies.extend(generate(lm, [ex.user_text for ex in todo[start:start + batch_size]], settings))
                 if progress is not None:
-                    progress(len(replies), len(todo), {"phase": "evaluate"})
+                    progress(len(replies), len(todo), {"phase": phase})
         verdicts = judge.judge_many([ex.user_text for ex in todo], replies, [ex.language for ex in todo])
         hits: dict[tuple[str, str], list[bool]] = {}
         for ex, reply, verdict in zip(todo, replies, verdicts):
@@ -727,13 +737,14 @@ def run_train(lm, neurons: NeuronSet, data: SafetyData, config: TrainConfig, *, 
     """
     eval_kwargs = dict(eval_kwargs or {})
     eval_kwargs.setdefault("max_length", config.max_length)
-    before = evaluate_safety(lm, data, cancel=cancel, progress=progress, **eval_kwargs) if evaluate else None
+    before = (evaluate_safety(lm, data, cancel=cancel, progress=progress, phase="evaluating before", **eval_kwargs)
+              if evaluate else None)
     result = train_neurons(lm, neurons, data, config, progress=progress, cancel=cancel)
     if evaluate:
         delta = result.delta
         result.before = before
         result.after = evaluate_safety(lm, data, lambda: apply_delta(lm, delta), cancel=cancel, progress=progress,
-                                       **eval_kwargs)
+                                       phase="evaluating after", **eval_kwargs)
     _check_cancel(cancel, "training")
     if out_dir is not None:
         result.save(out_dir)

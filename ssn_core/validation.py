@@ -234,7 +234,7 @@ def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settin
         for (i, j), reply in zip(chunk, outputs):
             replies[i][j] = reply
         if progress is not None:
-            progress(b + 1, total, f"{message}generated batch {b + 1}/{total}")
+            progress(b + 1, total, f"{message}generating replies, batch {b + 1}/{total}")
     return replies
 
 
@@ -426,6 +426,8 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
     total_batches = sum(math.ceil(len(by_language[lang]) * len(plans[lang][0]) / batch_size) for lang in languages)
     done_before = 0
     started = time.time()
+    if progress is not None:  # the first batch can take a minute: say what is happening before it
+        progress(0, total_batches, f"{languages[0]}: generating replies")
     table: list[dict] = []
     rows: list[dict] = []
     notes: list[str] = []
