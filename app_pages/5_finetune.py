@@ -30,9 +30,7 @@ prompts_module = need("ssn_core.prompts")
 def run_finetune(lm, neurons, prompts, languages, config, n_per_language, heldout_fraction, evaluate, baselines,
                  settings=None, progress=None, cancel: threading.Event | None = None):
     """Build the safety data, train the delta (with before/after evaluation), optionally the baselines."""
-    started = time.perf_counter()
-    if progress is not None:
-        progress(0, len(languages), {"phase": "loading data"})
+    started = time.perf_counter()  # the prompts were loaded by the page already (a fraction of a second)
     data = training.build_safety_data(lm, prompts, languages, heldout_fraction=heldout_fraction, seed=config.seed,
                                       n_per_language=n_per_language, progress=progress, cancel=cancel)
     result = training.run_train(lm, neurons, data, config, evaluate=evaluate, progress=progress, cancel=cancel)

@@ -849,7 +849,7 @@ def compare_methods(lm, neurons: NeuronSet, data: SafetyData, config: TrainConfi
     eval_kwargs.setdefault("max_length", config.max_length)
     sites = _sites_of(lm)
     if before is None:
-        before = evaluate_safety(lm, data, cancel=cancel, **eval_kwargs)
+        before = evaluate_safety(lm, data, cancel=cancel, progress=progress, phase="evaluating before", **eval_kwargs)
     results: list[TrainResult] = []
     for method in methods:
         _check_cancel(cancel, "the comparison")
@@ -858,16 +858,18 @@ def compare_methods(lm, neurons: NeuronSet, data: SafetyData, config: TrainConfi
             result = train_neurons(lm, target, data, config, method=method, progress=progress, cancel=cancel)
             delta = result.delta
             result.after = evaluate_safety(lm, data, lambda d=delta: apply_delta(lm.model, d), cancel=cancel,
-                                           **eval_kwargs)
+                                           progress=progress, phase=f"evaluating {method}", **eval_kwargs)
         elif method.startswith("lora"):
             size = _neuron_param_count(lm.model, sites, neurons)
             rank = 8 if method == "lora-8" else lora_rank_for(lm.model, sites, size)
             result = train_lora(lm, data, config, rank, method=method if method == "lora-8" else f"lora-r{rank}",
-                                evaluate=lambda: evaluate_safety(lm, data, cancel=cancel, **eval_kwargs),
+                                evaluate=lambda m=method: evaluate_safety(lm, data, cancel=cancel, progress=progress,
+                                                                          phase=f"evaluating {m}", **eval_kwargs),
                                 progress=progress, cancel=cancel)
         else:  # full
-            result = train_full(lm, data, config, evaluate=lambda tuned: evaluate_safety(tuned, data, cancel=cancel,
-                                                                                        **eval_kwargs),
+            result = train_full(lm, data, config,
+                                evaluate=lambda tuned: evaluate_safety(tuned, data, cancel=cancel, progress=progress,
+                                                                       phase="evaluating full", **eval_kwargs),
                                 progress=progress, cancel=cancel)
         result.before = before
         results.append(result)
