@@ -1,5 +1,6 @@
 # SSN Lab. Two commands:
-#   make run    set up .venv (first time), prepare the starter model (first time), start the app on 127.0.0.1:8501
+#   make run    set up .venv with SSN Lab installed in it (first time), prepare the starter model (first time), start
+#               the app on 127.0.0.1:8501
 #   make test   same set-up, then run the test suite
 # GPU users: choose the torch build, e.g.  make run TORCH_SPEC="torch==2.13.0 --index-url <pytorch CUDA wheel index>"
 
@@ -9,8 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 STARTER ?= starter:qwen2.5-coder-0.5b
 
 PY := $(VENV)/bin/python
-# The install stamp is keyed on requirements.txt and TORCH_SPEC: editing either reinstalls, otherwise it is a no-op.
-INSTALL_KEY := $(shell $(PYTHON) -c "import hashlib,sys; h=hashlib.sha256(open('requirements.txt','rb').read()); h.update(sys.argv[1].encode()); print(h.hexdigest()[:16])" "$(TORCH_SPEC)")
+# The install stamp is keyed on requirements.txt, pyproject.toml and TORCH_SPEC: editing any reinstalls, otherwise
+# it is a no-op.
+INSTALL_KEY := $(shell $(PYTHON) -c "import hashlib,sys; h=hashlib.sha256(open('requirements.txt','rb').read()+open('pyproject.toml','rb').read()); h.update(sys.argv[1].encode()); print(h.hexdigest()[:16])" "$(TORCH_SPEC)")
 STAMP := $(VENV)/.ssn-installed-$(INSTALL_KEY)
 
 .PHONY: run test install starter browser lint
@@ -26,10 +28,13 @@ test: starter browser
 install: $(STAMP)
 
 # torch first, so that the requirements that depend on it (accelerate, bitsandbytes, peft) keep that build.
-$(STAMP): requirements.txt
+# Then the project itself, editable and without dependencies: `.venv/bin/ssn` exists and `import ssn_core` works
+# from any folder (the README's commands and Python examples).
+$(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet --no-deps -e .
 	@rm -f $(VENV)/.ssn-installed-*
 	@touch $@
 

@@ -22,6 +22,7 @@ from ui import state
 from ui.common import show_error
 
 st.set_page_config(page_title="SSN Lab", page_icon=":material/shield:", layout="wide")
+state.keep_widget_state()  # forms and settings remember their values when you switch pages
 
 # The pages live in app_pages/, not pages/: with a pages/ folder Streamlit runs a deep link (/chat) as an
 # old-style page, skipping this script (no navigation, no model) until someone opens the root URL.

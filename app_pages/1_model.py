@@ -74,14 +74,15 @@ if submitted:
         def show_progress(done: int, total: int, message: str = "") -> None:
             bar.progress(min(done / total, 1.0) if total else 0.0, text=message or f"Loading {source}…")
 
-        with st.spinner(f"Loading {source}…"):
-            try:
+        try:
+            with st.spinner(f"Loading {source}…"):
                 state.load(key, progress=show_progress)
-                bar.empty()
-                st.session_state.pop("autoload_error", None)
-                st.success(f"Loaded {key.label()}.")
-            except Exception as exc:  # noqa: BLE001 - every loading problem is shown, never a crash
-                show_error(exc)
+            st.session_state.pop("autoload_error", None)
+            st.success(f"Loaded {key.label()}.")
+        except Exception as exc:  # noqa: BLE001 - every loading problem is shown, never a crash
+            show_error(exc)
+        finally:
+            bar.empty()  # no "Loading …" bar left standing above the result or the error
 
 lm = state.current_model()
 if lm is None:

@@ -9,8 +9,18 @@ import pandas as pd
 import streamlit as st
 
 from ssn_core.neurons import NeuronSet
-from ui import charts, jobs, neuron_sources
-from ui.common import call, csv_bytes, file_bytes, json_bytes, need, require_model, show_error, uploaded_to_path
+from ui import charts, jobs, neuron_sources, provenance, state
+from ui.common import (
+    call,
+    csv_bytes,
+    existing_folder,
+    file_bytes,
+    json_bytes,
+    load_upload,
+    need,
+    require_model,
+    show_error,
+)
 from ui.neurons_view import agreement_frame, neuron_table, overlap_matrix, rank_agreement, ss_counts
 
 st.title("Neurons")
@@ -24,6 +34,7 @@ P = need("ssn_core.prompts")
 identify_module = need("ssn_core.identify")
 
 ROOT = Path(__file__).resolve().parent.parent
+SLOW_KINDS = ("attn_q", "attn_k")  # exact q/k importance: several forward passes per prompt
 MULTIJAIL_DEFAULT = ROOT.parent / "shared" / "datasets" / "multijail" / "MultiJail.csv"
 
 
@@ -71,9 +82,22 @@ with setup.form("identify_form"):
     n_per_language = c3.number_input("Prompts per language and label", 2, 500, 8, key="nr_n",
                                      help="The paper uses hundreds; 8 is enough to try the tool on CPU.")
     batch_size = c4.number_input("Batch size", 1, 64, 8, key="nr_batch")
-    kinds = st.multiselect("Sites", list(lm.sites.kinds), default=list(lm.sites.kinds), key="nr_kinds",
-                           help="attn_q / attn_k are the slowest to score; leave them out for a quick look.")
+    state.keep_valid("nr_kinds", lm.sites.kinds, multi=True)
+    quick_kinds = [kind for kind in lm.sites.kinds if kind not in SLOW_KINDS] or list(lm.sites.kinds)
+    kinds = st.multiselect("Sites", list(lm.sites.kinds), default=quick_kinds, key="nr_kinds",
+                           help="attn_q / attn_k are left out by default: their exact scores cost several forward "
+                                "passes per prompt on a CPU (bench/README.md). Add them for the full picture.")
     go = st.form_submit_button("Identify neurons", type="primary")
+    speed_now = state.model_speed()
+    if speed_now is not None:
+        from ssn_core.progress import format_duration
+        from ssn_core.speed import scoring_seconds
+
+        n_groups = 2 * len(set(chosen) | set(hr))  # harmful + harmless per language
+        estimate = scoring_seconds(speed_now, n_groups * int(n_per_language), kinds)
+        st.caption(f"Estimated time for the settings above (when last applied): about "
+                   f"**{format_duration(estimate)}** — {n_groups * int(n_per_language)} prompts on "
+                   f"{', '.join(kinds) or 'no sites'}; {speed_now.describe()}.")
 
 
 def load_prompts(source: str, languages: list[str]):
@@ -86,10 +110,18 @@ def load_prompts(source: str, languages: list[str]):
         return P.with_harmless(P.load_multijail(mj_path.strip(), languages=languages))
     if upload is None:
         raise P.PromptSetError("choose a CSV or JSONL file to upload first")
-    prompt_set = P.load_file(uploaded_to_path(upload), languages=languages)
+    prompt_set = load_upload(P.load_file, upload, languages=languages)
     if "harmless" not in prompt_set.labels:
         prompt_set = P.with_harmless(prompt_set)
     return prompt_set
+
+
+def form_settings() -> dict[str, str]:
+    """The form's settings in the words `provenance.identify_settings` uses for a result."""
+    languages = list(dict.fromkeys(list(hr) + [lang for lang in chosen if lang not in hr]))
+    return {"languages": ", ".join(languages), "reference": ", ".join(hr), "importance": method,
+            "top p": f"{float(p_percent):g}%", "prompts per language and label": str(int(n_per_language)),
+            "sites": ", ".join(kinds)}
 
 
 def run_identify(lm, prompts, languages, hr, method, p, kinds, n, batch_size, progress=None,
@@ -127,13 +159,15 @@ with st.expander("Import a saved neuron set or identification result"):
     neuron_file = i1.file_uploader("Neuron set (.json or .safetensors)", type=["json", "safetensors"],
                                    key="nr_import_file")
     if neuron_file is not None and i1.button("Import neuron set", key="nr_import_set"):
-        imported = call(NeuronSet.load, uploaded_to_path(neuron_file), lm.sites)
+        imported = call(load_upload, NeuronSet.load, neuron_file, lm.sites)
         if imported is not None:
             neuron_sources.add_imported(neuron_file.name, imported)
-            st.success(f"Imported {len(imported):,} neurons as '{neuron_file.name}': use it in Chat or Fine-tune.")
+            st.success(f"Imported {len(imported):,} neurons as '{neuron_file.name}': use it in Chat, Validate, "
+                       "Fine-tune or Learn.")
     result_dir = i2.text_input("Result folder (saved by the CLI or this page)", key="nr_import_dir")
     if result_dir and i2.button("Load result folder", key="nr_import_result"):
-        loaded = call(identify_module.IdentifyResult.load, Path(result_dir).expanduser(), lm.sites)
+        folder = call(existing_folder, result_dir, "result folder")
+        loaded = None if folder is None else call(identify_module.IdentifyResult.load, folder, lm.sites)
         if loaded is not None:
             st.session_state["identify_result"] = loaded
             st.success(f"Loaded the identification result from {result_dir}.")
@@ -141,8 +175,8 @@ with st.expander("Import a saved neuron set or identification result"):
 result = st.session_state.get("identify_result")
 if result is None:
     if job is None:
-        st.info("Choose languages and press **Identify neurons** (8 prompts per language take well under a minute "
-                "on the tiny model, a few minutes on the starter model on CPU).")
+        st.info("Choose languages and press **Identify neurons**; the estimate under the form comes from this "
+                "model's measured speed.")
     st.stop()
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -158,15 +192,33 @@ if len(result.ss_all) == 0:
     st.warning("No SS-Neurons: no MS-Neuron of the other languages is also an MS-Neuron of the reference language. "
                "Use more prompts per language or a larger p (a tiny random model has almost none).")
 
-left, right = st.columns([3, 2])
+produced = provenance.identify_settings(result)
+st.caption("These results were computed with: " + provenance.describe(produced))
+changed = provenance.differences(produced, form_settings())
+if changed and job is None:
+    st.info("The form above now differs from the settings of these results: " + "; ".join(changed)
+            + ". Press **Identify neurons** to recompute.")
+
+result_hr = tuple(getattr(result, "hr", ("en",)))
+state.keep_valid("nr_focus", languages)
+focus = st.selectbox("Language", languages, key="nr_focus",
+                     index=next((i for i, lang in enumerate(languages) if lang not in result_hr), 0))
+hr_names = ", ".join(result_hr) or "en"
+left, middle, right = st.columns(3)
 with left:
-    result_hr = tuple(getattr(result, "hr", ("en",)))
-    focus = st.selectbox("Language", languages, key="nr_focus",
-                         index=next((i for i, lang in enumerate(languages) if lang not in result_hr), 0))
-    sets = {f"MS ({focus})": result.ms[focus]}
-    if focus in result.ss:
-        sets[f"SS ({focus})"] = result.ss[focus]
-    st.altair_chart(charts.counts_per_layer(charts.counts_frame(sets), title=f"Neurons per layer — {focus}"))
+    if len(result.ms[focus]):
+        st.altair_chart(charts.counts_per_layer(charts.counts_frame({f"MS ({focus})": result.ms[focus]}),
+                                                title=f"MS-Neurons of {focus} per layer"))
+    else:
+        st.caption(f"{focus} has no MS-Neurons with these settings.")
+with middle:
+    if focus not in result.ss:
+        st.caption(f"{focus} is a reference language: its MS-Neurons define the SS-Neurons of the others.")
+    elif len(result.ss[focus]):
+        st.altair_chart(charts.counts_per_layer(charts.counts_frame({f"SS ({focus})": result.ss[focus]}),
+                                                title=f"SS-Neurons of {focus} per layer (shared with {hr_names})"))
+    else:
+        st.caption(f"{focus} has no SS-Neurons: none of its MS-Neurons is also an MS-Neuron of {hr_names}.")
 with right:
     counts = ss_counts(result, group_map)
     st.altair_chart(charts.bar_per_language(counts, "ss_count", title="SS-Neurons per language"))
@@ -177,6 +229,7 @@ st.altair_chart(charts.overlap_heatmap(overlap_matrix(result), title="MS-Neuron 
 # Neuron table and downloads
 st.markdown("**Neuron table**")
 which_options = ["ss_all"] + [f"ss:{lang}" for lang in result.ss] + [f"ms:{lang}" for lang in languages]
+state.keep_valid("nr_table_set", which_options)
 which = st.selectbox("Set", which_options, key="nr_table_set",
                      format_func=lambda w: "All SS-Neurons" if w == "ss_all" else f"{w[:2].upper()} ({w[3:]})")
 table = neuron_table(result, languages, which)
@@ -229,6 +282,7 @@ with st.expander("Check the fast scores against exact ablation (slow)"):
     else:
         a1, a2 = st.columns(2)
         per_site = a1.number_input("Neurons sampled per site", 1, 64, 4, key="nr_abl_n")
+        state.keep_valid("nr_abl_lang", languages)
         check_language = a2.selectbox("Language", languages, key="nr_abl_lang")
         if st.button("Run the check", key="nr_abl_run"):
             same_prompts = prompts_used.select(limit_per_language=st.session_state.get("identify_n"))

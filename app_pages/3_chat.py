@@ -9,12 +9,14 @@ module supports row masks, else by a second generation with the same seed.
 from __future__ import annotations
 
 import inspect
+from contextlib import closing
 
 import streamlit as st
 
 from ssn_core.interventions import Intervention, intervene
 from ssn_core.judges import MarkerJudge
-from ui import neuron_sources
+from ssn_core.langid import detect_language
+from ui import neuron_sources, state, textdiff
 from ui.common import link, need, require_model, show_error
 
 st.title("Chat (A/B)")
@@ -30,21 +32,27 @@ sites = lm.sites
 VERDICT_STYLE = {"refusal": ("green", ":material/shield:", "refusal"),
                  "compliance": ("red", ":material/warning:", "compliance"),
                  "off_target": ("gray", ":material/help:", "off-target")}
-LANGUAGE_HINT = "Prompt language (for the judge and the examples)"
+DELTA_LABEL = "Trained delta (Fine-tune page)"
+AUTO_LANGUAGE = "auto"
+NO_SET = neuron_sources.Choice("none")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Intervention controls
 with st.expander("Intervention (right column)", expanded=True):
     col1, col2 = st.columns([2, 1])
-    options = neuron_sources.available_choices()
+    options = neuron_sources.available_choices()  # the suggested (most effective) set first, "every neuron" last
     delta = st.session_state.get("chat_delta")
-    source_labels = [c.label() for c in options] + (["Trained delta (Fine-tune page)"] if delta is not None else [])
-    default_index = 0
+    source_labels = [c.label() for c in options] + ([DELTA_LABEL] if delta is not None else [])
     if st.session_state.pop("chat_use_delta", False) and delta is not None:
-        default_index = len(source_labels) - 1
-    picked_label = col1.selectbox("Neurons", source_labels, index=default_index, key="chat_source",
-                                  help="MS/SS sets come from the Neurons page; the trained delta from Fine-tune.")
-    use_delta = picked_label == "Trained delta (Fine-tune page)"
+        st.session_state["chat_source"] = DELTA_LABEL
+    if st.session_state.get("chat_source") == NO_SET.label() and options[0] != NO_SET:
+        del st.session_state["chat_source"]  # a set exists now: the remembered "no set yet" gives way to it
+    state.keep_valid("chat_source", source_labels)
+    picked_label = col1.selectbox("Neurons", source_labels, index=0, key="chat_source",
+                                  help="The first entry is the suggested set: the one whose suppression beat its "
+                                       "random control by the most on the Validate page, else the union of all "
+                                       "SS-Neurons (Neurons page). The trained delta comes from Fine-tune.")
+    use_delta = picked_label == DELTA_LABEL
     action = col2.radio("Action", ["Suppress (×0)", "Reinforce (×α)", "Off"], key="chat_action",
                         disabled=use_delta, horizontal=False)
     alpha = col2.slider("α (reinforce scale)", 1.0, 5.0, 2.0, 0.25, key="chat_alpha",
@@ -53,6 +61,10 @@ with st.expander("Intervention (right column)", expanded=True):
                                    disabled=use_delta,
                                    help="If the random set changes the reply as much, the effect is not specific.")
     c3, c4 = st.columns([2, 1])
+    layers_now = st.session_state.get("chat_layers")
+    if layers_now is not None and not 0 <= layers_now[0] <= layers_now[1] <= sites.n_layers - 1:
+        del st.session_state["chat_layers"]
+    state.keep_valid("chat_kinds", sites.kinds, multi=True)
     layer_range = c3.slider("Layers", 0, sites.n_layers - 1, (0, sites.n_layers - 1), key="chat_layers",
                             disabled=use_delta)
     kinds = c4.multiselect("Sites", list(sites.kinds), default=list(sites.kinds), key="chat_kinds",
@@ -63,6 +75,9 @@ description = "no intervention"
 if use_delta:
     description = f"trained delta ({delta.meta.get('name', 'fine-tuned')})" if hasattr(delta, "meta") \
         else "trained delta"
+elif options[source_labels.index(picked_label)] == NO_SET:
+    st.info("No neuron set yet, so column B is the model as is. Identify MS/SS-Neurons on the **Neurons** page or "
+            "import a set there; the most effective one becomes the default here.")
 elif not action.startswith("Off"):
     choice = options[source_labels.index(picked_label)]
     try:
@@ -86,7 +101,7 @@ elif not action.startswith("Off"):
         show_error(exc)
         intervention = None
 st.caption(f"Right column: **{description}**.")
-if st.session_state.get("identify_result") is None:
+if st.session_state.get("identify_result") is None and picked_label != NO_SET.label():
     st.caption("Tip: identify MS/SS-Neurons on the Neurons page to get the paper's sets here.")
     link("neurons", "Neurons page", icon=":material/biotech:")
 
@@ -126,43 +141,81 @@ def example_prompts() -> dict[str, list[str]]:
 
 examples = example_prompts()
 languages = sorted(examples) or ["en"]
-e1, e2 = st.columns([1, 3])
-language = e1.selectbox(LANGUAGE_HINT, languages, index=languages.index("en") if "en" in languages else 0,
+judge = MarkerJudge()
+judge_languages = [AUTO_LANGUAGE] + sorted(set(judge.languages) | set(languages))
+e1, e2, e3 = st.columns([1, 1, 3])
+state.keep_valid("chat_language", languages)
+state.keep_valid("chat_judge_language", judge_languages)
+language = e1.selectbox("Examples in", languages, index=languages.index("en") if "en" in languages else 0,
                         key="chat_language")
+judge_language = e2.selectbox(
+    "Judge language", judge_languages, key="chat_judge_language",
+    format_func=lambda code: "Auto (from the prompt)" if code == AUTO_LANGUAGE else code,
+    help="Auto: the prompt's language is detected from its script and common words, for each message. Choose a "
+         "language to override a wrong guess.")
 picked_example = None
-with e2:
+with e3:
     if examples.get(language):
         st.caption("Examples (harmful prompts from the built-in set):")
         for i, text in enumerate(examples[language]):
             if st.button(text[:90] + ("…" if len(text) > 90 else ""), key=f"chat_example_{language}_{i}"):
                 picked_example = text
 
+
+def judged_language(prompt: str) -> tuple[str | None, str]:
+    """(language code for the judge, how it was chosen) for one prompt."""
+    if judge_language != AUTO_LANGUAGE:
+        return judge_language, "chosen"
+    guess = detect_language(prompt)
+    return guess.code, ("detected" if guess.code else "not detected: every language's markers")
+
+
+def finish_turn(pending: dict, stopped: bool = False) -> dict:
+    """A history entry from a (possibly interrupted) generation: replies judged in the prompt's language."""
+    code = pending.get("language")
+    return {**pending, "stopped": stopped,
+            "a_verdict": judge.judge(pending["prompt"], pending["a"], code),
+            "b_verdict": judge.judge(pending["prompt"], pending["b"], code)}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Conversation
 history: list[dict] = st.session_state.setdefault("chat_history", [])
-judge = MarkerJudge()
+interrupted = st.session_state.pop("chat_pending", None)
+if interrupted is not None:  # the last generation was stopped (Stop, or another click while it ran): keep it
+    history.append(finish_turn(interrupted, stopped=True))
 
 
-def badge(verdict) -> None:
+def badge(verdict, language: str | None = None, how: str = "") -> None:
     if verdict is None:
         return
     color, icon, text = VERDICT_STYLE.get(verdict.label, ("gray", None, verdict.label))
-    st.badge(text, icon=icon, color=color, help=f"marker judge: {verdict.reason}")
+    judged = f" Judged as {language or 'any language'} ({how})." if how else ""
+    st.badge(text, icon=icon, color=color, help=f"marker judge: {verdict.reason}.{judged}")
 
 
 left, right = st.columns(2)
 left.markdown("#### A — model as is")
 right.markdown(f"#### B — {description}")
 for turn in history:
+    differ = turn["a"] != turn["b"]
     for column, side in ((left, "a"), (right, "b")):
         with column:
             with st.chat_message("user"):
                 st.write(turn["prompt"])
             with st.chat_message("assistant"):
-                st.write(turn[side] or "*(empty reply)*")
-                badge(turn.get(f"{side}_verdict"))
+                if not differ:
+                    st.write(turn[side] or "*(empty reply)*")
+                elif side == "a":
+                    st.markdown(textdiff.plain_html(turn["a"]), unsafe_allow_html=True)
+                else:  # where B departs from A is highlighted
+                    st.markdown(textdiff.highlight_html(turn["a"], turn["b"]), unsafe_allow_html=True)
+                badge(turn.get(f"{side}_verdict"), turn.get("language"), turn.get("language_how", ""))
                 if side == "b":
-                    st.caption(turn["description"])
+                    judged = (f"judged as {turn.get('language') or 'any language'} ({turn['language_how']})"
+                              if turn.get("language_how") else "")
+                    st.caption(" · ".join(x for x in (turn["description"], textdiff.summary(turn["a"], turn["b"]),
+                                                      judged, "stopped by you" if turn.get("stopped") else "") if x))
 
 prompt = st.chat_input("Type a prompt for both columns…", key="chat_prompt") or picked_example
 if prompt:
@@ -173,41 +226,57 @@ if prompt:
         slot_a = st.chat_message("assistant").empty()
     with right:
         slot_b = st.chat_message("assistant").empty()
+    stop_slot = st.empty()
+    # Clicking Stop reruns the page, which ends this run (and the generation with it) at the next token; the
+    # partial replies kept in "chat_pending" become a turn marked "stopped" at the top of the next run.
+    stop_slot.button("Stop", key="chat_stop", icon=":material/stop_circle:",
+                     help="Stop generating; what both columns wrote so far is kept.")
+    code, how = judged_language(prompt)
+    pending = {"prompt": prompt, "a": "", "b": "", "language": code, "language_how": how,
+               "description": description}
+    st.session_state["chat_pending"] = pending
     settings = make_settings()
     replies = ["", ""]
+
+    def show(a: str, b: str) -> None:
+        pending["a"], pending["b"] = a, b
+        slot_a.markdown(a)
+        slot_b.markdown(b)
+
     try:
         if use_delta:
             from ssn_core.delta import apply_delta
 
             supports_rows = "rows" in inspect.signature(apply_delta).parameters
             if supports_rows:
-                with apply_delta(lm, delta, rows=[False, True]):
-                    for replies in stream_generate(lm, [prompt, prompt], settings):
-                        slot_a.markdown(replies[0])
-                        slot_b.markdown(replies[1])
+                with apply_delta(lm, delta, rows=[False, True]), \
+                        closing(stream_generate(lm, [prompt, prompt], settings)) as stream:
+                    for replies in stream:
+                        show(replies[0], replies[1])
             else:  # two runs with the same seed
-                for (partial,) in stream_generate(lm, [prompt], settings):
-                    replies[0] = partial
-                    slot_a.markdown(partial)
-                with apply_delta(lm, delta):
-                    for (partial,) in stream_generate(lm, [prompt], settings):
+                with closing(stream_generate(lm, [prompt], settings)) as stream:
+                    for (partial,) in stream:
+                        replies[0] = partial
+                        show(partial, "")
+                with apply_delta(lm, delta), closing(stream_generate(lm, [prompt], settings)) as stream:
+                    for (partial,) in stream:
                         replies[1] = partial
-                        slot_b.markdown(partial)
+                        show(replies[0], partial)
         else:
             interventions = [intervention] if intervention is not None and len(intervention.neurons) else []
-            with intervene(lm, *interventions):
-                for replies in stream_generate(lm, [prompt, prompt], settings):
-                    slot_a.markdown(replies[0])
-                    slot_b.markdown(replies[1])
+            with intervene(lm, *interventions), closing(stream_generate(lm, [prompt, prompt], settings)) as stream:
+                for replies in stream:
+                    show(replies[0], replies[1])
     except Exception as exc:  # noqa: BLE001 - shown, the history keeps what was there
+        st.session_state.pop("chat_pending", None)
+        stop_slot.empty()
         show_error(exc)
     else:
+        st.session_state.pop("chat_pending", None)
+        stop_slot.empty()
         replies = list(replies)
-        history.append({
-            "prompt": prompt, "a": replies[0], "b": replies[1], "language": language, "description": description,
-            "a_verdict": judge.judge(prompt, replies[0], language),
-            "b_verdict": judge.judge(prompt, replies[1], language),
-        })
+        pending["a"], pending["b"] = replies[0], replies[1]
+        history.append(finish_turn(pending))
         st.rerun()
 
 if history:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from ui import charts, jobs
+from ssn_core.prompts import BUILTIN_LANGUAGES, load_builtin
+from ui import charts, jobs, neuron_sources, provenance, state
 from ui.common import csv_bytes, json_bytes, link, need, require_model
 
 st.title("Validate")
@@ -16,23 +17,31 @@ st.write(
     "safety, suppressing them raises the attack success rate (ASR) much more than random suppression does."
 )
 lm = require_model()
-result = st.session_state.get("identify_result")
-if result is None:
-    st.info("Nothing to validate yet: identify MS- and SS-Neurons on the **Neurons** page first.")
+targets = neuron_sources.validation_targets()
+if not targets:
+    st.info("Nothing to validate yet: identify MS- and SS-Neurons on the **Neurons** page first (or import a "
+            "neuron set there).")
     link("neurons", "Go to the Neurons page", icon=":material/biotech:")
     st.stop()
 
 GenerationSettings = need("ssn_core.generation").GenerationSettings
-ValidationResult, validate = need("ssn_core.validation").ValidationResult, need("ssn_core.validation").validate
+validation_module = need("ssn_core.validation")
+ValidationResult, validate = validation_module.ValidationResult, validation_module.validate
 
-languages_available = list(result.ms)
-prompts = st.session_state.get("identify_prompts")
-if prompts is None:  # e.g. a result folder was imported: use the built-in prompts of its languages
-    from ssn_core.prompts import BUILTIN_LANGUAGES, load_builtin
+state.keep_valid("val_source", targets)
+source_label = st.selectbox("Neurons to validate", list(targets), key="val_source",
+                            help="An imported set is validated as one target: suppressed against matched random "
+                                 "controls, and reinforced.")
+result = targets[source_label]
+imported = isinstance(result, neuron_sources.SetAsResult)
 
+prompts = None if imported else st.session_state.get("identify_prompts")
+languages_available = list(BUILTIN_LANGUAGES) if imported else list(result.ms)
+if prompts is None:  # an imported set or result folder: the built-in prompts of its languages
     prompts = load_builtin([lang for lang in languages_available if lang in BUILTIN_LANGUAGES] or ["en"])
     st.caption("Prompts: the built-in set (the identification's own prompts are not in this session).")
 languages_available = [lang for lang in languages_available if lang in prompts.languages]
+state.keep_valid("val_langs", languages_available, multi=True)
 
 with st.form("validate_form"):
     languages = st.multiselect("Languages", languages_available,
@@ -46,6 +55,26 @@ with st.form("validate_form"):
     batch = st.slider("Batch size", 1, 64, 8, key="val_batch",
                       help="Rows generated together (lower it if memory is short).")
     go = st.form_submit_button("Run validation", type="primary")
+    speed_now = state.model_speed()
+    if speed_now is not None and languages:
+        from ssn_core.progress import format_duration
+        from ssn_core.speed import generation_seconds
+
+        hr_language = (getattr(result, "hr", None) or ("en",))[0]
+        rows = 0
+        try:
+            for language in languages:
+                plan, _ = validation_module.plan_conditions(result, language, lm.sites, (float(alpha),),
+                                                            tuple(range(int(n_seeds))), hr_language)
+                n_prompts = len(prompts.select(languages=[language], label="harmful", limit_per_language=int(limit)))
+                rows += len(plan) * n_prompts
+        except Exception:  # noqa: BLE001 - the run itself reports what is wrong; the hint is optional
+            rows = 0
+        estimate = generation_seconds(speed_now, rows, int(max_new), int(batch))
+    if speed_now is not None and languages and rows:
+        st.caption(f"Estimated time for the settings above (when last applied): about "
+                   f"**{format_duration(estimate)}** — {rows} replies of up to {int(max_new)} tokens; "
+                   f"{speed_now.describe()}.")
 
 if go:
     if not languages:
@@ -57,6 +86,8 @@ if go:
                        hr_language=getattr(result, "hr", ("en",))[0] if getattr(result, "hr", None) else "en")
 
 job = jobs.job_panel("validate")
+if job is not None and job.running:
+    st.caption("The results below (if any) are from the previous run.")
 if job is not None and not job.running and isinstance(job.result, ValidationResult):
     st.session_state["validation_result"] = job.result
     st.session_state.pop("job:validate", None)
@@ -64,14 +95,16 @@ if job is not None and not job.running and isinstance(job.result, ValidationResu
 vres: ValidationResult | None = st.session_state.get("validation_result")
 if vres is None:
     if job is None:
-        st.info("Choose languages and press **Run validation**. A few prompts per language take a minute on CPU.")
+        st.info("Choose languages and press **Run validation**; the estimate under the form comes from this "
+                "model's measured speed.")
     st.stop()
 
 
-def chart_frame(table: list[dict]) -> pd.DataFrame:
+def chart_frame(table: list[dict], set_name: str = "") -> pd.DataFrame:
     """ASR and refusal per (language, condition); random seeds collapsed to mean with min–max bars."""
     df = pd.DataFrame(table)
-    df["label"] = df["condition"] + df["alpha"].map(lambda a: "" if pd.isna(a) else f" ×{a:g}")
+    condition = df["condition"].str.replace("_ss_all", f" {set_name}", regex=False) if set_name else df["condition"]
+    df["label"] = condition + df["alpha"].map(lambda a: "" if pd.isna(a) else f" ×{a:g}")
     rows = []
     for (language, label), group in df.groupby(["language", "label"], sort=False):
         if len(group) > 1:  # random seeds: mean, spread as the error bar
@@ -90,7 +123,15 @@ def chart_frame(table: list[dict]) -> pd.DataFrame:
 
 
 st.subheader("Results")
-st.altair_chart(charts.rates_by_condition(chart_frame(vres.table)))
+st.caption("These results were computed with: " + provenance.describe(provenance.validation_settings(vres)))
+frame = chart_frame(vres.table, "set" if provenance.validation_neurons(vres).get("imported") else "")
+chart_languages = list(dict.fromkeys(frame["language"]))
+per_row = 2 if len(chart_languages) > 1 else 1
+for start in range(0, len(chart_languages), per_row):  # a grid of charts, each fitting its column
+    for column, language in zip(st.columns(per_row), chart_languages[start:start + per_row]):
+        with column:
+            st.altair_chart(charts.rates_by_condition(frame[frame["language"] == language],
+                                                      title=f"{language}: refusal and attack success per condition"))
 st.caption("asr = complied with the harmful request, refusal = refused, off_target = neither (echo, loop, wrong "
            "language). Error bars: 95% bootstrap interval for single runs; min–max over seeds for the random controls.")
 

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import pandas as pd
 import streamlit as st
 
 from ssn_core.delta import NeuronDelta
 from ssn_core.judges import load_refusal_templates
-from ui import charts, jobs, neuron_sources
-from ui.common import PAGE_PATHS, call, file_bytes, json_bytes, link, need, require_model, uploaded_to_path
+from ssn_core.progress import format_duration
+from ui import charts, jobs, neuron_sources, provenance, state
+from ui.common import PAGE_PATHS, call, file_bytes, json_bytes, link, load_upload, need, require_model
 
 st.title("Fine-tune")
 st.write(
@@ -26,8 +28,9 @@ prompts_module = need("ssn_core.prompts")
 
 
 def run_finetune(lm, neurons, prompts, languages, config, n_per_language, heldout_fraction, evaluate, baselines,
-                 progress=None, cancel: threading.Event | None = None):
+                 settings=None, progress=None, cancel: threading.Event | None = None):
     """Build the safety data, train the delta (with before/after evaluation), optionally the baselines."""
+    started = time.perf_counter()  # the prompts were loaded by the page already (a fraction of a second)
     data = training.build_safety_data(lm, prompts, languages, heldout_fraction=heldout_fraction, seed=config.seed,
                                       n_per_language=n_per_language, progress=progress, cancel=cancel)
     result = training.run_train(lm, neurons, data, config, evaluate=evaluate, progress=progress, cancel=cancel)
@@ -40,17 +43,18 @@ def run_finetune(lm, neurons, prompts, languages, config, n_per_language, heldou
         _, comparison = training.compare_methods(private, neurons, data, config, methods=tuple(baselines),
                                                  progress=progress, cancel=cancel)
         del private
-    return {"result": result, "comparison": comparison, "data_counts": data.counts()}
+    return {"result": result, "comparison": comparison, "data_counts": data.counts(), "settings": settings or {},
+            "seconds_total": time.perf_counter() - started}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-choices = [c for c in neuron_sources.available_choices() if c.kind != "everything"]
+choices = [c for c in neuron_sources.available_choices() if c.kind not in ("everything", "none")]
 identify_prompts = st.session_state.get("identify_prompts")
 
 with st.expander("Load a delta trained earlier", expanded=False):
     uploaded = st.file_uploader("Delta file (.safetensors)", type=["safetensors"], key="ft_upload")
     if uploaded is not None and st.button("Load delta", key="ft_load_delta"):
-        delta = call(NeuronDelta.load, uploaded_to_path(uploaded), model=lm.model, sites=lm.sites)
+        delta = call(load_upload, NeuronDelta.load, uploaded, model=lm.model, sites=lm.sites)
         if delta is not None:
             st.session_state["chat_delta"] = delta
             st.success(f"Loaded a delta on {len(delta.neurons):,} neurons; it is available in the Chat page.")
@@ -68,6 +72,8 @@ default_languages = [lang for lang in candidate_languages if lang != "en"][:3] o
 
 with st.form("finetune_form"):
     labels = [c.label() for c in choices]
+    state.keep_valid("ft_target", labels)
+    state.keep_valid("ft_languages", candidate_languages, multi=True)
     target_label = st.selectbox("Train the parameters of", labels, key="ft_target",
                                 help="The paper trains the SS-Neurons (all NHR languages together).")
     languages = st.multiselect("Languages of the safety data", candidate_languages, default=default_languages,
@@ -84,6 +90,16 @@ with st.form("finetune_form"):
                                help="random: as many random neurons; LoRA r=8 or rank-matched; full fine-tuning "
                                     "(small models only). Each needs extra time and memory.")
     go = st.form_submit_button("Start fine-tuning", type="primary")
+    speed_now = state.model_speed()
+    if speed_now is not None:
+        from ssn_core.speed import fine_tune_plan, total_seconds
+
+        plan = fine_tune_plan(speed_now, languages=max(len(languages), 1), items_per_language=int(n_per_language),
+                              steps=int(steps), batch_size=int(batch_size), evaluate=bool(evaluate))
+        st.caption(f"Estimated time for the settings above (when last applied): about "
+                   f"**{format_duration(total_seconds(plan))}** — "
+                   + ", ".join(f"{name} {format_duration(seconds)}" for name, seconds in plan)
+                   + (" (baselines extra)" if baselines else "") + f"; {speed_now.describe()}.")
 
 if go:
     if not languages:
@@ -97,9 +113,31 @@ if go:
         if prompts is not None:
             config = training.TrainConfig(steps=int(steps), lr=float(lr), batch_size=int(batch_size),
                                           target=choice.label())
+            settings = {"neurons": choice.label(), "languages": list(languages), "steps": int(steps),
+                        "learning rate": f"{float(lr):g}", "batch size": int(batch_size),
+                        "items per language": int(n_per_language), "evaluated": bool(evaluate),
+                        "baselines": list(baselines) or "none"}
+            st.session_state.pop("train_result", None)  # results of other settings must not sit under this run
             job = jobs.start_job("finetune", run_finetune, lm, neurons, prompts, languages, config,
-                                 int(n_per_language), 0.25, bool(evaluate), list(baselines))
+                                 int(n_per_language), 0.25, bool(evaluate), list(baselines), settings)
             job.live["series"] = "neurons"
+
+
+METRICS = {"refusal": "refusal (held-out harmful)", "over_refusal": "over-refusal (held-out harmless)",
+           "refusal_nll": "refusal NLL", "retain_nll": "retain NLL"}
+
+
+def before_after_table(before_rows: list[dict], after_rows: list[dict]) -> pd.DataFrame:
+    """Long and narrow: one row per (language, metric) with before, after and the change (fits any width)."""
+    before = pd.DataFrame(before_rows).set_index("language")
+    after = pd.DataFrame(after_rows).set_index("language")
+    rows = []
+    for language in before.index:
+        for column, name in METRICS.items():
+            b, a = before.at[language, column], after.at[language, column]
+            rows.append({"language": language, "metric": name, "before": b, "after": a,
+                         "change": None if pd.isna(a) or pd.isna(b) else a - b})
+    return pd.DataFrame(rows, columns=["language", "metric", "before", "after", "change"])
 
 
 def live_losses(job: jobs.Job) -> None:
@@ -110,39 +148,37 @@ def live_losses(job: jobs.Job) -> None:
 
 job = jobs.job_panel("finetune", live=live_losses)
 if job is not None and not job.running and isinstance(job.result, dict):
-    st.session_state["train_result"] = job.result
+    st.session_state["train_result"] = {**job.result, "phases": job.phases_done()}
     st.session_state.pop("job:finetune", None)
 
 out = st.session_state.get("train_result")
 if out is None:
     if job is None:
-        st.info("Choose the neurons and languages, then press **Start fine-tuning**. "
-                "20 steps on a small model take a minute or two on CPU.")
+        st.info("Choose the neurons and languages, then press **Start fine-tuning**; the estimate under the form "
+                "comes from this model's measured speed.")
     st.stop()
 
 result = out["result"]
 st.subheader("Result")
-m1, m2, m3, m4 = st.columns(4)
+if out.get("settings"):
+    st.caption("This result was computed with: " + provenance.describe(provenance.train_settings(out)))
+m1, m2, m3, m4, m5 = st.columns(5)
 m1.metric("Trained parameters", f"{result.trainable_params:,}")
 m2.metric("Share of the model", f"{100 * result.trainable_share:.3f}%")
 m3.metric("Final loss", f"{result.losses[-1]:.3f}" if result.losses else "-")
-m4.metric("Time", f"{result.seconds:.0f} s")
+m4.metric("Training time", format_duration(result.seconds))
+m5.metric("Total time", format_duration(out.get("seconds_total", result.seconds)),
+          help="Everything the job did: the retain replies, the evaluations before and after, the training.")
+if out.get("phases"):
+    st.caption("Phases: " + " · ".join(f"{p['phase']} {format_duration(p['seconds'])}" for p in out["phases"]))
 if result.losses:
     st.altair_chart(charts.loss_curve(pd.DataFrame({"step": range(1, len(result.losses) + 1),
                                                     "loss": result.losses})))
 
 if result.before is not None and result.after is not None:
-    before = pd.DataFrame(result.before.table()).set_index("language")
-    after = pd.DataFrame(result.after.table()).set_index("language")
-    table = pd.DataFrame({
-        "refusal before": before["refusal"], "refusal after": after["refusal"],
-        "over-refusal before": before["over_refusal"], "over-refusal after": after["over_refusal"],
-        "refusal NLL before": before["refusal_nll"], "refusal NLL after": after["refusal_nll"],
-        "retain NLL before": before["retain_nll"], "retain NLL after": after["retain_nll"],
-    }).reset_index()
     st.markdown("**Held-out prompts, before and after** (refusal should rise, over-refusal and retain NLL "
                 "should barely move):")
-    st.dataframe(table, hide_index=True, width="stretch")
+    st.dataframe(before_after_table(result.before.table(), result.after.table()), hide_index=True, width="stretch")
 if out.get("comparison"):
     st.markdown("**Baselines on the same data and steps:**")
     st.dataframe(pd.DataFrame(out["comparison"]), hide_index=True, width="stretch")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import closing
+
 import streamlit as st
 
 from ssn_core.interventions import Intervention, intervene
@@ -44,10 +46,13 @@ if lm is None:
     st.stop()
 
 result = st.session_state.get("identify_result")
+imported_sets = st.session_state.get("neuron_sets_imported", {})
 st.subheader("Live demo 1 — how much do the languages share?")
 if result is None:
     st.info("No neurons identified in this session yet. Run an identification on the **Neurons** page "
-            "(a few prompts per language are enough for a demo), then come back.")
+            "(a few prompts per language are enough for a demo), then come back."
+            + (" (An imported neuron set works for demo 2 below; the overlap needs MS-Neurons per language.)"
+               if imported_sets else ""))
     link("neurons", "Go to the Neurons page", icon=":material/biotech:")
 else:
     from ui.neurons_view import overlap_matrix
@@ -59,40 +64,63 @@ else:
                "of English's safety set each language reuses — the SS-Neurons.")
 
 st.subheader("Live demo 2 — switch the shared safety neurons off")
-if result is None or len(result.ss_all) == 0:
-    st.info("Needs identified SS-Neurons (Neurons page).")
+# The sets this demo can switch off: each language's SS-Neurons, then every imported set.
+demo_sets: dict[str, tuple[str | None, object]] = {}
+if result is not None:
+    for lang, neuron_set in result.ss.items():
+        if len(neuron_set):
+            demo_sets[f"SS-Neurons of {lang}"] = (lang, neuron_set)
+for name, neuron_set in imported_sets.items():
+    demo_sets[f"Imported: {name}"] = (None, neuron_set)
+if not demo_sets:
+    st.info("Needs identified SS-Neurons or an imported neuron set (Neurons page).")
 else:
-    from ssn_core.generation import GenerationSettings, generate
+    from ssn_core.generation import GenerationSettings, stream_generate
     from ssn_core.judges import MarkerJudge
+    from ssn_core.prompts import BUILTIN_LANGUAGES, load_builtin
 
-    languages = [lang for lang, s in result.ss.items() if len(s)]
+    state.keep_valid("learn_source", demo_sets)
+    source = st.selectbox("Neurons to switch off", list(demo_sets), key="learn_source")
+    set_language, neurons = demo_sets[source]
+    languages = [set_language] if set_language else [lang for lang in BUILTIN_LANGUAGES if lang != "en"]
+    state.keep_valid("learn_language", languages)
     demo_language = st.selectbox("Language", languages, key="learn_language")
     prompts = st.session_state.get("identify_prompts")
+    if prompts is None or demo_language not in prompts.languages:
+        prompts = load_builtin([demo_language]) if demo_language in BUILTIN_LANGUAGES else None
     candidates = [] if prompts is None else [p.text for p in prompts.select(languages=[demo_language],
                                                                             label="harmful", limit_per_language=5)]
+    state.keep_valid("learn_prompt", candidates)
     text = st.selectbox("Harmful prompt", candidates, key="learn_prompt") if candidates else \
         st.text_input("Harmful prompt", key="learn_prompt_text")
-    neurons = result.ss[demo_language]
-    st.caption(f"{len(neurons):,} SS-Neurons of {demo_language} "
-               f"({100 * neurons.fraction_of(lm.sites):.3f}% of the model's neurons).")
+    st.caption(f"{len(neurons):,} neurons ({100 * neurons.fraction_of(lm.sites):.3f}% of the model's neurons).")
     if text and st.button("Answer it with and without them", type="primary", key="learn_run"):
-        with st.spinner("Generating both answers in one batch…"):
-            try:
-                settings = GenerationSettings(max_new_tokens=48)
-                with intervene(lm, Intervention(neurons, scale=0.0, rows=[False, True], label="suppress SS")):
-                    replies = generate(lm, [text, text], settings)
-                judge = MarkerJudge()
-                st.session_state["learn_demo"] = {
-                    "prompt": text, "replies": replies,
-                    "verdicts": [judge.judge(text, r, demo_language).label for r in replies]}
-            except Exception as exc:  # noqa: BLE001
-                show_error(exc)
+        a, b = st.columns(2)
+        a.markdown("**Model as is**")
+        b.markdown("**These neurons switched off**")
+        slot_a, slot_b = a.empty(), b.empty()
+        try:
+            settings = GenerationSettings(max_new_tokens=48)
+            replies = ["", ""]
+            with intervene(lm, Intervention(neurons, scale=0.0, rows=[False, True], label="suppress")), \
+                    closing(stream_generate(lm, [text, text], settings)) as stream:
+                for replies in stream:  # both answers appear as they are written, from one batch
+                    slot_a.info(replies[0] or "…")
+                    slot_b.warning(replies[1] or "…")
+            judge = MarkerJudge()
+            st.session_state["learn_demo"] = {
+                "prompt": text, "replies": list(replies),
+                "verdicts": [judge.judge(text, r, demo_language).label for r in replies]}
+        except Exception as exc:  # noqa: BLE001
+            show_error(exc)
+        else:
+            st.rerun()  # show the finished pair (with the judge's verdicts) in place of the streaming one
     demo = st.session_state.get("learn_demo")
     if demo:
         a, b = st.columns(2)
         a.markdown(f"**Model as is** — judge: `{demo['verdicts'][0]}`")
         a.info(demo["replies"][0] or "(empty)")
-        b.markdown(f"**SS-Neurons switched off** — judge: `{demo['verdicts'][1]}`")
+        b.markdown(f"**These neurons switched off** — judge: `{demo['verdicts'][1]}`")
         b.warning(demo["replies"][1] or "(empty)")
 
 st.subheader("Where to go next")

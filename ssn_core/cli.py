@@ -74,25 +74,45 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 class TqdmProgress:
-    """`progress(done, total, message)` callback drawing one tqdm bar per message."""
+    """`progress(done, total, message)` callback drawing one tqdm bar per *phase*, updated in place.
+
+    The phase is the message without its counts (`ssn_core.progress.phase_of`): "scored 8/24 prompts" and
+    "scored 16/24 prompts" move one bar; a new phase closes the bar and opens the next. A message at count 0
+    only announces its phase, so the first counted message of the same total keeps that bar (and renames it).
+    """
 
     def __init__(self) -> None:
         self.bar = None
-        self.message = None
+        self.phase: str | None = None
+        self.bars_opened = 0
 
-    def __call__(self, done: int, total: int, message: str) -> None:
+    def _unit(self, phase: str, total: int) -> tuple[str, bool]:
+        in_bytes = total > 1_000_000  # byte counts (starter assembly) get B/kB/MB units
+        return ("B" if in_bytes else "it"), in_bytes
+
+    def __call__(self, done: int, total: int, message) -> None:
         from tqdm import tqdm
 
-        if message != self.message:
+        from ssn_core.progress import phase_of
+
+        phase = phase_of(message) or (self.phase or "")
+        announced = self.bar is not None and self.bar.n == 0 and self.bar.total == total and done > 0
+        if self.bar is None or (phase != self.phase and not announced):
             self.close()
-            self.message = message
-            # Byte counts (starter assembly) get B/kB/MB units; everything else counts items.
-            in_bytes = total > 1_000_000
-            self.bar = tqdm(total=total, desc=message, unit="B" if in_bytes else "it", unit_scale=in_bytes,
-                            file=sys.stderr, leave=True)
+            unit, scale = self._unit(phase, total)
+            self.bar = tqdm(total=total, desc=phase, unit=unit, unit_scale=scale, file=sys.stderr, leave=True,
+                            dynamic_ncols=True)
+            self.bars_opened += 1
+        elif phase != self.phase:
+            self.bar.set_description(phase, refresh=False)
+        self.phase = phase
         self.bar.total = total
         self.bar.n = done
+        self._postfix(message)
         self.bar.refresh()
+
+    def _postfix(self, message) -> None:
+        pass
 
     def close(self) -> None:
         if self.bar is not None:
@@ -275,31 +295,15 @@ def add_train_parser(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
-class _TrainProgress:
+class _TrainProgress(TqdmProgress):
     """`progress(step, total, info)` for training: one tqdm bar per phase, the loss as a postfix."""
 
-    def __init__(self) -> None:
-        self.bar = None
-        self.phase = None
+    def _unit(self, phase: str, total: int) -> tuple[str, bool]:
+        return ("step" if phase == "training" else "item"), False
 
-    def __call__(self, done: int, total: int, info: dict) -> None:
-        from tqdm import tqdm
-
-        phase = str(info.get("phase", ""))
-        if phase != self.phase:
-            self.close()
-            self.phase = phase
-            self.bar = tqdm(total=total, desc=phase, unit="step" if phase == "train" else "item", file=sys.stderr)
-        self.bar.total = total
-        self.bar.n = done
-        if "loss" in info:
-            self.bar.set_postfix(loss=f"{info['loss']:.4f}", refresh=False)
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+    def _postfix(self, message) -> None:
+        if isinstance(message, dict) and "loss" in message:
+            self.bar.set_postfix(loss=f"{message['loss']:.4f}", refresh=False)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -27,8 +27,9 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
-from ssn_core.errors import SSNError, finite
+from ssn_core.errors import Cancelled, SSNError, finite
 from ssn_core.loading import LoadedModel
+from ssn_core.progress import current_cancel
 
 
 @dataclass
@@ -88,13 +89,19 @@ class RowSampler(LogitsProcessor):
 
 
 class _StopOnEvent(StoppingCriteria):
-    """Ends generation early when the consumer of a stream goes away."""
+    """Ends generation early when the consumer of a stream goes away or the job is cancelled (checked per token)."""
 
-    def __init__(self, event: threading.Event):
-        self.event = event
+    def __init__(self, *events: threading.Event | None):
+        self.events = [e for e in events if e is not None]
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        stop = any(e.is_set() for e in self.events)
+        return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+
+def _raise_if_cancelled(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("generation was cancelled")
 
 
 class _QueueStreamer(BaseStreamer):
@@ -194,13 +201,22 @@ def _decode(lm: LoadedModel, tokens: list[int], stop_ids: list[int]) -> str:
 
 
 def generate(lm: LoadedModel, user_texts: list[str], settings: GenerationSettings | None = None) -> list[str]:
-    """The reply to each user text (without the prompt and special tokens), in input order."""
+    """The reply to each user text (without the prompt and special tokens), in input order.
+
+    Inside a `ssn_core.progress.cancel_scope` whose event gets set, generation stops after the current token
+    and raises `Cancelled`.
+    """
     settings = settings or GenerationSettings()
     if not user_texts:
         return []
+    cancel = current_cancel()
+    _raise_if_cancelled(cancel)
     inputs, config, processors, stop_ids = _prepare(lm, user_texts, settings)
+    stopping = [_StopOnEvent(cancel)] if cancel is not None else None
     with torch.no_grad():
-        sequences = lm.model.generate(**inputs, generation_config=config, logits_processor=processors)  # [B, T+new]
+        sequences = lm.model.generate(**inputs, generation_config=config, logits_processor=processors,
+                                      stopping_criteria=stopping)  # [B, T+new]
+    _raise_if_cancelled(cancel)
     new_tokens = sequences[:, inputs["input_ids"].shape[1]:].tolist()
     return [_decode(lm, row, stop_ids) for row in new_tokens]
 
@@ -212,11 +228,13 @@ def stream_generate(
 
     The model runs in a worker thread started in a *copy of the caller's context*, so interventions
     entered by the caller (contextvars-scoped hooks) apply to it. Closing the iterator early stops
-    the worker after its current step.
+    the worker after its current step; so does the event of an enclosing `cancel_scope` (then `Cancelled`).
     """
     settings = settings or GenerationSettings()
     if not user_texts:
         return
+    cancel = current_cancel()
+    _raise_if_cancelled(cancel)
     inputs, config, processors, stop_ids = _prepare(lm, user_texts, settings)
     prompt_len = inputs["input_ids"].shape[1]
     events: queue.Queue = queue.Queue()
@@ -228,7 +246,7 @@ def stream_generate(
             with torch.no_grad():
                 sequences = lm.model.generate(
                     **inputs, generation_config=config, logits_processor=processors,
-                    stopping_criteria=[_StopOnEvent(stop)], streamer=_QueueStreamer(events),
+                    stopping_criteria=[_StopOnEvent(stop, cancel)], streamer=_QueueStreamer(events),
                 )
             events.put(("done", sequences[:, prompt_len:].tolist()))
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
@@ -243,6 +261,7 @@ def stream_generate(
             if kind == "error":
                 raise payload
             if kind == "done":
+                _raise_if_cancelled(cancel)
                 yield [_decode(lm, row, stop_ids) for row in payload]
                 return
             for row, token in zip(rows, payload, strict=True):

@@ -227,6 +227,8 @@ class IdentifyResult:
         """Read a result directory; with ``sites``, check every file against the loaded model."""
         directory = Path(directory)
         manifest_path = directory / "manifest.json"
+        if not directory.exists():
+            raise NeuronFileError(f"{directory} does not exist (give the folder an identify run wrote with --out)")
         if not manifest_path.is_file():
             raise NeuronFileError(f"{directory} is not an SSN Lab identify result (no manifest.json)")
         try:

@@ -1024,6 +1024,10 @@ def load_model(spec: ModelSpec | str, progress: Progress | None = None, **overri
                              warnings_=notes)
     if _looks_like_path(source):
         raise ModelLoadError(f"no such file or directory: {source}")
+    if not _hub_offline():  # one quick connection check instead of transformers' ~25 s of retries
+        from ssn_core.hub import check_hub_reachable
+
+        check_hub_reachable(source)
     model, tokenizer, n_params, _ = _load_pretrained(source, spec, device, local=False)
     return finish_loaded(model, tokenizer, name=source, source=source, spec=spec, device=device, loaded_from="hub",
                          load_seconds=time.perf_counter() - start, n_params=n_params, warnings_=notes)

@@ -354,6 +354,9 @@ def build_safety_data(lm, prompts, languages: Sequence[str], *, heldout_fraction
         for p in harmful
     ]
     if harmless:
+        if progress is not None:
+            progress(0, len(harmless), {"phase": "retain replies"})
+
         def retain_progress(done: int, total: int, message: str) -> None:
             if progress is not None:
                 progress(done, total, {"phase": "retain replies"})
@@ -571,6 +574,8 @@ def _train_loop(lm, model: nn.Module, params: list[torch.Tensor], data: SafetyDa
     losses: list[float] = []
     device = _input_device(model)
     started = time.perf_counter()
+    if progress is not None:
+        progress(0, total, {"phase": "train"})
     with _PeakMemory(device) as memory:
         for step in range(total):
             _check_cancel(cancel, "training")
@@ -626,8 +631,11 @@ def _total_params(model: nn.Module) -> int:
 def evaluate_safety(lm, data: SafetyData, context_factory=nullcontext, *, settings=None, judge=None,
                     max_eval_per_language: int | None = None, batch_size: int = 8, max_length: int = 256,
                     generate_replies: bool = True, cancel: threading.Event | None = None,
-                    progress: TrainProgress | None = None) -> SafetyEval:
-    """Held-out refusal / over-refusal (generate + marker judge) and reply NLLs under a context."""
+                    progress: TrainProgress | None = None, phase: str = "evaluate") -> SafetyEval:
+    """Held-out refusal / over-refusal (generate + marker judge) and reply NLLs under a context.
+
+    ``phase`` names this evaluation in ``progress`` ("evaluating before", "evaluating after").
+    """
     from ssn_core.judges import MarkerJudge
 
     heldout = data.heldout
@@ -642,6 +650,9 @@ def evaluate_safety(lm, data: SafetyData, context_factory=nullcontext, *, settin
         heldout = kept
     harmful = [ex for ex in heldout if ex.kind == "refusal"]
     harmless = [ex for ex in heldout if ex.kind == "retain"]
+    n_replies = len(heldout) if generate_replies else 0
+    if progress is not None:
+        progress(0, n_replies, {"phase": phase})
     refusal_nll = reply_nll(lm, harmful, context_factory, max_length)
     retain_nll = reply_nll(lm, harmless, context_factory, max_length)
     refusal: dict[str, float] = {}
@@ -661,7 +672,7 @@ def evaluate_safety(lm, data: SafetyData, context_factory=nullcontext, *, settin
                 _check_cancel(cancel, "evaluation")
                 replies.extend(generate(lm, [ex.user_text for ex in todo[start:start + batch_size]], settings))
                 if progress is not None:
-                    progress(len(replies), len(todo), {"phase": "evaluate"})
+                    progress(len(replies), len(todo), {"phase": phase})
         verdicts = judge.judge_many([ex.user_text for ex in todo], replies, [ex.language for ex in todo])
         hits: dict[tuple[str, str], list[bool]] = {}
         for ex, reply, verdict in zip(todo, replies, verdicts):
@@ -711,13 +722,14 @@ def run_train(lm, neurons: NeuronSet, data: SafetyData, config: TrainConfig, *, 
     """
     eval_kwargs = dict(eval_kwargs or {})
     eval_kwargs.setdefault("max_length", config.max_length)
-    before = evaluate_safety(lm, data, cancel=cancel, progress=progress, **eval_kwargs) if evaluate else None
+    before = (evaluate_safety(lm, data, cancel=cancel, progress=progress, phase="evaluating before", **eval_kwargs)
+              if evaluate else None)
     result = train_neurons(lm, neurons, data, config, progress=progress, cancel=cancel)
     if evaluate:
         delta = result.delta
         result.before = before
         result.after = evaluate_safety(lm, data, lambda: apply_delta(lm, delta), cancel=cancel, progress=progress,
-                                       **eval_kwargs)
+                                       phase="evaluating after", **eval_kwargs)
     _check_cancel(cancel, "training")
     if out_dir is not None:
         result.save(out_dir)
@@ -822,7 +834,7 @@ def compare_methods(lm, neurons: NeuronSet, data: SafetyData, config: TrainConfi
     eval_kwargs.setdefault("max_length", config.max_length)
     sites = _sites_of(lm)
     if before is None:
-        before = evaluate_safety(lm, data, cancel=cancel, **eval_kwargs)
+        before = evaluate_safety(lm, data, cancel=cancel, progress=progress, phase="evaluating before", **eval_kwargs)
     results: list[TrainResult] = []
     for method in methods:
         _check_cancel(cancel, "the comparison")
@@ -831,16 +843,18 @@ def compare_methods(lm, neurons: NeuronSet, data: SafetyData, config: TrainConfi
             result = train_neurons(lm, target, data, config, method=method, progress=progress, cancel=cancel)
             delta = result.delta
             result.after = evaluate_safety(lm, data, lambda d=delta: apply_delta(lm.model, d), cancel=cancel,
-                                           **eval_kwargs)
+                                           progress=progress, phase=f"evaluating {method}", **eval_kwargs)
         elif method.startswith("lora"):
             size = _neuron_param_count(lm.model, sites, neurons)
             rank = 8 if method == "lora-8" else lora_rank_for(lm.model, sites, size)
             result = train_lora(lm, data, config, rank, method=method if method == "lora-8" else f"lora-r{rank}",
-                                evaluate=lambda: evaluate_safety(lm, data, cancel=cancel, **eval_kwargs),
+                                evaluate=lambda m=method: evaluate_safety(lm, data, cancel=cancel, progress=progress,
+                                                                          phase=f"evaluating {m}", **eval_kwargs),
                                 progress=progress, cancel=cancel)
         else:  # full
-            result = train_full(lm, data, config, evaluate=lambda tuned: evaluate_safety(tuned, data, cancel=cancel,
-                                                                                        **eval_kwargs),
+            result = train_full(lm, data, config,
+                                evaluate=lambda tuned: evaluate_safety(tuned, data, cancel=cancel, progress=progress,
+                                                                       phase="evaluating full", **eval_kwargs),
                                 progress=progress, cancel=cancel)
         result.before = before
         results.append(result)

@@ -257,7 +257,7 @@ def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settin
         for (i, j), reply in zip(chunk, outputs):
             replies[i][j] = reply
         if progress is not None:
-            progress(b + 1, total, f"{message}generated batch {b + 1}/{total}")
+            progress(b + 1, total, f"{message}generating replies, batch {b + 1}/{total}")
     return replies
 
 
@@ -543,6 +543,8 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
                         for lang in languages)
     done_before = 0
     started = time.time()
+    if progress is not None:  # the first batch can take a minute: say what is happening before it
+        progress(0, total_batches, f"{languages[0]}: generating replies")
     table: list[dict] = []
     rows: list[dict] = []
     notes: list[str] = []

@@ -175,15 +175,17 @@ def test_chart_builders_make_valid_specs():
     sets = {"MS (bn)": NeuronSet({(0, "mlp"): [1, 2, 3], (1, "attn_v"): [0]}), "SS (bn)": NeuronSet({(0, "mlp"): [2]})}
     frame = charts.counts_frame(sets)
     assert frame["count"].sum() == 5
-    spec = charts.counts_per_layer(frame).to_dict()
-    assert "facet" in spec
+    spec = charts.counts_per_layer(frame[frame["set"] == "MS (bn)"], title="MS-Neurons of bn per layer").to_dict()
+    assert "facet" not in spec and spec["width"] == "container" and spec["title"] == "MS-Neurons of bn per layer"
+    assert spec["encoding"]["color"]["legend"]["orient"] == "bottom"  # under its own chart, not the neighbour's
     matrix = pd.DataFrame([[1.0, 0.25], [0.25, 1.0]], index=["en", "bn"], columns=["en", "bn"])
     heat = charts.overlap_heatmap(matrix).to_dict()
     values = next(iter(heat["datasets"].values()))
     assert len(values) == 4 and {v["jaccard"] for v in values} == {1.0, 0.25}
     rates = pd.DataFrame([{"language": "bn", "condition": "baseline", "metric": "asr", "value": 0.2, "lo": 0.1,
                            "hi": 0.3}])
-    assert "facet" in charts.rates_by_condition(rates).to_dict()
+    rate_spec = charts.rates_by_condition(rates).to_dict()
+    assert "facet" not in rate_spec and rate_spec["width"] == "container"
 
 
 def test_job_progress_accepts_training_dicts_and_cancels():

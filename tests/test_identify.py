@@ -203,6 +203,8 @@ def test_identify_end_to_end_save_load(tmp_path):
         IdentifyResult.load(out, tiny_lm("gpt2").sites)
     with pytest.raises(NeuronFileError, match="no manifest.json"):
         IdentifyResult.load(tmp_path)
+    with pytest.raises(NeuronFileError, match="does not exist"):
+        IdentifyResult.load(tmp_path / "no" / "such" / "run")
 
 
 def test_identify_argument_errors():

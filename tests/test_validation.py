@@ -245,7 +245,7 @@ def test_cli_validate_and_evaluate_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["validate", "--model", str(path), "--device", "cpu", "--neurons", str(tmp_path / "missing"),
                  "--out", str(tmp_path / "x")]) == 2
-    assert "not an SSN Lab identify result" in capsys.readouterr().err
+    assert "missing does not exist" in capsys.readouterr().err  # not "no manifest.json" (issue 16)
     assert main(["evaluate", "--model", str(path), "--device", "cpu", "--prompts", "nope.csv",
                  "--out", str(tmp_path / "y")]) == 2
     assert "expected 'builtin'" in capsys.readouterr().err

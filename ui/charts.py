@@ -20,25 +20,43 @@ def counts_frame(sets: dict[str, NeuronSet]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["set", "layer", "site", "count"])
 
 
+def _legend_below(title: str | None = None) -> alt.Legend:
+    """A legend under the chart: it stays inside the chart's own column instead of spilling into the next."""
+    return alt.Legend(orient="bottom", direction="horizontal", title=title)
+
+
+def wrap_title(text: str, width_px: int, char_px: float = 7.5) -> list[str]:
+    """Split a chart title into lines that fit ``width_px`` (about ``char_px`` per character at title size)."""
+    limit = max(10, int(width_px / char_px))
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > limit:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return lines + ([line] if line else [])
+
+
 def counts_per_layer(df: pd.DataFrame, title: str = "") -> alt.Chart:
-    """Stacked bars: neurons per layer, coloured by site kind; one panel per set (MS / SS)."""
-    base = alt.Chart(df, title=title).mark_bar().encode(
+    """Stacked bars: neurons per layer, coloured by site kind, for one set (draw one chart per set).
+
+    Fits its container (no facets, legend below), so two of them sit side by side without overlapping.
+    """
+    return alt.Chart(df, title=title).mark_bar().encode(
         x=alt.X("layer:O", title="layer"),
         y=alt.Y("sum(count):Q", title="neurons"),
-        color=alt.Color("site:N", sort=SITE_ORDER, title="site"),
+        color=alt.Color("site:N", sort=SITE_ORDER, legend=_legend_below("site")),
         order=alt.Order("site:N"),
         tooltip=["set", "layer", "site", "count"],
-    ).properties(height=220)
-    if df["set"].nunique() > 1:
-        return base.facet(row=alt.Row("set:N", title=None))
-    return base
+    ).properties(height=220, width="container")
 
 
 def overlap_heatmap(matrix: pd.DataFrame, title: str = "Overlap (Jaccard)", value_name: str = "jaccard") -> alt.Chart:
     """Language × language heatmap of a square DataFrame (index and columns = languages)."""
     long = matrix.rename_axis(index="lang_a", columns="lang_b").stack().rename(value_name).reset_index()
     order = list(matrix.index)
-    heat = alt.Chart(long, title=title).mark_rect().encode(
+    heat = alt.Chart(long).mark_rect().encode(
         x=alt.X("lang_b:N", sort=order, title=None),
         y=alt.Y("lang_a:N", sort=order, title=None),
         color=alt.Color(f"{value_name}:Q", scale=alt.Scale(scheme="blues"), title=value_name),
@@ -50,7 +68,9 @@ def overlap_heatmap(matrix: pd.DataFrame, title: str = "Overlap (Jaccard)", valu
         color=alt.condition(alt.datum[value_name] > 0.5, alt.value("white"), alt.value("black")),
     )
     size = max(260, 56 * len(order))
-    return (heat + text).properties(width=size, height=size)
+    # the title wraps to the heatmap's width (a long one-line title is cut off at the chart's edge)
+    return (heat + text).properties(width=size, height=size,
+                                    title=alt.TitleParams(wrap_title(title, size), anchor="start"))
 
 
 def bar_per_language(df: pd.DataFrame, value: str, title: str, color: str = "group") -> alt.Chart:
@@ -61,19 +81,24 @@ def bar_per_language(df: pd.DataFrame, value: str, title: str, color: str = "gro
         "tooltip": list(df.columns),
     }
     if color in df.columns:
-        enc["color"] = alt.Color(f"{color}:N", title=color)
-    return alt.Chart(df, title=title).mark_bar().encode(**enc).properties(height=240)
+        enc["color"] = alt.Color(f"{color}:N", legend=_legend_below(color))
+    return alt.Chart(df, title=title).mark_bar().encode(**enc).properties(height=240, width="container")
 
 
-def rates_by_condition(df: pd.DataFrame, title: str = "Refusal and attack success per condition") -> alt.Chart:
-    """Grouped bars with CI error bars. Columns: language, condition, metric, value, lo, hi."""
+def rates_by_condition(df: pd.DataFrame, title: str = "") -> alt.Chart:
+    """Grouped bars with CI error bars for ONE language. Columns: language, condition, metric, value, lo, hi.
+
+    One chart per language, each fitting its container (the page lays them out in a grid): a faceted chart
+    cannot fit a container, and it would give every language slots for conditions that only others have.
+    """
     bars = alt.Chart().mark_bar().encode(
-        x=alt.X("condition:N", title=None, sort=None),
+        x=alt.X("condition:N", title=None, sort=None, axis=alt.Axis(labelAngle=-30, labelLimit=140)),
         y=alt.Y("value:Q", title="rate", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("metric:N", title=None,
+        color=alt.Color("metric:N",
                         scale=alt.Scale(domain=["asr", "refusal", "off_target"],
                                         range=[METRIC_COLORS["asr"], METRIC_COLORS["refusal"],
-                                               METRIC_COLORS["off_target"]])),
+                                               METRIC_COLORS["off_target"]]),
+                        legend=_legend_below()),
         xOffset="metric:N",
         tooltip=["language", "condition", "metric", alt.Tooltip("value:Q", format=".2f"),
                  alt.Tooltip("lo:Q", format=".2f"), alt.Tooltip("hi:Q", format=".2f")],
@@ -82,8 +107,7 @@ def rates_by_condition(df: pd.DataFrame, title: str = "Refusal and attack succes
         x=alt.X("condition:N", sort=None), xOffset="metric:N",
         y=alt.Y("lo:Q", title="rate"), y2="hi:Q",
     )
-    return alt.layer(bars, errors, data=df).properties(height=240, width=alt.Step(22)).facet(
-        column=alt.Column("language:N", title=None), title=title)
+    return alt.layer(bars, errors, data=df, title=title).properties(height=260, width="container")
 
 
 def scatter_count_vs_asr(df: pd.DataFrame, x: str = "ss_count", y: str = "asr_drop",
@@ -102,7 +126,8 @@ def scatter_count_vs_asr(df: pd.DataFrame, x: str = "ss_count", y: str = "asr_dr
 
 def loss_curve(df: pd.DataFrame, title: str = "Training loss") -> alt.Chart:
     """Line chart of loss per step (columns: step, loss, optional series)."""
-    enc = {"x": alt.X("step:Q"), "y": alt.Y("loss:Q", scale=alt.Scale(zero=False)), "tooltip": list(df.columns)}
+    enc = {"x": alt.X("step:Q", axis=alt.Axis(tickMinStep=1, format="d"), scale=alt.Scale(nice=False)),
+           "y": alt.Y("loss:Q", scale=alt.Scale(zero=False)), "tooltip": list(df.columns)}
     if "series" in df.columns:
         enc["color"] = alt.Color("series:N", title=None)
     return alt.Chart(df, title=title).mark_line(point=len(df) < 60).encode(**enc).properties(height=240)

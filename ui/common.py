@@ -81,6 +81,38 @@ def uploaded_to_path(uploaded, directory: Path | None = None) -> Path:
     return path
 
 
+def load_upload(fn: Callable[..., Any], uploaded, *args, **kwargs) -> Any:
+    """``fn(path_of_uploaded_file, *args, **kwargs)``; an error names the file the user chose, not the temp copy.
+
+    Engine loaders take paths, so an upload is written to a private temp folder first; their messages would
+    otherwise say ``/tmp/ssn-upload-…/bad_neurons.json``.
+    """
+    path = uploaded_to_path(uploaded)
+    try:
+        return fn(path, *args, **kwargs)
+    except SSNError as exc:
+        chosen = Path(uploaded.name).name or "the uploaded file"
+        exc.args = tuple(str(a).replace(str(path), chosen).replace(str(path.parent), "the upload")
+                         if isinstance(a, str) else a for a in exc.args) or (chosen,)
+        raise
+    finally:
+        path.unlink(missing_ok=True)
+        try:
+            path.parent.rmdir()
+        except OSError:
+            pass
+
+
+def existing_folder(text: str, what: str = "folder") -> Path:
+    """The folder a user typed, or an SSNError saying it does not exist / is not a folder."""
+    path = Path(text.strip()).expanduser()
+    if not path.exists():
+        raise SSNError(f"{text.strip()} does not exist: check the {what} path")
+    if not path.is_dir():
+        raise SSNError(f"{text.strip()} is a file, not a {what}")
+    return path
+
+
 def file_bytes(save: Callable[[Path], Any], suffix: str) -> bytes:
     """Bytes of a file written by an engine ``save(path)`` (atomic writers need a real path)."""
     with tempfile.TemporaryDirectory(prefix="ssn-dl-") as tmp:

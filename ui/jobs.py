@@ -6,6 +6,11 @@ call. The worker runs in a copy of the session's contextvars context (`bind_cont
 session has active apply to it and nobody else. The `Job` object lives in the session's
 `st.session_state` under ``job:<name>``; `job_panel` polls it with an auto-refreshing fragment and
 reruns the page once when the job ends.
+
+Progress is shown per *phase* (`ssn_core.progress.PhaseClock`): the phase's name, its count, the time spent in
+it and an ETA from the speed measured in that phase; the phases already over are listed with their times. The
+worker runs inside `cancel_scope(job.cancel)`, so generation stops within a token of a Cancel; other engine
+loops check the event between their batches or steps.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import streamlit as st
 
 from ssn_core.errors import Cancelled, SSNError
 from ssn_core.hooks import bind_context
+from ssn_core.progress import PhaseClock, cancel_scope, format_duration
 
 
 @dataclass
@@ -37,6 +43,7 @@ class Job:
     live: dict = field(default_factory=dict)
     thread: threading.Thread | None = None
     shown: bool = False  # the page has rerun once after the job ended
+    clock: PhaseClock = field(default_factory=PhaseClock)
 
     @property
     def running(self) -> bool:
@@ -57,8 +64,25 @@ class Job:
                                                            "series": self.live.get("series", "train")})
         if message:
             self.message = message
+        self.clock.update(done, total, message)
         if self.cancel.is_set():
             raise Cancelled("cancelled")
+
+    def status(self) -> str:
+        """'training — 3/20 · 45 s · about 1 min 10 s left', or the cancelling note."""
+        if self.cancel.is_set() and self.running:
+            return f"cancelling… (stops after the current token or step) — {format_duration(self.clock.elapsed)}"
+        return self.clock.describe()
+
+    def phases_done(self) -> list[dict]:
+        """The phases that are over: name, count, seconds."""
+        history = self.clock.history()
+        return history if not self.running else history[:-1]
+
+    @property
+    def seconds(self) -> float:
+        """Wall time of the whole job so far (or in all)."""
+        return (self.finished or time.time()) - self.started
 
     def wait(self, timeout: float | None = None) -> None:
         if self.thread is not None:
@@ -71,17 +95,25 @@ def start_job(name: str, fn: Callable[..., Any], *args, **kwargs) -> Job:
     if old is not None and old.running:
         old.cancel.set()
     job = Job(name)
+    st.session_state[f"job:{name}"] = job
+    launch(job, fn, *args, **kwargs)
+    return job
+
+
+def launch(job: Job, fn: Callable[..., Any], *args, **kwargs) -> Job:
+    """Start ``job``'s worker thread (in a copy of this context, inside ``cancel_scope(job.cancel)``)."""
 
     def run() -> None:
         try:
-            job.result = fn(*args, progress=job.progress, cancel=job.cancel, **kwargs)
+            with cancel_scope(job.cancel):
+                job.result = fn(*args, progress=job.progress, cancel=job.cancel, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - reported on the page, never lost
             job.error = exc
         finally:
+            job.clock.finish()
             job.finished = time.time()
 
-    job.thread = threading.Thread(target=bind_context(run), name=f"ssn-job-{name}", daemon=True)
-    st.session_state[f"job:{name}"] = job
+    job.thread = threading.Thread(target=bind_context(run), name=f"ssn-job-{job.name}", daemon=True)
     job.thread.start()
     return job
 
@@ -103,11 +135,15 @@ def job_panel(name: str, live: Callable[[Job], None] | None = None, poll_s: floa
     @st.fragment(run_every=poll_s if job.running else None)
     def panel() -> None:
         if job.running:
-            elapsed = time.time() - job.started
-            st.progress(job.fraction, text=f"{job.message} — {job.done}/{job.total or '?'} ({elapsed:.0f} s)")
+            st.progress(job.fraction, text=job.status())
+            done = job.phases_done()
+            if done:
+                st.caption("Done: " + " · ".join(f"{p['phase']} {p['done']}/{p['total']} in "
+                                                 f"{format_duration(p['seconds'])}" for p in done)
+                           + f" — {format_duration(job.seconds)} in all so far")
             if live is not None:
                 live(job)
-            if st.button("Cancel", key=f"cancel:{name}"):
+            if st.button("Cancel", key=f"cancel:{name}", disabled=job.cancel.is_set()):
                 job.cancel.set()
                 job.message = "cancelling…"
         elif not job.shown:
@@ -125,6 +161,4 @@ def job_panel(name: str, live: Callable[[Job], None] | None = None, poll_s: floa
         elif job.error is not None:
             st.error(f"The job failed: {type(job.error).__name__}: {job.error}")
             st.exception(job.error)
-        elif live is not None:
-            live(job)
     return job

@@ -87,6 +87,25 @@ def load(key: SpecKey, progress=None):
     return lm
 
 
+@st.cache_resource(show_spinner=False, max_entries=4)
+def _speed_cached(source: str, dtype: str, quantization: str, device_map: str, trust_remote_code: bool):
+    from ssn_core.speed import measure_speed
+
+    return measure_speed(_load_cached(source, dtype, quantization, device_map, trust_remote_code))
+
+
+def model_speed():
+    """The loaded model's measured speed (`ssn_core.speed.ModelSpeed`, measured once per model), or None."""
+    key = current_key()
+    if key is None:
+        return None
+    try:
+        with st.spinner("Measuring this model's speed (once, about a second)…"):
+            return _speed_cached(*_args(key))
+    except Exception:  # noqa: BLE001 - a hint is a convenience; the page works without it
+        return None
+
+
 def current_key() -> SpecKey | None:
     return st.session_state.get("model_key")
 
@@ -108,6 +127,7 @@ def unload() -> None:
     key = current_key()
     if key is not None:
         _load_cached.clear(*_args(key))
+        _speed_cached.clear(*_args(key))
     st.session_state.pop("model_key", None)
     forget_results()
     gc.collect()
@@ -118,12 +138,51 @@ def unload() -> None:
 
 
 # Session-state keys holding results computed on the current model: dropped when the model changes.
-RESULT_KEYS = ("identify_result", "identify_prompts", "ablation_check", "neuron_sets_imported", "validation_result", "train_result", "chat_delta",
-               "chat_history", "learn_demo")
+RESULT_KEYS = ("identify_result", "identify_prompts", "ablation_check", "neuron_sets_imported", "validation_result",
+               "train_result", "chat_delta", "chat_history", "chat_pending", "learn_demo")
+
+# Form and widget settings that survive a page change (Streamlit forgets a widget's value when its page is not
+# shown; `keep_widget_state` re-stores these every run). Buttons and file uploaders cannot be set, so never here.
+PERSISTED_WIDGETS: tuple[str, ...] = (
+    "model_source_kind", "model_source_value", "model_dtype", "model_quant", "model_device", "model_trust",
+    "nr_source", "nr_mj_path", "nr_grouping", "nr_langs_high", "nr_langs_medium", "nr_langs_low", "nr_langs_hr",
+    "nr_langs_nhr", "nr_hr", "nr_method", "nr_p", "nr_n", "nr_batch", "nr_kinds", "nr_focus", "nr_table_set",
+    "nr_search", "nr_abl_n", "nr_abl_lang", "nr_save_dir", "nr_import_dir",
+    "chat_source", "chat_action", "chat_alpha", "chat_random", "chat_layers", "chat_kinds", "chat_max_new",
+    "chat_sample", "chat_temperature", "chat_seed", "chat_language", "chat_judge_language",
+    "val_source", "val_langs", "val_limit", "val_seeds", "val_alpha", "val_tokens", "val_batch",
+    "ft_target", "ft_languages", "ft_steps", "ft_lr", "ft_batch", "ft_n", "ft_eval", "ft_baselines",
+    "learn_source", "learn_language", "learn_prompt", "learn_prompt_text",
+)
+# ... of which these depend on the loaded model (its layers and sites, its results): dropped with the model.
+MODEL_DEPENDENT_WIDGETS: tuple[str, ...] = (
+    "nr_kinds", "nr_focus", "nr_table_set", "nr_abl_lang", "chat_source", "chat_layers", "chat_kinds", "val_source",
+    "val_langs", "ft_target", "ft_languages", "learn_source", "learn_language", "learn_prompt",
+)
+
+
+def keep_widget_state() -> None:
+    """Call at the top of every run (app.py): the persisted widgets keep their values across page changes."""
+    for key in PERSISTED_WIDGETS:
+        if key in st.session_state:
+            st.session_state[key] = st.session_state[key]
+
+
+def keep_valid(key: str, options, multi: bool = False) -> None:
+    """Drop a remembered value that the widget's current options no longer offer (another model, new results)."""
+    if key not in st.session_state:
+        return
+    value, allowed = st.session_state[key], list(options)
+    if multi:
+        kept = [v for v in (value or []) if v in allowed]
+        if kept != list(value or []):
+            st.session_state[key] = kept
+    elif value not in allowed:
+        del st.session_state[key]
 
 
 def forget_results() -> None:
-    for name in RESULT_KEYS:
+    for name in RESULT_KEYS + MODEL_DEPENDENT_WIDGETS:
         st.session_state.pop(name, None)
     for name in [k for k in st.session_state if str(k).startswith("job:")]:
         job = st.session_state.pop(name)

@@ -1,0 +1,122 @@
+"""How fast is this model here? A short measurement, and time estimates for the long jobs built on it.
+
+The app's hints ("about 3 min on this machine") come from `measure_speed` on the loaded model, not from fixed
+text: one forward pass over a small batch (prompt tokens per second) and a few greedy decoding steps (generated
+row-tokens per second). Estimates combine those rates with the job's shape (rows, tokens, steps); scoring q/k
+sites costs extra forward passes, by the ratios `bench/README.md` measured (scoring-vs-forward per site kind).
+
+Estimates are rough (±2× on a shared CPU): they say whether a job takes seconds, minutes or an hour. The running
+job's own ETA (`ssn_core.progress`) replaces them with the speed measured in that job.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+
+# Extra forward passes per prompt for scoring a site kind with the impact method (bench/README.md,
+# scoring-vs-forward per kind on the starter: mlp / attn_v / attn_o ride on the forward, q ≈ 3.2×, k ≈ 4.1×).
+SCORING_EXTRA_FORWARDS: dict[str, float] = {"mlp": 0.05, "attn_v": 0.05, "attn_o": 0.05, "attn_q": 2.2,
+                                            "attn_k": 3.1}
+TRAIN_STEP_FORWARDS = 3.0  # forward + backward of a training step ≈ three forward passes
+DEFAULT_PROMPT_TOKENS = 40  # a chat-formatted short prompt (system prompt, role headers, the request)
+
+
+@dataclass(frozen=True)
+class ModelSpeed:
+    """Measured rates of one model on this machine."""
+
+    prefill_tokens_per_s: float  # prompt tokens through a forward pass, per second (batched)
+    decode_tokens_per_s: float  # generated tokens per second, counted over all rows of a batch
+    batch: int  # the batch size the rates were measured at
+    seconds: float  # how long the measurement took
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return (f"measured here: {self.prefill_tokens_per_s:,.0f} prompt tokens/s, "
+                f"{self.decode_tokens_per_s:,.1f} generated tokens/s at batch {self.batch}")
+
+
+def measure_speed(lm, batch: int = 2, prompt_tokens: int = 24, new_tokens: int = 4) -> ModelSpeed:
+    """Time one forward pass of ``batch`` × ``prompt_tokens`` and ``new_tokens`` greedy decoding steps.
+
+    Uses the model's own forward with its KV cache; a warm-up step first (lazy initialisation would otherwise
+    count). Takes about a second on a 0.5B model on two CPU cores.
+    """
+    from transformers import GenerationConfig
+
+    started = time.perf_counter()
+    model = lm.model
+    device = next(model.parameters()).device
+    vocab = int(getattr(model.config, "vocab_size", 0) or len(lm.tokenizer))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, max(4, min(vocab, 1000)), (batch, prompt_tokens), generator=generator).to(device)  # [B, T]
+    attention = torch.ones_like(ids)
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
+                              pad_token_id=0, eos_token_id=None)
+    with torch.no_grad():
+        model(input_ids=ids[:, :4], attention_mask=attention[:, :4])  # warm-up
+        t0 = time.perf_counter()
+        model(input_ids=ids, attention_mask=attention)
+        prefill = max(time.perf_counter() - t0, 1e-6)
+        t0 = time.perf_counter()
+        out = model.generate(input_ids=ids, attention_mask=attention, generation_config=config)  # [B, T + new]
+        total = max(time.perf_counter() - t0, 1e-6)
+    generated = (out.shape[1] - prompt_tokens) * batch
+    decode = max(total - prefill, 1e-6)
+    return ModelSpeed(prefill_tokens_per_s=batch * prompt_tokens / prefill,
+                      decode_tokens_per_s=max(generated, 1) / decode, batch=batch,
+                      seconds=round(time.perf_counter() - started, 3))
+
+
+def generation_seconds(speed: ModelSpeed, rows: int, max_new_tokens: int, batch_size: int = 8,
+                       prompt_tokens: int = DEFAULT_PROMPT_TOKENS) -> float:
+    """Generating ``rows`` replies of up to ``max_new_tokens``, ``batch_size`` rows at a time.
+
+    Decoding cost grows with the rows of a batch; measured at ``speed.batch`` rows, it is scaled linearly
+    (an upper end: small batches on a CPU share some of the work).
+    """
+    if rows <= 0:
+        return 0.0
+    batches = math.ceil(rows / max(batch_size, 1))
+    per_batch_rows = min(rows, batch_size)
+    prefill = per_batch_rows * prompt_tokens / speed.prefill_tokens_per_s
+    step = max(per_batch_rows, speed.batch) / speed.decode_tokens_per_s  # one decoding step of the whole batch
+    return batches * (prefill + max_new_tokens * step)
+
+
+def scoring_seconds(speed: ModelSpeed, prompts: int, kinds: Iterable[str],
+                    prompt_tokens: int = DEFAULT_PROMPT_TOKENS) -> float:
+    """Scoring ``prompts`` prompts with the impact method on the given site kinds."""
+    forwards = 1.0 + sum(SCORING_EXTRA_FORWARDS.get(kind, 1.0) for kind in set(kinds))
+    return prompts * prompt_tokens * forwards / speed.prefill_tokens_per_s
+
+
+def training_seconds(speed: ModelSpeed, steps: int, batch_size: int, tokens_per_example: int = 96) -> float:
+    """``steps`` optimizer steps of ``batch_size`` examples (prompt + reply ≈ ``tokens_per_example`` tokens)."""
+    return steps * batch_size * tokens_per_example * TRAIN_STEP_FORWARDS / speed.prefill_tokens_per_s
+
+
+def fine_tune_plan(speed: ModelSpeed, *, languages: int, items_per_language: int, steps: int, batch_size: int,
+                   evaluate: bool, heldout_fraction: float = 0.25, reply_tokens: int = 48,
+                   eval_tokens: int = 48) -> list[tuple[str, float]]:
+    """(phase, seconds) for a targeted fine-tune as the Fine-tune page runs it (retain replies, evaluations)."""
+    harmless = languages * items_per_language
+    heldout = 2 * max(1, round(items_per_language * heldout_fraction)) * languages  # harmful + harmless held out
+    plan = [("retain replies", generation_seconds(speed, harmless, reply_tokens))]
+    if evaluate:
+        plan.append(("evaluating before", generation_seconds(speed, heldout, eval_tokens)))
+    plan.append(("training", training_seconds(speed, steps, batch_size)))
+    if evaluate:
+        plan.append(("evaluating after", generation_seconds(speed, heldout, eval_tokens)))
+    return plan
+
+
+def total_seconds(plan: Sequence[tuple[str, float]]) -> float:
+    return sum(seconds for _, seconds in plan)

@@ -1,0 +1,31 @@
+"""Measured model speed and the time estimates built on it (issue 16, item 3: hints from measured speed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from ssn_core import speed
+from ssn_core.testing import tiny_model
+
+
+def test_measure_speed_on_a_tiny_model():
+    measured = speed.measure_speed(tiny_model("qwen2"))
+    assert measured.prefill_tokens_per_s > 0 and measured.decode_tokens_per_s > 0 and measured.batch == 2
+    assert "tokens/s" in measured.describe()
+
+
+def test_estimates_scale_with_the_work_and_the_speed():
+    fast = speed.ModelSpeed(prefill_tokens_per_s=1000.0, decode_tokens_per_s=20.0, batch=2, seconds=0.1)
+    slow = speed.ModelSpeed(prefill_tokens_per_s=100.0, decode_tokens_per_s=2.0, batch=2, seconds=0.1)
+    # 16 rows of 48 tokens in batches of 8: 2 batches x (8 x 40 prefill tokens + 48 steps of 8 rows)
+    assert speed.generation_seconds(fast, 16, 48, 8) == pytest.approx(2 * (320 / 1000 + 48 * 8 / 20))
+    assert speed.generation_seconds(slow, 16, 48, 8) == pytest.approx(10 * speed.generation_seconds(fast, 16, 48, 8))
+    assert speed.generation_seconds(fast, 0, 48) == 0
+    quick = speed.scoring_seconds(fast, 48, ["mlp", "attn_v", "attn_o"])
+    with_qk = speed.scoring_seconds(fast, 48, ["mlp", "attn_q", "attn_k"])
+    assert with_qk > 4 * quick  # exact q/k scoring costs several forward passes (bench/README.md)
+    plan = speed.fine_tune_plan(fast, languages=3, items_per_language=12, steps=20, batch_size=4, evaluate=True)
+    assert [name for name, _ in plan] == ["retain replies", "evaluating before", "training", "evaluating after"]
+    assert speed.total_seconds(plan) == pytest.approx(sum(s for _, s in plan))
+    no_eval = speed.fine_tune_plan(fast, languages=3, items_per_language=12, steps=20, batch_size=4, evaluate=False)
+    assert [name for name, _ in no_eval] == ["retain replies", "training"]
