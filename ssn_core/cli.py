@@ -418,6 +418,7 @@ def _num(value) -> str:
 # ssn identify / ssn compare-methods  (scoring.py, identify.py)
 
 _ALL_SITES = "mlp,attn_q,attn_k,attn_v,attn_o"
+RECIPE_NAMES = ("default", "paper", "plnd", "last", "direction")  # = ssn_core.identify.RECIPES (a test checks)
 
 
 def _add_scoring_args(p: argparse.ArgumentParser, langs: str, n: int | None) -> None:
@@ -427,12 +428,14 @@ def _add_scoring_args(p: argparse.ArgumentParser, langs: str, n: int | None) -> 
                         "FILE (.csv/.tsv/.jsonl with text, language, label columns)")
     p.add_argument("--n", type=int, default=n, help="prompts per language and label (default: all)" if n is None
                    else f"prompts per language and label (default: {n})")
-    p.add_argument("--aggregate", default="content", choices=("content", "last", "all"),
-                   help="tokens a prompt's score averages over: the user's own tokens (default), the last token, all")
+    p.add_argument("--aggregate", default=None, choices=("content", "last", "all", "reply"),
+                   help="tokens a prompt's score averages over: the user's own tokens, the last prompt token, all, or "
+                        "the reply of (prompt, reply) pairs (default: the recipe's, else content)")
     p.add_argument("--template", default="chat", choices=("chat", "raw"),
                    help="send prompts through the chat template as a user turn (default) or as raw text")
-    p.add_argument("--sites", default=_ALL_SITES, help=f"site kinds to score (default: {_ALL_SITES}); "
-                   "attn_q/attn_k are exact but cost more (attention is recomputed once per head dim)")
+    p.add_argument("--sites", default=None, help=f"site kinds to score (default: the recipe's, else {_ALL_SITES}); "
+                   "with the impact method attn_q/attn_k are exact but cost more (attention is recomputed once per "
+                   "head dim); gradient methods cover them at no extra cost")
     p.add_argument("--batch-size", type=int, default=8)
 
 
@@ -477,14 +480,43 @@ def _sites_arg(value: str) -> tuple[str, ...]:
 def add_identify_parser(sub) -> None:
     p = sub.add_parser("identify", help="score neurons and select MS-/SS-Neurons for each language")
     add_model_args(p)
-    _add_scoring_args(p, "en,zh,bn,sw", None)
+    _add_scoring_args(p, "en,zh,ar,sw,jv", 32)
     p.add_argument("--hr", default="en", help="high-resource language(s), comma-separated (default: en)")
-    p.add_argument("--method", default="impact", choices=("impact", "activation"),
-                   help="impact: exact layer-local deactivation effect (default); activation: mean |activation|")
-    p.add_argument("--p", type=float, default=0.03, help="top fraction per layer and site (default: 0.03)")
-    p.add_argument("--ranking", default="per-site", choices=("per-site", "pooled"))
+    p.add_argument("--recipe", default="default", choices=tuple(RECIPE_NAMES),
+                   help="named settings of method, aggregate, ranking, p and sites (default: 'default', chosen by "
+                        "held-out evidence; 'paper': ΔLLM on (prompt, reply) pairs; 'plnd': the first release's); "
+                        "--method/--aggregate/--ranking/--p/--sites override single settings")
+    p.add_argument("--method", default=None, choices=("impact", "activation", "global", "attribution", "direction"),
+                   help="attribution: activation x gradient of the refusal margin; global: the paper's ΔLLM "
+                        "(final-output change, estimated with --projections random projections); impact: exact "
+                        "layer-local deactivation effect; direction: write along the refusal direction; activation: "
+                        "mean |activation|")
+    p.add_argument("--p", type=float, default=None, help="top fraction per layer and site (default: the recipe's)")
+    p.add_argument("--ranking", default=None, choices=("per-site", "pooled", "global"))
+    p.add_argument("--projections", type=int, default=8, help="random projections of the global ΔLLM estimate")
+    p.add_argument("--own-replies", action="store_true", default=None,
+                   help="score (prompt, reply) pairs with the model's own replies (generated first)")
+    p.add_argument("--no-direction", action="store_true",
+                   help="skip finding the refusal direction (the positive control used by validate and Chat)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_identify)
+
+
+def _apply_recipe(args: argparse.Namespace):
+    """Fill the scoring settings the user did not give from the recipe; return the recipe."""
+    from ssn_core.identify import get_recipe
+
+    recipe = get_recipe(args.recipe)
+    args.overridden = [k for k in ("method", "aggregate", "ranking", "p", "sites") if getattr(args, k) is not None]
+    args.method = args.method or recipe.method
+    args.aggregate = args.aggregate or (recipe.aggregate if args.method == recipe.method else
+                                        ("all" if args.method == "attribution" else "content"))
+    args.ranking = args.ranking or recipe.ranking
+    args.p = recipe.p if args.p is None else args.p
+    args.sites = args.sites or ",".join(recipe.kinds)
+    if args.own_replies is None:
+        args.own_replies = recipe.own_replies
+    return recipe
 
 
 def cmd_identify(args: argparse.Namespace) -> int:
@@ -496,7 +528,15 @@ def cmd_identify(args: argparse.Namespace) -> int:
     languages = parse_languages(args.langs)
     hr = parse_languages(args.hr)
     all_languages = list(dict.fromkeys([*hr, *languages]))
+    recipe = _apply_recipe(args)
     _check_p(args.p)
+    if args.method == "attribution" and args.aggregate != "all":
+        raise SSNError("attribution sums over every position; --aggregate does not apply to it (leave it out)")
+    if args.method == "direction" and {"attn_q", "attn_k"} & set(_sites_arg(args.sites)):
+        raise SSNError("the direction method scores mlp, attn_v and attn_o (q/k do not write into the residual "
+                       "stream): give --sites mlp,attn_v,attn_o")
+    if args.projections < 1:
+        raise SSNError(f"--projections must be at least 1, got {args.projections}")
     check_out(args.out, MANIFEST_FORMAT)
     prompts = _load_prompt_spec(args.prompts, all_languages, args.n)
     _check_contrast(prompts, all_languages)
@@ -507,9 +547,11 @@ def cmd_identify(args: argparse.Namespace) -> int:
     try:
         result = identify(lm, prompts, languages, hr=tuple(hr), method=args.method, p=args.p,
                           aggregate=args.aggregate, kinds=kinds, batch_size=args.batch_size, ranking=args.ranking,
-                          template=args.template, progress=progress)
+                          template=args.template, own_replies=args.own_replies, projections=args.projections,
+                          find_direction=not args.no_direction, progress=progress)
     finally:
         progress.close()
+    result.manifest["recipe"] = {"name": recipe.name, "note": recipe.note, "overridden": args.overridden}
     out = result.save(args.out)
     total = lm.sites.total_neurons if set(kinds) == set(lm.sites.kinds) else sum(
         lm.sites.get(0, k).size * lm.sites.n_layers for k in kinds)
@@ -521,9 +563,18 @@ def cmd_identify(args: argparse.Namespace) -> int:
     print(format_table(rows, ["language", "role", "ms", "ms_%", "ss"]))
     print(f"all SS (union): {len(result.ss_all)}   shared by every NHR language: {len(result.ss_shared_all_nhr)}   "
           f"scored neurons: {total}")
-    print(f"{len(prompts)} prompts scored in {result.manifest['timing']['score_seconds']:.1f}s "
-          f"(total {time.perf_counter() - start:.1f}s); wrote {out}")
+    print(f"recipe {recipe.name}: method {args.method}, aggregate {args.aggregate}, ranking {args.ranking}, "
+          f"p {args.p:g}, sites {args.sites}")
+    if result.direction is not None:
+        print(f"refusal direction: layer {result.direction.layer} (the positive control for validate and Chat)")
+    print(f"{len(prompts)} prompts (item ids {_id_span(result.manifest['item_ids'])}) scored in "
+          f"{result.manifest['timing']['score_seconds']:.1f}s (total {time.perf_counter() - start:.1f}s); wrote {out}")
     return 0
+
+
+def _id_span(ids) -> str:
+    ids = sorted(ids)
+    return "none" if not ids else (ids[0] if len(ids) == 1 else f"{ids[0]}..{ids[-1]}, {len(ids)} in all")
 
 
 def add_compare_methods_parser(sub) -> None:
@@ -533,6 +584,9 @@ def add_compare_methods_parser(sub) -> None:
     _add_scoring_args(p, "en", 8)
     p.add_argument("--sample", type=int, default=64, help="neurons per site kind, drawn over all layers (default 64)")
     p.add_argument("--top", type=float, default=0.1, help="top fraction for the overlap column (default 0.1)")
+    p.add_argument("--methods", default="impact,activation,global:4,global:16",
+                   help="fast methods to compare with exact ablation, comma-separated; global:K = the ΔLLM estimate "
+                        "with K random projections (default: impact,activation,global:4,global:16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="optional output directory for scores and agreement.csv")
     p.set_defaults(func=cmd_compare_methods)
@@ -540,7 +594,7 @@ def add_compare_methods_parser(sub) -> None:
 
 def cmd_compare_methods(args: argparse.Namespace) -> int:
     from ssn_core.prompts import parse_languages
-    from ssn_core.scoring import COMPARISON_KIND, compare_methods
+    from ssn_core.scoring import COMPARISON_KIND, compare_methods, parse_method_spec
 
     languages = parse_languages(args.langs)
     if not 0 < args.top <= 1:
@@ -549,14 +603,20 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
         raise SSNError(f"--sample must be at least 1, got {args.sample}")
     if args.out:
         check_out(args.out, COMPARISON_KIND)
+    args.aggregate = args.aggregate or "last"
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for spec in methods:
+        parse_method_spec(spec)
+    if args.aggregate == "reply":
+        raise SSNError("compare-methods scores bare prompts; --aggregate reply needs (prompt, reply) pairs")
     prompts = _load_prompt_spec(args.prompts, languages, args.n)
-    kinds = _sites_arg(args.sites)
+    kinds = _sites_arg(args.sites or _ALL_SITES)
     lm = load_from_args(args)
     progress = TqdmProgress()
     try:
-        comparison = compare_methods(lm, prompts, sample=args.sample, aggregate=args.aggregate, kinds=kinds,
-                                     batch_size=args.batch_size, template=args.template, top=args.top, seed=args.seed,
-                                     progress=progress)
+        comparison = compare_methods(lm, prompts, sample=args.sample, methods=methods, aggregate=args.aggregate,
+                                     kinds=kinds, batch_size=args.batch_size, template=args.template, top=args.top,
+                                     seed=args.seed, progress=progress)
     finally:
         progress.close()
     rows = [{**r, "spearman": f"{r['spearman']:.3f}", "top_overlap": f"{r['top_overlap']:.2f}"}
@@ -576,7 +636,8 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
 
 def _add_eval_common_args(p, default_tokens: int) -> None:
     p.add_argument("--langs", default="en,zh,bn,sw", help="languages, comma-separated (default: en,zh,bn,sw)")
-    p.add_argument("--prompts", default="builtin", help="builtin | multijail:PATH_OR_HUB_ID | FILE (default: builtin)")
+    p.add_argument("--prompts", default="builtin", help="builtin | multijail:PATH_OR_HUB_ID | FILE (default: builtin; "
+                   "with an identify result, the built-in items it did not use)")
     p.add_argument("--n", type=int, default=None, help="prompts per language (and label); default: all")
     p.add_argument("--judge", default="marker", help="marker (default) | guard:MODEL | api:BASE_URL,MODEL "
                    "(the API key is read from $OPENAI_API_KEY)")
@@ -728,6 +789,10 @@ def add_validate_parser(sub) -> None:
     _add_eval_common_args(p, 48)
     p.add_argument("--seeds", type=int, default=3, help="random-control seeds 0..K-1 (default 3)")
     p.add_argument("--alphas", default="2", help="reinforcement scales, comma-separated (default 2)")
+    p.add_argument("--no-control", action="store_true",
+                   help="skip the refusal-direction control (the identify result's direction, ablated)")
+    p.add_argument("--no-over-refusal", action="store_true",
+                   help="skip answering harmless prompts under the reinforce conditions (over-refusal)")
     p.set_defaults(func=cmd_validate)
 
 
@@ -735,7 +800,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     import time
 
     from ssn_core.errors import PromptSetError
-    from ssn_core.evaluation import load_prompt_spec
+    from ssn_core.evaluation import heldout_prompt_set
     from ssn_core.generation import GenerationSettings, check_prompts
     from ssn_core.identify import IdentifyResult
     from ssn_core.prompts import parse_languages
@@ -753,8 +818,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, system=args.system)
     settings.validate()
     out = check_out(args.out, RESULT_KIND)
-    IdentifyResult.load(args.neurons)  # not an identify result: fails before the model load
-    prompts = load_prompt_spec(args.prompts, languages, args.n, "harmful")
+    found = IdentifyResult.load(args.neurons)  # not an identify result: fails before the model load
+    prompts, heldout = heldout_prompt_set(args.prompts, languages, args.n, exclude_ids=found.item_ids,
+                                          identify_source=found.manifest.get("prompt_source"),
+                                          harmless=not args.no_over_refusal)
     without = [lang for lang in languages if not any(p.language == lang and p.label == "harmful" for p in prompts)]
     if without:
         raise PromptSetError(f"the prompt set has no harmful prompts in language(s) {', '.join(without)}; validation "
@@ -768,14 +835,111 @@ def cmd_validate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         result = validate(lm, neurons, prompts, languages, settings, alphas=alphas, seeds=range(args.seeds),
-                          judge=judge, batch_size=args.batch_size, progress=progress)
+                          judge=judge, batch_size=args.batch_size, over_refusal=not args.no_over_refusal,
+                          direction=False if args.no_control else None, progress=progress)
     finally:
         progress.close()
+    result.manifest["heldout"] = heldout
     out = result.save(out)
     print(result.format_table())
     print(f"judge {judge.name} ({judge.version}); prompts per language: "
           + ", ".join(f"{k} {v}" for k, v in result.summary["prompts_per_language"].items())
           + f"; {len(result.rows)} replies in {time.perf_counter() - start:.1f}s; wrote {out}")
+    return 0
+
+
+def add_faithfulness_parser(sub) -> None:
+    p = sub.add_parser("faithfulness", help="dose-response: suppress the top neurons of each identify result at "
+                                            "several p, vs matched random neurons, on held-out prompts")
+    add_model_args(p)
+    p.add_argument("--neurons", required=True, action="append", metavar="DIR",
+                   help="identify result directory; repeat to compare methods (each is ranked as it was identified)")
+    _add_eval_common_args(p, 32)
+    p.add_argument("--fractions", default="0.0003,0.001,0.003,0.01,0.03",
+                   help="doses p (the top fraction identify takes), comma-separated")
+    p.add_argument("--generate-at", default="0.01",
+                   help="doses at which replies are also generated and judged (comma-separated; '' for none)")
+    p.add_argument("--seeds", type=int, default=1, help="random-control seeds per dose (default 1)")
+    p.add_argument("--sets", default="ms,ss", help="which sets to switch off: ms, ss or both (default ms,ss)")
+    p.set_defaults(func=cmd_faithfulness)
+
+
+def _fractions(value: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise SSNError(f"{what} {value!r}: expected fractions separated by commas, e.g. 0.001,0.01") from None
+    bad = [v for v in values if not (math.isfinite(v) and 0 < v <= 1)]
+    if bad:
+        raise SSNError(f"{what} {value!r}: every value must be a fraction in (0, 1], got {bad[0]}")
+    return values
+
+
+def cmd_faithfulness(args: argparse.Namespace) -> int:
+    import time
+
+    from ssn_core.evaluation import heldout_prompt_set
+    from ssn_core.faithfulness import RESULT_KIND, faithfulness
+    from ssn_core.generation import GenerationSettings
+    from ssn_core.identify import IdentifyResult
+    from ssn_core.prompts import parse_languages
+
+    languages = parse_languages(args.langs)
+    fractions = _fractions(args.fractions, "--fractions")
+    if not fractions:
+        raise SSNError("--fractions is empty")
+    generate_at = _fractions(args.generate_at, "--generate-at")
+    missing = [g for g in generate_at if not any(math.isclose(g, f) for f in fractions)]
+    if missing:
+        raise SSNError(f"--generate-at {missing[0]:g} is not one of --fractions")
+    if args.seeds < 1:
+        raise SSNError(f"--seeds must be at least 1, got {args.seeds}")
+    sets = [x.strip() for x in args.sets.split(",") if x.strip()]
+    if not sets or any(x not in ("ms", "ss") for x in sets):
+        raise SSNError(f"--sets {args.sets!r}: give ms, ss or ms,ss")
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, system=args.system)
+    settings.validate()
+    out = check_out(args.out, RESULT_KIND)
+    results = [IdentifyResult.load(d) for d in args.neurons]
+    hr = results[0].hr or ("en",)
+    used = frozenset().union(*(r.item_ids for r in results))
+    prompts, heldout = heldout_prompt_set(args.prompts, languages, args.n, exclude_ids=used,
+                                          identify_source=results[0].manifest.get("prompt_source"), harmless=False)
+    judge = _early_judge(args)
+    lm = load_from_args(args)
+    results = [IdentifyResult.load(d, sites=lm.sites) for d in args.neurons]
+    tables, rankings = {}, {}
+    for directory, result in zip(args.neurons, results, strict=True):
+        recipe = (result.manifest.get("recipe") or {}).get("name")
+        name = recipe or f"{result.scores.method}:{result.scores.aggregate}"
+        name = name if name not in tables else f"{name} ({directory})"
+        tables[name] = result.scores
+        rankings[name] = result.manifest.get("ranking", "per-site")
+    direction = next((r.direction.unit for r in results if r.direction is not None), None)
+    judge = judge or _judge_from_args(args)
+    progress = TqdmProgress()
+    start = time.perf_counter()
+    try:
+        result = faithfulness(lm, tables, prompts, languages, hr=tuple(hr), fractions=fractions, ranking=rankings,
+                              seeds=range(args.seeds), generate_at=generate_at, settings=settings, judge=judge,
+                              direction=direction, sets=sets, limit_per_language=args.n, batch_size=args.batch_size,
+                              progress=progress)
+    finally:
+        progress.close()
+    result.manifest["heldout"] = heldout
+    result.manifest["neurons"] = list(args.neurons)
+    out = result.save(out)
+    rows = [{k: ("-" if r[k] is None else (f"{r[k]:+.2f}" if isinstance(r[k], float) and k != "p" else r[k]))
+             for k in ("method", "language", "set", "p", "n_neurons", "margin_drop", "random_margin_drop",
+                       "refusal_drop", "random_refusal_drop")} for r in result.summary()]
+    print(format_table(rows, ["method", "language", "set", "p", "n_neurons", "margin_drop", "random_margin_drop",
+                              "refusal_drop", "random_refusal_drop"]))
+    for r in result.rows:
+        if r["condition"] == "direction":
+            print(f"{r['language']}: refusal-direction control: margin drop {r['margin_drop']:+.2f}"
+                  + ("" if r["refusal_drop"] is None else f", refusal drop {r['refusal_drop']:+.2f}"))
+    print(f"held-out prompts: {heldout['source']}; {time.perf_counter() - start:.1f}s; wrote {out} "
+          "(curve.csv, summary.json, chart.html)")
     return 0
 
 
@@ -791,6 +955,7 @@ SUBCOMMANDS: list[Callable] = [
     add_compare_methods_parser,
     add_evaluate_parser,
     add_validate_parser,
+    add_faithfulness_parser,
 ]
 
 

@@ -235,6 +235,45 @@ def load_prompt_spec(spec: str, languages: Sequence[str], n: int | None = None, 
     return prompts.select(languages, label=label, limit_per_language=n)
 
 
+def heldout_prompt_set(spec: str, languages: Sequence[str], n: int | None = None, *, exclude_ids=(),
+                       identify_source: str | None = None, harmless: bool = True):
+    """The prompts an evaluation of an identify result may use, and a note for the manifest.
+
+    The built-in set minus the item ids identification used (``exclude_ids``; the harmful and harmless counterparts
+    of an item are excluded together), at most ``n`` per language and label; any other set (MultiJail, a file) as
+    given, with the built-in harmless prompts not used by identification as its harmless side when ``harmless``.
+    """
+    from ssn_core.prompts import BUILTIN_LANGUAGES, PromptSet, load_builtin
+
+    excluded = {str(i) for i in exclude_ids}
+    excluded |= {("s" if i.startswith("h") else "h") + i[1:] for i in excluded if i[:1] in ("h", "s")}
+
+    def builtin_heldout(label: str | None) -> PromptSet:
+        usable = [lang for lang in languages if lang in BUILTIN_LANGUAGES]
+        full = load_builtin(usable, label=label) if usable else PromptSet((), "builtin")
+        kept = PromptSet(tuple(p for p in full if p.id not in excluded), full.source)
+        return kept.select(usable, label=label, limit_per_language=n) if len(kept) else kept
+
+    spec = (spec or "").strip()
+    if spec == "builtin":
+        prompts = builtin_heldout(None if harmless else "harmful")
+        if not len(prompts.select(label="harmful")):
+            raise PromptSetError(f"identification used all {len(excluded) // 2} built-in items, so none are left to "
+                                 "evaluate on: identify with --n 32 (the default), or evaluate on another set "
+                                 "(--prompts multijail:PATH)")
+        where = "builtin items not used by identify"
+    else:
+        prompts = load_prompt_spec(spec, languages, n, "harmful")
+        if identify_source and getattr(prompts, "source", None) == identify_source and excluded:
+            prompts = PromptSet(tuple(p for p in prompts if p.id not in excluded), prompts.source)
+        if harmless:
+            prompts = prompts + builtin_heldout("harmless")
+        where = f"{spec} (identify used {identify_source or 'another set'})"
+    note = {"source": where, "excluded_item_ids": len(excluded),
+            "n_per_language": {lang: len(prompts.by_language(lang, "harmful")) for lang in languages}}
+    return prompts, note
+
+
 def guard_kind_for(source: str) -> str:
     """Guess the guard family from a model name: Qwen3Guard, Llama Guard, else a generic instruction model."""
     name = source.lower().replace("-", "").replace("_", "")

@@ -987,6 +987,23 @@ def _mean_over_groups(table: ScoreTable, kind: str) -> torch.Tensor:
     return sum(per_kind[kind] * table.counts[g] for g, per_kind in table.groups.items()) / max(total, 1)
 
 
+def parse_method_spec(spec: str) -> tuple[str, int]:
+    """'impact' -> ('impact', 8); 'global:16' -> ('global', 16): a method and its number of random projections."""
+    name, _, count = spec.partition(":")
+    if name not in METHODS or name == "ablation":
+        raise SSNError(f"unknown method {spec!r} to compare; expected some of "
+                       f"{', '.join(m for m in METHODS if m != 'ablation')} (global:K for K projections)")
+    if count and name != "global":
+        raise SSNError(f"{spec!r}: only global takes a number of projections (global:K)")
+    try:
+        projections = int(count) if count else 8
+    except ValueError:
+        raise SSNError(f"{spec!r}: the number of projections must be an integer") from None
+    if projections < 1:
+        raise SSNError(f"{spec!r}: at least 1 projection")
+    return name, projections
+
+
 def compare_methods(lm, prompts, sample: Sequence[Triple] | int = 64, methods: Sequence[str] = ("impact",
                     "activation"), aggregate: str = "content", kinds: Sequence[str] = SITE_KINDS,
                     batch_size: int = 8, template: str = "chat", top: float = 0.1, seed: int = 0,
@@ -994,7 +1011,8 @@ def compare_methods(lm, prompts, sample: Sequence[Triple] | int = 64, methods: S
     """Spearman rank correlation and top-``top`` overlap of each fast method with exact ablation, per kind.
 
     ``sample`` is a neuron list or a count per kind (spread over layers). Scores are averaged over all
-    prompts (every language and label) before ranking.
+    prompts (every language and label) before ranking. ``methods``: names, or ``global:K`` for the global ΔLLM
+    estimate with K random projections (its agreement grows with K: run several K side by side).
     """
     import time
 
@@ -1006,12 +1024,13 @@ def compare_methods(lm, prompts, sample: Sequence[Triple] | int = 64, methods: S
     triples = sample_neurons(sites, kinds, sample, seed, per="kind") if isinstance(sample, int) else list(sample)
     tables: dict[str, ScoreTable] = {}
     seconds: dict[str, float] = {}
-    for method in ("ablation", *methods):
+    for spec in ("ablation", *methods):
+        method, projections = ("ablation", 8) if spec == "ablation" else parse_method_spec(spec)
         start = time.perf_counter()
-        tables[method] = score(lm, prompts, method=method, aggregate=aggregate, kinds=kinds, batch_size=batch_size,
-                               template=template, sample=triples if method == "ablation" else None, seed=seed,
-                               progress=progress, cancel=cancel)
-        seconds[method] = round(time.perf_counter() - start, 3)
+        tables[spec] = score(lm, prompts, method=method, aggregate=aggregate, kinds=kinds, batch_size=batch_size,
+                             template=template, sample=triples if method == "ablation" else None, seed=seed,
+                             projections=projections, progress=progress, cancel=cancel)
+        seconds[spec] = round(time.perf_counter() - start, 3)
     rows = []
     for method in methods:
         for kind in kinds:

@@ -309,9 +309,9 @@ def plan_conditions(neurons, language: str, sites: SiteMap, alphas: Sequence[flo
 
 
 RESULT_KIND = "ssn-lab/validation"  # manifest kind of an `ssn validate --out` folder
-TABLE_COLUMNS: tuple[str, ...] = ("language", "condition", "target", "seed", "alpha", "n_neurons", "n", "asr",
+TABLE_COLUMNS: tuple[str, ...] = ("language", "label", "condition", "target", "seed", "alpha", "n_neurons", "n", "asr",
                                   "refusal", "off_target", "ci_low", "ci_high", "refusal_ci_low", "refusal_ci_high")
-ROW_COLUMNS: tuple[str, ...] = ("language", "condition", "seed", "alpha", "id", "prompt", "reply", "verdict",
+ROW_COLUMNS: tuple[str, ...] = ("language", "label", "condition", "seed", "alpha", "id", "prompt", "reply", "verdict",
                                 "reason")
 
 
@@ -508,7 +508,7 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
     ``over_refusal`` its harmless prompts answer the baseline and reinforce conditions (over-refusal).
     ``hr_language``: the high-resource language (no SS set of its own); default: the neuron result's first HR
     language, else English. ``direction`` ([hidden]): the refusal direction, run as a positive control (default:
-    the neuron result's own, when it has one).
+    the neuron result's own, when it has one; ``False``: none).
     """
     from ssn_core.judges import MarkerJudge
     from ssn_core.metrics import make_manifest
@@ -529,7 +529,9 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
     if empty:
         raise PromptSetError(f"the prompt set has no harmful prompts in: {', '.join(empty)}")
 
-    if direction is None and getattr(neurons, "direction", None) is not None:
+    if direction is False:  # asked for no control
+        direction = None
+    elif direction is None and getattr(neurons, "direction", None) is not None:
         direction = neurons.direction.unit
     plans = {lang: plan_conditions(neurons, lang, sites, alphas, seeds, hr_language, direction) for lang in languages}
     harmless_by_language: dict[str, list] = {lang: [] for lang in languages}
@@ -538,6 +540,7 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
                 if "harmless" in prompts.labels else ():
             harmless_by_language[p.language].append(p)
     harmless_plans = {lang: [c for c in plans[lang][0] if c.kind in ("baseline", "reinforce")] for lang in languages}
+    harmless_plans = {lang: plan if len(plan) > 1 else [] for lang, plan in harmless_plans.items()}  # no reinforce
     total_batches = sum(math.ceil(len(by_language[lang]) * len(plans[lang][0]) / batch_size)
                         + math.ceil(len(harmless_by_language[lang]) * len(harmless_plans[lang]) / batch_size)
                         for lang in languages)
@@ -556,7 +559,7 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
         lang_progress = _offset_progress(progress, done_before, total_batches)
         for label, label_items, label_conditions in (("harmful", items, conditions),
                                                      ("harmless", harmless_by_language[lang], harmless_plans[lang])):
-            if not label_items:
+            if not label_items or not label_conditions:
                 continue
             replies = run_packed(lm, [p.text for p in label_items], label_conditions, settings, batch_size,
                                  lang_progress, cancel, message=f"{lang} {label}: ")
