@@ -548,7 +548,7 @@ def cmd_identify(args: argparse.Namespace) -> int:
         result = identify(lm, prompts, languages, hr=tuple(hr), method=args.method, p=args.p,
                           aggregate=args.aggregate, kinds=kinds, batch_size=args.batch_size, ranking=args.ranking,
                           template=args.template, own_replies=args.own_replies, projections=args.projections,
-                          find_direction=not args.no_direction, progress=progress)
+                          find_direction=not args.no_direction, activation_means=True, progress=progress)
     finally:
         progress.close()
     result.manifest["recipe"] = {"name": recipe.name, "note": recipe.note, "overridden": args.overridden}
@@ -789,6 +789,9 @@ def add_validate_parser(sub) -> None:
     _add_eval_common_args(p, 48)
     p.add_argument("--seeds", type=int, default=3, help="random-control seeds 0..K-1 (default 3)")
     p.add_argument("--alphas", default="2", help="reinforcement scales, comma-separated (default 2)")
+    p.add_argument("--betas", default="",
+                   help="additive reinforcement: add beta x each SS-Neuron's mean activation on the HR language's "
+                        "harmful prompts, comma-separated (default: none)")
     p.add_argument("--no-control", action="store_true",
                    help="skip the refusal-direction control (the identify result's direction, ablated)")
     p.add_argument("--no-over-refusal", action="store_true",
@@ -815,10 +818,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise SSNError(f"--alphas {args.alphas!r}: give one or more finite scales >= 0")
     if args.seeds < 1:
         raise SSNError(f"--seeds must be at least 1, got {args.seeds}")
+    try:
+        betas = [float(b) for b in args.betas.split(",") if b.strip()]
+    except ValueError:
+        raise SSNError(f"--betas {args.betas!r}: expected numbers separated by commas, e.g. 1,2") from None
+    if any(not math.isfinite(b) for b in betas):
+        raise SSNError(f"--betas {args.betas!r}: give finite numbers")
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, system=args.system)
     settings.validate()
     out = check_out(args.out, RESULT_KIND)
-    found = IdentifyResult.load(args.neurons)  # not an identify result: fails before the model load
+    found = IdentifyResult.load(args.neurons)
+    if betas and found.activations is None:
+        raise SSNError(f"--betas needs the neurons' mean activations, which {args.neurons} does not hold (identify "
+                       "it again with this version)")  # not an identify result: fails before the model load
     prompts, heldout = heldout_prompt_set(args.prompts, languages, args.n, exclude_ids=found.item_ids,
                                           identify_source=found.manifest.get("prompt_source"),
                                           harmless=not args.no_over_refusal)
@@ -836,7 +848,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         result = validate(lm, neurons, prompts, languages, settings, alphas=alphas, seeds=range(args.seeds),
                           judge=judge, batch_size=args.batch_size, over_refusal=not args.no_over_refusal,
-                          direction=False if args.no_control else None, progress=progress)
+                          direction=False if args.no_control else None, betas=betas, progress=progress)
     finally:
         progress.close()
     result.manifest["heldout"] = heldout

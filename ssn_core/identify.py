@@ -213,6 +213,7 @@ class IdentifyResult:
     manifest: dict = field(default_factory=dict)
     direction: RefusalDirection | None = None  # the positive control, found on the same prompts
     pairs: list[PromptPair] | None = None  # the (prompt, reply) pairs scored, when replies were used
+    activations: ScoreTable | None = None  # mean |a| and mean a per neuron and group (the additive reinforcement)
 
     @property
     def languages(self) -> tuple[str, ...]:
@@ -256,6 +257,8 @@ class IdentifyResult:
             atomic_write_json(tmp / "manifest.json", self.manifest)
             if self.direction is not None:
                 self.direction.save(tmp / "direction.safetensors")
+            if self.activations is not None:
+                self.activations.save(tmp / "activations.safetensors")
             if self.pairs is not None:
                 save_pairs(tmp / "pairs.json", self.pairs, meta={"model_fingerprint": self.manifest.get(
                     "model_fingerprint")})
@@ -300,8 +303,10 @@ class IdentifyResult:
         direction = RefusalDirection.load(direction_path, sites) if direction_path.is_file() else None
         pairs_path = directory / "pairs.json"
         pairs = load_pairs(pairs_path) if pairs_path.is_file() else None
+        activations_path = directory / "activations.safetensors"
+        activations = ScoreTable.load(activations_path, sites) if activations_path.is_file() else None
         return cls(scores=scores, ms=ms, ss=ss, ss_all=ss_all, ss_shared_all_nhr=shared, counts=counts,
-                   overlap=overlap, manifest=manifest, direction=direction, pairs=pairs)
+                   overlap=overlap, manifest=manifest, direction=direction, pairs=pairs, activations=activations)
 
     @property
     def item_ids(self) -> frozenset[str]:
@@ -363,16 +368,17 @@ def _versions() -> dict:
 def identify(lm, prompts, languages, hr=("en",), method: str = "impact", p: float = 0.03,
              aggregate: str = "content", kinds=SITE_KINDS, batch_size: int = 8, ranking: str = "per-site",
              template: str = "chat", sample=None, seed: int = 0, pairs=None, own_replies: bool | None = None,
-             find_direction: bool = False, projections: int = 8, progress: Progress | None = None,
-             cancel: threading.Event | None = None) -> IdentifyResult:
+             find_direction: bool = False, projections: int = 8, activation_means: bool = False,
+             progress: Progress | None = None, cancel: threading.Event | None = None) -> IdentifyResult:
     """Score ``prompts`` on ``lm`` and select MS-/SS-Neurons for ``languages`` (HR languages are added).
 
     ``pairs``: (prompt, reply) pairs to score instead of bare prompts (`ssn_core.pairs`); with
     ``aggregate="reply"`` they are built from ``prompts`` when not given, and with ``own_replies=True`` also for
     ``attribution`` (whose harmful prompts then take the model's own refusals, harmless ones its own answers).
     ``find_direction``: also find the refusal direction (the positive control) on the HR languages' prompts; the
-    ``direction`` method then scores along it. The manifest records the item ids used (``item_ids``), so that
-    validation and evaluation can take the others.
+    ``direction`` method then scores along it. ``activation_means``: also keep every neuron's mean activation per
+    group (one more forward pass; validation's additive reinforcement uses it). The manifest records the item ids
+    used (``item_ids``), so that validation and evaluation can take the others.
     """
     p = _check_p(p)
     if method not in METHODS:
@@ -422,6 +428,11 @@ def identify(lm, prompts, languages, hr=("en",), method: str = "impact", p: floa
                   directions=direction.directions if direction is not None else None, progress=progress,
                   cancel=cancel)
     score_seconds = time.perf_counter() - start - pair_seconds - direction_seconds
+    activations = None
+    if activation_means:
+        activations = table if method == "activation" and aggregate == "all" else score(
+            lm, chosen, method="activation", aggregate="all", kinds=kinds, batch_size=batch_size, template=template,
+            progress=progress, cancel=cancel)
     sites: SiteMap = lm.sites
     summary = getattr(lm, "summary", None)
     model_name = getattr(summary, "name", None) or type(lm.model).__name__
@@ -457,4 +468,5 @@ def identify(lm, prompts, languages, hr=("en",), method: str = "impact", p: floa
         "versions": _versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return IdentifyResult(scores=table, manifest=manifest, direction=direction, pairs=pairs, **selected)
+    return IdentifyResult(scores=table, manifest=manifest, direction=direction, pairs=pairs, activations=activations,
+                          **selected)

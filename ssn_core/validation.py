@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ssn_core.errors import Cancelled, NeuronFileError, PromptSetError, SSNError
-from ssn_core.interventions import Intervention, intervene, resolve_sites
+from ssn_core.interventions import Intervention, Shift, intervene, resolve_sites
 from ssn_core.io import atomic_write_json, atomic_write_text, csv_text, writing_result_dir
 from ssn_core.neurons import NeuronSet
 from ssn_core.sites import SiteMap
@@ -205,6 +205,7 @@ class Condition:
     seed: int | None = None
     alpha: float | None = None
     direction: torch.Tensor | None = None  # kind "direction": projected out of the residual stream
+    offsets: dict | None = None  # kind "shift": added to the neurons (β times their mean harmful activation)
 
     @property
     def name(self) -> str:
@@ -249,6 +250,8 @@ def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settin
                 from ssn_core.direction import DirectionAblation
 
                 interventions.append(DirectionAblation(condition.direction, rows=rows, label=condition.key))
+            elif condition.offsets is not None:
+                interventions.append(Shift(condition.neurons, condition.offsets, rows=rows, label=condition.key))
             elif condition.neurons is not None and len(condition.neurons):
                 interventions.append(Intervention(condition.neurons, scale=condition.scale, rows=rows,
                                                   label=condition.key))
@@ -261,12 +264,26 @@ def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settin
     return replies
 
 
+def shift_offsets(neurons: NeuronSet, activations, hr_language: str, beta: float) -> dict:
+    """β times each neuron's mean activation on the HR language's harmful prompts: the additive reinforcement
+    ("make the neuron act as it does when English refuses, β times over"). ``activations``: an activation
+    `ScoreTable` (its ``signed`` means), as `identify(..., activation_means=True)` keeps."""
+    signed = (activations.signed or {}).get((hr_language, "harmful")) if activations is not None else None
+    if signed is None:
+        raise SSNError(f"the additive reinforcement needs the neurons' mean activations on {hr_language} harmful "
+                       "prompts (identify with activation means; `ssn identify` keeps them)")
+    return {(layer, kind): float(beta) * signed[kind][layer, indices]
+            for (layer, kind), indices in neurons.neurons.items()}
+
+
 def plan_conditions(neurons, language: str, sites: SiteMap, alphas: Sequence[float] = (2.0,),
                     seeds: Sequence[int] = (0, 1, 2), hr_language: str = "en",
-                    direction: torch.Tensor | None = None) -> tuple[list[Condition], list[str]]:
+                    direction: torch.Tensor | None = None, betas: Sequence[float] = ()
+                    ) -> tuple[list[Condition], list[str]]:
     """The conditions run for one language, and notes on the ones skipped (empty neuron sets).
 
-    ``direction``: the refusal direction, run as the positive control ``direction_refusal``.
+    ``direction``: the refusal direction, run as the positive control ``direction_refusal``. ``betas``: additive
+    reinforcement ``shift_<target>`` of the same set the scale reinforcement uses (`shift_offsets`).
     """
     conditions = [Condition("baseline")]
     if direction is not None:
@@ -299,6 +316,9 @@ def plan_conditions(neurons, language: str, sites: SiteMap, alphas: Sequence[flo
                 raise SSNError(f"reinforcement scale must be >= 0, got {alpha}")
             conditions.append(Condition("reinforce", reinforce_target, reinforce_set, scale=float(alpha),
                                         alpha=float(alpha)))
+        for beta in betas:
+            offsets = shift_offsets(reinforce_set, getattr(neurons, "activations", None), hr_language, beta)
+            conditions.append(Condition("shift", reinforce_target, reinforce_set, alpha=float(beta), offsets=offsets))
     else:
         notes.append(f"{language}: no SS-Neurons to reinforce")
     return conditions, notes
@@ -350,7 +370,8 @@ class ValidationResult:
             entries = [r for r in self.table if r["language"] == language]
             seen: set[str] = set()
             for r in entries:
-                name = r["condition"] + (f" x{r['alpha']:g}" if r["alpha"] is not None else "")
+                name = r["condition"] + ("" if r["alpha"] is None else (
+                    f" +{r['alpha']:g}·mean" if r["condition"].startswith("shift_") else f" x{r['alpha']:g}"))
                 if r.get("label") == "harmless":
                     name = f"{name} [harmless]"
                 if r["condition"].startswith("random_"):
@@ -474,9 +495,10 @@ def summarize(table: Sequence[dict], ss_counts: dict[str, int], rows: Sequence[d
                              None)
         sweep = []
         for r in entries:
-            if not r["condition"].startswith("reinforce_"):
+            if not r["condition"].startswith(("reinforce_", "shift_")):
                 continue
-            point = {"target": r["target"], "alpha": r["alpha"], "refusal": r["refusal"], "asr": r["asr"],
+            point = {"form": "scale" if r["condition"].startswith("reinforce_") else "add", "target": r["target"],
+                     "alpha": r["alpha"], "refusal": r["refusal"], "asr": r["asr"],
                      "refusal_gain": r["refusal"] - base["refusal"]}
             over = next((h for h in harmless_table if h["language"] == language and h["condition"] == r["condition"]
                          and h["alpha"] == r["alpha"]), None)
@@ -500,7 +522,8 @@ def summarize(table: Sequence[dict], ss_counts: dict[str, int], rows: Sequence[d
 def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: Sequence[float] = (2.0,),
              seeds: Sequence[int] = (0, 1, 2), judge=None, batch_size: int = 8, limit_per_language: int | None = None,
              hr_language: str | None = None, direction: torch.Tensor | None = None, over_refusal: bool = True,
-             progress: Progress | None = None, cancel: threading.Event | None = None) -> ValidationResult:
+             betas: Sequence[float] = (), progress: Progress | None = None,
+             cancel: threading.Event | None = None) -> ValidationResult:
     """Run every condition on the harmful prompts of each language and compare with the random controls.
 
     ``neurons``: an `IdentifyResult` (anything with ``.ms`` / ``.ss`` {language: NeuronSet} and ``.ss_all``).
@@ -508,7 +531,8 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
     ``over_refusal`` its harmless prompts answer the baseline and reinforce conditions (over-refusal).
     ``hr_language``: the high-resource language (no SS set of its own); default: the neuron result's first HR
     language, else English. ``direction`` ([hidden]): the refusal direction, run as a positive control (default:
-    the neuron result's own, when it has one; ``False``: none).
+    the neuron result's own, when it has one; ``False``: none). ``betas``: additive reinforcement strengths
+    (`shift_offsets`), beside the scale reinforcement ``alphas``.
     """
     from ssn_core.judges import MarkerJudge
     from ssn_core.metrics import make_manifest
@@ -533,13 +557,15 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
         direction = None
     elif direction is None and getattr(neurons, "direction", None) is not None:
         direction = neurons.direction.unit
-    plans = {lang: plan_conditions(neurons, lang, sites, alphas, seeds, hr_language, direction) for lang in languages}
+    plans = {lang: plan_conditions(neurons, lang, sites, alphas, seeds, hr_language, direction, betas)
+             for lang in languages}
     harmless_by_language: dict[str, list] = {lang: [] for lang in languages}
     if over_refusal:
         for p in prompts.select(languages=languages, label="harmless", limit_per_language=limit_per_language) \
                 if "harmless" in prompts.labels else ():
             harmless_by_language[p.language].append(p)
-    harmless_plans = {lang: [c for c in plans[lang][0] if c.kind in ("baseline", "reinforce")] for lang in languages}
+    harmless_plans = {lang: [c for c in plans[lang][0] if c.kind in ("baseline", "reinforce", "shift")]
+                      for lang in languages}
     harmless_plans = {lang: plan if len(plan) > 1 else [] for lang, plan in harmless_plans.items()}  # no reinforce
     total_batches = sum(math.ceil(len(by_language[lang]) * len(plans[lang][0]) / batch_size)
                         + math.ceil(len(harmless_by_language[lang]) * len(harmless_plans[lang]) / batch_size)
@@ -587,7 +613,8 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
     manifest = make_manifest(
         settings, [judge], lm,
         kind=RESULT_KIND, languages=languages, hr_language=hr_language,
-        alphas=[float(a) for a in alphas], seeds=[int(s) for s in seeds], batch_size=batch_size,
+        alphas=[float(a) for a in alphas], betas=[float(b) for b in betas], seeds=[int(s) for s in seeds],
+        batch_size=batch_size,
         prompts={"n_per_language": summary["prompts_per_language"], "data_hash": _data_hash(prompts)},
         neurons=dict(getattr(neurons, "manifest", None) or {}),
         conditions={lang: [c.key for c in plans[lang][0]] for lang in languages},

@@ -117,3 +117,44 @@ def test_recipe_names_match_and_cli_identify_faithfulness(tiny_dir, tmp_path, ca
     assert main(["identify", *common, "--langs", "bn", "--method", "direction", "--sites", "mlp,attn_q",
                  "--out", str(tmp_path / "y")]) == 2
     assert "mlp,attn_v,attn_o" in capsys.readouterr().err
+
+
+def test_additive_reinforcement_adds_beta_times_the_mean_harmful_activation(lm):
+    import torch
+
+    from ssn_core.hooks import hook_sites
+    from ssn_core.interventions import Shift, intervene
+    from ssn_core.neurons import NeuronSet
+    from ssn_core.validation import shift_offsets
+
+    prompts = load_builtin(["en", "bn"], n=2)
+    found = identify(lm, prompts, ["bn"], method="attribution", aggregate="all", p=0.2, kinds=("mlp",),
+                     activation_means=True, batch_size=8)
+    neurons = NeuronSet({(1, "mlp"): [0, 5, 9]})
+    offsets = shift_offsets(neurons, found.activations, "en", 2.0)
+    mean = found.activations.signed[("en", "harmful")]["mlp"][1, [0, 5, 9]]
+    assert torch.allclose(offsets[(1, "mlp")], 2.0 * mean)
+    site = lm.sites.get(1, "mlp")
+    seen = []
+    enc = lm.tokenize_prompts(lm.prompt_texts(["hello", "bye"]))
+    with torch.no_grad():
+        with hook_sites({site: lambda c: seen.append(site.read(c).clone())}):
+            lm.model(**enc)
+        # Row 1 only: the shift is added there and nowhere else; the capture sees the carrier after the shift.
+        with intervene(lm, Shift(neurons, offsets, rows=[False, True])), \
+                hook_sites({site: lambda c: seen.append(site.read(c).clone())}):
+            lm.model(**enc)
+    before, after = seen
+    assert torch.allclose(after[0], before[0])
+    assert torch.allclose(after[1][..., [0, 5, 9]], before[1][..., [0, 5, 9]] + 2.0 * mean, atol=1e-5)
+    assert torch.allclose(after[1][..., 1], before[1][..., 1])
+    import dataclasses
+
+    found = dataclasses.replace(found, ss={"bn": neurons}, ss_all=neurons)
+    val = validate(lm, found, load_builtin(["en", "bn"], n=4).select(limit_per_language=1), ["en", "bn"],
+                   GenerationSettings(max_new_tokens=2), seeds=(0,), betas=(1.0,), direction=False)
+    shifted = [r for r in val.table if r["condition"].startswith("shift_")]
+    assert {(r["language"], r["label"]) for r in shifted} == {("en", "harmful"), ("en", "harmless"),
+                                                              ("bn", "harmful"), ("bn", "harmless")}
+    assert {p["form"] for p in val.summary["reinforce"]["bn"]} == {"scale", "add"}
+    assert "+1·mean" in val.format_table()
