@@ -175,7 +175,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def add_chat_parser(sub) -> None:
     p = sub.add_parser("chat", help="one reply to one prompt, optionally with neurons suppressed or reinforced")
     add_model_args(p)
-    p.add_argument("prompt", help="the user message")
+    p.add_argument("prompt", nargs="?", help="the user message")
+    p.add_argument("--replay", metavar="FILE", help="regenerate an A/B exchange downloaded from the Chat page (its "
+                   "prompt, intervention and settings) and say whether both replies match (exit status 3 if not)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--suppress", metavar="FILE", help="neuron set (.json/.safetensors) to set to 0")
     group.add_argument("--reinforce", metavar="FILE", help="neuron set (.json/.safetensors) to scale by --alpha")
@@ -197,6 +199,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from ssn_core.interventions import reinforce, suppress
     from ssn_core.neurons import NeuronSet
 
+    if args.replay:
+        return cmd_chat_replay(args)
+    if args.prompt is None:
+        raise SSNError("give a prompt to answer (or --replay FILE)")
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, system=args.system)
     settings.validate()
@@ -228,6 +234,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
             shown = reply
     sys.stdout.write("\n")
     return 0
+
+
+def cmd_chat_replay(args: argparse.Namespace) -> int:
+    """`ssn chat --replay FILE`: both columns of a recorded A/B exchange, regenerated; exit 3 when one differs."""
+    from ssn_core.records import load_record, replay
+
+    if args.prompt is not None or args.suppress or args.reinforce:
+        raise SSNError("--replay takes the prompt, intervention and settings from the record; drop the prompt and "
+                       "--suppress / --reinforce")
+    record = load_record(args.replay)  # a bad file fails before the model load
+    lm = load_from_args(args)
+    result = replay(lm, record)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"intervention (B): {record['intervention'].get('description', record['intervention'].get('kind'))}")
+    for side, text in (("a", result.a), ("b", result.b)):
+        print(f"--- {side.upper()} ({'matches the record' if result.same(side) else 'DIFFERS from the record'})")
+        print(text)
+        if not result.same(side):
+            print(f"--- {side.upper()} as recorded")
+            print(record["replies"][side])
+    print("replies match" if result.matches else "replies differ", file=sys.stderr)
+    return 0 if result.matches else 3
 
 
 # ----------------------------------------------------------------------------------------------
