@@ -49,7 +49,7 @@ class _RunningTopK:
     def __init__(self, m: int, k: int, largest: bool, device):
         self.largest = largest
         self.values = torch.full((m, k), -math.inf if largest else math.inf, device=device)
-        self.index = torch.full((m, k), -1, dtype=torch.long, device=device)
+        self.index = torch.full((m, k), -1, dtype=torch.int32, device=device)
 
     def add(self, values: torch.Tensor, prompt_index: torch.Tensor) -> None:
         """values [b, M] (one column per tracked neuron), prompt_index [b]."""
@@ -91,11 +91,12 @@ class _StopForward(Exception):
 class _Batch:
     """What the hooks of one forward pass share."""
 
-    pad: torch.Tensor  # [B, T, 1] True at tokens that do not count
-    weights: torch.Tensor  # [B, T]
+    window: slice  # the columns holding every counted token (the shared template prefix is cut off)
+    pad: torch.Tensor  # [B, W, 1] True at tokens of the window that do not count
+    weights: torch.Tensor  # [B, W]
     row_groups: list[tuple[Group, torch.Tensor | None, torch.Tensor]]  # group, rows (None = all), prompt indices
-    tokens: dict[Triple, torch.Tensor] = field(default_factory=dict)  # explained neuron -> [B, T] on the CPU
-    set_sum: torch.Tensor | None = None  # [B, T] sum of |a| over the set's neurons
+    tokens: dict[Triple, torch.Tensor] = field(default_factory=dict)  # explained neuron -> [B, W] on the CPU
+    set_sum: torch.Tensor | None = None  # [B, W] sum of |a| over the set's neurons
     seen: int = 0
 
 
@@ -177,9 +178,9 @@ class _Collector:
 
         def fn(carrier: torch.Tensor) -> None:
             batch = self.batch
-            values = site.read(carrier)  # [B, T, N]
+            values = site.read(carrier)[:, batch.window]  # [B, W, N]
             if key in self.select:
-                values = values.index_select(-1, self.select[key].to(values.device))  # [B, T, M]
+                values = values.index_select(-1, self.select[key].to(values.device))  # [B, W, M]
             high = values.masked_fill(batch.pad.to(values.device), -math.inf).amax(1).float()  # [B, M]
             low = values.masked_fill(batch.pad.to(values.device), math.inf).amin(1).float()
             mean = _aggregate(values, batch.weights).float()
@@ -196,7 +197,7 @@ class _Collector:
             for neuron, position in self.explained_at.get(key, ()):
                 batch.tokens[neuron] = values[..., position].float().cpu()
             if key in self.set_at and self.set_at[key].numel():
-                part = values.index_select(-1, self.set_at[key].to(values.device)).abs().float().sum(-1)  # [B, T]
+                part = values.index_select(-1, self.set_at[key].to(values.device)).abs().float().sum(-1)  # [B, W]
                 batch.set_sum = part if batch.set_sum is None else batch.set_sum + part.to(batch.set_sum.device)
             batch.seen += 1
             if stop_after is not None and batch.seen == stop_after:
@@ -207,12 +208,12 @@ class _Collector:
     def after_batch(self, prompt_index: list[int], row_group: list[Group]) -> None:
         """Per-prompt statistics and token keepers of the explained neurons and of the set (CPU, small)."""
         batch = self.batch
-        keep = ~batch.pad[..., 0].cpu()  # [B, T]
+        keep = ~batch.pad[..., 0].cpu()  # [B, W]
         weights = batch.weights.float().cpu()
         signals = {neuron: tokens for neuron, tokens in batch.tokens.items()}
         if batch.set_sum is not None:
             signals["set"] = batch.set_sum.float().cpu() / max(self.set_size, 1)
-        for signal, tokens in signals.items():  # tokens [B, T]
+        for signal, tokens in signals.items():  # tokens [B, W]
             high = tokens.masked_fill(~keep, -math.inf).amax(1)
             low = tokens.masked_fill(~keep, math.inf).amin(1)
             mean = (tokens.nan_to_num() * weights).sum(1)
@@ -247,40 +248,50 @@ def _tracked_sites(sites: SiteMap, neurons: NeuronSet | None, kinds: Sequence[st
     return {site.key: None for site in sites if site.kind in kinds}
 
 
-def _stream(lm, items: list, collector: _Collector, aggregate: str, template: str, batch_size: int,
-            stop_early: bool, progress: Progress | None, cancel: threading.Event | None) -> None:
-    sites: SiteMap = lm.sites
+def plan_batches(lm, items: list, groups: list[Group], aggregate: str = "content", template: str = "chat",
+                 batch_size: int = 8) -> list[tuple[list[int], object]]:
+    """[(prompt indices, EncodedBatch)]: the batches a collection runs, by group and then by length (a batch mostly
+    holds one group, so one merge per site, and little padding)."""
     if aggregate not in AGGREGATES:
         raise SSNError(f"unknown aggregate {aggregate!r} for examples; expected one of {', '.join(AGGREGATES)}")
     if batch_size < 1:
         raise SSNError(f"batch size must be at least 1, got {batch_size}")
-    group_order = {g: i for i, g in enumerate(collector.groups)}
+    group_order = {g: i for i, g in enumerate(groups)}
     encoded = [encode_prompt(lm, p.text, template) for p in items]
-    # by group, then by length: a batch mostly holds one group (one merge per site) and little padding
     order = sorted(range(len(items)), key=lambda i: (group_order[(items[i].language, items[i].label)],
                                                      len(encoded[i][0])))
+    pad_id = _pad_id(lm.tokenizer)
+    device = next(lm.model.parameters()).device
+    return [(order[start:start + batch_size],
+             make_batch([encoded[i] for i in order[start:start + batch_size]], aggregate, pad_id, device))
+            for start in range(0, len(items), batch_size)]
+
+
+def _stream(lm, items: list, collector: _Collector, aggregate: str, template: str, batch_size: int,
+            stop_early: bool, progress: Progress | None, cancel: threading.Event | None) -> None:
+    sites: SiteMap = lm.sites
+    batches = plan_batches(lm, items, collector.groups, aggregate, template, batch_size)
     keys = set(collector.tracked)
     hooked = [site for site in sites if site.key in keys]
     last_layer = max(key[0] for key in keys)
     stop_after = len(hooked) if stop_early and last_layer < sites.n_layers - 1 else None
-    pad_id = _pad_id(lm.tokenizer)
-    device = next(lm.model.parameters()).device
-    total = len(items)
+    total, done = len(items), 0
     if progress:
         progress(0, total, f"collecting activations of {total} prompts")
     with hook_sites([(site, collector.hook(site, stop_after)) for site in hooked]):
-        for start in range(0, total, batch_size):
+        for rows, batch in batches:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("collecting examples was cancelled; nothing was written")
-            rows = order[start:start + batch_size]
-            batch = make_batch([encoded[i] for i in rows], aggregate, pad_id, device)
             row_group = [(items[i].language, items[i].label) for i in rows]
             row_groups = []
             for group in dict.fromkeys(row_group):
                 chosen = [r for r, g in enumerate(row_group) if g == group]
-                prompts = torch.tensor([rows[r] for r in chosen], dtype=torch.long)
+                prompts = torch.tensor([rows[r] for r in chosen], dtype=torch.int32)
                 row_groups.append((group, None if len(chosen) == len(rows) else torch.tensor(chosen), prompts))
-            collector.batch = _Batch(pad=(batch.weights <= 0)[..., None], weights=batch.weights,
+            counted = (batch.weights > 0).any(0).nonzero().flatten()
+            window = slice(int(counted[0]), int(counted[-1]) + 1)
+            weights = batch.weights[:, window]
+            collector.batch = _Batch(window=window, pad=(weights <= 0)[..., None], weights=weights,
                                      row_groups=row_groups)
             try:
                 with torch.no_grad():
@@ -288,9 +299,9 @@ def _stream(lm, items: list, collector: _Collector, aggregate: str, template: st
             except _StopForward:
                 pass
             collector.after_batch(rows, row_group)
+            done += len(rows)
             if progress:
-                progress(min(start + batch_size, total), total, f"collected {min(start + batch_size, total)}/{total} "
-                                                                "prompts")
+                progress(done, total, f"collected {done}/{total} prompts")
     collector.batch = None
 
 

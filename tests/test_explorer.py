@@ -71,6 +71,7 @@ def assert_same_top(values, index, expected_values, expected_index, every):
     """Same values as the sort, and each listed prompt really has its value (prompts tie where they share the
     tokens up to the peak, so which of two tied prompts is listed is not fixed)."""
     assert torch.allclose(values, expected_values, atol=1e-5), (values - expected_values).abs().max()
+    index = index.long()
     assert torch.allclose(every.gather(1, index), values, atol=1e-5)
     assert all(len(set(row)) == len(row) for row in index.tolist())
     untied = (expected_values[:, :1] - expected_values[:, 1:2]).abs()[:, 0] > 1e-4
