@@ -240,10 +240,9 @@ if query.strip():
         mask &= table["site"].str.contains(token, regex=False) | (table["layer"].astype(str) == token) | (
             table["index"].astype(str) == token)
     table = table[mask]
-explorer_links.neuron_picker_table(table, "nr_table_pick", width="stretch", height=300)
+opened = explorer_links.neuron_picker_table(table, "nr_table_pick", width="stretch", height=300)
 st.caption(f"{len(table):,} rows. Click a row to open that neuron in the **Explorer** (its prompts, tokens and "
            "vocabulary).")
-opened = explorer_links.take_pick("nr_table_pick")
 if opened:
     explorer_links.open_in_explorer(opened)
 

@@ -30,10 +30,16 @@ cache: dict = st.session_state.setdefault("explorer_reports", {})
 linked = st.query_params.get("neuron")
 if linked and linked != st.session_state.get("ex_linked"):
     st.session_state["ex_linked"] = st.session_state["ex_neuron"] = linked
-for table_key in ("ex_table", "ex_set_table", "ex_summary_table"):
-    picked = explorer_links.take_pick(table_key)
-    if picked:
-        st.session_state["ex_neuron"] = picked
+if st.session_state.get("ex_picked"):  # clicked in one of this page's tables in the last run
+    st.session_state["ex_neuron"] = st.session_state.pop("ex_picked")
+
+
+def pick(name: str | None) -> None:
+    """A neuron clicked in a table below the neuron box: show it (the box is set at the top of the next run)."""
+    if name and name != st.session_state.get("ex_neuron"):
+        st.session_state["ex_picked"] = name
+        st.rerun()
+
 
 top = st.columns([2, 3])
 text = top[0].text_input("Neuron", key="ex_neuron", placeholder="L2.mlp.3814",
@@ -44,7 +50,8 @@ with top[1]:
             options = ["ss_all"] + [f"ss:{lang}" for lang in result.ss] + [f"ms:{lang}" for lang in result.ms]
             which = st.selectbox("Set", options, key="ex_table_which", format_func=lambda w: "All SS-Neurons" if
                                  w == "ss_all" else f"{w[:2].upper()} ({w[3:]})")
-            explorer_links.neuron_picker_table(neuron_table(result, list(result.ms), which), "ex_table", height=240)
+            pick(explorer_links.neuron_picker_table(neuron_table(result, list(result.ms), which), "ex_table",
+                                                    height=240))
     else:
         st.caption("Identify neurons on the **Neurons** page to pick them from its table with one click.")
 
@@ -239,10 +246,10 @@ else:
     members = [format_neuron(t) for t in current.triples()]
     st.caption(f"'{active}': {len(current):,} neurons, offered as “My set: {active}” on Chat, Validate and Fine-tune. "
                "Click a row to open that neuron.")
-    explorer_links.neuron_picker_table(view.set_neurons_frame([{"neuron": m, "layer": t[0], "site": t[1], "index": t[2]}
-                                                               for m, t in zip(members, current.triples(),
-                                                                               strict=True)]),
-                                       "ex_set_table", height=min(320, 40 + 35 * len(members)))
+    rows = [{"neuron": m, "layer": t[0], "site": t[1], "index": t[2]} for m, t in
+            zip(members, current.triples(), strict=True)]
+    pick(explorer_links.neuron_picker_table(view.set_neurons_frame(rows), "ex_set_table",
+                                            height=min(320, 40 + 35 * len(members))))
     r1, r2, r3 = st.columns([2, 1, 1])
     drop = r1.multiselect("Remove", members, key="ex_set_drop", label_visibility="collapsed",
                           placeholder="neurons to remove")
@@ -288,4 +295,4 @@ if summary is not None:
                                             "neurons): peak of every prompt and the mean per group"))
     show_examples(part.examples)
     st.caption("Its neurons (click a row to open one):")
-    explorer_links.neuron_picker_table(view.set_neurons_frame(part.neurons), "ex_summary_table", height=260)
+    pick(explorer_links.neuron_picker_table(view.set_neurons_frame(part.neurons), "ex_summary_table", height=260))

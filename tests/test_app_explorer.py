@@ -149,12 +149,24 @@ def test_one_click_in_the_neurons_table_opens_the_explorer():
     at.session_state["identify_result"] = result
     ok(at.switch_page("app_pages/2_neurons.py").run())
     assert "Click a row to open that neuron in the **Explorer**" in texts(at.caption)
-    at.session_state["nr_table_pick:picked"] = "L0.mlp.3"  # what the table's selection callback stores on a click
+    at.selectbox(key="nr_table_set").set_value("ms:en").run()
+    table = at.dataframe(key="nr_table_pick").value
+    assert len(table) == len(result.ms["en"]) >= 2
+    row = table.iloc[1]
+    name = f"L{row['layer']}.{row['site']}.{row['index']}"
+    at.session_state["nr_table_pick"] = {"selection": {"rows": [1], "columns": [], "cells": []}}  # a click on row 1
     ok(at.run())
-    assert [t.value for t in at.title] == ["Explorer"] and at.query_params["neuron"] == "L0.mlp.3"
-    assert "L0.mlp.3 — layer 0, MLP neuron 3" in texts(at.subheader)
+    assert [t.value for t in at.title] == ["Explorer"] and at.query_params["neuron"] == name
+    assert f"{name} — layer {row['layer']}, MLP neuron {row['index']}" in texts(at.subheader)
     settle(ok(at.switch_page(EXPLORER).run()))  # (AppTest itself would run the Neurons page again next)
-    assert "L0.mlp.3 — layer 0, MLP neuron 3" in texts(at.subheader)
+    assert f"{name} — layer {row['layer']}" in texts(at.subheader)
+
+    # a click in the Explorer's own copy of the table shows that neuron there
+    other = table.iloc[0]
+    at.selectbox(key="ex_table_which").set_value("ms:en").run()
+    at.session_state["ex_table"] = {"selection": {"rows": [0], "columns": [], "cells": []}}
+    settle(ok(at.run()))
+    assert at.text_input(key="ex_neuron").value == f"L{other['layer']}.{other['site']}.{other['index']}"
     member = "MS" in texts(at.markdown) or "Not an MS-Neuron" in texts(at.markdown)
     assert member  # membership from the identification result
 
