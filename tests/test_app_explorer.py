@@ -70,6 +70,14 @@ def test_deep_link_opens_the_neuron_with_examples_vocabulary_and_link():
     assert report.neuron == (1, "mlp", 5) and report.vocabulary is not None
     assert {g["language"] for g in report.groups} == {"en", "zh", "bn", "sw"}
 
+    # importance: no score table yet (no identification), so it is scored here for this neuron's site kind
+    assert "No score table covers this neuron's site yet" in texts(at.info)
+    ok(button(at, "Score impact and activation of every mlp neuron on these prompts").click().run())
+    settle(at, "explorer_scores")
+    importance = next(d.value for d in at.dataframe if "rank_in_layer" in d.value.columns)
+    assert set(importance["method"]) == {"impact", "activation"}
+    assert set(importance["language"]) == {"en", "zh", "bn", "sw"} and importance["rank_in_layer"].between(1, 128).all()
+
     # typing another neuron replaces the shown one and the link; a bad name is a message
     at.text_input(key="ex_neuron").input("L0.attn_q.3").run()
     settle(at)
