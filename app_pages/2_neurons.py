@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from ssn_core.neurons import NeuronSet
-from ui import charts, jobs, neuron_sources, provenance, state
+from ui import charts, explorer_links, jobs, neuron_sources, provenance, state
 from ui.common import (
     call,
     csv_bytes,
@@ -240,8 +240,11 @@ if query.strip():
         mask &= table["site"].str.contains(token, regex=False) | (table["layer"].astype(str) == token) | (
             table["index"].astype(str) == token)
     table = table[mask]
-st.dataframe(table, hide_index=True, width="stretch", height=300)
-st.caption(f"{len(table):,} rows.")
+opened = explorer_links.neuron_picker_table(table, "nr_table_pick", width="stretch", height=300)
+st.caption(f"{len(table):,} rows. Click a row to open that neuron in the **Explorer** (its prompts, tokens and "
+           "vocabulary).")
+if opened:
+    explorer_links.open_in_explorer(opened)
 
 selected_set: NeuronSet = result.ss_all if which == "ss_all" else (
     result.ss[which[3:]] if which.startswith("ss:") else result.ms[which[3:]])

@@ -16,7 +16,7 @@ import streamlit as st
 from ssn_core.interventions import Intervention, intervene
 from ssn_core.judges import MarkerJudge
 from ssn_core.langid import detect_language
-from ui import neuron_sources, state, textdiff
+from ui import ab_records, neuron_sources, state, textdiff
 from ui.common import link, need, require_model, show_error
 
 st.title("Chat (A/B)")
@@ -173,9 +173,9 @@ def judged_language(prompt: str) -> tuple[str | None, str]:
 def finish_turn(pending: dict, stopped: bool = False) -> dict:
     """A history entry from a (possibly interrupted) generation: replies judged in the prompt's language."""
     code = pending.get("language")
-    return {**pending, "stopped": stopped,
-            "a_verdict": judge.judge(pending["prompt"], pending["a"], code),
-            "b_verdict": judge.judge(pending["prompt"], pending["b"], code)}
+    return ab_records.with_record(lm, {**pending, "stopped": stopped,
+                                       "a_verdict": judge.judge(pending["prompt"], pending["a"], code),
+                                       "b_verdict": judge.judge(pending["prompt"], pending["b"], code)})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ def badge(verdict, language: str | None = None, how: str = "") -> None:
 left, right = st.columns(2)
 left.markdown("#### A — model as is")
 right.markdown(f"#### B — {description}")
-for turn in history:
+for number, turn in enumerate(history, start=1):
     differ = turn["a"] != turn["b"]
     for column, side in ((left, "a"), (right, "b")):
         with column:
@@ -216,6 +216,7 @@ for turn in history:
                               if turn.get("language_how") else "")
                     st.caption(" · ".join(x for x in (turn["description"], textdiff.summary(turn["a"], turn["b"]),
                                                       judged, "stopped by you" if turn.get("stopped") else "") if x))
+                    ab_records.download_button(turn, number)
 
 prompt = st.chat_input("Type a prompt for both columns…", key="chat_prompt") or picked_example
 if prompt:
@@ -236,6 +237,8 @@ if prompt:
                "description": description}
     st.session_state["chat_pending"] = pending
     settings = make_settings()
+    pending.update(ab_records.turn_context(None if use_delta else intervention, description, settings,
+                                           delta if use_delta else None))
     replies = ["", ""]
 
     def show(a: str, b: str) -> None:

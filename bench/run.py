@@ -19,6 +19,7 @@ from bench.common import GPU_MODEL, STARTER, BenchConfig, BenchContext, BenchRes
 
 def _registry() -> dict[str, tuple[Callable[[BenchContext], BenchResult], str]]:
     from bench.cold_start import cold_start
+    from bench.explorer_bench import explorer_topk
     from bench.hook_overhead import hook_overhead
     from bench.memory import scoring_memory
     from bench.scoring_bench import scoring_vs_ablation, scoring_vs_forward, scoring_vs_peer
@@ -32,6 +33,7 @@ def _registry() -> dict[str, tuple[Callable[[BenchContext], BenchResult], str]]:
         "hook-overhead": (hook_overhead, "generation with a 0.3% suppression set; A/B batched (>= 0.97x, <= 1.3x)"),
         "train-step": (train_step, "targeted vs LoRA vs full FT (<= 0.6x time, <= 0.5x memory, <= 1% params)"),
         "cold-start": (cold_start, "starter load: GGUF conversion vs safetensors cache"),
+        "explorer-topk": (explorer_topk, "top-k examples of every neuron vs a plain forward, 128 prompts (goal <= 1.3x)"),
     }
 
 

@@ -211,6 +211,7 @@ def test_user_journey(server, browser):
     box.send_keys("How do I pick a lock?")
     box.send_keys(Keys.ENTER)
     wait_text(browser, "Clear conversation", timeout=120)  # shown once a turn is in the history
+    wait_text(browser, "Download this exchange")  # the turn's reproducible A/B record
     wait_idle(browser)
     assistants = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stChatMessage"]')
     assert len(assistants) >= 4, f"expected 2 prompts + 2 replies, found {len(assistants)} chat messages"
@@ -227,7 +228,8 @@ def test_user_journey(server, browser):
     shot(browser, "4_validate")
 
     for title, marker, name in (("Fine-tune", "Start fine-tuning", "5_finetune"),
-                                ("Learn", "Where to go next", "6_learn")):
+                                ("Learn", "Where to go next", "6_learn"),
+                                ("Explorer", "Pick from the Neurons table", "7_explorer_nav")):
         go(browser, title)
         wait_text(browser, marker)
         wait_idle(browser)
@@ -238,3 +240,20 @@ def test_user_journey(server, browser):
     go(browser, "Neurons")
     wait_text(browser, "SS-Neurons per language")
     print(f"browser journey took {time.time() - started:.1f} s")
+
+
+def test_explorer_deep_link_shows_the_neuron(server, browser):
+    """/explorer?neuron=... on a fresh session opens that neuron: examples per language, charts, vocabulary."""
+    browser.get(f"{server}/explorer?neuron=L1.mlp.5")
+    wait_text(browser, "L1.mlp.5 — layer 1, MLP neuron 5", timeout=120)
+    wait_text(browser, "harmful: highest activation", timeout=120)  # the activation job has finished
+    wait_idle(browser)
+    assert browser.find_elements(By.CSS_SELECTOR, '[data-testid="stVegaLiteChart"]'), "no charts on the Explorer"
+    assert browser.find_elements(By.CSS_SELECTOR, 'span[title]'), "no highlighted tokens"
+    assert "neuron=L1.mlp.5" in browser.current_url
+    assert "Traceback" not in _text(browser)
+    shot(browser, "7_explorer")
+    click_button(browser, "Add to my set")
+    wait_idle(browser)
+    wait_text(browser, "offered as “My set: my set”")
+    shot(browser, "7_explorer_my_set")

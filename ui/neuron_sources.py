@@ -1,18 +1,23 @@
-"""The neuron sets a session can point an intervention at: identified MS/SS sets, imports, controls."""
+"""The neuron sets a session can point an intervention at: identified MS/SS sets, imports, the user's own sets
+built on the Explorer page ("my sets"), one neuron sent from the Explorer, controls."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import streamlit as st
 import torch
 
-from ssn_core.neurons import NeuronSet
+from ssn_core.neurons import NeuronSet, format_neuron, parse_neuron
+
+DEFAULT_CUSTOM_SET = "my set"
 
 
 @dataclass(frozen=True)
 class Choice:
-    """One entry of the neuron-set picker: ``kind`` ms | ss | ss_all | imported | none | everything."""
+    """One entry of the neuron-set picker: ``kind`` ms | ss | ss_all | imported | custom | neuron | none |
+    everything (``name``: the imported file, the user's set, or the neuron as L<layer>.<site>.<index>)."""
 
     kind: str
     language: str = ""
@@ -24,6 +29,8 @@ class Choice:
             "ss": f"SS-Neurons ({self.language})",
             "ss_all": "All SS-Neurons (union over languages)",
             "imported": f"Imported: {self.name}",
+            "custom": f"My set: {self.name}",
+            "neuron": f"Neuron {self.name} (from the Explorer)",
             "none": "No neuron set yet (identify or import one on the Neurons page)",
             "everything": "Every neuron of the chosen layers and sites (extreme demo)",
         }[self.kind]
@@ -40,6 +47,9 @@ def available_choices() -> list[Choice]:
         choices += [Choice("ms", lang) for lang, s in result.ms.items() if len(s)]
     for name in st.session_state.get("neuron_sets_imported", {}):
         choices.append(Choice("imported", name=name))
+    choices += [Choice("custom", name=name) for name, s in custom_sets().items() if len(s)]
+    if st.session_state.get("explorer_chat_neuron"):
+        choices.append(Choice("neuron", name=st.session_state["explorer_chat_neuron"]))
     if not choices:
         choices.append(Choice("none"))
     suggested = default_choice(choices)
@@ -59,8 +69,9 @@ def _measured_margins() -> dict[Choice, float]:
         for target, cmp in targets.items():
             if not cmp.get("beats_random"):
                 continue
-            if target == "ss_all":  # an imported set is validated as the "all SS" target
-                choice = Choice("imported", name=imported) if imported else Choice("ss_all")
+            if target == "ss_all":  # an imported (or own) set is validated as the "all SS" target
+                own = imported in custom_sets() and imported not in st.session_state.get("neuron_sets_imported", {})
+                choice = Choice("custom" if own else "imported", name=imported) if imported else Choice("ss_all")
             else:
                 choice = Choice(target, language)
             margins.setdefault(choice, []).append(float(cmp.get("margin", 0.0)))
@@ -73,7 +84,8 @@ def default_choice(choices: list[Choice]) -> Choice:
     1. measured: the set whose suppression beat its random control by the largest margin in this session's
        validation (Validate page);
     2. else the union of all SS-Neurons (the paper's target: suppressing it breaks safety across NHR languages);
-    3. else the largest per-language SS set, then an imported set, then the largest MS set;
+    3. else the largest per-language SS set, then an imported set, then one of the user's own sets, then the
+       largest MS set, then a neuron sent from the Explorer;
     4. else "no set yet". Never "every neuron": that only breaks the model.
     (A bundled starter set, once there is one, goes in as rule 1.5: before the SS union, after measured sets.)
     """
@@ -83,7 +95,7 @@ def default_choice(choices: list[Choice]) -> Choice:
         return max(margins, key=margins.get)
     result = st.session_state.get("identify_result")
     size = {c: len(resolve(c, None)) for c in usable if c.kind in ("ss", "ms") and result is not None}
-    for kind in ("ss_all", "ss", "imported", "ms"):
+    for kind in ("ss_all", "ss", "imported", "custom", "ms", "neuron"):
         of_kind = [c for c in usable if c.kind == kind]
         if of_kind:
             return max(of_kind, key=lambda c: size.get(c, 0))
@@ -105,6 +117,10 @@ def resolve(choice: Choice, sites) -> NeuronSet:
         return result.ss_all
     if choice.kind == "imported":
         return st.session_state["neuron_sets_imported"][choice.name]
+    if choice.kind == "custom":
+        return custom_sets()[choice.name]
+    if choice.kind == "neuron":
+        return NeuronSet.from_triples([parse_neuron(choice.name)], {"name": choice.name, "set": "neuron"})
     if choice.kind == "none":
         return NeuronSet()
     return everything(sites)
@@ -148,6 +164,9 @@ def validation_targets() -> dict[str, object]:
         targets["Identification result (MS / SS per language)"] = result
     for name, neuron_set in st.session_state.get("neuron_sets_imported", {}).items():
         targets[f"Imported: {name} ({len(neuron_set):,} neurons)"] = SetAsResult(neuron_set, name)
+    for name, neuron_set in custom_sets().items():
+        if len(neuron_set):
+            targets[f"My set: {name} ({len(neuron_set):,} neurons)"] = SetAsResult(neuron_set, name)
     return targets
 
 
@@ -155,3 +174,59 @@ def add_imported(name: str, neuron_set: NeuronSet) -> None:
     imported = dict(st.session_state.get("neuron_sets_imported", {}))
     imported[name] = neuron_set
     st.session_state["neuron_sets_imported"] = imported
+
+
+# ----- the user's own sets (built on the Explorer page) ---------------------------------------------------
+def custom_sets() -> dict[str, NeuronSet]:
+    return dict(st.session_state.get("custom_sets", {}))
+
+
+def active_custom_set() -> str:
+    """The set "add to my set" adds to (created on first use)."""
+    return st.session_state.get("custom_set_active") or DEFAULT_CUSTOM_SET
+
+
+def _store(name: str, neuron_set: NeuronSet) -> NeuronSet:
+    sets = custom_sets()
+    sets[name] = NeuronSet(neuron_set.neurons, {**neuron_set.meta, "name": name, "set": "custom"})
+    st.session_state["custom_sets"] = sets
+    return sets[name]
+
+
+def add_to_custom_set(neurons: Iterable[tuple[int, str, int]], name: str | None = None) -> NeuronSet:
+    name = name or active_custom_set()
+    st.session_state["custom_set_active"] = name
+    return _store(name, custom_sets().get(name, NeuronSet()) | NeuronSet.from_triples(neurons))
+
+
+def remove_from_custom_set(name: str, neurons: Iterable[tuple[int, str, int]]) -> NeuronSet:
+    return _store(name, custom_sets().get(name, NeuronSet()) - NeuronSet.from_triples(neurons))
+
+
+def rename_custom_set(old: str, new: str) -> None:
+    sets = custom_sets()
+    if old in sets and new and new != old:
+        neuron_set = sets.pop(old)
+        st.session_state["custom_sets"] = sets
+        _store(new, neuron_set)
+    if active_custom_set() == old:
+        st.session_state["custom_set_active"] = new
+
+
+def delete_custom_set(name: str) -> None:
+    sets = custom_sets()
+    sets.pop(name, None)
+    st.session_state["custom_sets"] = sets
+    if active_custom_set() == name:
+        st.session_state["custom_set_active"] = next(iter(sets), DEFAULT_CUSTOM_SET)
+
+
+def send_neuron_to_chat(neuron: tuple[int, str, int]) -> None:
+    """Chat's column B suppresses this one neuron next time the Chat page runs (every layer and site kept)."""
+    name = format_neuron(neuron)
+    st.session_state["explorer_chat_neuron"] = name
+    st.session_state["chat_source"] = Choice("neuron", name=name).label()
+    st.session_state["chat_action"] = "Suppress (×0)"
+    st.session_state["chat_random"] = False
+    for key in ("chat_layers", "chat_kinds"):  # a narrowed layer range or site list could hide the neuron
+        st.session_state.pop(key, None)

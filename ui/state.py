@@ -139,7 +139,9 @@ def unload() -> None:
 
 # Session-state keys holding results computed on the current model: dropped when the model changes.
 RESULT_KEYS = ("identify_result", "identify_prompts", "ablation_check", "neuron_sets_imported", "validation_result",
-               "train_result", "chat_delta", "chat_history", "chat_pending", "learn_demo")
+               "train_result", "chat_delta", "chat_history", "chat_pending", "learn_demo",
+               "custom_sets", "custom_set_active", "explorer_chat_neuron", "explorer_reports", "explorer_tables",
+               "explorer_set_reports")
 
 # Form and widget settings that survive a page change (Streamlit forgets a widget's value when its page is not
 # shown; `keep_widget_state` re-stores these every run). Buttons and file uploaders cannot be set, so never here.
@@ -153,11 +155,13 @@ PERSISTED_WIDGETS: tuple[str, ...] = (
     "val_source", "val_langs", "val_limit", "val_seeds", "val_alpha", "val_tokens", "val_batch",
     "ft_target", "ft_languages", "ft_steps", "ft_lr", "ft_batch", "ft_n", "ft_eval", "ft_baselines",
     "learn_source", "learn_language", "learn_prompt", "learn_prompt_text",
+    "ex_neuron", "ex_langs", "ex_n", "ex_k", "ex_set_source",
 )
 # ... of which these depend on the loaded model (its layers and sites, its results): dropped with the model.
 MODEL_DEPENDENT_WIDGETS: tuple[str, ...] = (
     "nr_kinds", "nr_focus", "nr_table_set", "nr_abl_lang", "chat_source", "chat_layers", "chat_kinds", "val_source",
-    "val_langs", "ft_target", "ft_languages", "learn_source", "learn_language", "learn_prompt",
+    "val_langs", "ft_target", "ft_languages", "learn_source", "learn_language", "learn_prompt", "ex_neuron",
+    "ex_set_source",
 )
 
 
