@@ -532,17 +532,21 @@ def add_identify_parser(sub) -> None:
 
 
 def _apply_recipe(args: argparse.Namespace):
-    """Fill the scoring settings the user did not give from the recipe; return the recipe."""
+    """Fill the scoring settings the user did not give from the recipe (as `identify` does); return the recipe."""
     from ssn_core.identify import get_recipe
 
     recipe = get_recipe(args.recipe)
-    args.overridden = [k for k in ("method", "aggregate", "ranking", "p", "sites") if getattr(args, k) is not None]
+    args.given = {k: getattr(args, k) for k in ("method", "aggregate", "ranking", "p", "sites")
+                  if getattr(args, k) is not None}
+    if args.aggregate is None:
+        args.aggregate = recipe.aggregate if args.method in (None, recipe.method) else (
+            "all" if args.method == "attribution" else "content")
     args.method = args.method or recipe.method
-    args.aggregate = args.aggregate or (recipe.aggregate if args.method == recipe.method else
-                                        ("all" if args.method == "attribution" else "content"))
     args.ranking = args.ranking or recipe.ranking
     args.p = recipe.p if args.p is None else args.p
-    args.sites = args.sites or ",".join(recipe.kinds)
+    kinds = recipe.kinds if args.method != "direction" else tuple(k for k in recipe.kinds if k not in ("attn_q",
+                                                                                                        "attn_k"))
+    args.sites = args.sites or ",".join(kinds)
     if args.own_replies is None:
         args.own_replies = recipe.own_replies
     return recipe
@@ -577,10 +581,11 @@ def cmd_identify(args: argparse.Namespace) -> int:
         result = identify(lm, prompts, languages, hr=tuple(hr), method=args.method, p=args.p,
                           aggregate=args.aggregate, kinds=kinds, batch_size=args.batch_size, ranking=args.ranking,
                           template=args.template, own_replies=args.own_replies, projections=args.projections,
-                          find_direction=not args.no_direction, activation_means=True, progress=progress)
+                          find_direction=not args.no_direction, activation_means=True, recipe=recipe.name,
+                          progress=progress)
     finally:
         progress.close()
-    result.manifest["recipe"] = {"name": recipe.name, "note": recipe.note, "overridden": args.overridden}
+    result.manifest["recipe"]["overridden"] = sorted(args.given)
     out = result.save(args.out)
     total = lm.sites.total_neurons if set(kinds) == set(lm.sites.kinds) else sum(
         lm.sites.get(0, k).size * lm.sites.n_layers for k in kinds)

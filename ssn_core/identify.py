@@ -365,12 +365,16 @@ def _versions() -> dict:
             "python": platform.python_version()}
 
 
-def identify(lm, prompts, languages, hr=("en",), method: str = "impact", p: float = 0.03,
-             aggregate: str = "content", kinds=SITE_KINDS, batch_size: int = 8, ranking: str = "per-site",
+def identify(lm, prompts, languages, hr=("en",), method: str | None = None, p: float | None = None,
+             aggregate: str | None = None, kinds=None, batch_size: int = 8, ranking: str | None = None,
              template: str = "chat", sample=None, seed: int = 0, pairs=None, own_replies: bool | None = None,
              find_direction: bool = False, projections: int = 8, activation_means: bool = False,
-             progress: Progress | None = None, cancel: threading.Event | None = None) -> IdentifyResult:
+             recipe: str = "default", progress: Progress | None = None,
+             cancel: threading.Event | None = None) -> IdentifyResult:
     """Score ``prompts`` on ``lm`` and select MS-/SS-Neurons for ``languages`` (HR languages are added).
+
+    Settings left None come from ``recipe`` (`RECIPES`; "default" was chosen by held-out evidence). A method other
+    than the recipe's takes its natural aggregate (attribution: all, else content) unless one is given.
 
     ``pairs``: (prompt, reply) pairs to score instead of bare prompts (`ssn_core.pairs`); with
     ``aggregate="reply"`` they are built from ``prompts`` when not given, and with ``own_replies=True`` also for
@@ -380,6 +384,20 @@ def identify(lm, prompts, languages, hr=("en",), method: str = "impact", p: floa
     group (one more forward pass; validation's additive reinforcement uses it). The manifest records the item ids
     used (``item_ids``), so that validation and evaluation can take the others.
     """
+    chosen_recipe = get_recipe(recipe)
+    given = [k for k, v in (("method", method), ("aggregate", aggregate), ("ranking", ranking), ("p", p),
+                            ("kinds", kinds)) if v is not None]
+    if aggregate is None:
+        aggregate = chosen_recipe.aggregate if method in (None, chosen_recipe.method) else (
+            "all" if method == "attribution" else "content")
+    method = method or chosen_recipe.method
+    ranking = ranking or chosen_recipe.ranking
+    p = chosen_recipe.p if p is None else p
+    kinds = chosen_recipe.kinds if kinds is None else kinds
+    if own_replies is None:
+        own_replies = chosen_recipe.own_replies
+    if method == "direction":
+        kinds = tuple(k for k in kinds if k not in ("attn_q", "attn_k")) if "kinds" not in given else kinds
     p = _check_p(p)
     if method not in METHODS:
         raise SSNError(f"unknown scoring method {method!r}; expected one of {', '.join(METHODS)}")
@@ -462,6 +480,7 @@ def identify(lm, prompts, languages, hr=("en",), method: str = "impact", p: floa
             "own": sum(x.source == "own" for x in pairs), "template": sum(x.source == "template" for x in pairs)},
         "projections": projections if method == "global" else None,
         "direction_layer": None if direction is None else direction.layer,
+        "recipe": {"name": chosen_recipe.name, "note": chosen_recipe.note, "overridden": given},
         "timing": {"score_seconds": round(score_seconds, 3), "prompts": len(chosen),
                    "prompts_per_second": round(len(chosen) / max(score_seconds, 1e-9), 3),
                    "pair_seconds": round(pair_seconds, 3), "direction_seconds": round(direction_seconds, 3)},
