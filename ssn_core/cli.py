@@ -318,6 +318,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the before/after held-out evaluation")
     p.add_argument("--eval-n", type=int, default=None, help="held-out items per language to generate for")
     p.add_argument("--eval-tokens", type=int, default=48, help="max new tokens of evaluation replies")
+    p.add_argument("--eval-prompts", default=None, metavar="SPEC",
+                   help="more held-out harmful prompts for the evaluation, e.g. multijail:PATH (never trained on)")
+    p.add_argument("--include-identify-items", action="store_true",
+                   help="also train on the built-in items the --neurons identification used (default: left out)")
     p.add_argument("--baselines", default="",
                    help="also train on the same data and compare: random,lora-8,lora-match,full (comma-separated)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (delta.safetensors, train_result.json)")
@@ -350,6 +354,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         build_safety_data,
         compare_methods,
         is_main_process,
+        paired_refusal_difference,
         resolve_target,
         run_train,
     )
@@ -379,6 +384,17 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 f"({','.join(saved_data.languages)}); leave --langs out to use the data's")
         languages = saved_data.languages
     neurons = resolve_target(args.target, lm.sites, identify_dir=args.neurons, languages=languages, seed=args.seed)
+    excluded: set[str] = set()
+    if args.neurons and not args.include_identify_items:
+        from ssn_core.identify import IdentifyResult
+
+        used = IdentifyResult.load(args.neurons).item_ids
+        excluded = set(used) | {("s" if i.startswith("h") else "h") + i[1:] for i in used if i[:1] in ("h", "s")}
+    extra_heldout = None
+    if args.eval_prompts:
+        from ssn_core.evaluation import load_prompt_spec
+
+        extra_heldout = load_prompt_spec(args.eval_prompts, languages, args.eval_n, "harmful")
     if main_process:
         print(f"[training {len(neurons):,} neurons ({args.target}) on {', '.join(languages)}]", file=sys.stderr)
     progress = _TrainProgress() if main_process else None
@@ -390,15 +406,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             prompts = load_builtin(languages, n=args.n)
             data = build_safety_data(lm, prompts, languages, heldout_fraction=args.heldout, seed=args.seed,
-                                     progress=progress)
+                                     exclude_ids=excluded, extra_heldout=extra_heldout, progress=progress)
         result = run_train(lm, neurons, data, config, evaluate=not args.no_eval, eval_kwargs=eval_kwargs,
                            progress=progress)
         comparison, baseline_error = None, None
         if baselines:
             try:
-                _, rows = compare_methods(lm, neurons, data, config, methods=baselines, eval_kwargs=eval_kwargs,
-                                          random_seed=args.seed, before=result.before, progress=progress)
+                results, rows = compare_methods(lm, neurons, data, config, methods=baselines,
+                                                eval_kwargs=eval_kwargs, random_seed=args.seed, before=result.before,
+                                                progress=progress)
                 comparison = [result.summary_row(), *rows]
+                random_result = next((r for r in results if r.method == "random"), None)
+                if random_result is not None and result.after is not None and random_result.after is not None:
+                    nhr = [lang for lang in languages if lang != "en"]
+                    paired = paired_refusal_difference(result.after, random_result.after, nhr)
+                    comparison[0]["vs_random_nhr_refusal"] = paired
             except SSNError as exc:  # the neuron training is done: keep it, then report the failure
                 if isinstance(exc, Cancelled) or not main_process:
                     raise
@@ -428,8 +450,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                          "retain_nll": f"{_num(before['retain_nll'])} -> {_num(after['retain_nll'])}"})
         print(format_table(rows, ["language", "refusal", "over_refusal", "refusal_nll", "retain_nll"]))
     if comparison:
+        paired = comparison[0].pop("vs_random_nhr_refusal", None)
         columns = list(dict.fromkeys(key for row in comparison for key in row))
         print(format_table(comparison, columns))
+        if paired is not None:
+            pooled = paired["pooled"]
+            print(f"held-out NHR refusal, {args.target} minus random neurons of the same shape: {pooled['mean']:+.3f} "
+                  f"[95% CI {pooled['ci_low']:+.3f}, {pooled['ci_high']:+.3f}], p = {pooled['p_value']:.3g}, "
+                  f"n = {pooled['n']} prompts" + (f" ({pooled['note']})" if pooled["note"] else ""))
+            comparison[0]["vs_random_nhr_refusal"] = paired
     print(f"saved {out / 'delta.safetensors'}, {out / 'train_result.json'} and {out / 'safety_data.json'} "
           "(reuse it with --data)")
     return 0

@@ -318,12 +318,15 @@ def split_ids(ids: Sequence[str], heldout_fraction: float, seed: int) -> tuple[s
 def build_safety_data(lm, prompts, languages: Sequence[str], *, heldout_fraction: float = 0.25, seed: int = 0,
                       n_per_language: int | None = None, retain: bool = True, retain_max_new_tokens: int = 48,
                       templates: dict[str, list[str]] | None = None, batch_size: int = 8,
+                      exclude_ids=(), extra_heldout=None,
                       progress: TrainProgress | None = None, cancel: threading.Event | None = None) -> SafetyData:
     """The parallel safety set: harmful -> refusal (same language) and harmless -> base model's own reply.
 
     ``prompts``: a PromptSet (or any iterable of Prompt with .id .language .label .text). Held-out items are
     chosen by item id, so a request's translations are all in train or all held out. The retain replies
     are generated once, greedily, by the *base* model (call this before any delta is active).
+    ``exclude_ids``: item ids never used (those identification found the neurons on). ``extra_heldout``: harmful
+    prompts of another set (e.g. MultiJail) added to the held-out evaluation only (ids prefixed with ``x:``).
     """
     from ssn_core.judges import load_refusal_templates
 
@@ -335,7 +338,9 @@ def build_safety_data(lm, prompts, languages: Sequence[str], *, heldout_fraction
     if missing:
         raise PromptSetError(f"no refusal templates for language(s) {', '.join(missing)}; "
                              f"templates exist for: {', '.join(sorted(templates))}")
-    items = [p for p in prompts if p.language in languages and p.label in ("harmful", "harmless")]
+    excluded = {str(i) for i in exclude_ids}
+    items = [p for p in prompts if p.language in languages and p.label in ("harmful", "harmless")
+             and p.id not in excluded]
     harmful = [p for p in items if p.label == "harmful"]
     harmless = [p for p in items if p.label == "harmless"] if retain else []
     if n_per_language is not None:
@@ -367,6 +372,13 @@ def build_safety_data(lm, prompts, languages: Sequence[str], *, heldout_fraction
                      for p, reply in zip(harmless, replies)]
     train = [ex for ex in examples if ex.item_id in train_ids]
     heldout = [ex for ex in examples if ex.item_id in held_ids]
+    for p in extra_heldout or ():
+        if p.label == "harmful" and p.language in languages:
+            item = f"x:{p.id}"
+            heldout.append(TrainExample(item, p.language, "refusal", p.text,
+                                        pick_template(templates[p.language], seed, item, p.language)))
+            held_ids.add(item)
+            examples.append(heldout[-1])
     if not train:
         raise PromptSetError("no training items left after the held-out split; add prompts or lower the held-out share")
     digest = hashlib.sha256(json.dumps([asdict(ex) for ex in examples], ensure_ascii=False).encode()).hexdigest()
@@ -815,6 +827,24 @@ def train_full(lm, data: SafetyData, config: TrainConfig, *, evaluate: Callable[
     return TrainResult(method="full", config=config, losses=losses, trainable_params=total, total_params=total,
                        seconds=seconds, seconds_per_step=seconds / len(losses), peak_memory_mb=peak, after=after,
                        meta={"data_hash": data.data_hash})
+
+
+def paired_refusal_difference(a: SafetyEval, b: SafetyEval, languages: Sequence[str] | None = None) -> dict:
+    """Held-out refusal after method a minus after method b, per harmful prompt (the same prompts, so paired), pooled
+    over ``languages``: mean, bootstrap CI, sign-flip p-value (`metrics.paired_difference`), and per language."""
+    from ssn_core.metrics import paired_difference
+
+    def refusals(ev: SafetyEval) -> dict[tuple[str, str], float]:
+        return {(r["language"], str(r["id"])): 1.0 if r["verdict"] == "refusal" else 0.0 for r in ev.rows
+                if r["label"] == "harmful" and (languages is None or r["language"] in languages)}
+
+    ra, rb = refusals(a), refusals(b)
+    keys = sorted(set(ra) & set(rb))
+    out = {"pooled": paired_difference([ra[k] - rb[k] for k in keys]).to_dict(), "languages": {}}
+    for lang in dict.fromkeys(lang for lang, _ in keys):
+        diffs = [ra[k] - rb[k] for k in keys if k[0] == lang]
+        out["languages"][lang] = {"n": len(diffs), "mean": sum(diffs) / len(diffs)}
+    return out
 
 
 def compare_methods(lm, neurons: NeuronSet, data: SafetyData, config: TrainConfig,
