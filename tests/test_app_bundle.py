@@ -34,18 +34,17 @@ def _found():
     return lm, dataclasses.replace(found, ss={"bn": found.ms["bn"]}, ss_all=found.ms["bn"])
 
 
-@pytest.fixture(scope="module")
-def made(tmp_path_factory):
-    """(full identify result, bundle root): the bundle of tiny:qwen2 with a walkthrough.json and a delta."""
+def write_tiny_bundle(root, extras, walk_settings: dict | None = None):
+    """Identify on tiny:qwen2 and write its bundle to ``root/qwen2`` with a walkthrough.json and a (random, non-zero)
+    delta.safetensors made in ``extras``; returns the full identify result. (Also used by the browser test.)"""
     import torch
 
     from ssn_core.bundle import folder_name, save_bundle
     from ssn_core.delta import NeuronDelta
 
     lm, found = _found()
-    root = tmp_path_factory.mktemp("starter_neurons")
-    extras = tmp_path_factory.mktemp("extras")
-    (extras / "walkthrough.json").write_text(json.dumps(WALK_SETTINGS))
+    extras.mkdir(parents=True, exist_ok=True)
+    (extras / "walkthrough.json").write_text(json.dumps(walk_settings or WALK_SETTINGS))
     delta = NeuronDelta.zeros(lm.model, lm.sites, found.ss_all)
     generator = torch.Generator().manual_seed(0)
     for piece in delta.slices.values():
@@ -53,7 +52,14 @@ def made(tmp_path_factory):
     delta.save(extras / "delta.safetensors")
     save_bundle(found, root / folder_name("tiny:qwen2"), walkthrough=extras / "walkthrough.json",
                 delta=extras / "delta.safetensors")
-    return found, root
+    return found
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """(full identify result, bundle root): the bundle of tiny:qwen2 with a walkthrough.json and a delta."""
+    root = tmp_path_factory.mktemp("starter_neurons")
+    return write_tiny_bundle(root, tmp_path_factory.mktemp("extras")), root
 
 
 @pytest.fixture
