@@ -114,11 +114,8 @@ elif action != OFF:
             neurons = random_matched(neurons, sites, seed=int(st.session_state.get("chat_seed", 0)))
         label = ("random control for " if random_control else "") + choice.label()
         if action == ADD:
-            from ssn_core.validation import shift_offsets
-
-            table, hr = means
-            intervention = Shift(neurons, shift_offsets(neurons, table, hr, float(beta)), rows=[False, True],
-                                 label=label)
+            offsets, hr = neuron_sources.additive_offsets(neurons, float(beta))
+            intervention = Shift(neurons, offsets, rows=[False, True], label=label)
             description = f"add {float(beta):g} × mean {hr} harmful activation to {len(neurons)} neurons ({label})"
         else:
             scale = 0.0 if action == SUPPRESS else float(alpha)

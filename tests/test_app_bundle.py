@@ -262,3 +262,16 @@ def test_validate_shows_control_paired_ci_and_over_refusal(bundled):
     assert list(control["language"]) == ["bn"]
     over = next(v for k, v in frames.items() if "over-refusal" in k)
     assert {"baseline", "shift_ss +1·mean"} <= set(over["condition"])
+
+
+def test_chat_additive_on_sites_without_means_is_a_clear_error(bundled):
+    at = new_app().run()
+    run_page(at, "3_chat")
+    every = next(o for o in at.selectbox(key="chat_source").options if o.startswith("Every neuron"))
+    at.selectbox(key="chat_source").set_value(every).run()
+    at.radio(key="chat_action").set_value("Add β × mean harmful activation").run()
+    assert not at.exception
+    assert "leave attn_k, attn_q out of the Sites" in texts(at.error)
+    at.multiselect(key="chat_kinds").set_value(["mlp"]).run()
+    assert not at.error, texts(at.error)
+    assert "add 1 × mean en harmful activation to 256 neurons" in texts(at.caption)

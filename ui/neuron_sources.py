@@ -83,6 +83,26 @@ def refusal_direction():
     return None
 
 
+def additive_offsets(neurons: NeuronSet, beta: float) -> tuple[dict, str]:
+    """(offsets, HR language) of the additive reinforcement: β times each neuron's mean activation on the HR
+    language's harmful prompts (`validation.shift_offsets`). SSNError when no result kept those means or they do not
+    cover the set's site kinds."""
+    from ssn_core.errors import SSNError
+    from ssn_core.validation import shift_offsets
+
+    means = activation_means()
+    if means is None:
+        raise SSNError("the additive reinforcement needs mean activations, which this result did not keep; identify "
+                       "the neurons again (the Neurons page and `ssn identify` keep them)")
+    table, hr = means
+    covered = table.signed[(hr, "harmful")]
+    missing = sorted({kind for _, kind in neurons.neurons} - set(covered))
+    if missing:
+        raise SSNError(f"the mean activations cover the sites {', '.join(covered)}, not {', '.join(missing)}: leave "
+                       f"{', '.join(missing)} out of the Sites")
+    return shift_offsets(neurons, table, hr, beta), hr
+
+
 def activation_means():
     """(activation `ScoreTable`, HR language) for the additive reinforcement: this session's result's, else the
     bundle's; None when neither kept the HR language's mean activations on harmful prompts."""
