@@ -180,7 +180,11 @@ def neuron_section(neuron: tuple[int, str, int]) -> None:
                     v1.dataframe(view.vocab_frame(part["promoted"][:10]), hide_index=True)
                     v2.dataframe(view.vocab_frame(part["suppressed"][:10]), hide_index=True)
     with tab_imp:
-        tables = ([result.scores] if result is not None else []) + st.session_state.get("explorer_tables", [])
+        own_scores = getattr(result, "scores", None)  # None for the bundled starter set (no score table)
+        if result is not None and own_scores is None:
+            st.caption("The bundled starter set ships without its score table, so its importance scores are not "
+                       "here; score impact and activation below, or identify neurons on the Neurons page.")
+        tables = ([own_scores] if own_scores is not None else []) + st.session_state.get("explorer_tables", [])
         frame = view.importance_frame(explorer.importance(tables, neuron))
         if frame.empty:
             st.info("No score table covers this neuron's site yet: identify neurons on the Neurons page, or score "

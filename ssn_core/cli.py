@@ -976,6 +976,10 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
     settings.validate()
     out = check_out(args.out, RESULT_KIND)
     results = [IdentifyResult.load(d) for d in args.neurons]
+    for directory, found in zip(args.neurons, results, strict=True):
+        if found.scores is None:
+            raise SSNError(f"{directory} is a bundle: it has no score table to select neurons at other doses from; "
+                           "give the identify result it was made from")
     hr = results[0].hr or ("en",)
     used = frozenset().union(*(r.item_ids for r in results))
     prompts, heldout = heldout_prompt_set(args.prompts, languages, args.n, exclude_ids=used,
@@ -1097,7 +1101,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     lm = load_from_args(args)
     neurons = parse_neurons(",".join(args.neuron), lm.sites)
     result, neuron_set, set_name, tables = read_files(lm.sites)
-    have = {t.method for t in tables} | ({result.scores.method} if result is not None else set())
+    have = {t.method for t in tables} | ({result.scores.method} if result is not None and result.scores is not None
+                                         else set())
     kinds = sorted({kind for _, kind, _ in neurons} | set(neuron_set.counts_per_kind() if neuron_set else ()))
     progress = TqdmProgress()
     try:
@@ -1125,6 +1130,55 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------------------
+# ssn bundle
+
+
+def add_bundle_parser(sub) -> None:
+    p = sub.add_parser("bundle", help="write a small identify result for shipping (sets, counts, overlap, refusal "
+                                      "direction, the HR language's harmful activation means; no score table), "
+                                      "e.g. the starter's assets/starter_neurons/<model>/")
+    p.add_argument("--neurons", required=True, metavar="RUN_DIR", help="identify result (`ssn identify --out`)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="bundle folder, e.g. assets/starter_neurons/qwen2.5-coder-0.5b (replaced as a whole)")
+    p.add_argument("--model-source", default=None,
+                   help="the model source the bundle is offered for (default: the one identify recorded)")
+    p.add_argument("--walkthrough", metavar="FILE", default=None,
+                   help="JSON settings of the Learn walkthrough, stored as walkthrough.json (default: keep the earlier "
+                        "bundle's)")
+    p.add_argument("--delta", metavar="FILE", default=None,
+                   help="a targeted fine-tune's delta (`ssn train --out`), stored as delta.safetensors for the "
+                        "walkthrough's last step (default: keep the earlier bundle's)")
+    p.set_defaults(func=cmd_bundle)
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ssn_core.bundle import bundle_size, save_bundle
+    from ssn_core.identify import MANIFEST_FORMAT, IdentifyResult
+
+    if Path(args.neurons).expanduser().resolve() == Path(args.out).expanduser().resolve():
+        raise SSNError("--out is the --neurons folder itself (its score table would be lost); give another folder "
+                       "for the bundle")
+    out = check_out(args.out, MANIFEST_FORMAT)
+    result = IdentifyResult.load(args.neurons)
+    out = save_bundle(result, out, model_source=args.model_source, origin=str(args.neurons),
+                      walkthrough=args.walkthrough, delta=args.delta)
+    bundle = IdentifyResult.load(out)
+    info = bundle.manifest["bundle"]
+    ss = ", ".join(f"{lang} {len(s)}" for lang, s in bundle.ss.items()) or "none"
+    print(f"bundle for {info['model_source']} (fingerprint {bundle.manifest.get('model_fingerprint')}): MS "
+          + ", ".join(f"{lang} {len(s)}" for lang, s in bundle.ms.items()) + f"; SS {ss}; all SS {len(bundle.ss_all)}")
+    print("refusal direction: " + (f"layer {bundle.direction.layer}" if bundle.direction is not None else
+                                   "none (identify without --no-direction to have the positive control)"))
+    print("additive reinforcement: " + (info["activations"] or "no activation means (identify keeps them)"))
+    extras = [name for name in ("walkthrough.json", "delta.safetensors") if (out / name).is_file()]
+    print(f"wrote {out} ({bundle_size(out) / 1e6:.2f} MB" + (f"; with {', '.join(extras)}" if extras else "")
+          + "); left out: " + "; ".join(info["left_out"]))
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry and entry point. Add new `add_<name>_parser` functions to this list.
 
 SUBCOMMANDS: list[Callable] = [
@@ -1138,6 +1192,7 @@ SUBCOMMANDS: list[Callable] = [
     add_validate_parser,
     add_faithfulness_parser,
     add_explain_parser,
+    add_bundle_parser,
 ]
 
 

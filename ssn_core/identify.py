@@ -203,7 +203,7 @@ def _counts_rows(name: str, language: str, neurons: NeuronSet, sites: SiteMap | 
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class IdentifyResult:
-    scores: ScoreTable
+    scores: ScoreTable | None  # None for a bundle (`ssn_core.bundle`: shipped without its score table)
     ms: dict[str, NeuronSet]
     ss: dict[str, NeuronSet]
     ss_all: NeuronSet
@@ -244,25 +244,30 @@ class IdentifyResult:
         """Write the result folder atomically (a temp folder next to it, then one rename); an existing folder is
         only replaced when it is an earlier identify result (`ssn_core.io.check_out_dir`)."""
         with writing_result_dir(directory, MANIFEST_FORMAT) as tmp:
-            self.scores.save(tmp / "scores.safetensors")
-            (tmp / "sets").mkdir()
-            for lang, neurons in self.ms.items():
-                neurons.save(tmp / "sets" / f"ms_{lang}.json")
-            for lang, neurons in self.ss.items():
-                neurons.save(tmp / "sets" / f"ss_{lang}.json")
-            self.ss_all.save(tmp / "sets" / "ss_all.json")
-            self.ss_shared_all_nhr.save(tmp / "sets" / "ss_shared_all_nhr.json")
-            atomic_write_text(tmp / "counts.csv", self.counts.to_csv(index=False))
-            atomic_write_text(tmp / "overlap.csv", self.overlap.to_csv(index=False))
-            atomic_write_json(tmp / "manifest.json", self.manifest)
-            if self.direction is not None:
-                self.direction.save(tmp / "direction.safetensors")
-            if self.activations is not None:
-                self.activations.save(tmp / "activations.safetensors")
-            if self.pairs is not None:
-                save_pairs(tmp / "pairs.json", self.pairs, meta={"model_fingerprint": self.manifest.get(
-                    "model_fingerprint")})
+            self.write_files(tmp)
         return Path(directory).expanduser()
+
+    def write_files(self, tmp: Path) -> None:
+        """The result's files, written into the (temporary) folder ``tmp``; a bundle has no scores.safetensors."""
+        if self.scores is not None:
+            self.scores.save(tmp / "scores.safetensors")
+        (tmp / "sets").mkdir()
+        for lang, neurons in self.ms.items():
+            neurons.save(tmp / "sets" / f"ms_{lang}.json")
+        for lang, neurons in self.ss.items():
+            neurons.save(tmp / "sets" / f"ss_{lang}.json")
+        self.ss_all.save(tmp / "sets" / "ss_all.json")
+        self.ss_shared_all_nhr.save(tmp / "sets" / "ss_shared_all_nhr.json")
+        atomic_write_text(tmp / "counts.csv", self.counts.to_csv(index=False))
+        atomic_write_text(tmp / "overlap.csv", self.overlap.to_csv(index=False))
+        atomic_write_json(tmp / "manifest.json", self.manifest)
+        if self.direction is not None:
+            self.direction.save(tmp / "direction.safetensors")
+        if self.activations is not None:
+            self.activations.save(tmp / "activations.safetensors")
+        if self.pairs is not None:
+            save_pairs(tmp / "pairs.json", self.pairs, meta={"model_fingerprint": self.manifest.get(
+                "model_fingerprint")})
 
     @classmethod
     def load(cls, directory: str | os.PathLike, sites: SiteMap | None = None) -> IdentifyResult:
@@ -283,7 +288,9 @@ class IdentifyResult:
             raise NeuronFileError(
                 f"{directory} was computed on a different model ({manifest.get('model_name')}, fingerprint "
                 f"{manifest.get('model_fingerprint')}); the loaded model has fingerprint {sites.fingerprint()}")
-        scores = ScoreTable.load(directory / "scores.safetensors", sites)
+        scores_path = directory / "scores.safetensors"
+        bundle = bool(manifest.get("bundle")) and not scores_path.is_file()  # a bundle ships without its scores
+        scores = None if bundle else ScoreTable.load(scores_path, sites)
         languages = manifest.get("languages", [])
         hr = manifest.get("hr", [])
         ms = {lang: NeuronSet.load(directory / "sets" / f"ms_{lang}.json", sites) for lang in languages}
@@ -307,6 +314,11 @@ class IdentifyResult:
         activations = ScoreTable.load(activations_path, sites) if activations_path.is_file() else None
         return cls(scores=scores, ms=ms, ss=ss, ss_all=ss_all, ss_shared_all_nhr=shared, counts=counts,
                    overlap=overlap, manifest=manifest, direction=direction, pairs=pairs, activations=activations)
+
+    @property
+    def is_bundle(self) -> bool:
+        """A bundled result (`ssn_core.bundle`): sets, counts, direction and a few activation means, no scores."""
+        return bool(self.manifest.get("bundle"))
 
     @property
     def item_ids(self) -> frozenset[str]:

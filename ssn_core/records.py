@@ -4,7 +4,8 @@ A record holds what regenerating the turn needs and what tells whether it can be
 
 - the prompt, both replies and their verdicts (with the judge and the language it judged in);
 - the intervention on column B: the neuron set itself (so the record is self-contained) and its hash, the scale
-  or clamp value and the row mask (``[false, true]``: only B is edited), or "none";
+  or clamp value and the row mask (``[false, true]``: only B is edited); for the additive reinforcement (``shift``)
+  the added offsets too; for the refusal-direction control (``direction``) the direction itself; or "none";
 - the generation settings (greedy or sampling, temperature, top-p, max new tokens, system prompt) and the seed;
 - the model: name, source, dtype, the neuron-geometry fingerprint and a digest of its weights (a strided sample of
   every parameter: two copies of a model agree, a fine-tuned one does not); library versions.
@@ -78,9 +79,23 @@ def intervention_record(intervention=None, description: str = "", delta=None) ->
     if delta is not None:
         meta = {k: v for k, v in (getattr(delta, "meta", None) or {}).items() if isinstance(v, str | int | float)}
         return {"kind": "delta", "description": description, "delta": meta}
-    if intervention is None or len(intervention.neurons) == 0:
+    if intervention is None:
         return {"kind": "none", "description": description or "no intervention"}
     rows = intervention.rows
+    rows_list = None if rows is None else [bool(r) for r in torch.as_tensor(rows).tolist()]
+    if not hasattr(intervention, "neurons") and hasattr(intervention, "direction"):  # `DirectionAblation`
+        return {"kind": "direction", "description": description or intervention.describe(),
+                "direction": [float(x) for x in intervention.direction.detach().float().cpu().tolist()],
+                "rows": rows_list, "label": intervention.label}
+    if len(intervention.neurons) == 0:
+        return {"kind": "none", "description": description or "no intervention"}
+    if hasattr(intervention, "offsets"):  # `Shift`: a + offset
+        offsets = {f"{layer}|{kind}": [float(x) for x in intervention.offsets[(layer, kind)].float().tolist()]
+                   for (layer, kind) in intervention.neurons.neurons}
+        return {"kind": "shift", "description": description or intervention.describe(),
+                "set_hash": neuron_set_hash(intervention.neurons), "size": len(intervention.neurons),
+                "offsets": offsets, "rows": rows_list, "label": intervention.label,
+                "neurons": intervention.neurons.to_json_dict()}
     return {"kind": "neurons", "description": description or intervention.describe(),
             "set_hash": neuron_set_hash(intervention.neurons), "size": len(intervention.neurons),
             "scale": float(intervention.scale), "value": None if intervention.value is None else float(intervention.value),
@@ -148,7 +163,7 @@ def record_settings(record: dict):
 
 def record_intervention(record: dict, sites):
     """The recorded intervention on column B (None for "none"), its neurons checked against ``sites``."""
-    from ssn_core.interventions import Intervention
+    from ssn_core.interventions import Intervention, Shift
 
     info = record["intervention"]
     kind = info.get("kind")
@@ -157,7 +172,9 @@ def record_intervention(record: dict, sites):
     if kind == "delta":
         raise SSNError("column B of this exchange used a trained delta, which the record describes but does not hold; "
                        "load the delta on the Fine-tune page and compare there")
-    if kind != "neurons" or not isinstance(info.get("neurons"), dict):
+    if kind == "direction":
+        return _record_direction(info)
+    if kind not in ("neurons", "shift") or not isinstance(info.get("neurons"), dict):
         raise NeuronFileError(f"the record's intervention is malformed (kind {kind!r})")
     data = info["neurons"]
     neurons = NeuronSet(parse_neuron_entries(data.get("neurons"), "the record's neuron set"),
@@ -166,13 +183,52 @@ def record_intervention(record: dict, sites):
         raise NeuronFileError(f"the record's neuron set does not match its hash {info['set_hash']}: the file was "
                               "edited or damaged")
     neurons.validate(sites)
+    rows = _record_rows(info)
+    if kind == "shift":
+        offsets = _record_offsets(info.get("offsets"), neurons)
+        return Shift(neurons, offsets, rows=rows, label=str(info.get("label", "")))
+    value = info.get("value")
+    return Intervention(neurons, scale=float(info.get("scale", 0.0)), value=None if value is None else float(value),
+                        rows=rows, label=str(info.get("label", "")))
+
+
+def _record_rows(info: dict):
     rows = info.get("rows")
     if rows is not None and (not isinstance(rows, list) or len(rows) != 2 or
                              not all(isinstance(r, bool) for r in rows)):
         raise NeuronFileError("the record's row mask must be two true/false values (column A, column B)")
-    value = info.get("value")
-    return Intervention(neurons, scale=float(info.get("scale", 0.0)), value=None if value is None else float(value),
-                        rows=rows, label=str(info.get("label", "")))
+    return rows
+
+
+def _record_direction(info: dict):
+    """The recorded refusal-direction ablation (`DirectionAblation`)."""
+    import math
+
+    from ssn_core.direction import DirectionAblation
+
+    values = info.get("direction")
+    if not isinstance(values, list) or not values or not all(
+            isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in values):
+        raise NeuronFileError("the record's refusal direction must be a list of finite numbers")
+    return DirectionAblation(torch.tensor(values, dtype=torch.float32), rows=_record_rows(info),
+                             label=str(info.get("label", "")))
+
+
+def _record_offsets(data, neurons: NeuronSet) -> dict:
+    """The recorded additive offsets, one list per (layer, kind) of the set, as many values as it has neurons."""
+    import math
+
+    if not isinstance(data, dict):
+        raise NeuronFileError("the record's additive reinforcement has no offsets")
+    offsets = {}
+    for (layer, kind), indices in neurons.neurons.items():
+        values = data.get(f"{layer}|{kind}")
+        if not isinstance(values, list) or len(values) != indices.numel() or not all(
+                isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) for x in values):
+            raise NeuronFileError(f"the record's offsets for {kind} layer {layer} must be {indices.numel()} finite "
+                                  "numbers")
+        offsets[(layer, kind)] = torch.tensor(values, dtype=torch.float32)
+    return offsets
 
 
 @dataclass

@@ -129,3 +129,35 @@ def test_ssn_chat_replay_says_whether_the_replies_match(lm, model_dir, tmp_path,
     assert main(["chat", "--model", str(model_dir), "--replay", str(path), "hello"]) == 2
     assert main(["chat", "--model", str(model_dir)]) == 2
     assert "give a prompt" in capsys.readouterr().err
+
+
+def test_additive_and_direction_exchanges_replay(lm):
+    """The Chat page's "Add β × mean harmful activation" and "Refusal direction ablated" turns are recorded with
+    their offsets / direction, so a replay regenerates them (and a tampered offset list is a clear error)."""
+    import torch
+
+    from ssn_core.direction import DirectionAblation
+    from ssn_core.interventions import Shift
+
+    settings = GenerationSettings(max_new_tokens=6)
+    neurons = NeuronSet({(0, "mlp"): [1, 2, 3], (1, "attn_o"): [4]})
+    offsets = {(0, "mlp"): torch.tensor([3.0, -2.0, 5.0]), (1, "attn_o"): torch.tensor([4.0])}
+    hidden = lm.model.config.hidden_size
+    direction = torch.linspace(-1, 1, hidden)
+    for intervention in (Shift(neurons, offsets, rows=[False, True], label="add 1 x mean"),
+                         DirectionAblation(direction, rows=[False, True], label="refusal direction")):
+        with intervene(lm, intervention):
+            a, b = generate(lm, [PROMPT, PROMPT], settings)
+        record = json.loads(json.dumps(make_record(lm, PROMPT, a, b, settings, intervention_record(intervention))))
+        assert record["intervention"]["kind"] in ("shift", "direction")
+        again = replay(lm, record)
+        assert again.matches, (again.b, b)
+    record["intervention"]["direction"] = ["x"]
+    with pytest.raises(NeuronFileError, match="finite numbers"):
+        replay(lm, record)
+    with intervene(lm, Shift(neurons, offsets, rows=[False, True])):
+        a, b = generate(lm, [PROMPT, PROMPT], settings)
+    record = make_record(lm, PROMPT, a, b, settings, intervention_record(Shift(neurons, offsets, rows=[False, True])))
+    record["intervention"]["offsets"]["0|mlp"] = [1.0]
+    with pytest.raises(NeuronFileError, match="3 finite numbers"):
+        replay(lm, record)

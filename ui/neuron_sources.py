@@ -1,5 +1,6 @@
-"""The neuron sets a session can point an intervention at: identified MS/SS sets, imports, the user's own sets
-built on the Explorer page ("my sets"), one neuron sent from the Explorer, controls."""
+"""The neuron sets a session can point an intervention at: the bundled starter set, identified MS/SS sets, imports,
+the user's own sets built on the Explorer page ("my sets"), one neuron sent from the Explorer, controls (the refusal
+direction, every neuron)."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import torch
 from ssn_core.neurons import NeuronSet, format_neuron, parse_neuron
 
 DEFAULT_CUSTOM_SET = "my set"
+BUNDLE_TARGET = "Bundled starter set (MS / SS per language)"
 
 
 @dataclass(frozen=True)
 class Choice:
-    """One entry of the neuron-set picker: ``kind`` ms | ss | ss_all | imported | custom | neuron | none |
-    everything (``name``: the imported file, the user's set, or the neuron as L<layer>.<site>.<index>)."""
+    """One entry of the neuron-set picker: ``kind`` bundle | ms | ss | ss_all | imported | custom | neuron | direction
+    | none | everything (``name``: the imported file, the user's set, or the neuron as L<layer>.<site>.<index>).
+    ``bundle`` is the bundled starter set's union of SS-Neurons; ``direction`` is not a neuron set but the refusal
+    direction projected out of the residual stream (the positive control)."""
 
     kind: str
     language: str = ""
@@ -25,6 +29,8 @@ class Choice:
 
     def label(self) -> str:
         return {
+            "bundle": "Bundled starter set: all SS-Neurons (union over languages)",
+            "direction": "Refusal direction ablated (positive control)",
             "ms": f"MS-Neurons ({self.language})",
             "ss": f"SS-Neurons ({self.language})",
             "ss_all": "All SS-Neurons (union over languages)",
@@ -36,12 +42,23 @@ class Choice:
         }[self.kind]
 
 
-def available_choices() -> list[Choice]:
-    """Every set this session can use, the suggested one (`default_choice`) first; "every neuron" last."""
+def bundled():
+    """The bundled starter result of this session (`ui.bundle`), or None."""
+    return st.session_state.get("starter_bundle")
+
+
+def available_choices(with_direction: bool = False) -> list[Choice]:
+    """Every set this session can use, the suggested one (`default_choice`) first; "every neuron" last.
+
+    ``with_direction``: also offer the refusal direction (Chat; not a neuron set, so not for training or summaries).
+    """
     choices: list[Choice] = []
     result = st.session_state.get("identify_result")
+    bundle = bundled()
+    if bundle is not None and len(bundle.ss_all):
+        choices.append(Choice("bundle"))
     if result is not None:
-        if len(result.ss_all):
+        if len(result.ss_all) and result is not bundle:  # the bundle's union is offered as "bundle" above
             choices.append(Choice("ss_all"))
         choices += [Choice("ss", lang) for lang, s in result.ss.items() if len(s)]
         choices += [Choice("ms", lang) for lang, s in result.ms.items() if len(s)]
@@ -53,7 +70,48 @@ def available_choices() -> list[Choice]:
     if not choices:
         choices.append(Choice("none"))
     suggested = default_choice(choices)
-    return [suggested] + [c for c in choices if c != suggested] + [Choice("everything")]
+    controls = [Choice("direction")] if with_direction and refusal_direction() is not None else []
+    return [suggested] + [c for c in choices if c != suggested] + controls + [Choice("everything")]
+
+
+def refusal_direction():
+    """The refusal direction (`ssn_core.direction.RefusalDirection`) of this session's result, else of the bundle."""
+    for result in (st.session_state.get("identify_result"), bundled()):
+        direction = getattr(result, "direction", None)
+        if direction is not None:
+            return direction
+    return None
+
+
+def additive_offsets(neurons: NeuronSet, beta: float) -> tuple[dict, str]:
+    """(offsets, HR language) of the additive reinforcement: β times each neuron's mean activation on the HR
+    language's harmful prompts (`validation.shift_offsets`). SSNError when no result kept those means or they do not
+    cover the set's site kinds."""
+    from ssn_core.errors import SSNError
+    from ssn_core.validation import shift_offsets
+
+    means = activation_means()
+    if means is None:
+        raise SSNError("the additive reinforcement needs mean activations, which this result did not keep; identify "
+                       "the neurons again (the Neurons page and `ssn identify` keep them)")
+    table, hr = means
+    covered = table.signed[(hr, "harmful")]
+    missing = sorted({kind for _, kind in neurons.neurons} - set(covered))
+    if missing:
+        raise SSNError(f"the mean activations cover the sites {', '.join(covered)}, not {', '.join(missing)}: leave "
+                       f"{', '.join(missing)} out of the Sites")
+    return shift_offsets(neurons, table, hr, beta), hr
+
+
+def activation_means():
+    """(activation `ScoreTable`, HR language) for the additive reinforcement: this session's result's, else the
+    bundle's; None when neither kept the HR language's mean activations on harmful prompts."""
+    for result in (st.session_state.get("identify_result"), bundled()):
+        table = getattr(result, "activations", None)
+        hr = (getattr(result, "hr", None) or ("en",))[0]
+        if table is not None and (hr, "harmful") in (table.signed or {}):
+            return table, hr
+    return None
 
 
 def _measured_margins() -> dict[Choice, float]:
@@ -71,7 +129,8 @@ def _measured_margins() -> dict[Choice, float]:
                 continue
             if target == "ss_all":  # an imported (or own) set is validated as the "all SS" target
                 own = imported in custom_sets() and imported not in st.session_state.get("neuron_sets_imported", {})
-                choice = Choice("custom" if own else "imported", name=imported) if imported else Choice("ss_all")
+                choice = Choice("custom" if own else "imported", name=imported) if imported else (
+                    Choice("bundle") if validation_neurons(vres).get("bundle") else Choice("ss_all"))
             else:
                 choice = Choice(target, language)
             margins.setdefault(choice, []).append(float(cmp.get("margin", 0.0)))
@@ -83,11 +142,13 @@ def default_choice(choices: list[Choice]) -> Choice:
 
     1. measured: the set whose suppression beat its random control by the largest margin in this session's
        validation (Validate page);
+    1.5. else the bundled starter set's union of SS-Neurons (computed with the default recipe on many prompts, and
+       checked by the lead on held-out prompts: `make starter-neurons`);
     2. else the union of all SS-Neurons (the paper's target: suppressing it breaks safety across NHR languages);
     3. else the largest per-language SS set, then an imported set, then one of the user's own sets, then the
        largest MS set, then a neuron sent from the Explorer;
-    4. else "no set yet". Never "every neuron": that only breaks the model.
-    (A bundled starter set, once there is one, goes in as rule 1.5: before the SS union, after measured sets.)
+    4. else "no set yet". Never "every neuron": that only breaks the model; never the refusal direction, which is
+       a control and not a neuron set.
     """
     usable = [c for c in choices if c.kind not in ("everything", "none")]
     margins = {c: m for c, m in _measured_margins().items() if c in usable}
@@ -95,7 +156,7 @@ def default_choice(choices: list[Choice]) -> Choice:
         return max(margins, key=margins.get)
     result = st.session_state.get("identify_result")
     size = {c: len(resolve(c, None)) for c in usable if c.kind in ("ss", "ms") and result is not None}
-    for kind in ("ss_all", "ss", "imported", "custom", "ms", "neuron"):
+    for kind in ("bundle", "ss_all", "ss", "imported", "custom", "ms", "neuron"):
         of_kind = [c for c in usable if c.kind == kind]
         if of_kind:
             return max(of_kind, key=lambda c: size.get(c, 0))
@@ -109,6 +170,10 @@ def everything(sites) -> NeuronSet:
 
 def resolve(choice: Choice, sites) -> NeuronSet:
     result = st.session_state.get("identify_result")
+    if choice.kind == "bundle":
+        return bundled().ss_all
+    if choice.kind == "direction":  # not a neuron set: the page ablates `refusal_direction()` instead
+        return NeuronSet()
     if choice.kind == "ms":
         return result.ms[choice.language]
     if choice.kind == "ss":
@@ -160,8 +225,11 @@ def validation_targets() -> dict[str, object]:
     """What the Validate page can validate: the identification result and each imported set (label -> target)."""
     targets: dict[str, object] = {}
     result = st.session_state.get("identify_result")
-    if result is not None:
+    bundle = bundled()
+    if result is not None and result is not bundle:  # this session's own identification first
         targets["Identification result (MS / SS per language)"] = result
+    if bundle is not None:
+        targets[BUNDLE_TARGET] = bundle
     for name, neuron_set in st.session_state.get("neuron_sets_imported", {}).items():
         targets[f"Imported: {name} ({len(neuron_set):,} neurons)"] = SetAsResult(neuron_set, name)
     for name, neuron_set in custom_sets().items():
