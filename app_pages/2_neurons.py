@@ -62,6 +62,34 @@ grouping = setup.radio("Grouping", ["MultiJail (high / medium / low resource)", 
                     horizontal=True, key="nr_grouping")
 groups = P.MULTIJAIL_GROUPS if grouping.startswith("MultiJail") else P.PAPER_GROUPS
 
+RECIPES = identify_module.RECIPES
+
+
+def recipe_kinds(name: str) -> list[str]:
+    """The recipe's sites this model has; the exact q/k of the impact method are left out (slow on a CPU)."""
+    recipe = RECIPES[name]
+    kinds = [k for k in recipe.kinds if k in lm.sites.kinds]
+    if recipe.method == "impact":
+        kinds = [k for k in kinds if k not in SLOW_KINDS] or kinds
+    return kinds
+
+
+def apply_recipe() -> None:
+    """A new recipe resets p and the sites to the recipe's (the form's other settings stay)."""
+    name = st.session_state["nr_recipe"]
+    st.session_state["nr_p"] = 100.0 * RECIPES[name].p
+    st.session_state["nr_kinds"] = recipe_kinds(name)
+
+
+setup.markdown("**3. Method**")
+recipe_name = setup.selectbox(
+    "Recipe", list(RECIPES), key="nr_recipe", on_change=apply_recipe,
+    format_func=lambda name: f"{name} — {RECIPES[name].note}",
+    help="'default' was chosen by held-out evidence (README, 'Which neurons'): refusal attribution finds the "
+         "neurons whose suppression breaks refusal on prompts it never saw; 'paper' is the paper's ΔLLM on "
+         "(prompt, reply) pairs; 'plnd' is SSN Lab's first default.")
+recipe = RECIPES[recipe_name]
+
 with setup.form("identify_form"):
     columns = st.columns(len(groups))
     chosen: list[str] = []
@@ -73,20 +101,19 @@ with setup.form("identify_form"):
     hr = st.multiselect("High-resource reference (SS-Neurons are shared with these)",
                         [lang for langs in groups.values() for lang in langs], default=["en"], key="nr_hr")
 
-    st.markdown("**3. Method**")
     c1, c2, c3, c4 = st.columns(4)
-    method = c1.selectbox("Importance", ["impact", "activation"], key="nr_method",
-                          help="impact: how much the layer's output changes when the neuron is zeroed (the paper). "
-                               "activation: mean |activation| (cheap, coarser).")
-    p_percent = c2.number_input("Top p (%)", 0.1, 20.0, 3.0, step=0.5, key="nr_p")
+    method = recipe.method
+    c1.caption(f"method **{recipe.method}**, aggregate **{recipe.aggregate}**, ranking **{recipe.ranking}**")
+    p_percent = c2.number_input("Top p (%)", 0.1, 20.0, 100.0 * recipe.p, step=0.5, key="nr_p")
     n_per_language = c3.number_input("Prompts per language and label", 2, 500, 8, key="nr_n",
                                      help="The paper uses hundreds; 8 is enough to try the tool on CPU.")
     batch_size = c4.number_input("Batch size", 1, 64, 8, key="nr_batch")
     state.keep_valid("nr_kinds", lm.sites.kinds, multi=True)
-    quick_kinds = [kind for kind in lm.sites.kinds if kind not in SLOW_KINDS] or list(lm.sites.kinds)
-    kinds = st.multiselect("Sites", list(lm.sites.kinds), default=quick_kinds, key="nr_kinds",
-                           help="attn_q / attn_k are left out by default: their exact scores cost several forward "
-                                "passes per prompt on a CPU (bench/README.md). Add them for the full picture.")
+    kinds = st.multiselect("Sites", list(lm.sites.kinds), default=recipe_kinds(recipe_name), key="nr_kinds",
+                           help="The recipe's sites. With the impact method attn_q / attn_k are left out by default: "
+                                "their exact scores cost several forward passes per prompt on a CPU "
+                                "(bench/README.md); gradient methods (attribution, global) cover them at no extra "
+                                "cost.")
     go = st.form_submit_button("Identify neurons", type="primary")
     speed_now = state.model_speed()
     if speed_now is not None:
@@ -124,11 +151,12 @@ def form_settings() -> dict[str, str]:
             "sites": ", ".join(kinds)}
 
 
-def run_identify(lm, prompts, languages, hr, method, p, kinds, n, batch_size, progress=None,
+def run_identify(lm, prompts, languages, hr, recipe_name, p, kinds, n, batch_size, progress=None,
                  cancel: threading.Event | None = None):
     selected = prompts.select(languages=languages, limit_per_language=n)
-    return identify_module.identify(lm, selected, languages, hr=tuple(hr), method=method, p=p, kinds=tuple(kinds),
-                                    batch_size=batch_size, progress=progress, cancel=cancel)
+    return identify_module.identify(lm, selected, languages, hr=tuple(hr), recipe=recipe_name, p=p,
+                                    kinds=tuple(kinds), batch_size=batch_size, find_direction=True,
+                                    activation_means=True, progress=progress, cancel=cancel)
 
 
 if go:
@@ -142,7 +170,7 @@ if go:
             prompt_set = load_prompts(source, languages)
             st.session_state["identify_prompts"] = prompt_set
             st.session_state["identify_n"] = int(n_per_language)
-            jobs.start_job("identify", run_identify, lm, prompt_set, languages, hr, method, p_percent / 100.0,
+            jobs.start_job("identify", run_identify, lm, prompt_set, languages, hr, recipe_name, p_percent / 100.0,
                            kinds, int(n_per_language), int(batch_size))
         except Exception as exc:  # noqa: BLE001 - bad files, unknown languages, ...
             show_error(exc)

@@ -332,10 +332,17 @@ def test_chat_highlights_where_b_departs_and_keeps_a_stopped_turn():
     assert "chat_pending" not in at.session_state
 
 
-def test_neurons_form_leaves_out_the_slow_q_k_sites_by_default():
+def test_neurons_form_leaves_out_the_slow_q_k_sites_of_the_impact_method():
     at = new_app().run()
     run_page(at, "2_neurons")
+    # The default recipe (attribution) covers q/k at no extra cost: all five sites, and its p.
+    assert at.selectbox(key="nr_recipe").value == "default"
+    assert at.multiselect(key="nr_kinds").value == ["mlp", "attn_q", "attn_k", "attn_v", "attn_o"]
+    assert at.number_input(key="nr_p").value == 1.0
+    # An impact recipe leaves out the exact q/k sites (several forward passes each on a CPU) and takes its p.
+    at.selectbox(key="nr_recipe").set_value("plnd").run()
     assert at.multiselect(key="nr_kinds").value == ["mlp", "attn_v", "attn_o"]
+    assert at.number_input(key="nr_p").value == 3.0
 
 
 # ------------------------------------------------------------------------------------------------------------

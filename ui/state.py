@@ -155,7 +155,7 @@ RESULT_KEYS = ("identify_result", "identify_prompts", "ablation_check", "neuron_
 PERSISTED_WIDGETS: tuple[str, ...] = (
     "model_source_kind", "model_source_value", "model_dtype", "model_quant", "model_device", "model_trust",
     "nr_source", "nr_mj_path", "nr_grouping", "nr_langs_high", "nr_langs_medium", "nr_langs_low", "nr_langs_hr",
-    "nr_langs_nhr", "nr_hr", "nr_method", "nr_p", "nr_n", "nr_batch", "nr_kinds", "nr_focus", "nr_table_set",
+    "nr_langs_nhr", "nr_hr", "nr_recipe", "nr_p", "nr_n", "nr_batch", "nr_kinds", "nr_focus", "nr_table_set",
     "nr_search", "nr_abl_n", "nr_abl_lang", "nr_save_dir", "nr_import_dir", "nr_dose_langs", "nr_dose_n",
     "nr_dose_fractions", "nr_dose_generate",
     "chat_source", "chat_action", "chat_alpha", "chat_beta", "chat_random", "chat_layers", "chat_kinds", "chat_max_new",
