@@ -855,6 +855,9 @@ def add_validate_parser(sub) -> None:
     p.add_argument("--betas", default="",
                    help="additive reinforcement: add beta x each SS-Neuron's mean activation on the HR language's "
                         "harmful prompts, comma-separated (default: none)")
+    p.add_argument("--only", default=None, choices=("suppress", "reinforce"),
+                   help="run only the suppression part (control, sets, random controls) or only the reinforcement "
+                        "part (scale and additive, with over-refusal); default: both")
     p.add_argument("--no-control", action="store_true",
                    help="skip the refusal-direction control (the identify result's direction, ablated)")
     p.add_argument("--no-over-refusal", action="store_true",
@@ -911,7 +914,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     try:
         result = validate(lm, neurons, prompts, languages, settings, alphas=alphas, seeds=range(args.seeds),
                           judge=judge, batch_size=args.batch_size, over_refusal=not args.no_over_refusal,
-                          direction=False if args.no_control else None, betas=betas, progress=progress)
+                          direction=False if args.no_control else None, betas=betas,
+                          parts=(args.only,) if args.only else ("suppress", "reinforce"), progress=progress)
     finally:
         progress.close()
     result.manifest["heldout"] = heldout

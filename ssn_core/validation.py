@@ -39,6 +39,7 @@ from ssn_core.sites import SiteMap
 Progress = Callable[[int, int, str], None]
 
 SUPPRESS_TARGETS: tuple[str, ...] = ("ms", "ss", "ss_all")
+PARTS: tuple[str, ...] = ("suppress", "reinforce")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,13 +279,27 @@ def shift_offsets(neurons: NeuronSet, activations, hr_language: str, beta: float
 
 def plan_conditions(neurons, language: str, sites: SiteMap, alphas: Sequence[float] = (2.0,),
                     seeds: Sequence[int] = (0, 1, 2), hr_language: str = "en",
-                    direction: torch.Tensor | None = None, betas: Sequence[float] = ()
-                    ) -> tuple[list[Condition], list[str]]:
+                    direction: torch.Tensor | None = None, betas: Sequence[float] = (),
+                    parts: Sequence[str] = PARTS) -> tuple[list[Condition], list[str]]:
     """The conditions run for one language, and notes on the ones skipped (empty neuron sets).
 
     ``direction``: the refusal direction, run as the positive control ``direction_refusal``. ``betas``: additive
-    reinforcement ``shift_<target>`` of the same set the scale reinforcement uses (`shift_offsets`).
+    reinforcement ``shift_<target>`` of the same set the scale reinforcement uses (`shift_offsets`). ``parts``:
+    ``suppress`` (the control, suppressed sets and their random controls) and/or ``reinforce`` (the scale and
+    additive reinforcement); the baseline is always run.
     """
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown or not parts:
+        raise SSNError(f"validation parts must be some of {', '.join(PARTS)}, got {', '.join(parts) or 'none'}")
+    conditions, notes = _plan_all(neurons, language, sites, alphas, seeds, hr_language, direction, betas)
+    keep = {"baseline"} | ({"direction", "suppress", "random"} if "suppress" in parts else set()) | (
+        {"reinforce", "shift"} if "reinforce" in parts else set())
+    return [c for c in conditions if c.kind in keep], notes
+
+
+def _plan_all(neurons, language: str, sites: SiteMap, alphas: Sequence[float], seeds: Sequence[int],
+              hr_language: str, direction: torch.Tensor | None, betas: Sequence[float]
+              ) -> tuple[list[Condition], list[str]]:
     conditions = [Condition("baseline")]
     if direction is not None:
         conditions.append(Condition("direction", "refusal", direction=direction))
@@ -522,7 +537,7 @@ def summarize(table: Sequence[dict], ss_counts: dict[str, int], rows: Sequence[d
 def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: Sequence[float] = (2.0,),
              seeds: Sequence[int] = (0, 1, 2), judge=None, batch_size: int = 8, limit_per_language: int | None = None,
              hr_language: str | None = None, direction: torch.Tensor | None = None, over_refusal: bool = True,
-             betas: Sequence[float] = (), progress: Progress | None = None,
+             betas: Sequence[float] = (), parts: Sequence[str] = PARTS, progress: Progress | None = None,
              cancel: threading.Event | None = None) -> ValidationResult:
     """Run every condition on the harmful prompts of each language and compare with the random controls.
 
@@ -557,7 +572,7 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
         direction = None
     elif direction is None and getattr(neurons, "direction", None) is not None:
         direction = neurons.direction.unit
-    plans = {lang: plan_conditions(neurons, lang, sites, alphas, seeds, hr_language, direction, betas)
+    plans = {lang: plan_conditions(neurons, lang, sites, alphas, seeds, hr_language, direction, betas, parts)
              for lang in languages}
     harmless_by_language: dict[str, list] = {lang: [] for lang in languages}
     if over_refusal:
@@ -614,6 +629,7 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
         settings, [judge], lm,
         kind=RESULT_KIND, languages=languages, hr_language=hr_language,
         alphas=[float(a) for a in alphas], betas=[float(b) for b in betas], seeds=[int(s) for s in seeds],
+        parts=list(parts),
         batch_size=batch_size,
         prompts={"n_per_language": summary["prompts_per_language"], "data_hash": _data_hash(prompts)},
         neurons=dict(getattr(neurons, "manifest", None) or {}),

@@ -158,3 +158,19 @@ def test_additive_reinforcement_adds_beta_times_the_mean_harmful_activation(lm):
                                                               ("bn", "harmful"), ("bn", "harmless")}
     assert {p["form"] for p in val.summary["reinforce"]["bn"]} == {"scale", "add"}
     assert "+1·mean" in val.format_table()
+
+
+def test_validate_parts_run_only_what_was_asked(lm, found):
+    import dataclasses
+
+    from ssn_core.errors import SSNError
+    from ssn_core.validation import plan_conditions
+
+    found = dataclasses.replace(found, ss={"bn": found.ms["bn"]}, ss_all=found.ms["bn"])
+    direction = found.direction.unit
+    suppress, _ = plan_conditions(found, "bn", lm.sites, (2.0,), (0,), "en", direction, parts=("suppress",))
+    reinforce, _ = plan_conditions(found, "bn", lm.sites, (2.0, 3.0), (0,), "en", direction, parts=("reinforce",))
+    assert {c.kind for c in suppress} == {"baseline", "direction", "suppress", "random"}
+    assert [c.kind for c in reinforce] == ["baseline", "reinforce", "reinforce"]
+    with pytest.raises(SSNError, match="validation parts"):
+        plan_conditions(found, "bn", lm.sites, parts=("everything",))
