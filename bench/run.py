@@ -22,6 +22,7 @@ def _registry() -> dict[str, tuple[Callable[[BenchContext], BenchResult], str]]:
     from bench.explorer_bench import explorer_topk
     from bench.hook_overhead import hook_overhead
     from bench.memory import scoring_memory
+    from bench.methods_bench import methods_vs_forward
     from bench.scoring_bench import scoring_vs_ablation, scoring_vs_forward, scoring_vs_peer
     from bench.train_step import train_step
 
@@ -33,6 +34,7 @@ def _registry() -> dict[str, tuple[Callable[[BenchContext], BenchResult], str]]:
         "hook-overhead": (hook_overhead, "generation with a 0.3% suppression set; A/B batched (>= 0.97x, <= 1.3x)"),
         "train-step": (train_step, "targeted vs LoRA vs full FT (<= 0.6x time, <= 0.5x memory, <= 1% params)"),
         "cold-start": (cold_start, "starter load: GGUF conversion vs safetensors cache"),
+        "methods-vs-forward": (methods_vs_forward, "causal methods (global, attribution, direction, margin) vs forward"),
         "explorer-topk": (explorer_topk, "top-k examples of every neuron vs a plain forward, 128 prompts (goal <= 1.3x)"),
     }
 
