@@ -160,7 +160,8 @@ def go(driver, page_title: str) -> None:
 
 def click_button(driver, label: str) -> None:
     for button in driver.find_elements(By.CSS_SELECTOR, "button"):
-        if button.text.strip() == label and button.is_displayed():
+        lines = button.text.strip().splitlines()  # a button with an icon reads "icon_name\nlabel"
+        if lines and lines[-1].strip() == label and button.is_displayed():
             driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", button)
             button.click()
             return
