@@ -19,6 +19,7 @@ restricted to some batch rows, and composable with neuron interventions in one `
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -163,11 +164,17 @@ def ablate_direction(lm, direction: torch.Tensor, rows=None):
 def last_token_residuals(lm, texts: Sequence[str], *, batch_size: int = 8, system: str | None = None,
                          cancel: threading.Event | None = None) -> torch.Tensor:
     """Sum over ``texts`` of each layer's output at the last prompt token: [L, hidden] float64."""
+    from ssn_core import distributed
+
     layers = decoder_layers(lm.model)
-    total: torch.Tensor | None = None
-    for start in range(0, len(texts), batch_size):
+    if not texts:
+        raise PromptSetError("no prompts to compute residual means on")
+    total = torch.zeros(len(layers), lm.model.get_input_embeddings().weight.shape[-1], dtype=torch.float64)
+
+    def run_batch(b: int) -> None:  # under a launch each process sums its share of the batches
         if cancel is not None and cancel.is_set():
             raise Cancelled("finding the refusal direction was cancelled")
+        start = b * batch_size
         captured: list[torch.Tensor] = [None] * len(layers)  # type: ignore[list-item]
 
         def capture(i: int, store: list[torch.Tensor] = captured):
@@ -178,10 +185,11 @@ def last_token_residuals(lm, texts: Sequence[str], *, batch_size: int = 8, syste
         enc = lm.tokenize_prompts(lm.prompt_texts(list(texts[start:start + batch_size]), system=system))
         with hook_modules([((layer, "out"), capture(i)) for i, layer in enumerate(layers)]):
             lm.model(**enc, use_cache=False, logits_to_keep=1)
-        summed = torch.stack([c.sum(0) for c in captured])  # [L, hidden]
-        total = summed if total is None else total + summed
-    if total is None:
-        raise PromptSetError("no prompts to compute residual means on")
+        total.add_(torch.stack([c.sum(0) for c in captured]))  # [L, hidden]
+
+    distributed.run_batches(math.ceil(len(texts) / batch_size), run_batch, gather=False,
+                            what="finding the refusal direction")
+    distributed.all_reduce_([total], "adding up the residual means")
     return total
 
 

@@ -702,7 +702,11 @@ def _torch_dtype(name: str):
 
 
 def _resolve_device(device_map: str) -> str:
-    """'cpu', 'cuda' or 'auto' (multi-device via accelerate); 'auto' without CUDA is plain CPU."""
+    """'cpu', 'cuda' or 'auto' (multi-device via accelerate); 'auto' without CUDA is plain CPU.
+
+    Under a multi-process launch (`ssn_core.distributed`) every process holds a whole copy of the model, so 'auto'
+    means this process's own GPU ('cuda', the device the launcher selected by local rank), not all of them.
+    """
     import torch
 
     if device_map == "cuda" and not torch.cuda.is_available():
@@ -711,8 +715,19 @@ def _resolve_device(device_map: str) -> str:
             "CUDA build of torch (see README: make run TORCH_SPEC=...)"
         )
     if device_map == "auto":
-        return "auto" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        from ssn_core.distributed import launched, world
+
+        return "cuda" if launched() and world().active else "auto"
     return device_map
+
+
+def _cuda_device() -> str:
+    """This process's GPU: cuda:0 alone, cuda:<local rank> under a launch (accelerate selects it before the load)."""
+    import torch
+
+    return f"cuda:{torch.cuda.current_device()}"
 
 
 def _resolve_dtype(spec: ModelSpec, device: str, config) -> str:
@@ -732,6 +747,8 @@ def _available_memory(device: str) -> int:
     cpu_free = int(psutil.virtual_memory().available)
     if device == "cpu":
         return cpu_free
+    if device == "cuda":  # this process's GPU only
+        return int(torch.cuda.mem_get_info(torch.cuda.current_device())[0])
     gpu_free = sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
     return gpu_free + (cpu_free if device == "auto" else 0)
 
@@ -888,9 +905,9 @@ def _load_pretrained(source: str, spec: ModelSpec, device: str, *, local: bool):
     quant = _quantization_config(spec.quantization, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": "cuda:0"} if device == "cuda" else device
+        kwargs["device_map"] = {"": _cuda_device()} if device == "cuda" else device
     elif device != "cpu":
-        kwargs["device_map"] = {"": "cuda:0"} if device == "cuda" else "auto"
+        kwargs["device_map"] = {"": _cuda_device()} if device == "cuda" else "auto"
     for weights in sorted(Path(source).glob("*.safetensors")) if local else ():
         problem = _safetensors_size_problem(weights)
         if problem:

@@ -50,6 +50,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ssn_core import distributed
 from ssn_core.errors import Cancelled, NeuronFileError, SSNError
 from ssn_core.hooks import hook_sites
 from ssn_core.interventions import Intervention, intervene
@@ -832,6 +833,17 @@ class _Accumulator:
                     self.sums[group][kind][layer] += value.index_select(0, rows.to(value.device)).sum(0).double().cpu()
             self.counts[group] += len(rows)
 
+    def all_reduce(self) -> None:
+        """Add up every process's sums and counts (`ssn_core.distributed`, one message); no-op with one process."""
+        from ssn_core.distributed import all_reduce_
+
+        groups = list(self.sums)
+        counts = torch.tensor([float(self.counts[g]) for g in groups], dtype=torch.float64)
+        stores = [self.sums] + ([self.signed] if self.signed is not None else [])
+        all_reduce_([t for store in stores for g in groups for t in store[g].values()] + [counts],
+                    "adding up the scores")
+        self.counts = {g: round(c) for g, c in zip(groups, counts.tolist(), strict=True)}
+
     def means(self, store) -> dict[Group, dict[str, torch.Tensor]]:
         return {g: {k: (s / max(self.counts[g], 1)).float() for k, s in per_kind.items()} for g, per_kind in
                 store.items() if self.counts[g] > 0}
@@ -897,12 +909,14 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
     encoded = [encode_prompt(lm, p.text, template, p.reply if aggregate == "reply" else None) for p in items]
     order = sorted(range(len(items)), key=lambda i: len(encoded[i][0]))
     total = len(items)
-    done = 0
+    distributed.check_enough(total, "prompts to score")
     if progress:
         progress(0, total, f"scoring {total} prompts ({method})")
-    for start in range(0, total, batch_size):
+
+    def run_batch(b: int) -> None:  # batch b of the one-process order; under a launch each process runs its share
         if cancel is not None and cancel.is_set():
             raise Cancelled("scoring was cancelled; nothing was written")
+        start = b * batch_size
         rows = order[start:start + batch_size]
         batch = make_batch([encoded[i] for i in rows], aggregate, pad_id, device)
         row_groups = [(items[i].language, items[i].label) for i in rows]
@@ -927,9 +941,15 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
         else:
             results = score_batch(lm, batch, method, kinds)
         accumulator.add(row_groups, results)
-        done += len(rows)
+
+    def report(done_batches: int) -> None:
         if progress:
+            done = min(total, done_batches * batch_size)
             progress(done, total, f"scored {done}/{total} prompts")
+
+    distributed.run_batches(math.ceil(total / batch_size), run_batch, after=report, gather=False,
+                            what=f"scoring prompts ({method})")
+    accumulator.all_reduce()  # the running sums of every process, added once
     means = accumulator.means(accumulator.sums)
     if method == "ablation":
         sampled = {}
