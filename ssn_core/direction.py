@@ -274,7 +274,7 @@ def direction_batch(lm, batch, kinds: Sequence[str], directions: torch.Tensor) -
     Σ_{h in g} z_thj · (W_O[:, hD+j] · r̂_l). Aggregated over tokens with the batch weights (``last``: the
     last prompt token). Positive: the neuron pushes the residual towards "refuse". One forward pass, no gradients.
     """
-    from ssn_core.scoring import _aggregate, _constants, _forward, _weight_out_in
+    from ssn_core.scoring import _aggregate, _constants, _forward
 
     unsupported = [k for k in kinds if k in ("attn_q", "attn_k")]
     if unsupported:
@@ -286,15 +286,19 @@ def direction_batch(lm, batch, kinds: Sequence[str], directions: torch.Tensor) -
     results: dict[tuple[int, str], torch.Tensor] = {}
     pairs = []
 
-    def mlp_hook(site, along):  # along: [N] = W_down[:, coords]^T r̂
+    # The per-neuron writes W[:, k]·r̂ are computed inside the forward pass, when the layer's weights are there
+    # (an offloaded layer's are loaded for it), once per layer and direction (`_ModelConstants.writes_along`).
+    def mlp_hook(site, r):
         def fn(carrier):
+            along = consts.writes_along(site.layer, "mlp", r)  # [N] = W_down[:, coords]^T r̂
             values = site.read(carrier).float()  # [B, T, N]
             results[site.key] = _aggregate(values * along.to(values.device), weights.to(values.device))
         return fn
 
-    def o_hook(site, along):  # along: [H*D] = W_O^T r̂
+    def o_hook(site, r):
         def fn(carrier):
             geo = consts.attn(site.layer)
+            along = consts.writes_along(site.layer, "attn_o", r)  # [H*D] = W_O^T r̂
             z = site.read(carrier).float() * along.to(carrier.device)  # [B, T, H*D]
             w = weights.to(z.device)
             if "attn_o" in kinds:
@@ -310,13 +314,10 @@ def direction_batch(lm, batch, kinds: Sequence[str], directions: torch.Tensor) -
         r = directions[layer].float()
         if "mlp" in kinds:
             site = sites.get(layer, "mlp")
-            w_down = _weight_out_in(site.module)
-            along = w_down.index_select(1, site.coords.to(w_down.device)).T @ r.to(w_down.device)
-            pairs.append((site, mlp_hook(site, along)))
+            pairs.append((site, mlp_hook(site, r)))
         if "attn_o" in kinds or "attn_v" in kinds:
             site = sites.get(layer, "attn_o")
-            geo = consts.attn(layer)
-            pairs.append((site, o_hook(site, geo.w_o_cols.T @ r.to(geo.w_o_cols.device))))
+            pairs.append((site, o_hook(site, r)))
     from ssn_core.hooks import hook_sites
 
     with hook_sites(pairs):

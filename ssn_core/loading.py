@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from ssn_core.errors import ModelLoadError, UnsupportedArchitectureError
 from ssn_core.io import apply_umask, atomic_write_json, swap_dir
+from ssn_core.quantized import quiet_bitsandbytes
 
 if TYPE_CHECKING:
     import torch
@@ -57,8 +58,11 @@ DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS: tuple[str, ...] = ("none", "8bit", "4bit-nf4", "4bit-fp4")
 DEVICE_MAPS: tuple[str, ...] = ("auto", "cpu", "cuda")
 
-# bitsandbytes' 8-bit CPU matmul warns on every call that it casts float32 inputs to float16.
+# bitsandbytes' 8-bit CPU matmul warns on every call that it casts float32 inputs to float16 (a warning in older
+# releases, a log message in newer ones), and on a CPU every import says it could not fetch an optional hub kernel
+# (harmless: see ssn_core.quantized).
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+quiet_bitsandbytes()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -992,6 +996,10 @@ def finish_loaded(model, tokenizer, *, name: str, source: str, spec: ModelSpec, 
                   load_seconds: float, n_params: int | None = None, warnings_: list[str] | None = None) -> LoadedModel:
     """Common tail of every load: pad token, summary, sites (fails here for unsupported layouts)."""
     model.eval()
+    if spec.quantization.startswith("4bit"):
+        from ssn_core.quantized import keep_4bit_differentiable
+
+        keep_4bit_differentiable(model)  # gradient scores and training through 4-bit layers on a CPU too
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batched generation pads with eos; masked out anyway
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:

@@ -56,7 +56,7 @@ from ssn_core.hooks import hook_sites
 from ssn_core.interventions import Intervention, intervene
 from ssn_core.io import atomic_save_safetensors, read_safetensors
 from ssn_core.neurons import NeuronSet
-from ssn_core.sites import SITE_KINDS, NeuronSite, SiteMap, weight_axis
+from ssn_core.sites import SITE_KINDS, NeuronSite, SiteMap
 
 METHODS: tuple[str, ...] = ("impact", "activation", "ablation", "global", "attribution", "direction")
 AGGREGATES: tuple[str, ...] = ("content", "last", "all", "reply")
@@ -294,15 +294,11 @@ def _aggregate(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 # Per-model constants: weight norms, Gram matrices, attention geometry
 # ---------------------------------------------------------------------------------------------------
 def _weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The module's weight as a float32 [out, in] matrix (GPT-2 Conv1D stores [in, out])."""
-    weight = getattr(module, "weight", None)
-    if weight is None or not torch.is_floating_point(weight):
-        raise SSNError(
-            f"impact scores need the floating-point weight of {type(module).__name__}; this layer is quantized "
-            "(use method 'activation', or load the model unquantized)"
-        )
-    weight = weight.detach().float()
-    return weight if weight_axis(module, "in") == 1 else weight.T
+    """The module's weight as a float32 [out, in] matrix (GPT-2 Conv1D stores [in, out]); bitsandbytes 4-/8-bit
+    layers dequantized and offloaded layers loaded for the moment (`ssn_core.quantized.dense_weight`)."""
+    from ssn_core.quantized import dense_weight
+
+    return dense_weight(module)
 
 
 def _qr_factor(matrix: torch.Tensor) -> torch.Tensor:
@@ -325,7 +321,6 @@ class _LayerAttention:
     k_norm: nn.Module | None
     rotary: nn.Module | None
     rotary_layer_type: str | None
-    w_o_cols: torch.Tensor  # [hidden, H*D] float32
     o_norms: torch.Tensor  # [H*D] column norms of W_O
     v_gram: torch.Tensor  # [K, D, G, G]
     q_factors: torch.Tensor  # [H, r, D]: ‖W_O[:, head h] y‖ = ‖q_factors[h] y‖
@@ -333,14 +328,30 @@ class _LayerAttention:
 
 
 class _ModelConstants:
-    """Weight-derived constants, computed once per model and reused across batches."""
+    """Weight-derived constants, computed once per layer and model and reused across batches. Only what is derived
+    (norms, factors, Gram matrices: O(N) or O(H·D²) per layer) is kept, never a dense copy of a weight, so a 4-bit
+    model's constants cost one transient dequantized matrix per layer."""
 
     def __init__(self, model: nn.Module, sites: SiteMap):
         self.model = model
         self.sites = sites
         self.mlp_norms: dict[int, torch.Tensor] = {}
         self.attention: dict[int, _LayerAttention] = {}
+        self.along: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.rotary, self.base_model = _find_rotary(model)
+
+    def writes_along(self, layer: int, kind: str, direction: torch.Tensor) -> torch.Tensor:
+        """W[:, coords]^T r: what each coordinate of the mlp (W_down) or attn_o (W_O) carrier writes along the
+        residual direction r [hidden], on the layer's device; kept per layer for the last r asked for."""
+        cached = self.along.get((layer, kind))
+        r = direction.detach().float().cpu()
+        if cached is not None and torch.equal(cached[0], r):
+            return cached[1]
+        site = self.sites.get(layer, kind)
+        weight = _weight_out_in(site.module)  # [hidden, C]
+        value = weight.index_select(1, site.coords.to(weight.device)).T @ r.to(weight.device)  # [N]
+        self.along[(layer, kind)] = (r, value)
+        return value
 
     def mlp(self, layer: int) -> torch.Tensor:
         if layer not in self.mlp_norms:
@@ -355,7 +366,8 @@ class _ModelConstants:
         site = self.sites.get(layer, "attn_o")
         H, K, D = site.n_heads, site.n_kv_heads, site.head_dim
         G = H // K
-        w_o = _weight_out_in(site.module).index_select(1, site.coords.to(site.module.weight.device))  # [hidden, H*D]
+        w_o = _weight_out_in(site.module)
+        w_o = w_o.index_select(1, site.coords.to(w_o.device))  # [hidden, H*D]
         per_head = w_o.view(w_o.shape[0], K, G, D)
         v_gram = torch.einsum("okgd,okhd->kdgh", per_head, per_head)
         q_factors = torch.stack([_qr_factor(w_o[:, h * D:(h + 1) * D]) for h in range(H)])
@@ -380,7 +392,7 @@ class _ModelConstants:
             module=attn, n_heads=H, n_kv_heads=K, head_dim=D, scaling=float(scaling),
             softcap=getattr(attn, "attn_logit_softcapping", None), sliding_window=sliding,
             q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
-            rotary=rotary, rotary_layer_type=layer_type, w_o_cols=w_o, o_norms=w_o.norm(dim=0),
+            rotary=rotary, rotary_layer_type=layer_type, o_norms=w_o.norm(dim=0),
             v_gram=v_gram, q_factors=q_factors, k_factors=k_factors,
         )
         return self.attention[layer]
