@@ -349,7 +349,7 @@ class _ModelConstants:
             return cached[1]
         site = self.sites.get(layer, kind)
         weight = _weight_out_in(site.module)  # [hidden, C]
-        value = weight.index_select(1, site.coords.to(weight.device)).T @ r.to(weight.device)  # [N]
+        value = site.read(weight).T @ r.to(weight.device)  # [N]; read: the carrier's columns (a view when contiguous)
         self.along[(layer, kind)] = (r, value)
         return value
 
@@ -357,7 +357,7 @@ class _ModelConstants:
         if layer not in self.mlp_norms:
             site = self.sites.get(layer, "mlp")
             weight = _weight_out_in(site.module)  # [hidden, I]
-            self.mlp_norms[layer] = weight.index_select(1, site.coords.to(weight.device)).norm(dim=0)
+            self.mlp_norms[layer] = site.read(weight).norm(dim=0)  # no copy of the columns when they are contiguous
         return self.mlp_norms[layer]
 
     def attn(self, layer: int) -> _LayerAttention:
@@ -366,8 +366,7 @@ class _ModelConstants:
         site = self.sites.get(layer, "attn_o")
         H, K, D = site.n_heads, site.n_kv_heads, site.head_dim
         G = H // K
-        w_o = _weight_out_in(site.module)
-        w_o = w_o.index_select(1, site.coords.to(w_o.device))  # [hidden, H*D]
+        w_o = site.read(_weight_out_in(site.module)).contiguous()  # [hidden, H*D] (a copy only for GPT-2's Conv1D)
         per_head = w_o.view(w_o.shape[0], K, G, D)
         v_gram = torch.einsum("okgd,okhd->kdgh", per_head, per_head)
         q_factors = torch.stack([_qr_factor(w_o[:, h * D:(h + 1) * D]) for h in range(H)])
