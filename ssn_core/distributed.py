@@ -152,7 +152,10 @@ def shutdown(leave: bool = True) -> None:
     if leave and _WORLD is not None and _WORLD.active and torch.distributed.is_initialized():
         try:
             torch.distributed.destroy_process_group()
-        except (RuntimeError, ValueError):
+            from accelerate import PartialState
+
+            getattr(PartialState, "_reset_state", lambda: None)()  # its shared state names the destroyed group
+        except (RuntimeError, ValueError, ImportError):
             pass
     _WORLD, _CONTROL = None, None
 
@@ -210,8 +213,8 @@ def check_enough(n: int, what: str) -> None:
     """SSNError when there are fewer work items than processes (some would have nothing to do)."""
     w = world()
     if w.size > n:
-        raise SSNError(f"{w.size} processes for {n} {what}: every process needs a share of the work; run with at most "
-                       f"{n} process{'es' if n != 1 else ''}, or give more {what}")
+        raise SSNError(f"{what}: {n}, fewer than the {w.size} processes of this launch (every process needs a share of "
+                       f"the work): run at most {n} process{'es' if n != 1 else ''}, or give more {what}")
 
 
 def run_batches(n: int, fn: Callable[[int], T], *, after: Callable[[int], None] | None = None, gather: bool = True,

@@ -226,7 +226,7 @@ def test_bad_launches_stop_with_clear_errors(tmp_path, model_dirs):
     for rank, seen in enumerate(ranks):
         prefix = "" if rank == 0 else "process 1 of 2: "
         code, message = seen["too_few"]
-        assert code == 2 and f"{prefix}error: 2 processes for 1 prompts to evaluate" in message, message
+        assert code == 2 and f"{prefix}error: prompts to evaluate: 1, fewer than the 2 processes" in message, message
         code, message = seen["command"]
         assert code == 2 and "differ in the command line (dtype: process 0 'auto', process 1 'bfloat16')" in message
         code, message = seen["model"]
