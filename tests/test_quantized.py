@@ -7,9 +7,6 @@ with ``-s``) and must stay high: on the tiny random model 4-bit NF4 keeps 0.9-0.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from scipy.stats import spearmanr
@@ -158,16 +155,18 @@ def test_interventions_and_deltas_on_a_4bit_model(models):
     torch.testing.assert_close(refusal_margin(lm, texts, ["en"]), base)  # gone after the block
 
 
-def test_the_bitsandbytes_cpu_messages_are_silenced():
+def test_the_bitsandbytes_cpu_messages_are_silenced(caplog):
+    """The two messages are dropped on their loggers (installed when ssn_core.loading is imported, before
+    bitsandbytes is); every other bitsandbytes message still reaches the handlers."""
     import logging
 
     import ssn_core.loading  # noqa: F401 - installs the filters
 
-    for name in ("bitsandbytes.backends.cpu.ops", "bitsandbytes.autograd._functions"):
-        assert logging.getLogger(name).filters, name
-    code = ("import logging, ssn_core.loading, bitsandbytes; "
-            "logging.getLogger('bitsandbytes.backends.cpu.ops').warning("
-            "'Failed to load CPU gemm_4bit_forward from kernels-community: x'); "
-            "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('another message')")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
-    assert "kernels-community" not in done.stderr and "another message" in done.stderr
+    ops, functions = (logging.getLogger(name) for name in ("bitsandbytes.backends.cpu.ops",
+                                                            "bitsandbytes.autograd._functions"))
+    with caplog.at_level(logging.WARNING):
+        ops.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already "
+                    "`pip install kernels` and the kernels >= 0.11.1", "No module named 'kernels'")
+        functions.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", torch.float32)
+        ops.warning("another message")
+    assert [record.getMessage() for record in caplog.records] == ["another message"]
