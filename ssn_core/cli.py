@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable
 
@@ -71,6 +72,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=DEVICE_MAPS, help="auto: GPU when available, else CPU")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the model repository's own Python code (only for repositories you trust)")
+    parser.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                        help="under accelerate launch / torchrun: how long a process waits for the others before it "
+                             "stops with an error (default $SSN_DIST_TIMEOUT or 1800)")
 
 
 class TqdmProgress:
@@ -93,7 +97,11 @@ class TqdmProgress:
     def __call__(self, done: int, total: int, message) -> None:
         from tqdm import tqdm
 
+        from ssn_core.distributed import is_main
         from ssn_core.progress import phase_of
+
+        if not is_main():  # one bar, on process 0; its counts include every process's work
+            return
 
         phase = phase_of(message) or (self.phase or "")
         announced = self.bar is not None and self.bar.n == 0 and self.bar.total == total and done > 0
@@ -133,6 +141,13 @@ def load_from_args(args: argparse.Namespace):
         progress.close()
     for note in lm.summary.warnings:  # e.g. no chat template, a damaged starter cache that was rebuilt
         print(f"warning: {note}", file=sys.stderr)
+    from ssn_core import distributed
+
+    if distributed.world().active:  # the path may differ per machine; what was loaded must not
+        from ssn_core.records import model_identity
+
+        identity = {k: v for k, v in model_identity(lm).items() if k not in ("name", "source")}
+        distributed.check_same("the loaded model", identity)
     return lm
 
 
@@ -373,8 +388,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = check_out(args.out, RESULT_KIND)
     if args.data and not Path(args.data).expanduser().is_file():
         raise TrainingError(f"--data {args.data}: no such file (it is OUT/safety_data.json of an earlier `ssn train`)")
-    # Under `accelerate launch`, this initialises the process group and selects this process's GPU before loading.
-    main_process = is_main_process()
+    main_process = is_main_process()  # under accelerate launch `main` joined the other processes before this
     lm = load_from_args(args)
     saved_data = None
     if args.data:
@@ -1214,29 +1228,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that share their work between the processes of `accelerate launch` / torchrun (ssn_core.distributed).
+DISTRIBUTED_COMMANDS: tuple[str, ...] = ("identify", "compare-methods", "evaluate", "validate", "faithfulness", "train")
+
+
+def join_launch(args: argparse.Namespace):
+    """Under a multi-process launch: join the other processes before anything is loaded (each process gets its own
+    GPU), check that they all run the same command line, and keep the output to process 0. None without a launch."""
+    import json
+
+    from ssn_core import distributed
+
+    if not distributed.launched():
+        return None
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise SSNError(f"ssn {args.command} runs in one process; under accelerate launch / torchrun only "
+                       f"{', '.join(DISTRIBUTED_COMMANDS)} share their work between processes")
+    world = distributed.init(getattr(args, "dist_timeout", None))
+    if world.active:  # --model may name a different local path per machine: the loaded model is compared after
+        settings = {k: v for k, v in vars(args).items() if k not in ("func", "debug", "model")}
+        distributed.check_same("the command line", json.loads(json.dumps(settings, sort_keys=True, default=str)))
+    return world
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit status: 0 done, 2 a user error (``error: <message>``, no traceback), 130 interrupted,
-    1 an internal error (a bug: one ``internal error:`` line; ``--debug`` adds the traceback)."""
+    1 an internal error (a bug: one ``internal error:`` line; ``--debug`` adds the traceback).
+
+    Under ``accelerate launch`` / torchrun with several processes only process 0 prints and writes; the others
+    print only their errors, prefixed with their process number."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    streams = sys.stdout, sys.stderr
+    prefix, finished = "", False
     try:
-        return int(args.func(args) or 0)
+        world = join_launch(args)
+        if world is not None and world.active and not world.is_main:
+            prefix = f"process {world.rank} of {world.size}: "
+            sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - closed in the finally below
+        status = int(args.func(args) or 0)
+        finished = True
+        return status
     except SSNError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{prefix}error: {exc}", file=streams[1])
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)  # on a new line: a progress bar may end the current one
+        print("\ninterrupted", file=streams[1])  # on a new line: a progress bar may end the current one
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug: one line for the user, the traceback on request
         if getattr(args, "debug", False):
             import traceback
 
-            traceback.print_exc()
+            traceback.print_exc(file=streams[1])
         text = str(exc).strip().splitlines()
         summary = f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
         hint = "traceback above" if getattr(args, "debug", False) else "rerun with --debug for the traceback"
-        print(f"internal error: {summary}; {hint}", file=sys.stderr)
+        print(f"{prefix}internal error: {summary}; {hint}", file=streams[1])
         return 1
+    finally:
+        if sys.stdout is not streams[0]:
+            sys.stdout.close()
+            sys.stdout, sys.stderr = streams
+        distributed = sys.modules.get("ssn_core.distributed")
+        if distributed is not None:  # leave the process group (after an error the others may be gone: just exit)
+            distributed.shutdown(leave=finished)
 
 
 if __name__ == "__main__":

@@ -146,17 +146,22 @@ def evaluate(lm, prompts, languages: Sequence[str], settings=None, judge=None,
     condition = condition or condition_name(interventions)
     started = time.time()
 
-    replies: list[str] = []
-    total = len(items)
+    from ssn_core import distributed
+
+    distributed.check_enough(len(items), "prompts to evaluate")
+
+    def run_chunk(chunk) -> list[str]:  # under a launch each process answers its share of the batches
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("evaluation was cancelled")
+        return generate(lm, [p.text for p in chunk], settings)
+
+    def report(done: int, total: int) -> None:
+        if progress is not None:
+            progress(done, total, f"generated {done}/{total}")
+
     context = intervene(lm, *interventions) if interventions else nullcontext()
     with context:
-        for start in range(0, total, batch_size):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("evaluation was cancelled")
-            chunk = items[start:start + batch_size]
-            replies.extend(generate(lm, [p.text for p in chunk], settings))
-            if progress is not None:
-                progress(len(replies), total, f"generated {len(replies)}/{total}")
+        replies = distributed.map_chunks(items, batch_size, run_chunk, after=report, what="generating replies")
 
     verdicts = judge.judge_many([p.text for p in items], replies, [p.language for p in items], cancel=cancel)
     rows = [

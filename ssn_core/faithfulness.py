@@ -151,6 +151,9 @@ def faithfulness(lm, tables: dict[str, ScoreTable], prompts, languages: Sequence
     empty = [lang for lang, ps in by_language.items() if not ps]
     if empty:
         raise PromptSetError(f"no held-out harmful prompts in: {', '.join(empty)}")
+    from ssn_core import distributed
+
+    distributed.check_enough(sum(len(ps) for ps in by_language.values()), "held-out prompts")
     sites = lm.sites
     started = time.time()
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ssn_core import distributed
 from ssn_core.direction import RefusalDirection
 from ssn_core.errors import NeuronFileError, SSNError
 from ssn_core.io import atomic_write_json, atomic_write_text, writing_result_dir
@@ -497,6 +498,7 @@ def identify(lm, prompts, languages, hr=("en",), method: str | None = None, p: f
                    "prompts_per_second": round(len(chosen) / max(score_seconds, 1e-9), 3),
                    "pair_seconds": round(pair_seconds, 3), "direction_seconds": round(direction_seconds, 3)},
         "versions": _versions(),
+        "processes": distributed.world().size,  # > 1 under accelerate launch: the prompts were shared
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     return IdentifyResult(scores=table, manifest=manifest, direction=direction, pairs=pairs, activations=activations,

@@ -231,6 +231,7 @@ def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settin
     Rows are packed text-major ([t0 c0, t0 c1, ..., t1 c0, ...]) into batches of ``batch_size`` rows; each
     condition with neurons becomes one `Intervention` whose row mask selects its rows in that batch.
     """
+    from ssn_core import distributed
     from ssn_core.generation import generate
 
     if batch_size < 1:
@@ -238,10 +239,11 @@ def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settin
     pairs = [(i, j) for i in range(len(texts)) for j in range(len(conditions))]
     replies: list[list[str]] = [[""] * len(conditions) for _ in texts]
     total = math.ceil(len(pairs) / batch_size)
-    for b, start in enumerate(range(0, len(pairs), batch_size)):
+
+    def run_batch(b: int) -> list[str]:  # under a launch each process generates its share of the packed batches
         if cancel is not None and cancel.is_set():
             raise Cancelled("validation was cancelled")
-        chunk = pairs[start:start + batch_size]
+        chunk = pairs[b * batch_size:(b + 1) * batch_size]
         interventions = []
         for j, condition in enumerate(conditions):
             rows = [cj == j for _, cj in chunk]
@@ -257,11 +259,15 @@ def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settin
                 interventions.append(Intervention(condition.neurons, scale=condition.scale, rows=rows,
                                                   label=condition.key))
         with intervene(lm, *interventions):
-            outputs = generate(lm, [texts[i] for i, _ in chunk], settings)
-        for (i, j), reply in zip(chunk, outputs):
-            replies[i][j] = reply
+            return generate(lm, [texts[i] for i, _ in chunk], settings)
+
+    def report(done: int) -> None:
         if progress is not None:
-            progress(b + 1, total, f"{message}generating replies, batch {b + 1}/{total}")
+            progress(done, total, f"{message}generating replies, batch {done}/{total}")
+
+    outputs = distributed.run_batches(total, run_batch, after=report, what="generating validation replies")
+    for (i, j), reply in zip(pairs, [reply for batch in outputs for reply in batch], strict=True):
+        replies[i][j] = reply
     return replies
 
 
@@ -585,6 +591,11 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
     total_batches = sum(math.ceil(len(by_language[lang]) * len(plans[lang][0]) / batch_size)
                         + math.ceil(len(harmless_by_language[lang]) * len(harmless_plans[lang]) / batch_size)
                         for lang in languages)
+    from ssn_core import distributed
+
+    distributed.check_enough(sum(len(by_language[lang]) * len(plans[lang][0]) + len(harmless_by_language[lang])
+                                 * len(harmless_plans[lang]) for lang in languages),
+                             "packed validation rows (prompts x conditions)")
     done_before = 0
     started = time.time()
     if progress is not None:  # the first batch can take a minute: say what is happening before it
