@@ -14,6 +14,7 @@ import dataclasses
 import threading
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from ssn_core.sites import SiteMap
 from ssn_core.training.data import SafetyData, _sites_of
 from ssn_core.training.loop import _frozen, _total_params, _train_loop
 from ssn_core.training.results import SafetyEval, TrainConfig, TrainProgress, TrainResult
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 
 def _linear_targets(model: nn.Module, sites: SiteMap) -> dict[str, tuple[int, int]]:
@@ -42,7 +46,7 @@ def lora_rank_for(model: nn.Module, sites: SiteMap, n_params: int) -> int:
     return max(1, round(n_params / per_rank))
 
 
-def train_lora(lm, data: SafetyData, config: TrainConfig, rank: int = 8, *, method: str | None = None,
+def train_lora(lm: LoadedModel, data: SafetyData, config: TrainConfig, rank: int = 8, *, method: str | None = None,
                evaluate: Callable[[], SafetyEval] | None = None, progress: TrainProgress | None = None,
                cancel: threading.Event | None = None) -> TrainResult:
     """LoRA baseline through PEFT on every projection module; the model is unwrapped again before returning.
@@ -75,8 +79,9 @@ def train_lora(lm, data: SafetyData, config: TrainConfig, rank: int = 8, *, meth
                        peak_memory_mb=peak, after=after, meta={"rank": rank, "data_hash": data.data_hash})
 
 
-def train_full(lm, data: SafetyData, config: TrainConfig, *, evaluate: Callable[[object], SafetyEval] | None = None,
-               progress: TrainProgress | None = None, cancel: threading.Event | None = None) -> TrainResult:
+def train_full(lm: LoadedModel, data: SafetyData, config: TrainConfig, *,
+               evaluate: Callable[[LoadedModel], SafetyEval] | None = None, progress: TrainProgress | None = None,
+               cancel: threading.Event | None = None) -> TrainResult:
     """Full fine-tuning baseline on a deep copy of the model (small models only; the given model is untouched).
 
     ``evaluate(lm_copy)`` (optional) is called with a LoadedModel-like view of the tuned copy.

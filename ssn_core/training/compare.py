@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -24,6 +25,9 @@ from ssn_core.training.loop import _check_cancel
 from ssn_core.training.results import SafetyEval, TrainConfig, TrainProgress, TrainResult
 from ssn_core.training.safety_eval import evaluate_safety
 from ssn_core.training.targeted import train_neurons
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 METHODS: tuple[str, ...] = ("neurons", "random", "lora-match", "lora-8", "full")
 
@@ -46,7 +50,7 @@ def paired_refusal_difference(a: SafetyEval, b: SafetyEval, languages: Sequence[
     return out
 
 
-def compare_methods(lm, neurons: NeuronSet, data: SafetyData, config: TrainConfig,
+def compare_methods(lm: LoadedModel, neurons: NeuronSet, data: SafetyData, config: TrainConfig,
                     methods: Sequence[str] = ("neurons", "random", "lora-8"), *, eval_kwargs: dict | None = None,
                     random_seed: int = 0, before: SafetyEval | None = None, progress: TrainProgress | None = None,
                     cancel: threading.Event | None = None) -> tuple[list[TrainResult], list[dict]]:

@@ -17,11 +17,15 @@ import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ssn_core.errors import PromptSetError, TrainingError
 from ssn_core.pairs import own_replies, pick_template
 from ssn_core.sites import SiteMap
 from ssn_core.training.results import TrainProgress
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 SAFETY_DATA_FORMAT = "ssn-lab/safety-data"
 
@@ -54,7 +58,7 @@ class SafetyData:
 
         return {"train": count(self.train), "heldout": count(self.heldout)}
 
-    def save(self, path: str | Path, lm=None) -> Path:
+    def save(self, path: str | Path, lm: LoadedModel | None = None) -> Path:
         """Write the set as JSON (atomically), so other targets and baselines can train on exactly the same data.
 
         The retain replies are the base model's own, so the file records which model produced them.
@@ -117,10 +121,10 @@ def split_ids(ids: Sequence[str], heldout_fraction: float, seed: int) -> tuple[s
     return set(shuffled[n_held:]), set(shuffled[:n_held])
 
 
-def build_safety_data(lm, prompts, languages: Sequence[str], *, heldout_fraction: float = 0.25, seed: int = 0,
-                      n_per_language: int | None = None, retain: bool = True, retain_max_new_tokens: int = 48,
-                      templates: dict[str, list[str]] | None = None, batch_size: int = 8,
-                      exclude_ids=(), extra_heldout=None,
+def build_safety_data(lm: LoadedModel, prompts, languages: Sequence[str], *, heldout_fraction: float = 0.25,
+                      seed: int = 0, n_per_language: int | None = None, retain: bool = True,
+                      retain_max_new_tokens: int = 48, templates: dict[str, list[str]] | None = None,
+                      batch_size: int = 8, exclude_ids=(), extra_heldout=None,
                       progress: TrainProgress | None = None, cancel: threading.Event | None = None) -> SafetyData:
     """The parallel safety set: harmful -> refusal (same language) and harmless -> base model's own reply.
 
@@ -194,13 +198,13 @@ def _limit_ids(prompts: list, n: int) -> list:
     return [p for p in prompts if p.id in keep]
 
 
-def _sites_of(lm) -> SiteMap:
+def _sites_of(lm: LoadedModel) -> SiteMap:
     from ssn_core.interventions import resolve_sites
 
     return resolve_sites(lm)
 
 
-def _model_name(lm) -> str:
+def _model_name(lm: LoadedModel) -> str:
     summary = getattr(lm, "summary", None)
     for attr in ("name", "model_id", "spec"):
         value = getattr(summary, attr, None)

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -26,6 +27,9 @@ from ssn_core.errors import Cancelled, TrainingError
 from ssn_core.training.data import SafetyData
 from ssn_core.training.loss import _collate, _input_device, _pad_id, encode_example, response_loss
 from ssn_core.training.results import TrainConfig, TrainProgress
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 
 def _check_cancel(cancel: threading.Event | None, what: str) -> None:
@@ -83,7 +87,7 @@ def is_main_process() -> bool:
     return distributed.is_main()
 
 
-def _train_loop(lm, model: nn.Module, params: list[torch.Tensor], data: SafetyData, config: TrainConfig,
+def _train_loop(lm: LoadedModel, model: nn.Module, params: list[torch.Tensor], data: SafetyData, config: TrainConfig,
                 context_factory=nullcontext, progress: TrainProgress | None = None,
                 cancel: threading.Event | None = None) -> tuple[list[float], float, float | None]:
     """AdamW over ``params`` on the reply NLL; returns (losses per step, seconds, peak memory MB)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,11 @@ from ssn_core import distributed
 from ssn_core.pairs import render_pair
 from ssn_core.training.data import TrainExample
 
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
-def encode_example(lm, example: TrainExample, max_length: int) -> tuple[list[int], int]:
+
+def encode_example(lm: LoadedModel, example: TrainExample, max_length: int) -> tuple[list[int], int]:
     """Token ids (prompt + reply) and the index of the first reply token; the reply is cut to fit max_length."""
     prompt, completion = render_pair(lm, example.user_text, example.reply)
     tokenizer = lm.tokenizer
@@ -83,7 +87,7 @@ def _input_device(model: nn.Module) -> torch.device:
         return next(model.parameters()).device
 
 
-def reply_nll(lm, examples: Sequence[TrainExample], context_factory=nullcontext, max_length: int = 256,
+def reply_nll(lm: LoadedModel, examples: Sequence[TrainExample], context_factory=nullcontext, max_length: int = 256,
               batch_size: int = 8) -> dict[str, float]:
     """Per-language mean NLL (nats/token) of the examples' replies, under the given context (e.g. a delta)."""
     sums: dict[str, float] = {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from contextlib import nullcontext
+from typing import TYPE_CHECKING
 
 from ssn_core import distributed
 from ssn_core.training.data import SafetyData, TrainExample
@@ -16,8 +17,11 @@ from ssn_core.training.loop import _check_cancel
 from ssn_core.training.loss import reply_nll
 from ssn_core.training.results import SafetyEval, TrainProgress
 
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
-def evaluate_safety(lm, data: SafetyData, context_factory=nullcontext, *, settings=None, judge=None,
+
+def evaluate_safety(lm: LoadedModel, data: SafetyData, context_factory=nullcontext, *, settings=None, judge=None,
                     max_eval_per_language: int | None = None, batch_size: int = 8, max_length: int = 256,
                     generate_replies: bool = True, cancel: threading.Event | None = None,
                     progress: TrainProgress | None = None, phase: str = "evaluate") -> SafetyEval:

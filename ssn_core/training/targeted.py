@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,9 +23,13 @@ from ssn_core.training.loop import _check_cancel, _frozen, _total_params, _train
 from ssn_core.training.results import TrainConfig, TrainProgress, TrainResult
 from ssn_core.training.safety_eval import evaluate_safety
 
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
-def train_neurons(lm, neurons: NeuronSet, data: SafetyData, config: TrainConfig, *, method: str = "neurons",
-                  progress: TrainProgress | None = None, cancel: threading.Event | None = None) -> TrainResult:
+
+def train_neurons(lm: LoadedModel, neurons: NeuronSet, data: SafetyData, config: TrainConfig, *,
+                  method: str = "neurons", progress: TrainProgress | None = None,
+                  cancel: threading.Event | None = None) -> TrainResult:
     """Train deltas on the slices the neurons own (base frozen and untouched). No evaluation here."""
     config.check()
     model, sites = lm.model, _sites_of(lm)
@@ -46,9 +51,9 @@ def train_neurons(lm, neurons: NeuronSet, data: SafetyData, config: TrainConfig,
                        meta={"neuron_set_hash": neuron_set_hash(neurons), "data_hash": data.data_hash})
 
 
-def run_train(lm, neurons: NeuronSet, data: SafetyData, config: TrainConfig, *, out_dir: str | Path | None = None,
-              evaluate: bool = True, eval_kwargs: dict | None = None, progress: TrainProgress | None = None,
-              cancel: threading.Event | None = None) -> TrainResult:
+def run_train(lm: LoadedModel, neurons: NeuronSet, data: SafetyData, config: TrainConfig, *,
+              out_dir: str | Path | None = None, evaluate: bool = True, eval_kwargs: dict | None = None,
+              progress: TrainProgress | None = None, cancel: threading.Event | None = None) -> TrainResult:
     """Evaluate the base, train the neuron deltas, evaluate base + delta, and (with ``out_dir``) save.
 
     Files are written only after everything succeeded, atomically: a cancel or an error leaves none.

@@ -10,12 +10,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ssn_core.delta import NeuronDelta, apply_delta
 from ssn_core.errors import TrainingError
 from ssn_core.neurons import NeuronSet
 from ssn_core.sites import SiteMap
 from ssn_core.training.data import _sites_of
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 
 def resolve_target(target: str, sites: SiteMap, *, identify_dir: str | Path | None = None,
@@ -92,7 +96,8 @@ class SSShift:
     after: object  # the IdentifyResult computed with the delta on
 
 
-def ss_shift(lm, delta: NeuronDelta, prompts, languages: Sequence[str], before, **identify_kwargs) -> SSShift:
+def ss_shift(lm: LoadedModel, delta: NeuronDelta, prompts, languages: Sequence[str], before,
+             **identify_kwargs) -> SSShift:
     """Re-identify with the delta switched on and compare each language's MS and SS sets with ``before``.
 
     ``before``: the IdentifyResult the target was taken from; use the same prompts and identify settings.
@@ -111,6 +116,6 @@ def ss_shift(lm, delta: NeuronDelta, prompts, languages: Sequence[str], before, 
     return SSShift(rows=rows, after=after)
 
 
-def load_delta_for(lm, path: str | Path) -> NeuronDelta:
+def load_delta_for(lm: LoadedModel, path: str | Path) -> NeuronDelta:
     """Load a delta file and validate it against this LoadedModel (NeuronFileError if it belongs elsewhere)."""
     return NeuronDelta.load(path, lm.model, _sites_of(lm))
