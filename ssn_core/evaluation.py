@@ -129,9 +129,10 @@ def evaluate(lm, prompts, languages: Sequence[str], settings=None, judge=None,
 
     ``prompts``: a `PromptSet`; ``label`` restricts to "harmful" or "harmless" (None: both, harmless ones give
     over-refusal). ``interventions`` apply to every row (a per-row mask would not survive the chunking into
-    batches; use `validation.run_packed` for per-row conditions).
+    batches; use `validation.run_packed` for per-row conditions). With ``settings.stop_at_verdict`` a reply ends as
+    soon as the judge's verdict on it is settled (`MarkerJudge.settled`), so the replies are cut short.
     """
-    from ssn_core.generation import GenerationSettings, generate
+    from ssn_core.generation import GenerationSettings, generate_many
     from ssn_core.judges import MarkerJudge
     from ssn_core.metrics import make_manifest, rate_table
 
@@ -146,17 +147,23 @@ def evaluate(lm, prompts, languages: Sequence[str], settings=None, judge=None,
     condition = condition or condition_name(interventions)
     started = time.time()
 
-    replies: list[str] = []
     total = len(items)
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("evaluation was cancelled")
+    stop = None
+    if getattr(settings, "stop_at_verdict", False) and hasattr(judge, "settled"):
+        def stop(row: int, reply: str) -> bool:
+            return judge.settled(items[row].text, reply, items[row].language)
+
+    def report(done: int, _total: int) -> None:
+        if progress is not None:
+            progress(done, total, f"generated {done}/{total}")
+
+    # One stream of batches, longest prompts first, finished rows replaced at once (`generate_many`).
     context = intervene(lm, *interventions) if interventions else nullcontext()
     with context:
-        for start in range(0, total, batch_size):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("evaluation was cancelled")
-            chunk = items[start:start + batch_size]
-            replies.extend(generate(lm, [p.text for p in chunk], settings))
-            if progress is not None:
-                progress(len(replies), total, f"generated {len(replies)}/{total}")
+        replies = generate_many(lm, [p.text for p in items], settings, batch_size=batch_size, stop=stop,
+                                progress=report, cancel=cancel)
 
     verdicts = judge.judge_many([p.text for p in items], replies, [p.language for p in items], cancel=cancel)
     rows = [
