@@ -596,7 +596,6 @@ def test_a_settled_verdict_is_the_verdict_of_every_continuation():
     for _ in range(300):
         prompt, language = rng.choice(_SETTLE_PROMPTS)
         full = _random_reply(rng, prompt)
-        verdict = judge.judge(prompt, full, language)
         others = [full + _random_reply(rng, prompt) for _ in range(2)]
         for k in range(len(full) + 1):
             partial = full[:k]
