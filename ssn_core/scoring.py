@@ -39,6 +39,7 @@ of neurons to validate the fast scores; with ``aggregate="last"`` it is the pape
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import math
 import random
@@ -457,18 +458,30 @@ def _chunk_size(n_rows: int, T: int, S: int, width: int, budget_bytes: int = 256
 def _weighted_rows(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per prompt, the token positions that count in its aggregate: (index [B, R], weights [B, R]).
 
-    Only these query rows reach the score, so the recomputation can skip every other row exactly. Prompts with
-    fewer counted tokens are filled with their last position at weight 0.
+    Only these query rows reach the score, so the recomputation can skip every other row exactly. The counted
+    positions come last, in order; prompts with fewer are filled in front with their first counted position at
+    weight 0. (Left-padded prompts end alike, so row j then sits at about the same position in every prompt, and a
+    block of rows needs keys only up to its last position: attention is causal.)
     """
     counted = weights > 0  # [B, T]
     n_rows = max(int(counted.sum(-1).max()), 1)
-    position = torch.arange(weights.shape[1], device=weights.device).expand_as(weights)
-    # Counted positions first (in order), then the others: the first n_rows columns are what we need.
-    order = torch.argsort(torch.where(counted, position, position + weights.shape[1]), dim=-1)[:, :n_rows]
+    T = weights.shape[1]
+    position = torch.arange(T, device=weights.device).expand_as(weights)
+    # The others first, then the counted positions (in order): the last n_rows columns are what we need.
+    order = torch.argsort(torch.where(counted, position + T, position), dim=-1)[:, T - n_rows:]
     kept = torch.gather(counted, 1, order)
-    last = torch.where(counted, position, -1).max(-1, keepdim=True).values.clamp(min=0)
-    index = torch.where(kept, order, last)
+    first = torch.where(counted, position, T).min(-1, keepdim=True).values.clamp(max=T - 1)
+    index = torch.where(kept, order, first)
     return index, torch.where(kept, torch.gather(weights, 1, index), 0.0)
+
+
+def _row_blocks(rows: torch.Tensor, min_rows: int = 16, most: int = 4) -> list[tuple[int, int, int]]:
+    """(first row, end row, keys) blocks of the recomputed rows: a block's rows attend to keys < its last position + 1
+    in every prompt, so the keys after it are skipped (they are masked for those rows: exactly zero weight)."""
+    R = rows.shape[1]
+    n = max(1, min(most, R // min_rows))
+    bounds = [round(i * R / n) for i in range(n + 1)]
+    return [(j0, j1, int(rows[:, j1 - 1].max()) + 1) for j0, j1 in itertools.pairwise(bounds) if j1 > j0]
 
 
 def _take_rows(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -625,18 +638,25 @@ def _k_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, log_pr
     z [B,K,G,R,D] = A V per head; factors [K, r, G*D] with ‖W_O,group y‖ = ‖factors y‖. Zeroing a key dim moves the
     scores of the group's G heads at once, and Δout = W_O,group [(A′_g − A_g) V]_g: per head the value matmul of
     A′ (with a ones column for its normaliser), then one matmul with the group's factor for the norm; when the keys
-    are few (S < r), V F_gᵀ is contracted over (g, s) at once instead.
+    are few, V F_gᵀ is contracted over (g, s) at once instead (whichever takes fewer flops).
     """
     B, K, D, RG, _ = row_factors.shape
     S = key_factors.shape[-1]
     G = z.shape[2]
     R = RG // G
     r = factors.shape[1]
-    two_stage = G * S * (D + 1) + G * D * r < G * S * r if _K_TWO_STAGE is None else _K_TWO_STAGE
+    # A QR factor is upper triangular: Y Rᵀ's second half of columns only needs Y's second half (1/4 fewer flops).
+    half = (G * D) // 2
+    triangular = r == G * D and half > 0 and not bool(factors[:, half:, :half].any())
+    flops_per_row = {True: G * S * (D + 1) + G * D * r * (0.75 if triangular else 1.0), False: G * S * r}
+    two_stage = flops_per_row[True] < flops_per_row[False] if _K_TWO_STAGE is None else _K_TWO_STAGE
     if two_stage:
         v1 = torch.cat([vh, vh.new_ones((B, K, S, 1))], dim=-1)  # [B,K,S,D+1]
         zk = z.permute(0, 1, 3, 2, 4)  # [B,K,R,G,D]
         factors_t = factors.transpose(1, 2)  # [K, G*D, r]
+        if triangular:
+            first_cols = factors_t[:, :, :half].contiguous()  # [K, G*D, half]
+            last_cols = factors_t[:, half:, half:].contiguous()  # [K, G*D - half, r - half]
     else:
         vf = torch.einsum("bksd,krgd->bkgsr", vh, factors.view(K, r, G, D)).reshape(B, K, G * S, r)
         zf = torch.einsum("bkgtd,krgd->bktr", z, factors.view(K, r, G, D))  # [B,K,R,r]
@@ -665,9 +685,18 @@ def _k_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, log_pr
                 heads = _WORK.get("qk_heads", (K, nb, c, R, G, D), vh)  # kv head first: one bmm with its factor
                 torch.div(y[..., :D], y[..., D:], out=heads.transpose(0, 1)).transpose(0, 1).sub_(
                     zk[b0:b1, :, None].transpose(0, 1))  # (A′_g − A_g) V per head
-                projected = _WORK.get("qk_projected", (K, nb * c * R, r), vh)
-                torch.bmm(heads.view(K, nb * c * R, G * D), factors_t, out=projected)
-                delta = projected.norm(dim=-1).view(K, nb, c, R).transpose(0, 1)
+                flat = heads.view(K, nb * c * R, G * D)
+                if triangular:
+                    first = _WORK.get("qk_projected", (K, nb * c * R, half), vh)
+                    last = _WORK.get("qk_projected_last", (K, nb * c * R, r - half), vh)
+                    torch.bmm(flat, first_cols, out=first)
+                    torch.bmm(flat[:, :, half:], last_cols, out=last)
+                    delta = torch.hypot(first.norm(dim=-1), last.norm(dim=-1))
+                else:
+                    projected = _WORK.get("qk_projected", (K, nb * c * R, r), vh)
+                    torch.bmm(flat, factors_t, out=projected)
+                    delta = projected.norm(dim=-1)
+                delta = delta.view(K, nb, c, R).transpose(0, 1)
             else:
                 u.div_(totals[..., None])
                 y = _WORK.get("qk_values", (nb, K, c * R, r), vh)
@@ -732,8 +761,10 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
             # exp(log A − Δ) with the normaliser from the value matmul, in cache-sized chunks (`_q_shift_impact`).
             zf_q = torch.einsum("bkgtd,kgrd->bkgtr", z, geo.q_factors.view(K, G, -1, D))  # [B,K,G,R,r] = A V F_hᵀ
             log_probs = torch.log_softmax(base, dim=-1)  # [B,K,G,R,S] = log A (−inf-like where masked)
-            out["attn_q"] = _q_shift_impact(row_factors, key_factors, log_probs, vf_q, zf_q,
-                                            row_weights).reshape(B, H * D)
+            out["attn_q"] = sum(
+                _q_shift_impact(row_factors[..., j0:j1, :], key_factors[..., :keys],
+                                log_probs[..., j0:j1, :keys], vf_q[..., :keys, :], zf_q[..., j0:j1, :],
+                                row_weights[:, j0:j1]) for j0, j1, keys in _row_blocks(rows)).reshape(B, H * D)
         else:  # soft-capping (the shift goes through tanh) or q norms: softmax per chunk, as before
             scores = torch.zeros(B, H, D, device=q_raw.device)
             chunk = min(D, _chunk_size(B * H, R, S, vf_q.shape[-1]))
@@ -763,8 +794,11 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
             key_factors = torch.stack(((k_raw * own[:, :, None]).permute(0, 2, 3, 1),
                                        (k_raw * other[:, :, None]).permute(0, 2, 3, 1)), dim=3)  # [B,K,D,2,S]
             log_probs = torch.log_softmax(base, dim=-1).permute(0, 1, 3, 2, 4).contiguous()  # [B,K,R,G,S]
-            out["attn_k"] = _k_shift_impact(row_factors, key_factors, log_probs, vh, z,
-                                            geo.k_factors.to(vh.device), row_weights).reshape(B, K * D)
+            factors = geo.k_factors.to(vh.device)
+            out["attn_k"] = sum(
+                _k_shift_impact(row_factors[..., j0 * G:j1 * G, :], key_factors[..., :keys],
+                                log_probs[:, :, j0:j1, :, :keys], vh[:, :, :keys], z[:, :, :, j0:j1], factors,
+                                row_weights[:, j0:j1]) for j0, j1, keys in _row_blocks(rows)).reshape(B, K * D)
         else:  # soft-capping or k norms
             vf_k = torch.einsum("bksd,krgd->bkgsr", vh, geo.k_factors.view(K, -1, G, D))  # [B,K,G,S,r]
             scores = torch.zeros(B, K, D, device=q_raw.device)
