@@ -170,10 +170,12 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
     warm_settings = generation.GenerationSettings(max_new_tokens=2)
     legacy.run_packed(lm, texts["en"][:1], conditions[:2], warm_settings, batch_size)
     validation.run_packed(lm, texts["en"][:1], conditions[:2], warm_settings, batch_size)
+    rounds = cfg.repeats or cfg.pick(1, 1, 3)  # minutes per round on a 2-core CPU: one round in --quick
     ctx.log(f"{n_replies} validation replies ({len(conditions)} conditions x {n_per_lang} prompts x "
             f"{len(languages)} languages) and {len(eval_texts)} evaluation replies per path, batch {batch_size}, "
-            f"{settings.max_new_tokens} new tokens, {cfg.rounds} alternating rounds")
-    times = alternate(fns, cfg.rounds, warmup=0)
+            f"{settings.max_new_tokens} new tokens, {rounds} alternating round(s)")
+    times = alternate(fns, rounds, warmup=0,
+                      on_time=lambda r, name, seconds: ctx.log(f"round {r + 1}: {name} {seconds:.1f} s"))
     ratios = {"validation_replies_per_s": paired_ratio(times["old"], times["new"]),
               "validation_stop_at_verdict": paired_ratio(times["old"], times["new_stop_at_verdict"]),
               "evaluation_replies_per_s": paired_ratio(times["eval_old"], times["eval_new"])}
@@ -181,7 +183,7 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
              "stop_at_verdict_vs_old": _agreement(judge, texts, outputs["old"], outputs["new_stop_at_verdict"],
                                                   prefix_ok=True)}
     eval_agree = sum(a == b for a, b in zip(outputs["eval_old"], outputs["eval_new"], strict=True))
-    ctx.log("profiling one old-path batch and one new-path run")
+    ctx.log("profiling one old-path batch and one new-path run (en)")
     breakdown = _old_batch_breakdown(lm, texts["en"], conditions, settings, batch_size, interventions_mod)
     with _count_forwards(generation) as new_stats:
         t0 = time.perf_counter()
