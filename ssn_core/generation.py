@@ -427,7 +427,9 @@ def _applied(lm: LoadedModel, interventions: Sequence, masks: list[torch.Tensor 
 # A finished row stays in the batch (fed a pad token) until this share of the batch has finished. A decoding step
 # costs about the same for 12 rows as for 16 (it streams every weight once), while each change of the batch
 # re-enters the interventions (their per-site multipliers are rebuilt on the next forward) and copies the cache:
-# so rows leave a quarter at a time while others wait to take their places, and half at a time once none wait.
+# so rows leave a quarter at a time while others wait to take their places, and half at a time once none wait (or
+# the cache cannot take new rows). A cache that cannot drop rows runs its batch to the end (leaving would only
+# re-enter the interventions every step).
 _LEAVE_SHARE = 1 / 4
 _LEAVE_SHARE_LAST = 1 / 2
 
@@ -479,13 +481,17 @@ def _generate_rows(lm: LoadedModel, prompts: list[list[int]], settings: Generati
             if not waiting:
                 break
             continue
-        leave_at = max(1, int(len(batch.rows) * (_LEAVE_SHARE if waiting else _LEAVE_SHARE_LAST)))
+        if fixed or not hasattr(batch.cache, "batch_select_indices"):
+            leave_at = len(batch.rows)  # this cache cannot drop rows: run the batch to its end
+        else:
+            refill = bool(waiting) and _plain_cache(batch.cache)
+            leave_at = max(1, int(len(batch.rows) * (_LEAVE_SHARE if refill else _LEAVE_SHARE_LAST)))
         with _applied(lm, interventions, masks, batch.rows):
             while not all(batch.done) and not halted():
                 decoder.step(batch)
                 if on_step is not None:
                     on_step(decoder.tokens)
-                if not fixed and sum(batch.done) >= leave_at:
+                if sum(batch.done) >= leave_at:
                     break
     return decoder.tokens
 
