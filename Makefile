@@ -15,7 +15,7 @@ PY := $(VENV)/bin/python
 INSTALL_KEY := $(shell $(PYTHON) -c "import hashlib,sys; h=hashlib.sha256(open('requirements.txt','rb').read()+open('pyproject.toml','rb').read()); h.update(sys.argv[1].encode()); print(h.hexdigest()[:16])" "$(TORCH_SPEC)")
 STAMP := $(VENV)/.ssn-installed-$(INSTALL_KEY)
 
-.PHONY: run test install starter browser lint
+.PHONY: run test install starter browser lint starter-neurons
 
 run: starter
 	$(PY) -m streamlit run app.py --server.address 127.0.0.1 --server.headless true --browser.gatherUsageStats false
@@ -41,6 +41,17 @@ $(STAMP): requirements.txt pyproject.toml
 # Assemble + verify + convert the starter model into the cache once (~1.5 min); a no-op afterwards.
 starter: install
 	$(PY) -m ssn_core prepare-starter --name $(STARTER)
+
+# The bundled starter neuron set (assets/starter_neurons/): identify on the starter with the default recipe (kept in
+# $(STARTER_RUN), gitignored), then `ssn bundle` writes the small folder that is committed (sets, counts, overlap,
+# refusal direction, English harmful activation means; no score table). A walkthrough.json / delta.safetensors already
+# in the bundle folder is kept. Takes a while on a CPU (scoring 2 x 32 prompts per language with gradients).
+STARTER_LANGS ?= en,zh,ar,bn,sw,jv
+STARTER_RUN ?= runs/starter-neurons
+STARTER_BUNDLE ?= assets/starter_neurons/$(lastword $(subst :, ,$(STARTER)))
+starter-neurons: starter
+	$(PY) -m ssn_core identify --model $(STARTER) --recipe default --langs $(STARTER_LANGS) --hr en --out $(STARTER_RUN)
+	$(PY) -m ssn_core bundle --neurons $(STARTER_RUN) --out $(STARTER_BUNDLE)
 
 # Debian's Chromium + chromedriver for the browser end-to-end test (a system package: no browser download).
 # Installed when missing and we are root with apt-get (CI, this dev machine); otherwise that test skips and says why.

@@ -29,6 +29,7 @@ state.keep_widget_state()  # forms and settings remember their values when you s
 pages = [
     st.Page("app_pages/1_model.py", title="Model", icon=":material/memory:", default=True),
     st.Page("app_pages/2_neurons.py", title="Neurons", icon=":material/biotech:", url_path="neurons"),
+    st.Page("app_pages/7_explorer.py", title="Explorer", icon=":material/travel_explore:", url_path="explorer"),
     st.Page("app_pages/3_chat.py", title="Chat (A/B)", icon=":material/forum:", url_path="chat"),
     st.Page("app_pages/4_validate.py", title="Validate", icon=":material/bar_chart:", url_path="validate"),
     st.Page("app_pages/5_finetune.py", title="Fine-tune", icon=":material/tune:", url_path="finetune"),

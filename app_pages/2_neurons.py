@@ -9,7 +9,7 @@ import pandas as pd
 import streamlit as st
 
 from ssn_core.neurons import NeuronSet
-from ui import charts, jobs, neuron_sources, provenance, state
+from ui import bundle, charts, explorer_links, jobs, neuron_sources, provenance, state
 from ui.common import (
     call,
     csv_bytes,
@@ -62,6 +62,34 @@ grouping = setup.radio("Grouping", ["MultiJail (high / medium / low resource)", 
                     horizontal=True, key="nr_grouping")
 groups = P.MULTIJAIL_GROUPS if grouping.startswith("MultiJail") else P.PAPER_GROUPS
 
+RECIPES = identify_module.RECIPES
+
+
+def recipe_kinds(name: str) -> list[str]:
+    """The recipe's sites this model has; the exact q/k of the impact method are left out (slow on a CPU)."""
+    recipe = RECIPES[name]
+    kinds = [k for k in recipe.kinds if k in lm.sites.kinds]
+    if recipe.method == "impact":
+        kinds = [k for k in kinds if k not in SLOW_KINDS] or kinds
+    return kinds
+
+
+def apply_recipe() -> None:
+    """A new recipe resets p and the sites to the recipe's (the form's other settings stay)."""
+    name = st.session_state["nr_recipe"]
+    st.session_state["nr_p"] = 100.0 * RECIPES[name].p
+    st.session_state["nr_kinds"] = recipe_kinds(name)
+
+
+setup.markdown("**3. Method**")
+recipe_name = setup.selectbox(
+    "Recipe", list(RECIPES), key="nr_recipe", on_change=apply_recipe,
+    format_func=lambda name: f"{name} — {RECIPES[name].note}",
+    help="'default' was chosen by held-out evidence (README, 'Which neurons'): refusal attribution finds the "
+         "neurons whose suppression breaks refusal on prompts it never saw; 'paper' is the paper's ΔLLM on "
+         "(prompt, reply) pairs; 'plnd' is SSN Lab's first default.")
+recipe = RECIPES[recipe_name]
+
 with setup.form("identify_form"):
     columns = st.columns(len(groups))
     chosen: list[str] = []
@@ -73,20 +101,19 @@ with setup.form("identify_form"):
     hr = st.multiselect("High-resource reference (SS-Neurons are shared with these)",
                         [lang for langs in groups.values() for lang in langs], default=["en"], key="nr_hr")
 
-    st.markdown("**3. Method**")
     c1, c2, c3, c4 = st.columns(4)
-    method = c1.selectbox("Importance", ["impact", "activation"], key="nr_method",
-                          help="impact: how much the layer's output changes when the neuron is zeroed (the paper). "
-                               "activation: mean |activation| (cheap, coarser).")
-    p_percent = c2.number_input("Top p (%)", 0.1, 20.0, 3.0, step=0.5, key="nr_p")
+    method = recipe.method
+    c1.caption(f"method **{recipe.method}**, aggregate **{recipe.aggregate}**, ranking **{recipe.ranking}**")
+    p_percent = c2.number_input("Top p (%)", 0.1, 20.0, 100.0 * recipe.p, step=0.5, key="nr_p")
     n_per_language = c3.number_input("Prompts per language and label", 2, 500, 8, key="nr_n",
                                      help="The paper uses hundreds; 8 is enough to try the tool on CPU.")
     batch_size = c4.number_input("Batch size", 1, 64, 8, key="nr_batch")
     state.keep_valid("nr_kinds", lm.sites.kinds, multi=True)
-    quick_kinds = [kind for kind in lm.sites.kinds if kind not in SLOW_KINDS] or list(lm.sites.kinds)
-    kinds = st.multiselect("Sites", list(lm.sites.kinds), default=quick_kinds, key="nr_kinds",
-                           help="attn_q / attn_k are left out by default: their exact scores cost several forward "
-                                "passes per prompt on a CPU (bench/README.md). Add them for the full picture.")
+    kinds = st.multiselect("Sites", list(lm.sites.kinds), default=recipe_kinds(recipe_name), key="nr_kinds",
+                           help="The recipe's sites. With the impact method attn_q / attn_k are left out by default: "
+                                "their exact scores cost several forward passes per prompt on a CPU "
+                                "(bench/README.md); gradient methods (attribution, global) cover them at no extra "
+                                "cost.")
     go = st.form_submit_button("Identify neurons", type="primary")
     speed_now = state.model_speed()
     if speed_now is not None:
@@ -124,11 +151,12 @@ def form_settings() -> dict[str, str]:
             "sites": ", ".join(kinds)}
 
 
-def run_identify(lm, prompts, languages, hr, method, p, kinds, n, batch_size, progress=None,
+def run_identify(lm, prompts, languages, hr, recipe_name, p, kinds, n, batch_size, progress=None,
                  cancel: threading.Event | None = None):
     selected = prompts.select(languages=languages, limit_per_language=n)
-    return identify_module.identify(lm, selected, languages, hr=tuple(hr), method=method, p=p, kinds=tuple(kinds),
-                                    batch_size=batch_size, progress=progress, cancel=cancel)
+    return identify_module.identify(lm, selected, languages, hr=tuple(hr), recipe=recipe_name, p=p,
+                                    kinds=tuple(kinds), batch_size=batch_size, find_direction=True,
+                                    activation_means=True, progress=progress, cancel=cancel)
 
 
 if go:
@@ -142,7 +170,7 @@ if go:
             prompt_set = load_prompts(source, languages)
             st.session_state["identify_prompts"] = prompt_set
             st.session_state["identify_n"] = int(n_per_language)
-            jobs.start_job("identify", run_identify, lm, prompt_set, languages, hr, method, p_percent / 100.0,
+            jobs.start_job("identify", run_identify, lm, prompt_set, languages, hr, recipe_name, p_percent / 100.0,
                            kinds, int(n_per_language), int(batch_size))
         except Exception as exc:  # noqa: BLE001 - bad files, unknown languages, ...
             show_error(exc)
@@ -164,6 +192,12 @@ with st.expander("Import a saved neuron set or identification result"):
             neuron_sources.add_imported(neuron_file.name, imported)
             st.success(f"Imported {len(imported):,} neurons as '{neuron_file.name}': use it in Chat, Validate, "
                        "Fine-tune or Learn.")
+    bundled = bundle.current()
+    if bundled is not None and st.session_state.get("identify_result") is not bundled and i1.button(
+            "Use the bundled starter set again", key="nr_use_bundle",
+            help="The starter's bundled MS / SS sets and refusal direction (`make starter-neurons`)."):
+        st.session_state["identify_result"] = bundled
+        st.success("The bundled starter set is this session's result again.")
     result_dir = i2.text_input("Result folder (saved by the CLI or this page)", key="nr_import_dir")
     if result_dir and i2.button("Load result folder", key="nr_import_result"):
         folder = call(existing_folder, result_dir, "result folder")
@@ -172,6 +206,8 @@ with st.expander("Import a saved neuron set or identification result"):
             st.session_state["identify_result"] = loaded
             st.success(f"Loaded the identification result from {result_dir}.")
 
+if bundle.error() is not None:
+    st.warning(f"The bundled starter neuron set could not be loaded: {bundle.error()}")
 result = st.session_state.get("identify_result")
 if result is None:
     if job is None:
@@ -193,9 +229,16 @@ if len(result.ss_all) == 0:
                "Use more prompts per language or a larger p (a tiny random model has almost none).")
 
 produced = provenance.identify_settings(result)
+if bundle.is_bundle(result):
+    st.caption(f"Showing {bundle.describe(result)}. It loads by itself with its model, so Chat, Validate and Learn "
+               "work from the first second; identify neurons above to compute your own.")
 st.caption("These results were computed with: " + provenance.describe(produced))
+if result.direction is not None:
+    st.caption(f"Refusal direction: layer {result.direction.layer} (difference of mean residual states between "
+               f"harmful and harmless prompts of {', '.join(result.direction.meta.get('languages', []) or ['?'])}, "
+               "at the last prompt token): the positive control of Chat, Validate and the dose-response check.")
 changed = provenance.differences(produced, form_settings())
-if changed and job is None:
+if changed and job is None and not bundle.is_bundle(result):
     st.info("The form above now differs from the settings of these results: " + "; ".join(changed)
             + ". Press **Identify neurons** to recompute.")
 
@@ -240,8 +283,13 @@ if query.strip():
         mask &= table["site"].str.contains(token, regex=False) | (table["layer"].astype(str) == token) | (
             table["index"].astype(str) == token)
     table = table[mask]
-st.dataframe(table, hide_index=True, width="stretch", height=300)
-st.caption(f"{len(table):,} rows.")
+if result.scores is None:
+    st.info(bundle.NO_SCORES)
+opened = explorer_links.neuron_picker_table(table, "nr_table_pick", width="stretch", height=300)
+st.caption(f"{len(table):,} rows. Click a row to open that neuron in the **Explorer** (its prompts, tokens and "
+           "vocabulary).")
+if opened:
+    explorer_links.open_in_explorer(opened)
 
 selected_set: NeuronSet = result.ss_all if which == "ss_all" else (
     result.ss[which[3:]] if which.startswith("ss:") else result.ms[which[3:]])
@@ -277,7 +325,9 @@ with st.expander("Check the fast scores against exact ablation (slow)"):
              "changes. If the fast scores used above rank neurons like the exact effect does, the rank correlation "
              "is clearly positive.")
     prompts_used = st.session_state.get("identify_prompts")
-    if prompts_used is None or getattr(result.scores, "method", "") == "ablation":
+    if result.scores is None:
+        st.info(bundle.NO_SCORES)
+    elif prompts_used is None or getattr(result.scores, "method", "") == "ablation":
         st.info("Needs an identification run from this session (its prompts and fast scores).")
     else:
         a1, a2 = st.columns(2)
@@ -302,3 +352,86 @@ with st.expander("Check the fast scores against exact ablation (slow)"):
             else:
                 st.altair_chart(charts.score_agreement(frame))
                 st.dataframe(rank_agreement(frame), hide_index=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Dose-response: the top neurons vs matched random neurons switched off, on held-out prompts
+
+
+def run_dose_response(lm, result, languages, n, fractions, generate_at, batch_size, progress=None,
+                      cancel: threading.Event | None = None):
+    from ssn_core.evaluation import heldout_prompt_set
+    from ssn_core.faithfulness import faithfulness
+    from ssn_core.generation import GenerationSettings
+
+    prompts, note = heldout_prompt_set("builtin", languages, n, exclude_ids=result.item_ids, harmless=False)
+    name = (result.manifest.get("recipe") or {}).get("name") or f"{result.scores.method}:{result.scores.aggregate}"
+    found = faithfulness(lm, {name: result.scores}, prompts, languages, hr=tuple(result.hr or ("en",)),
+                         fractions=fractions, ranking=result.manifest.get("ranking", "per-site"), seeds=(0,),
+                         generate_at=generate_at, settings=GenerationSettings(max_new_tokens=32),
+                         direction=None if result.direction is None else result.direction.unit,
+                         limit_per_language=n, batch_size=batch_size, progress=progress, cancel=cancel)
+    found.manifest["heldout"] = note
+    return found
+
+
+def parse_fractions(text: str) -> list[float]:
+    import math
+
+    try:
+        values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
+    except ValueError:
+        raise P.PromptSetError(f"doses {text!r}: give fractions separated by commas, e.g. 0.001, 0.01") from None
+    if not values or any(not (math.isfinite(v) and 0 < v <= 1) for v in values):
+        raise P.PromptSetError(f"doses {text!r}: every dose must be a fraction in (0, 1]")
+    return sorted(set(values))
+
+
+with st.expander("Dose-response check (faithfulness)"):
+    st.write("Do these scores pick neurons that matter? For a few doses p (the top fraction per layer that "
+             "identification takes) the MS- and SS-Neurons are switched off and the **refusal margin** is measured "
+             "on held-out built-in prompts (items identification did not use), next to as many random neurons in "
+             "the same layers and sites. A faithful method's curve drops far below the random one; the grey rule is "
+             "the refusal-direction control.")
+    if result.scores is None:
+        st.info(bundle.NO_SCORES)
+    else:
+        dose_languages = [lang for lang in languages if lang in P.BUILTIN_LANGUAGES]
+        default_dose = ([lang for lang in dose_languages if lang in result_hr][:1]
+                        + [lang for lang in dose_languages if lang not in result_hr][:1])
+        state.keep_valid("nr_dose_langs", dose_languages, multi=True)
+        f1, f2, f3 = st.columns([2, 1, 1])
+        dose_langs = f1.multiselect("Languages", dose_languages, default=default_dose, key="nr_dose_langs")
+        dose_n = f2.number_input("Held-out prompts per language", 1, 64, 8, key="nr_dose_n")
+        dose_text = f3.text_input("Doses p", "0.001, 0.003, 0.01, 0.03", key="nr_dose_fractions",
+                                  help="Top fractions per layer, comma-separated.")
+        generate_choice = st.selectbox("Also generate and judge replies at", ["no dose (margin only, fast)",
+                                                                              "the largest dose"],
+                                       key="nr_dose_generate")
+        if st.button("Run the dose-response check", key="nr_dose_run"):
+            try:
+                fractions = parse_fractions(dose_text)
+                if not dose_langs:
+                    raise P.PromptSetError("choose at least one language")
+                generate_at = (fractions[-1],) if generate_choice.startswith("the largest") else ()
+                jobs.start_job("dose_response", run_dose_response, lm, result, list(dose_langs), int(dose_n),
+                               fractions, generate_at, int(st.session_state.get("nr_batch", 8)))
+                st.session_state["dose_response_for"] = result.manifest.get("created")
+            except Exception as exc:  # noqa: BLE001
+                show_error(exc)
+        dose_job = jobs.job_panel("dose_response")
+        if dose_job is not None and not dose_job.running and dose_job.error is None:
+            st.session_state["dose_response"] = dose_job.result
+            st.session_state.pop("job:dose_response", None)
+        curve = st.session_state.get("dose_response")
+        if curve is not None and st.session_state.get("dose_response_for") == result.manifest.get("created"):
+            st.altair_chart(curve.chart())
+            held = curve.manifest.get("heldout") or {}
+            st.caption(f"Held-out prompts: {held.get('source', 'built-in')} "
+                       f"({held.get('excluded_item_ids', 0)} item ids excluded). Margin drop = baseline margin − "
+                       "margin with the neurons off (nats; larger = refusal weakened more).")
+            summary = pd.DataFrame(curve.summary()).rename(columns={
+                "n_neurons": "neurons", "margin_drop": "margin drop", "random_margin_drop": "random margin drop",
+                "margin_drop_vs_random": "margin drop vs random", "refusal_drop": "refusal drop",
+                "random_refusal_drop": "random refusal drop", "refusal_drop_vs_random": "refusal drop vs random"})
+            st.dataframe(summary.round(4), hide_index=True, width="stretch")

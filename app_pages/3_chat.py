@@ -13,10 +13,10 @@ from contextlib import closing
 
 import streamlit as st
 
-from ssn_core.interventions import Intervention, intervene
+from ssn_core.interventions import Intervention, Shift, intervene
 from ssn_core.judges import MarkerJudge
 from ssn_core.langid import detect_language
-from ui import neuron_sources, state, textdiff
+from ui import ab_records, neuron_sources, state, textdiff
 from ui.common import link, need, require_model, show_error
 
 st.title("Chat (A/B)")
@@ -35,12 +35,15 @@ VERDICT_STYLE = {"refusal": ("green", ":material/shield:", "refusal"),
 DELTA_LABEL = "Trained delta (Fine-tune page)"
 AUTO_LANGUAGE = "auto"
 NO_SET = neuron_sources.Choice("none")
+DIRECTION = neuron_sources.Choice("direction")
+SUPPRESS, REINFORCE, ADD, OFF = "Suppress (×0)", "Reinforce (×α)", "Add β × mean harmful activation", "Off"
 
 # ---------------------------------------------------------------------------------------------------------------
 # Intervention controls
 with st.expander("Intervention (right column)", expanded=True):
     col1, col2 = st.columns([2, 1])
-    options = neuron_sources.available_choices()  # the suggested (most effective) set first, "every neuron" last
+    # the suggested (most effective) set first, then the other sets, the refusal direction, "every neuron" last
+    options = neuron_sources.available_choices(with_direction=True)
     delta = st.session_state.get("chat_delta")
     source_labels = [c.label() for c in options] + ([DELTA_LABEL] if delta is not None else [])
     if st.session_state.pop("chat_use_delta", False) and delta is not None:
@@ -50,15 +53,28 @@ with st.expander("Intervention (right column)", expanded=True):
     state.keep_valid("chat_source", source_labels)
     picked_label = col1.selectbox("Neurons", source_labels, index=0, key="chat_source",
                                   help="The first entry is the suggested set: the one whose suppression beat its "
-                                       "random control by the most on the Validate page, else the union of all "
-                                       "SS-Neurons (Neurons page). The trained delta comes from Fine-tune.")
+                                       "random control by the most on the Validate page, else the bundled starter "
+                                       "set, else the union of all SS-Neurons (Neurons page). The refusal direction "
+                                       "is the positive control (how far refusal can be broken at all); the trained "
+                                       "delta comes from Fine-tune.")
     use_delta = picked_label == DELTA_LABEL
-    action = col2.radio("Action", ["Suppress (×0)", "Reinforce (×α)", "Off"], key="chat_action",
-                        disabled=use_delta, horizontal=False)
-    alpha = col2.slider("α (reinforce scale)", 1.0, 5.0, 2.0, 0.25, key="chat_alpha",
-                        disabled=use_delta or not action.startswith("Reinforce"))
+    use_direction = picked_label == DIRECTION.label()
+    fixed = use_delta or use_direction  # no neuron action, random control, layers or sites to choose
+    means = neuron_sources.activation_means()  # (activation table, HR language) for the additive form, or None
+    actions = [SUPPRESS, REINFORCE] + ([ADD] if means is not None else []) + [OFF]
+    state.keep_valid("chat_action", actions)
+    action = col2.radio("Action", actions, key="chat_action", disabled=fixed, horizontal=False,
+                        help="Add β × mean harmful activation: each neuron gets β times its mean activation on the "
+                             "high-resource language's harmful prompts added (the additive reinforcement).")
+    if action != ADD:
+        alpha = col2.slider("α (reinforce scale)", 1.0, 5.0, 2.0, 0.25, key="chat_alpha",
+                            disabled=fixed or action != REINFORCE)
+        beta = None
+    else:
+        beta = col2.slider("β (× mean harmful activation)", 0.0, 5.0, 1.0, 0.25, key="chat_beta", disabled=fixed)
+        alpha = None
     random_control = col1.checkbox("Random control: as many random neurons, same layers and sites", key="chat_random",
-                                   disabled=use_delta,
+                                   disabled=fixed,
                                    help="If the random set changes the reply as much, the effect is not specific.")
     c3, c4 = st.columns([2, 1])
     layers_now = st.session_state.get("chat_layers")
@@ -66,19 +82,28 @@ with st.expander("Intervention (right column)", expanded=True):
         del st.session_state["chat_layers"]
     state.keep_valid("chat_kinds", sites.kinds, multi=True)
     layer_range = c3.slider("Layers", 0, sites.n_layers - 1, (0, sites.n_layers - 1), key="chat_layers",
-                            disabled=use_delta)
+                            disabled=fixed)
     kinds = c4.multiselect("Sites", list(sites.kinds), default=list(sites.kinds), key="chat_kinds",
-                           disabled=use_delta)
+                           disabled=fixed)
 
-intervention: Intervention | None = None
+intervention = None  # Intervention | Shift | DirectionAblation on row 1 (column B)
 description = "no intervention"
 if use_delta:
     description = f"trained delta ({delta.meta.get('name', 'fine-tuned')})" if hasattr(delta, "meta") \
         else "trained delta"
+elif use_direction:
+    from ssn_core.direction import DirectionAblation
+
+    direction = neuron_sources.refusal_direction()
+    intervention = DirectionAblation(direction.unit, rows=[False, True], label="refusal direction ablated")
+    description = f"refusal direction (layer {direction.layer}) projected out of every layer (positive control)"
+    st.caption("Column B: the difference of mean residual states between harmful and harmless prompts, projected out "
+               "of the residual stream at every layer. It shows how far this model's refusal can be broken at all; "
+               "compare a neuron set's effect with it.")
 elif options[source_labels.index(picked_label)] == NO_SET:
     st.info("No neuron set yet, so column B is the model as is. Identify MS/SS-Neurons on the **Neurons** page or "
             "import a set there; the most effective one becomes the default here.")
-elif not action.startswith("Off"):
+elif action != OFF:
     choice = options[source_labels.index(picked_label)]
     try:
         neurons = neuron_sources.resolve(choice, sites)
@@ -87,16 +112,24 @@ elif not action.startswith("Off"):
             from ssn_core.validation import random_matched
 
             neurons = random_matched(neurons, sites, seed=int(st.session_state.get("chat_seed", 0)))
-        scale = 0.0 if action.startswith("Suppress") else float(alpha)
         label = ("random control for " if random_control else "") + choice.label()
-        intervention = Intervention(neurons, scale=scale, rows=[False, True], label=label)
-        description = intervention.describe()
+        if action == ADD:
+            offsets, hr = neuron_sources.additive_offsets(neurons, float(beta))
+            intervention = Shift(neurons, offsets, rows=[False, True], label=label)
+            description = f"add {float(beta):g} × mean {hr} harmful activation to {len(neurons)} neurons ({label})"
+        else:
+            scale = 0.0 if action == SUPPRESS else float(alpha)
+            intervention = Intervention(neurons, scale=scale, rows=[False, True], label=label)
+            description = intervention.describe()
         if len(neurons) == 0:
             st.warning("The chosen set has no neurons in these layers and sites: both columns will be the same.")
         if choice.kind == "everything":
             middle = (sites.n_layers * 2 // 5, sites.n_layers * 3 // 5)
             st.caption(f"Extreme demo without identified neurons. Switching off *everything* just breaks the model; "
                        f"try Sites = mlp and Layers ≈ {middle[0]}–{middle[1]}: many models then stop refusing.")
+        if choice.kind == "bundle":
+            st.caption("The bundled starter set: all SS-Neurons found on this model with the default recipe "
+                       "(`make starter-neurons`), shipped with SSN Lab so that it works from the first second.")
     except Exception as exc:  # noqa: BLE001 - e.g. a random control that cannot be drawn
         show_error(exc)
         intervention = None
@@ -173,9 +206,9 @@ def judged_language(prompt: str) -> tuple[str | None, str]:
 def finish_turn(pending: dict, stopped: bool = False) -> dict:
     """A history entry from a (possibly interrupted) generation: replies judged in the prompt's language."""
     code = pending.get("language")
-    return {**pending, "stopped": stopped,
-            "a_verdict": judge.judge(pending["prompt"], pending["a"], code),
-            "b_verdict": judge.judge(pending["prompt"], pending["b"], code)}
+    return ab_records.with_record(lm, {**pending, "stopped": stopped,
+                                       "a_verdict": judge.judge(pending["prompt"], pending["a"], code),
+                                       "b_verdict": judge.judge(pending["prompt"], pending["b"], code)})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -197,7 +230,7 @@ def badge(verdict, language: str | None = None, how: str = "") -> None:
 left, right = st.columns(2)
 left.markdown("#### A — model as is")
 right.markdown(f"#### B — {description}")
-for turn in history:
+for number, turn in enumerate(history, start=1):
     differ = turn["a"] != turn["b"]
     for column, side in ((left, "a"), (right, "b")):
         with column:
@@ -216,6 +249,7 @@ for turn in history:
                               if turn.get("language_how") else "")
                     st.caption(" · ".join(x for x in (turn["description"], textdiff.summary(turn["a"], turn["b"]),
                                                       judged, "stopped by you" if turn.get("stopped") else "") if x))
+                    ab_records.download_button(turn, number)
 
 prompt = st.chat_input("Type a prompt for both columns…", key="chat_prompt") or picked_example
 if prompt:
@@ -236,6 +270,8 @@ if prompt:
                "description": description}
     st.session_state["chat_pending"] = pending
     settings = make_settings()
+    pending.update(ab_records.turn_context(None if use_delta else intervention, description, settings,
+                                           delta if use_delta else None))
     replies = ["", ""]
 
     def show(a: str, b: str) -> None:
@@ -263,7 +299,8 @@ if prompt:
                         replies[1] = partial
                         show(replies[0], partial)
         else:
-            interventions = [intervention] if intervention is not None and len(intervention.neurons) else []
+            interventions = [intervention] if intervention is not None and (
+                not hasattr(intervention, "neurons") or len(intervention.neurons)) else []
             with intervene(lm, *interventions), closing(stream_generate(lm, [prompt, prompt], settings)) as stream:
                 for replies in stream:
                     show(replies[0], replies[1])

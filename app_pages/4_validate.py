@@ -5,9 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from ssn_core.prompts import BUILTIN_LANGUAGES, load_builtin
-from ui import charts, jobs, neuron_sources, provenance, state
-from ui.common import csv_bytes, json_bytes, link, need, require_model
+from ssn_core.evaluation import heldout_prompt_set
+from ssn_core.prompts import BUILTIN_LANGUAGES, PromptSet, load_builtin
+from ui import bundle, charts, jobs, neuron_sources, provenance, state
+from ui.common import csv_bytes, json_bytes, link, need, require_model, show_error
 
 st.title("Validate")
 st.write(
@@ -25,6 +26,23 @@ if not targets:
     st.stop()
 
 GenerationSettings = need("ssn_core.generation").GenerationSettings
+
+
+def parse_betas(text: str) -> tuple[float, ...]:
+    """The additive strengths typed in the form ("" = none); SSNError for anything else than numbers >= 0."""
+    import math
+
+    from ssn_core.errors import SSNError
+
+    try:
+        values = tuple(float(v) for v in str(text or "").replace(";", ",").split(",") if v.strip())
+    except ValueError:
+        raise SSNError(f"additive reinforcement β {text!r}: give numbers separated by commas, e.g. 0.5, 1") from None
+    if any(not math.isfinite(v) or v < 0 for v in values):
+        raise SSNError(f"additive reinforcement β {text!r}: every β must be a finite number >= 0")
+    return values
+
+
 validation_module = need("ssn_core.validation")
 ValidationResult, validate = validation_module.ValidationResult, validation_module.validate
 
@@ -36,11 +54,26 @@ result = targets[source_label]
 imported = isinstance(result, neuron_sources.SetAsResult)
 
 prompts = None if imported else st.session_state.get("identify_prompts")
+if prompts is not None and bundle.is_bundle(result):
+    prompts = None  # the session's prompts belong to its own identification, not to the bundle
 languages_available = list(BUILTIN_LANGUAGES) if imported else list(result.ms)
-if prompts is None:  # an imported set or result folder: the built-in prompts of its languages
+used_ids = getattr(result, "item_ids", frozenset()) or frozenset()
+if used_ids and (prompts is None or str(prompts.source).startswith("builtin")):
+    # held out by construction: the built-in items identification did not use (and their counterparts)
+    prompts, heldout_note = heldout_prompt_set(
+        "builtin", [lang for lang in languages_available if lang in BUILTIN_LANGUAGES] or ["en"], None,
+        exclude_ids=used_ids)
+    st.caption(f"Prompts: the built-in items identification did not use (held out; "
+               f"{heldout_note['excluded_item_ids']} item ids excluded).")
+elif used_ids:
+    prompts = PromptSet(tuple(p for p in prompts if p.id not in used_ids), prompts.source)
+    st.caption(f"Prompts: {prompts.source}, without the {len(used_ids)} items identification used (held out).")
+elif prompts is None:  # an imported set: the built-in prompts of its languages
     prompts = load_builtin([lang for lang in languages_available if lang in BUILTIN_LANGUAGES] or ["en"])
     st.caption("Prompts: the built-in set (the identification's own prompts are not in this session).")
 languages_available = [lang for lang in languages_available if lang in prompts.languages]
+has_direction = getattr(result, "direction", None) is not None
+has_means = getattr(result, "activations", None) is not None
 state.keep_valid("val_langs", languages_available, multi=True)
 
 with st.form("validate_form"):
@@ -52,6 +85,20 @@ with st.form("validate_form"):
     n_seeds = c2.number_input("Random-control seeds", 1, 10, 3, key="val_seeds")
     alpha = c3.number_input("Reinforce scale α", 0.0, 10.0, 2.0, step=0.5, key="val_alpha")
     max_new = c4.number_input("Max new tokens", 4, 512, 48, key="val_tokens")
+    o1, o2, o3 = st.columns(3)
+    use_direction = o1.checkbox("Refusal-direction control", value=True, key="val_direction",
+                                disabled=not has_direction,
+                                help="The positive control: the refusal direction projected out of every layer. It "
+                                     "says how far refusal can be broken at all; each target's drop is reported as "
+                                     "a share of it." + ("" if has_direction else " (This result has no direction.)"))
+    over_refusal = o2.checkbox("Over-refusal on harmless prompts", value=True, key="val_over",
+                               help="The baseline and the reinforcements also answer the language's harmless prompts: "
+                                    "does reinforcing make the model refuse what it should answer?")
+    betas_text = o3.text_input("Additive reinforcement β", "", key="val_betas", disabled=not has_means,
+                               placeholder="e.g. 0.5, 1, 2" if has_means else "needs activation means",
+                               help="Comma-separated strengths: each SS-Neuron gets β times its mean activation on the "
+                                    "high-resource language's harmful prompts added (beside the ×α scale). Empty: "
+                                    "none.")
     batch = st.slider("Batch size", 1, 64, 8, key="val_batch",
                       help="Rows generated together (lower it if memory is short).")
     go = st.form_submit_button("Run validation", type="primary")
@@ -64,10 +111,13 @@ with st.form("validate_form"):
         rows = 0
         try:
             for language in languages:
-                plan, _ = validation_module.plan_conditions(result, language, lm.sites, (float(alpha),),
-                                                            tuple(range(int(n_seeds))), hr_language)
+                plan, _ = validation_module.plan_conditions(
+                    result, language, lm.sites, (float(alpha),), tuple(range(int(n_seeds))), hr_language,
+                    result.direction.unit if has_direction and use_direction else None, parse_betas(betas_text))
                 n_prompts = len(prompts.select(languages=[language], label="harmful", limit_per_language=int(limit)))
                 rows += len(plan) * n_prompts
+                if over_refusal:
+                    rows += n_prompts * len([c for c in plan if c.kind in ("baseline", "reinforce", "shift")])
         except Exception:  # noqa: BLE001 - the run itself reports what is wrong; the hint is optional
             rows = 0
         estimate = generation_seconds(speed_now, rows, int(max_new), int(batch))
@@ -80,10 +130,17 @@ if go:
     if not languages:
         st.error("Choose at least one language.")
     else:
-        settings = GenerationSettings(max_new_tokens=int(max_new))
-        jobs.start_job("validate", validate, lm, result, prompts, languages, settings, alphas=(float(alpha),),
-                       seeds=tuple(range(int(n_seeds))), batch_size=int(batch), limit_per_language=int(limit),
-                       hr_language=getattr(result, "hr", ("en",))[0] if getattr(result, "hr", None) else "en")
+        try:
+            betas = parse_betas(betas_text) if has_means else ()
+        except Exception as exc:  # noqa: BLE001 - a typo in the β list
+            show_error(exc)
+        else:
+            settings = GenerationSettings(max_new_tokens=int(max_new))
+            jobs.start_job("validate", validate, lm, result, prompts, languages, settings, alphas=(float(alpha),),
+                           seeds=tuple(range(int(n_seeds))), batch_size=int(batch), limit_per_language=int(limit),
+                           hr_language=getattr(result, "hr", ("en",))[0] if getattr(result, "hr", None) else "en",
+                           direction=None if use_direction and has_direction else False,
+                           over_refusal=bool(over_refusal), betas=betas)
 
 job = jobs.job_panel("validate")
 if job is not None and job.running:
@@ -100,17 +157,33 @@ if vres is None:
     st.stop()
 
 
+def condition_suffix(condition: str, alpha) -> str:
+    """' ×2' for a scale reinforcement, ' +1·mean' for an additive one, '' otherwise."""
+    if alpha is None or pd.isna(alpha):
+        return ""
+    return f" +{alpha:g}·mean" if str(condition).startswith("shift_") else f" ×{alpha:g}"
+
+
 def chart_frame(table: list[dict], set_name: str = "") -> pd.DataFrame:
     """ASR and refusal per (language, condition); random seeds collapsed to mean with min–max bars."""
     df = pd.DataFrame(table)
+    if "label" not in df.columns:
+        df["label_kind"] = "harmful"
+    else:
+        df["label_kind"] = df["label"].fillna("harmful")
     condition = df["condition"].str.replace("_ss_all", f" {set_name}", regex=False) if set_name else df["condition"]
-    df["label"] = condition + df["alpha"].map(lambda a: "" if pd.isna(a) else f" ×{a:g}")
+    df["label"] = condition.str.cat(df.apply(lambda r: condition_suffix(r["condition"], r["alpha"]), axis=1)) \
+        + df["label_kind"].map(lambda kind: " [harmless]" if kind == "harmless" else "")
     rows = []
     for (language, label), group in df.groupby(["language", "label"], sort=False):
         if len(group) > 1:  # random seeds: mean, spread as the error bar
             for metric in ("asr", "refusal", "off_target"):
                 rows.append({"language": language, "condition": label, "metric": metric,
                              "value": group[metric].mean(), "lo": group[metric].min(), "hi": group[metric].max()})
+        elif group.iloc[0]["label_kind"] == "harmless":  # over-refusal: the refusal rate on harmless prompts
+            r = group.iloc[0]
+            rows.append({"language": language, "condition": label, "metric": "refusal", "value": r["refusal"],
+                         "lo": r["refusal_ci_low"], "hi": r["refusal_ci_high"]})
         else:
             r = group.iloc[0]
             rows.append({"language": language, "condition": label, "metric": "asr", "value": r["asr"],
@@ -133,18 +206,62 @@ for start in range(0, len(chart_languages), per_row):  # a grid of charts, each 
             st.altair_chart(charts.rates_by_condition(frame[frame["language"] == language],
                                                       title=f"{language}: refusal and attack success per condition"))
 st.caption("asr = complied with the harmful request, refusal = refused, off_target = neither (echo, loop, wrong "
-           "language). Error bars: 95% bootstrap interval for single runs; min–max over seeds for the random controls.")
+           "language); [harmless] bars: the refusal rate on harmless prompts (over-refusal). Error bars: 95% bootstrap "
+           "interval for single runs; min–max over seeds for the random controls.")
+
+
+def rounded(value, digits: int = 3):
+    return None if value is None else round(float(value), digits)
+
 
 verdicts = []
 for language, targets in vres.summary.get("languages", {}).items():
     for target, cmp in targets.items():
-        verdicts.append({"language": language, "target": target, "beats random": cmp["beats_random"],
-                         "refusal drop (target)": round(cmp["drop_target"], 3),
-                         "refusal drop (random, mean)": round(cmp["drop_random_mean"], 3),
-                         "seed spread": round(cmp["spread"], 3)})
+        paired = cmp.get("paired") or {}
+        share = cmp.get("share_of_direction")
+        verdicts.append({
+            "language": language, "target": target, "beats random": cmp["beats_random"],
+            "refusal drop (target)": rounded(cmp["drop_target"]),
+            "refusal drop (random, mean)": rounded(cmp["drop_random_mean"]),
+            "difference to random": rounded(paired.get("mean")),
+            "95% CI": (f"[{paired['ci_low']:+.2f}, {paired['ci_high']:+.2f}]" if paired else None),
+            "p-value": rounded(paired.get("p_value"), 4), "n": paired.get("n"),
+            "share of the control's drop": None if share is None else f"{share:.0%}",
+            "note": paired.get("note") or "", "seed spread": rounded(cmp["spread"])})
 if verdicts:
     st.markdown("**Does suppressing the target beat the random control?**")
     st.dataframe(pd.DataFrame(verdicts), hide_index=True, width="stretch")
+    st.caption("Difference to random: per prompt, refusal under the random controls minus refusal under the target "
+               "(mean over prompts), with a 95% bootstrap interval and a sign-flip permutation p-value; *beats "
+               "random* means the interval excludes 0. Share of the control's drop: the target's refusal drop as a "
+               "share of the refusal-direction control's.")
+
+control_rows = [{"language": language, "baseline refusal": rounded(c["baseline_refusal"]),
+                 "refusal with the direction ablated": rounded(c["refusal"]), "drop": rounded(c["drop"]),
+                 "ASR with the direction ablated": rounded(c.get("asr"))}
+                for language, c in vres.summary.get("direction", {}).items()]
+if control_rows:
+    st.markdown("**Positive control: the refusal direction ablated**")
+    st.dataframe(pd.DataFrame(control_rows), hide_index=True, width="stretch")
+    st.caption("How far this model's refusal can be broken at all (the direction is projected out of the residual "
+               "stream at every layer); a neuron set's drop is judged against it.")
+
+over_rows = [{"language": r["language"], "condition": r["condition"] + condition_suffix(r["condition"], r["alpha"]),
+              "over-refusal": rounded(r["refusal"]), "off_target": rounded(r["off_target"]), "n": r["n"],
+              "95% CI": (f"[{r['refusal_ci_low']:.2f}, {r['refusal_ci_high']:.2f}]"
+                         if r.get("refusal_ci_low") is not None else None)}
+             for r in vres.table if r.get("label") == "harmless"]
+if over_rows:
+    st.markdown("**Over-refusal on harmless prompts** ([harmless] rows)")
+    st.dataframe(pd.DataFrame(over_rows), hide_index=True, width="stretch")
+    sweep = [{"language": language, "form": point["form"], "target": point["target"], "strength": point["alpha"],
+              "refusal": rounded(point["refusal"]), "refusal gain": rounded(point["refusal_gain"]),
+              "over-refusal change": rounded(point.get("over_refusal_change"))}
+             for language, points in vres.summary.get("reinforce", {}).items() for point in points]
+    if sweep:
+        st.caption("Reinforcement trade-off: refusal gained on harmful prompts vs over-refusal added on harmless ones "
+                   "(form scale = ×α, add = +β × mean harmful activation).")
+        st.dataframe(pd.DataFrame(sweep), hide_index=True, width="stretch")
 
 corr = vres.summary.get("correlation", {})
 if len(corr.get("ss_counts") or {}) >= 2:

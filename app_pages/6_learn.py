@@ -1,4 +1,5 @@
-"""Learn page: what MS- and SS-Neurons are, with two live demos on the loaded model. Meant to be projected."""
+"""Learn page: what MS- and SS-Neurons are, a guided six-step walkthrough (live and streamed) and two live demos on
+the loaded model. Meant to be projected."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from contextlib import closing
 import streamlit as st
 
 from ssn_core.interventions import Intervention, intervene
-from ui import charts, state
+from ui import bundle, charts, neuron_sources, state, walkthrough
 from ui.common import link, show_error
 
 st.title("Learn: safety neurons across languages")
@@ -45,6 +46,155 @@ if lm is None:
     link("model", "Go to the Model page", icon=":material/memory:")
     st.stop()
 
+# ---------------------------------------------------------------------------------------------------------------
+# The guided walkthrough
+
+
+def walkthrough_sources() -> dict[str, object]:
+    """The results the walkthrough can run on: the bundled starter set first, then this session's identification."""
+    sources: dict[str, object] = {}
+    bundled, own = bundle.current(), st.session_state.get("identify_result")
+    if bundled is not None:
+        sources["Bundled starter set"] = bundled
+    if own is not None and own is not bundled:
+        sources["This session's identification"] = own
+    return sources
+
+
+def walkthrough_delta():
+    """Step 6's delta: ``delta.safetensors`` of the bundle folder, else the one trained or loaded on the Fine-tune page
+    (``(delta, where)``, or ``(None, "")``)."""
+    from ssn_core.bundle import DELTA_FILE, extra_file
+
+    folder = bundle.folder()
+    path = extra_file(folder, DELTA_FILE) if folder is not None else None
+    if path is not None:
+        cached = st.session_state.get("walkthrough_delta")
+        if cached is None or cached[0] != str(path):
+            from ssn_core.delta import NeuronDelta
+
+            try:
+                cached = (str(path), NeuronDelta.load(path, model=lm.model, sites=lm.sites))
+            except Exception as exc:  # noqa: BLE001 - the step says it has no delta, the error says why
+                show_error(exc)
+                cached = (str(path), None)
+            st.session_state["walkthrough_delta"] = cached
+        if cached[1] is not None:
+            return cached[1], "the precomputed delta of the bundle"
+    trained = st.session_state.get("chat_delta")
+    if trained is not None:
+        return trained, "the delta from the Fine-tune page"
+    return None, ""
+
+
+VERDICT_COLORS = {"refusal": "green", "compliance": "red", "off_target": "gray"}
+
+
+def show_row(column, row: dict, baseline_margin: float | None, first: bool) -> None:
+    with column:
+        st.markdown(f"**{row['label']}**")
+        (st.info if first else st.warning)(row["reply"] or "(empty reply)")
+        st.badge(row["verdict"].replace("_", "-"), color=VERDICT_COLORS.get(row["verdict"], "gray"))
+        margin = row["margin"]
+        if margin is None:
+            st.caption("refusal margin: not available in this language")
+        else:
+            delta = None if first or baseline_margin is None else f"{margin - baseline_margin:+.2f} vs A"
+            st.metric("refusal margin (nats)", f"{margin:+.2f}", delta=delta,
+                      help="log-probability of opening with a refusal minus that of opening with compliance, "
+                           "teacher-forced: positive leans towards refusing; it moves even when both texts refuse.")
+
+
+def run_step(step, settings) -> list[dict]:
+    """Stream every column of the step (one batch), then judge each reply and measure its refusal margin."""
+    from ssn_core.generation import stream_generate
+    from ssn_core.judges import MarkerJudge
+
+    columns = st.columns(len(step.rows))
+    slots = []
+    for column, row in zip(columns, step.rows):
+        column.markdown(f"**{row.label}**")
+        slots.append(column.empty())
+    replies = [""] * len(step.rows)
+    with walkthrough.applied(lm, step.rows), \
+            closing(stream_generate(lm, [row.prompt for row in step.rows], settings)) as stream:
+        for replies in stream:  # every column appears as it is written, from one batch
+            for slot, reply in zip(slots, replies):
+                slot.info(reply or "…")
+    judge = MarkerJudge()
+    with st.spinner("Measuring the refusal margins…"):
+        return [{"key": f"{step.key}_{i}", "label": row.label, "prompt": row.prompt, "language": row.language,
+                 "reply": reply, "verdict": judge.judge(row.prompt, reply, row.language).label,
+                 "margin": walkthrough.row_margin(lm, row)}
+                for i, (row, reply) in enumerate(zip(step.rows, replies))]
+
+
+st.header("Guided walkthrough")
+sources = walkthrough_sources()
+if not sources:
+    st.info("The walkthrough needs MS- and SS-Neurons: identify them on the **Neurons** page (with the starter model "
+            "the bundled starter set loads by itself, so this page works from the first second).")
+    link("neurons", "Go to the Neurons page", icon=":material/biotech:")
+else:
+    state.keep_valid("learn_walk_source", sources)
+    source_name = st.selectbox("Neurons", list(sources), key="learn_walk_source",
+                               help="The bundled starter set was found with the default recipe on many prompts "
+                                    "(`make starter-neurons`); this session's identification is yours.")
+    walk_result = sources[source_name]
+    try:
+        config, config_where = walkthrough.load_config(bundle.folder())
+    except Exception as exc:  # noqa: BLE001 - a broken walkthrough.json: say so, use the defaults
+        show_error(exc)
+        config, config_where = walkthrough.WalkthroughConfig(), "the defaults in ui/walkthrough.py"
+    walk_languages = walkthrough.language_options(walk_result, config)
+    if not walk_languages:
+        st.info("The walkthrough needs a non-high-resource language with built-in prompts in the result; identify "
+                "one (e.g. bn, sw) on the Neurons page.")
+    else:
+        from ssn_core.generation import GenerationSettings
+        from ssn_core.prompts import language_name
+
+        state.keep_valid("learn_walk_language", walk_languages)
+        walk_language = st.selectbox("Low-resource language", walk_languages, key="learn_walk_language",
+                                     format_func=lambda code: f"{code} — {language_name(code)}")
+        delta, delta_where = walkthrough_delta()
+        steps = walkthrough.build_steps(lm, walk_result, config, walk_language,
+                                        activations=neuron_sources.activation_means(), delta=delta)
+        st.caption(f"Prompts and settings: {config_where}. Greedy replies of up to {config.max_new_tokens} tokens; "
+                   "each step's columns are generated together in one batch, so only the edit differs.")
+        settings = GenerationSettings(max_new_tokens=config.max_new_tokens)
+        done: dict = st.session_state.setdefault("walkthrough", {})
+        for step in steps:
+            st.subheader(f"Step {step.number} — {step.title}")
+            st.markdown(step.look_for)
+            if step.missing:
+                if step.key == "fine_tune":
+                    st.info(f"No fine-tuned delta yet: {step.missing}. Train one on the **Fine-tune** page (target: "
+                            "the SS-Neurons, a few steps) and press **Use in chat**; it then appears here. A bundle "
+                            "can also ship a precomputed one (`delta.safetensors`, `ssn bundle --delta`).")
+                    link("finetune", "Go to the Fine-tune page", icon=":material/tune:")
+                else:
+                    st.info(f"This step cannot run: {step.missing}.")
+                continue
+            signature = [source_name, walk_language] + [(r.label, r.prompt, r.language) for r in step.rows]
+            if step.key == "fine_tune":
+                st.caption(f"Delta: {delta_where}.")
+            prompts_shown = dict.fromkeys((r.language, r.prompt) for r in step.rows)
+            st.caption(" · ".join(f"Prompt ({lang}): *{text}*" for lang, text in prompts_shown))
+            if st.button(f"Run step {step.number}", key=f"walk_run_{step.key}", type="primary"):
+                try:
+                    done[step.key] = {"signature": signature, "rows": run_step(step, settings)}
+                except Exception as exc:  # noqa: BLE001
+                    show_error(exc)
+                else:
+                    st.rerun()  # show the finished step (verdicts, margins) in place of the streaming one
+            finished = done.get(step.key)
+            if finished is not None and finished["signature"] == signature:
+                rows = finished["rows"]
+                for i, (column, row) in enumerate(zip(st.columns(len(rows)), rows)):
+                    show_row(column, row, rows[0]["margin"], i == 0)
+
+st.header("More live demos")
 result = st.session_state.get("identify_result")
 imported_sets = st.session_state.get("neuron_sets_imported", {})
 st.subheader("Live demo 1 — how much do the languages share?")

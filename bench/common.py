@@ -39,6 +39,7 @@ class BenchConfig:
     quick: bool = False
     smoke: bool = False  # tiny random model, tiny sizes: seconds; used by tests so the suite cannot rot
     gpu: bool = False
+    quantization: str = "4bit-nf4"  # --gpu: bitsandbytes quantization of the model ("none": bfloat16 weights)
     results_dir: Path = RESULTS_DIR
     repeats: int | None = None  # alternating rounds; default depends on the mode
     command: str = ""
@@ -115,18 +116,34 @@ def load_bench_model(config: BenchConfig):
         testing = require("ssn_core.testing")
         if not hasattr(testing, "tiny_model"):
             raise Skipped("ssn_core.testing.tiny_model not available yet")
+        if config.gpu and config.quantization != "none":  # the GPU profile's code path, on the CPU
+            return _tiny_quantized(config.quantization)
         return testing.tiny_model("qwen2")
     loading = require("ssn_core.loading")
     if config.gpu:
         if not torch.cuda.is_available():
             raise Skipped("--gpu needs CUDA, and torch sees no CUDA device here")
-        return loading.load_model(gpu_spec(loading, config.model))
+        return loading.load_model(gpu_spec(loading, config.model, config.quantization))
     return loading.load_model(config.model)
 
 
-def gpu_spec(loading, source: str):
-    """The --gpu profile: bitsandbytes 4-bit (nf4) weights, bfloat16 compute, everything on the first GPU."""
-    return loading.ModelSpec(source=source, dtype="bfloat16", quantization="4bit-nf4", device_map="cuda")
+def gpu_spec(loading, source: str, quantization: str = "4bit-nf4"):
+    """The --gpu profile: bfloat16 weights, or bitsandbytes ``quantization`` with bfloat16 compute; the first GPU."""
+    return loading.ModelSpec(source=source, dtype="bfloat16", quantization=quantization, device_map="cuda")
+
+
+def _tiny_quantized(quantization: str):
+    """The tiny model saved to a temporary folder and loaded quantized on the CPU (smoke mode of the GPU profile)."""
+    import tempfile
+
+    from ssn_core.loading import ModelSpec, load_model
+    from ssn_core.testing import tiny_model
+
+    lm = tiny_model("qwen2")
+    with tempfile.TemporaryDirectory(prefix="ssn-bench-tiny-") as folder:
+        lm.model.save_pretrained(folder)
+        lm.tokenizer.save_pretrained(folder)
+        return load_model(ModelSpec(folder, quantization=quantization, device_map="cpu"))
 
 
 # ----- timing -------------------------------------------------------------------------------------

@@ -19,8 +19,10 @@ from bench.common import GPU_MODEL, STARTER, BenchConfig, BenchContext, BenchRes
 
 def _registry() -> dict[str, tuple[Callable[[BenchContext], BenchResult], str]]:
     from bench.cold_start import cold_start
+    from bench.explorer_bench import explorer_topk
     from bench.hook_overhead import hook_overhead
     from bench.memory import scoring_memory
+    from bench.methods_bench import methods_vs_forward
     from bench.scoring_bench import scoring_vs_ablation, scoring_vs_forward, scoring_vs_peer
     from bench.train_step import train_step
     from bench.validation_bench import validation_throughput
@@ -35,6 +37,8 @@ def _registry() -> dict[str, tuple[Callable[[BenchContext], BenchResult], str]]:
                                   "(goal >= 2x)")),
         "train-step": (train_step, "targeted vs LoRA vs full FT (<= 0.6x time, <= 0.5x memory, <= 1% params)"),
         "cold-start": (cold_start, "starter load: GGUF conversion vs safetensors cache"),
+        "methods-vs-forward": (methods_vs_forward, "causal methods (global, attribution, direction, margin) vs forward"),
+        "explorer-topk": (explorer_topk, "top-k examples of every neuron vs a plain forward, 128 prompts (goal <= 1.3x)"),
     }
 
 
@@ -47,7 +51,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--smoke", action="store_true", help="tiny random model, seconds (used by the tests)")
     parser.add_argument("--model", default=None, help=f"model spec (default {STARTER}; --gpu: {GPU_MODEL})")
     parser.add_argument("--only", default="", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
-    parser.add_argument("--gpu", action="store_true", help="GPU profile: larger model, bitsandbytes 4-bit on CUDA")
+    parser.add_argument("--gpu", action="store_true", help="GPU profile: larger model in bfloat16 and bitsandbytes "
+                        "4-bit on one GPU; scoring-vs-forward, hook-overhead, train-step (bench/gpu_profile.py)")
     parser.add_argument("--repeats", type=int, default=None, help="alternating rounds per ratio (default by mode)")
     parser.add_argument("--results-dir", default=None, help="where result rows go (default bench/results)")
     parser.add_argument("--list", action="store_true", help="list the benchmarks and exit")
@@ -76,13 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.results_dir:
         config.results_dir = Path(args.results_dir)
-    if args.gpu:
-        import torch
+    if args.gpu:  # the GPU profile: bfloat16 and 4-bit, three benchmarks, one table (bench/gpu_profile.py)
+        from bench.gpu_profile import run_profile
 
-        if not torch.cuda.is_available():
-            for name in names:
-                print(f"[{name}]\nskipped: --gpu needs CUDA, and torch sees no CUDA device here")
-            return 0
+        return run_profile(config, names)
     import torch
 
     threads = torch.get_num_threads()

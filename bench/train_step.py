@@ -89,10 +89,17 @@ def worker(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--quant", default="4bit-nf4", help="--gpu: bitsandbytes quantization, or none (bfloat16)")
     args = parser.parse_args(argv)
+    if torch.cuda.is_available():  # in-process (GPU profile): the previous method's model must be gone first
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
     try:
         training = require("ssn_core.training")
-        lm = load_bench_model(BenchConfig(model=args.model, smoke=args.smoke, gpu=args.gpu))
+        lm = load_bench_model(BenchConfig(model=args.model, smoke=args.smoke, gpu=args.gpu,
+                                          quantization=args.quant))
     except Skipped as exc:
         print(json.dumps({"skipped": str(exc)}))
         return
@@ -155,20 +162,28 @@ def train_step(ctx: BenchContext) -> BenchResult:
     require("ssn_core.training")
     require("ssn_core.delta")
     steps = cfg.pick(1, 1, 4)
-    rounds = cfg.repeats or cfg.pick(1, 1, 3)
+    rounds = cfg.repeats or cfg.pick(1, 1, 1 if cfg.gpu else 3)  # GPU: each round reloads the model 3 times
     args = ["--model", cfg.model, "--steps", str(steps), "--batch-size", str(cfg.pick(2, 2, 4)),
             "--max-length", str(cfg.pick(48, 48, 128))]
     args += ["--smoke"] if cfg.smoke else []
-    args += ["--gpu"] if cfg.gpu else []
+    args += ["--gpu", "--quant", cfg.quantization] if cfg.gpu else []
+    # The GPU profile runs the methods in this process (a fresh interpreter per method would cost more than the
+    # steps); CUDA's peak allocation is reset per method, and each method loads its own copy of the model.
+    in_process = cfg.smoke or cfg.gpu
     rows: dict[str, list[dict]] = {m: [] for m in METHODS}
     methods = list(METHODS)
     notes = []
+    if cfg.gpu and cfg.quantization != "none":  # known before loading anything: no full fine-tuning of 4-bit weights
+        methods.remove("full")
+        notes.append(f"full fine-tuning skipped (a {cfg.quantization} model cannot be fully fine-tuned); ratios are "
+                     "against LoRA instead")
     for r in range(rounds):
         for method in (methods if r % 2 == 0 else methods[::-1]):
-            ctx.log(f"round {r + 1}/{rounds}: {method} ({steps} timed steps) in a fresh process")
+            ctx.log(f"round {r + 1}/{rounds}: {method} ({steps} timed steps) "
+                    + ("on its own copy of the model" if in_process else "in a fresh process"))
             try:
                 rows[method].append(run_worker("bench.train_step", [*args, "--method", method],
-                                               timeout=cfg.pick(300, 900, 3600), in_process=cfg.smoke))
+                                               timeout=cfg.pick(300, 900, 3600), in_process=in_process))
             except Skipped as exc:
                 if method != "full":
                     raise

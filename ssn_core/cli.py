@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable
 
@@ -71,6 +72,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", choices=DEVICE_MAPS, help="auto: GPU when available, else CPU")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="run the model repository's own Python code (only for repositories you trust)")
+    parser.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS",
+                        help="under accelerate launch / torchrun: how long a process waits for the others before it "
+                             "stops with an error (default $SSN_DIST_TIMEOUT or 1800)")
 
 
 class TqdmProgress:
@@ -93,7 +97,11 @@ class TqdmProgress:
     def __call__(self, done: int, total: int, message) -> None:
         from tqdm import tqdm
 
+        from ssn_core.distributed import is_main
         from ssn_core.progress import phase_of
+
+        if not is_main():  # one bar, on process 0; its counts include every process's work
+            return
 
         phase = phase_of(message) or (self.phase or "")
         announced = self.bar is not None and self.bar.n == 0 and self.bar.total == total and done > 0
@@ -133,6 +141,13 @@ def load_from_args(args: argparse.Namespace):
         progress.close()
     for note in lm.summary.warnings:  # e.g. no chat template, a damaged starter cache that was rebuilt
         print(f"warning: {note}", file=sys.stderr)
+    from ssn_core import distributed
+
+    if distributed.world().active:  # the path may differ per machine; what was loaded must not
+        from ssn_core.records import model_identity
+
+        identity = {k: v for k, v in model_identity(lm).items() if k not in ("name", "source")}
+        distributed.check_same("the loaded model", identity)
     return lm
 
 
@@ -175,7 +190,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 def add_chat_parser(sub) -> None:
     p = sub.add_parser("chat", help="one reply to one prompt, optionally with neurons suppressed or reinforced")
     add_model_args(p)
-    p.add_argument("prompt", help="the user message")
+    p.add_argument("prompt", nargs="?", help="the user message")
+    p.add_argument("--replay", metavar="FILE", help="regenerate an A/B exchange downloaded from the Chat page (its "
+                   "prompt, intervention and settings) and say whether both replies match (exit status 3 if not)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--suppress", metavar="FILE", help="neuron set (.json/.safetensors) to set to 0")
     group.add_argument("--reinforce", metavar="FILE", help="neuron set (.json/.safetensors) to scale by --alpha")
@@ -197,6 +214,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from ssn_core.interventions import reinforce, suppress
     from ssn_core.neurons import NeuronSet
 
+    if args.replay:
+        return cmd_chat_replay(args)
+    if args.prompt is None:
+        raise SSNError("give a prompt to answer (or --replay FILE)")
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed, system=args.system)
     settings.validate()
@@ -228,6 +249,29 @@ def cmd_chat(args: argparse.Namespace) -> int:
             shown = reply
     sys.stdout.write("\n")
     return 0
+
+
+def cmd_chat_replay(args: argparse.Namespace) -> int:
+    """`ssn chat --replay FILE`: both columns of a recorded A/B exchange, regenerated; exit 3 when one differs."""
+    from ssn_core.records import load_record, replay
+
+    if args.prompt is not None or args.suppress or args.reinforce:
+        raise SSNError("--replay takes the prompt, intervention and settings from the record; drop the prompt and "
+                       "--suppress / --reinforce")
+    record = load_record(args.replay)  # a bad file fails before the model load
+    lm = load_from_args(args)
+    result = replay(lm, record)
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"intervention (B): {record['intervention'].get('description', record['intervention'].get('kind'))}")
+    for side, text in (("a", result.a), ("b", result.b)):
+        print(f"--- {side.upper()} ({'matches the record' if result.same(side) else 'DIFFERS from the record'})")
+        print(text)
+        if not result.same(side):
+            print(f"--- {side.upper()} as recorded")
+            print(record["replies"][side])
+    print("replies match" if result.matches else "replies differ", file=sys.stderr)
+    return 0 if result.matches else 3
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,6 +333,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--no-eval", action="store_true", help="skip the before/after held-out evaluation")
     p.add_argument("--eval-n", type=int, default=None, help="held-out items per language to generate for")
     p.add_argument("--eval-tokens", type=int, default=48, help="max new tokens of evaluation replies")
+    p.add_argument("--eval-prompts", default=None, metavar="SPEC",
+                   help="more held-out harmful prompts for the evaluation, e.g. multijail:PATH (never trained on)")
+    p.add_argument("--include-identify-items", action="store_true",
+                   help="also train on the built-in items the --neurons identification used (default: left out)")
     p.add_argument("--baselines", default="",
                    help="also train on the same data and compare: random,lora-8,lora-match,full (comma-separated)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (delta.safetensors, train_result.json)")
@@ -321,6 +369,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         build_safety_data,
         compare_methods,
         is_main_process,
+        paired_refusal_difference,
         resolve_target,
         run_train,
     )
@@ -339,8 +388,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = check_out(args.out, RESULT_KIND)
     if args.data and not Path(args.data).expanduser().is_file():
         raise TrainingError(f"--data {args.data}: no such file (it is OUT/safety_data.json of an earlier `ssn train`)")
-    # Under `accelerate launch`, this initialises the process group and selects this process's GPU before loading.
-    main_process = is_main_process()
+    main_process = is_main_process()  # under accelerate launch `main` joined the other processes before this
     lm = load_from_args(args)
     saved_data = None
     if args.data:
@@ -350,6 +398,17 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 f"({','.join(saved_data.languages)}); leave --langs out to use the data's")
         languages = saved_data.languages
     neurons = resolve_target(args.target, lm.sites, identify_dir=args.neurons, languages=languages, seed=args.seed)
+    excluded: set[str] = set()
+    if args.neurons and not args.include_identify_items:
+        from ssn_core.identify import IdentifyResult
+
+        used = IdentifyResult.load(args.neurons).item_ids
+        excluded = set(used) | {("s" if i.startswith("h") else "h") + i[1:] for i in used if i[:1] in ("h", "s")}
+    extra_heldout = None
+    if args.eval_prompts:
+        from ssn_core.evaluation import load_prompt_spec
+
+        extra_heldout = load_prompt_spec(args.eval_prompts, languages, args.eval_n, "harmful")
     if main_process:
         print(f"[training {len(neurons):,} neurons ({args.target}) on {', '.join(languages)}]", file=sys.stderr)
     progress = _TrainProgress() if main_process else None
@@ -361,15 +420,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         else:
             prompts = load_builtin(languages, n=args.n)
             data = build_safety_data(lm, prompts, languages, heldout_fraction=args.heldout, seed=args.seed,
-                                     progress=progress)
+                                     exclude_ids=excluded, extra_heldout=extra_heldout, progress=progress)
         result = run_train(lm, neurons, data, config, evaluate=not args.no_eval, eval_kwargs=eval_kwargs,
                            progress=progress)
         comparison, baseline_error = None, None
         if baselines:
             try:
-                _, rows = compare_methods(lm, neurons, data, config, methods=baselines, eval_kwargs=eval_kwargs,
-                                          random_seed=args.seed, before=result.before, progress=progress)
+                results, rows = compare_methods(lm, neurons, data, config, methods=baselines,
+                                                eval_kwargs=eval_kwargs, random_seed=args.seed, before=result.before,
+                                                progress=progress)
                 comparison = [result.summary_row(), *rows]
+                random_result = next((r for r in results if r.method == "random"), None)
+                if random_result is not None and result.after is not None and random_result.after is not None:
+                    nhr = [lang for lang in languages if lang != "en"]
+                    paired = paired_refusal_difference(result.after, random_result.after, nhr)
+                    comparison[0]["vs_random_nhr_refusal"] = paired
             except SSNError as exc:  # the neuron training is done: keep it, then report the failure
                 if isinstance(exc, Cancelled) or not main_process:
                     raise
@@ -399,8 +464,15 @@ def cmd_train(args: argparse.Namespace) -> int:
                          "retain_nll": f"{_num(before['retain_nll'])} -> {_num(after['retain_nll'])}"})
         print(format_table(rows, ["language", "refusal", "over_refusal", "refusal_nll", "retain_nll"]))
     if comparison:
+        paired = comparison[0].pop("vs_random_nhr_refusal", None)
         columns = list(dict.fromkeys(key for row in comparison for key in row))
         print(format_table(comparison, columns))
+        if paired is not None:
+            pooled = paired["pooled"]
+            print(f"held-out NHR refusal, {args.target} minus random neurons of the same shape: {pooled['mean']:+.3f} "
+                  f"[95% CI {pooled['ci_low']:+.3f}, {pooled['ci_high']:+.3f}], p = {pooled['p_value']:.3g}, "
+                  f"n = {pooled['n']} prompts" + (f" ({pooled['note']})" if pooled["note"] else ""))
+            comparison[0]["vs_random_nhr_refusal"] = paired
     print(f"saved {out / 'delta.safetensors'}, {out / 'train_result.json'} and {out / 'safety_data.json'} "
           "(reuse it with --data)")
     return 0
@@ -418,6 +490,7 @@ def _num(value) -> str:
 # ssn identify / ssn compare-methods  (scoring.py, identify.py)
 
 _ALL_SITES = "mlp,attn_q,attn_k,attn_v,attn_o"
+RECIPE_NAMES = ("default", "paper", "plnd", "last", "direction")  # = ssn_core.identify.RECIPES (a test checks)
 
 
 def _add_scoring_args(p: argparse.ArgumentParser, langs: str, n: int | None) -> None:
@@ -427,12 +500,14 @@ def _add_scoring_args(p: argparse.ArgumentParser, langs: str, n: int | None) -> 
                         "FILE (.csv/.tsv/.jsonl with text, language, label columns)")
     p.add_argument("--n", type=int, default=n, help="prompts per language and label (default: all)" if n is None
                    else f"prompts per language and label (default: {n})")
-    p.add_argument("--aggregate", default="content", choices=("content", "last", "all"),
-                   help="tokens a prompt's score averages over: the user's own tokens (default), the last token, all")
+    p.add_argument("--aggregate", default=None, choices=("content", "last", "all", "reply"),
+                   help="tokens a prompt's score averages over: the user's own tokens, the last prompt token, all, or "
+                        "the reply of (prompt, reply) pairs (default: the recipe's, else content)")
     p.add_argument("--template", default="chat", choices=("chat", "raw"),
                    help="send prompts through the chat template as a user turn (default) or as raw text")
-    p.add_argument("--sites", default=_ALL_SITES, help=f"site kinds to score (default: {_ALL_SITES}); "
-                   "attn_q/attn_k are exact but cost more (attention is recomputed once per head dim)")
+    p.add_argument("--sites", default=None, help=f"site kinds to score (default: the recipe's, else {_ALL_SITES}); "
+                   "with the impact method attn_q/attn_k are exact but cost more (attention is recomputed once per "
+                   "head dim); gradient methods cover them at no extra cost")
     p.add_argument("--batch-size", type=int, default=8)
 
 
@@ -477,14 +552,47 @@ def _sites_arg(value: str) -> tuple[str, ...]:
 def add_identify_parser(sub) -> None:
     p = sub.add_parser("identify", help="score neurons and select MS-/SS-Neurons for each language")
     add_model_args(p)
-    _add_scoring_args(p, "en,zh,bn,sw", None)
+    _add_scoring_args(p, "en,zh,ar,sw,jv", 32)
     p.add_argument("--hr", default="en", help="high-resource language(s), comma-separated (default: en)")
-    p.add_argument("--method", default="impact", choices=("impact", "activation"),
-                   help="impact: exact layer-local deactivation effect (default); activation: mean |activation|")
-    p.add_argument("--p", type=float, default=0.03, help="top fraction per layer and site (default: 0.03)")
-    p.add_argument("--ranking", default="per-site", choices=("per-site", "pooled"))
+    p.add_argument("--recipe", default="default", choices=tuple(RECIPE_NAMES),
+                   help="named settings of method, aggregate, ranking, p and sites (default: 'default', chosen by "
+                        "held-out evidence; 'paper': ΔLLM on (prompt, reply) pairs; 'plnd': the first release's); "
+                        "--method/--aggregate/--ranking/--p/--sites override single settings")
+    p.add_argument("--method", default=None, choices=("impact", "activation", "global", "attribution", "direction"),
+                   help="attribution: activation x gradient of the refusal margin; global: the paper's ΔLLM "
+                        "(final-output change, estimated with --projections random projections); impact: exact "
+                        "layer-local deactivation effect; direction: write along the refusal direction; activation: "
+                        "mean |activation|")
+    p.add_argument("--p", type=float, default=None, help="top fraction per layer and site (default: the recipe's)")
+    p.add_argument("--ranking", default=None, choices=("per-site", "pooled", "global"))
+    p.add_argument("--projections", type=int, default=8, help="random projections of the global ΔLLM estimate")
+    p.add_argument("--own-replies", action="store_true", default=None,
+                   help="score (prompt, reply) pairs with the model's own replies (generated first)")
+    p.add_argument("--no-direction", action="store_true",
+                   help="skip finding the refusal direction (the positive control used by validate and Chat)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.set_defaults(func=cmd_identify)
+
+
+def _apply_recipe(args: argparse.Namespace):
+    """Fill the scoring settings the user did not give from the recipe (as `identify` does); return the recipe."""
+    from ssn_core.identify import get_recipe
+
+    recipe = get_recipe(args.recipe)
+    args.given = {k: getattr(args, k) for k in ("method", "aggregate", "ranking", "p", "sites")
+                  if getattr(args, k) is not None}
+    if args.aggregate is None:
+        args.aggregate = recipe.aggregate if args.method in (None, recipe.method) else (
+            "all" if args.method == "attribution" else "content")
+    args.method = args.method or recipe.method
+    args.ranking = args.ranking or recipe.ranking
+    args.p = recipe.p if args.p is None else args.p
+    kinds = recipe.kinds if args.method != "direction" else tuple(k for k in recipe.kinds if k not in ("attn_q",
+                                                                                                        "attn_k"))
+    args.sites = args.sites or ",".join(kinds)
+    if args.own_replies is None:
+        args.own_replies = recipe.own_replies
+    return recipe
 
 
 def cmd_identify(args: argparse.Namespace) -> int:
@@ -496,7 +604,15 @@ def cmd_identify(args: argparse.Namespace) -> int:
     languages = parse_languages(args.langs)
     hr = parse_languages(args.hr)
     all_languages = list(dict.fromkeys([*hr, *languages]))
+    recipe = _apply_recipe(args)
     _check_p(args.p)
+    if args.method == "attribution" and args.aggregate != "all":
+        raise SSNError("attribution sums over every position; --aggregate does not apply to it (leave it out)")
+    if args.method == "direction" and {"attn_q", "attn_k"} & set(_sites_arg(args.sites)):
+        raise SSNError("the direction method scores mlp, attn_v and attn_o (q/k do not write into the residual "
+                       "stream): give --sites mlp,attn_v,attn_o")
+    if args.projections < 1:
+        raise SSNError(f"--projections must be at least 1, got {args.projections}")
     check_out(args.out, MANIFEST_FORMAT)
     prompts = _load_prompt_spec(args.prompts, all_languages, args.n)
     _check_contrast(prompts, all_languages)
@@ -507,9 +623,12 @@ def cmd_identify(args: argparse.Namespace) -> int:
     try:
         result = identify(lm, prompts, languages, hr=tuple(hr), method=args.method, p=args.p,
                           aggregate=args.aggregate, kinds=kinds, batch_size=args.batch_size, ranking=args.ranking,
-                          template=args.template, progress=progress)
+                          template=args.template, own_replies=args.own_replies, projections=args.projections,
+                          find_direction=not args.no_direction, activation_means=True, recipe=recipe.name,
+                          progress=progress)
     finally:
         progress.close()
+    result.manifest["recipe"]["overridden"] = sorted(args.given)
     out = result.save(args.out)
     total = lm.sites.total_neurons if set(kinds) == set(lm.sites.kinds) else sum(
         lm.sites.get(0, k).size * lm.sites.n_layers for k in kinds)
@@ -521,9 +640,18 @@ def cmd_identify(args: argparse.Namespace) -> int:
     print(format_table(rows, ["language", "role", "ms", "ms_%", "ss"]))
     print(f"all SS (union): {len(result.ss_all)}   shared by every NHR language: {len(result.ss_shared_all_nhr)}   "
           f"scored neurons: {total}")
-    print(f"{len(prompts)} prompts scored in {result.manifest['timing']['score_seconds']:.1f}s "
-          f"(total {time.perf_counter() - start:.1f}s); wrote {out}")
+    print(f"recipe {recipe.name}: method {args.method}, aggregate {args.aggregate}, ranking {args.ranking}, "
+          f"p {args.p:g}, sites {args.sites}")
+    if result.direction is not None:
+        print(f"refusal direction: layer {result.direction.layer} (the positive control for validate and Chat)")
+    print(f"{len(prompts)} prompts (item ids {_id_span(result.manifest['item_ids'])}) scored in "
+          f"{result.manifest['timing']['score_seconds']:.1f}s (total {time.perf_counter() - start:.1f}s); wrote {out}")
     return 0
+
+
+def _id_span(ids) -> str:
+    ids = sorted(ids)
+    return "none" if not ids else (ids[0] if len(ids) == 1 else f"{ids[0]}..{ids[-1]}, {len(ids)} in all")
 
 
 def add_compare_methods_parser(sub) -> None:
@@ -533,6 +661,9 @@ def add_compare_methods_parser(sub) -> None:
     _add_scoring_args(p, "en", 8)
     p.add_argument("--sample", type=int, default=64, help="neurons per site kind, drawn over all layers (default 64)")
     p.add_argument("--top", type=float, default=0.1, help="top fraction for the overlap column (default 0.1)")
+    p.add_argument("--methods", default="impact,activation,global:4,global:16",
+                   help="fast methods to compare with exact ablation, comma-separated; global:K = the ΔLLM estimate "
+                        "with K random projections (default: impact,activation,global:4,global:16)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="optional output directory for scores and agreement.csv")
     p.set_defaults(func=cmd_compare_methods)
@@ -540,7 +671,7 @@ def add_compare_methods_parser(sub) -> None:
 
 def cmd_compare_methods(args: argparse.Namespace) -> int:
     from ssn_core.prompts import parse_languages
-    from ssn_core.scoring import COMPARISON_KIND, compare_methods
+    from ssn_core.scoring import COMPARISON_KIND, compare_methods, parse_method_spec
 
     languages = parse_languages(args.langs)
     if not 0 < args.top <= 1:
@@ -549,14 +680,20 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
         raise SSNError(f"--sample must be at least 1, got {args.sample}")
     if args.out:
         check_out(args.out, COMPARISON_KIND)
+    args.aggregate = args.aggregate or "last"
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for spec in methods:
+        parse_method_spec(spec)
+    if args.aggregate == "reply":
+        raise SSNError("compare-methods scores bare prompts; --aggregate reply needs (prompt, reply) pairs")
     prompts = _load_prompt_spec(args.prompts, languages, args.n)
-    kinds = _sites_arg(args.sites)
+    kinds = _sites_arg(args.sites or _ALL_SITES)
     lm = load_from_args(args)
     progress = TqdmProgress()
     try:
-        comparison = compare_methods(lm, prompts, sample=args.sample, aggregate=args.aggregate, kinds=kinds,
-                                     batch_size=args.batch_size, template=args.template, top=args.top, seed=args.seed,
-                                     progress=progress)
+        comparison = compare_methods(lm, prompts, sample=args.sample, methods=methods, aggregate=args.aggregate,
+                                     kinds=kinds, batch_size=args.batch_size, template=args.template, top=args.top,
+                                     seed=args.seed, progress=progress)
     finally:
         progress.close()
     rows = [{**r, "spearman": f"{r['spearman']:.3f}", "top_overlap": f"{r['top_overlap']:.2f}"}
@@ -576,7 +713,8 @@ def cmd_compare_methods(args: argparse.Namespace) -> int:
 
 def _add_eval_common_args(p, default_tokens: int) -> None:
     p.add_argument("--langs", default="en,zh,bn,sw", help="languages, comma-separated (default: en,zh,bn,sw)")
-    p.add_argument("--prompts", default="builtin", help="builtin | multijail:PATH_OR_HUB_ID | FILE (default: builtin)")
+    p.add_argument("--prompts", default="builtin", help="builtin | multijail:PATH_OR_HUB_ID | FILE (default: builtin; "
+                   "with an identify result, the built-in items it did not use)")
     p.add_argument("--n", type=int, default=None, help="prompts per language (and label); default: all")
     p.add_argument("--judge", default="marker", help="marker (default) | guard:MODEL | api:BASE_URL,MODEL "
                    "(the API key is read from $OPENAI_API_KEY)")
@@ -728,6 +866,16 @@ def add_validate_parser(sub) -> None:
     _add_eval_common_args(p, 48)
     p.add_argument("--seeds", type=int, default=3, help="random-control seeds 0..K-1 (default 3)")
     p.add_argument("--alphas", default="2", help="reinforcement scales, comma-separated (default 2)")
+    p.add_argument("--betas", default="",
+                   help="additive reinforcement: add beta x each SS-Neuron's mean activation on the HR language's "
+                        "harmful prompts, comma-separated (default: none)")
+    p.add_argument("--only", default=None, choices=("suppress", "reinforce"),
+                   help="run only the suppression part (control, sets, random controls) or only the reinforcement "
+                        "part (scale and additive, with over-refusal); default: both")
+    p.add_argument("--no-control", action="store_true",
+                   help="skip the refusal-direction control (the identify result's direction, ablated)")
+    p.add_argument("--no-over-refusal", action="store_true",
+                   help="skip answering harmless prompts under the reinforce conditions (over-refusal)")
     p.set_defaults(func=cmd_validate)
 
 
@@ -735,7 +883,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     import time
 
     from ssn_core.errors import PromptSetError
-    from ssn_core.evaluation import load_prompt_spec
+    from ssn_core.evaluation import heldout_prompt_set
     from ssn_core.generation import GenerationSettings, check_prompts
     from ssn_core.identify import IdentifyResult
     from ssn_core.prompts import parse_languages
@@ -750,11 +898,22 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise SSNError(f"--alphas {args.alphas!r}: give one or more finite scales >= 0")
     if args.seeds < 1:
         raise SSNError(f"--seeds must be at least 1, got {args.seeds}")
+    try:
+        betas = [float(b) for b in args.betas.split(",") if b.strip()]
+    except ValueError:
+        raise SSNError(f"--betas {args.betas!r}: expected numbers separated by commas, e.g. 1,2") from None
+    if any(not math.isfinite(b) for b in betas):
+        raise SSNError(f"--betas {args.betas!r}: give finite numbers")
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, system=args.system)
     settings.validate()
     out = check_out(args.out, RESULT_KIND)
-    IdentifyResult.load(args.neurons)  # not an identify result: fails before the model load
-    prompts = load_prompt_spec(args.prompts, languages, args.n, "harmful")
+    found = IdentifyResult.load(args.neurons)
+    if betas and found.activations is None:
+        raise SSNError(f"--betas needs the neurons' mean activations, which {args.neurons} does not hold (identify "
+                       "it again with this version)")  # not an identify result: fails before the model load
+    prompts, heldout = heldout_prompt_set(args.prompts, languages, args.n, exclude_ids=found.item_ids,
+                                          identify_source=found.manifest.get("prompt_source"),
+                                          harmless=not args.no_over_refusal)
     without = [lang for lang in languages if not any(p.language == lang and p.label == "harmful" for p in prompts)]
     if without:
         raise PromptSetError(f"the prompt set has no harmful prompts in language(s) {', '.join(without)}; validation "
@@ -768,14 +927,272 @@ def cmd_validate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         result = validate(lm, neurons, prompts, languages, settings, alphas=alphas, seeds=range(args.seeds),
-                          judge=judge, batch_size=args.batch_size, progress=progress)
+                          judge=judge, batch_size=args.batch_size, over_refusal=not args.no_over_refusal,
+                          direction=False if args.no_control else None, betas=betas,
+                          parts=(args.only,) if args.only else ("suppress", "reinforce"), progress=progress)
     finally:
         progress.close()
+    result.manifest["heldout"] = heldout
     out = result.save(out)
     print(result.format_table())
     print(f"judge {judge.name} ({judge.version}); prompts per language: "
           + ", ".join(f"{k} {v}" for k, v in result.summary["prompts_per_language"].items())
           + f"; {len(result.rows)} replies in {time.perf_counter() - start:.1f}s; wrote {out}")
+    return 0
+
+
+def add_faithfulness_parser(sub) -> None:
+    p = sub.add_parser("faithfulness", help="dose-response: suppress the top neurons of each identify result at "
+                                            "several p, vs matched random neurons, on held-out prompts")
+    add_model_args(p)
+    p.add_argument("--neurons", required=True, action="append", metavar="DIR",
+                   help="identify result directory; repeat to compare methods (each is ranked as it was identified)")
+    _add_eval_common_args(p, 32)
+    p.add_argument("--fractions", default="0.0003,0.001,0.003,0.01,0.03",
+                   help="doses p (the top fraction identify takes), comma-separated")
+    p.add_argument("--generate-at", default="0.01",
+                   help="doses at which replies are also generated and judged (comma-separated; '' for none)")
+    p.add_argument("--seeds", type=int, default=1, help="random-control seeds per dose (default 1)")
+    p.add_argument("--sets", default="ms,ss", help="which sets to switch off: ms, ss or both (default ms,ss)")
+    p.set_defaults(func=cmd_faithfulness)
+
+
+def _fractions(value: str, what: str) -> list[float]:
+    try:
+        values = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise SSNError(f"{what} {value!r}: expected fractions separated by commas, e.g. 0.001,0.01") from None
+    bad = [v for v in values if not (math.isfinite(v) and 0 < v <= 1)]
+    if bad:
+        raise SSNError(f"{what} {value!r}: every value must be a fraction in (0, 1], got {bad[0]}")
+    return values
+
+
+def cmd_faithfulness(args: argparse.Namespace) -> int:
+    import time
+
+    from ssn_core.evaluation import heldout_prompt_set
+    from ssn_core.faithfulness import RESULT_KIND, faithfulness
+    from ssn_core.generation import GenerationSettings
+    from ssn_core.identify import IdentifyResult
+    from ssn_core.prompts import parse_languages
+
+    languages = parse_languages(args.langs)
+    fractions = _fractions(args.fractions, "--fractions")
+    if not fractions:
+        raise SSNError("--fractions is empty")
+    generate_at = _fractions(args.generate_at, "--generate-at")
+    missing = [g for g in generate_at if not any(math.isclose(g, f) for f in fractions)]
+    if missing:
+        raise SSNError(f"--generate-at {missing[0]:g} is not one of --fractions")
+    if args.seeds < 1:
+        raise SSNError(f"--seeds must be at least 1, got {args.seeds}")
+    sets = [x.strip() for x in args.sets.split(",") if x.strip()]
+    if not sets or any(x not in ("ms", "ss") for x in sets):
+        raise SSNError(f"--sets {args.sets!r}: give ms, ss or ms,ss")
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, system=args.system)
+    settings.validate()
+    out = check_out(args.out, RESULT_KIND)
+    results = [IdentifyResult.load(d) for d in args.neurons]
+    for directory, found in zip(args.neurons, results, strict=True):
+        if found.scores is None:
+            raise SSNError(f"{directory} is a bundle: it has no score table to select neurons at other doses from; "
+                           "give the identify result it was made from")
+    hr = results[0].hr or ("en",)
+    used = frozenset().union(*(r.item_ids for r in results))
+    prompts, heldout = heldout_prompt_set(args.prompts, languages, args.n, exclude_ids=used,
+                                          identify_source=results[0].manifest.get("prompt_source"), harmless=False)
+    judge = _early_judge(args)
+    lm = load_from_args(args)
+    results = [IdentifyResult.load(d, sites=lm.sites) for d in args.neurons]
+    tables, rankings = {}, {}
+    for directory, result in zip(args.neurons, results, strict=True):
+        recipe = (result.manifest.get("recipe") or {}).get("name")
+        name = recipe or f"{result.scores.method}:{result.scores.aggregate}"
+        name = name if name not in tables else f"{name} ({directory})"
+        tables[name] = result.scores
+        rankings[name] = result.manifest.get("ranking", "per-site")
+    direction = next((r.direction.unit for r in results if r.direction is not None), None)
+    judge = judge or _judge_from_args(args)
+    progress = TqdmProgress()
+    start = time.perf_counter()
+    try:
+        result = faithfulness(lm, tables, prompts, languages, hr=tuple(hr), fractions=fractions, ranking=rankings,
+                              seeds=range(args.seeds), generate_at=generate_at, settings=settings, judge=judge,
+                              direction=direction, sets=sets, limit_per_language=args.n, batch_size=args.batch_size,
+                              progress=progress)
+    finally:
+        progress.close()
+    result.manifest["heldout"] = heldout
+    result.manifest["neurons"] = list(args.neurons)
+    out = result.save(out)
+    rows = [{k: ("-" if r[k] is None else (f"{r[k]:+.2f}" if isinstance(r[k], float) and k != "p" else r[k]))
+             for k in ("method", "language", "set", "p", "n_neurons", "margin_drop", "random_margin_drop",
+                       "refusal_drop", "random_refusal_drop")} for r in result.summary()]
+    print(format_table(rows, ["method", "language", "set", "p", "n_neurons", "margin_drop", "random_margin_drop",
+                              "refusal_drop", "random_refusal_drop"]))
+    for r in result.rows:
+        if r["condition"] == "direction":
+            print(f"{r['language']}: refusal-direction control: margin drop {r['margin_drop']:+.2f}"
+                  + ("" if r["refusal_drop"] is None else f", refusal drop {r['refusal_drop']:+.2f}"))
+    print(f"held-out prompts: {heldout['source']}; {time.perf_counter() - start:.1f}s; wrote {out} "
+          "(curve.csv, summary.json, chart.html)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# ssn explain
+
+
+def add_explain_parser(sub) -> None:
+    p = sub.add_parser("explain", help="what a neuron responds to and writes: top/bottom prompts per language with "
+                                       "token activations, vocabulary projection, importance by method; set summaries")
+    add_model_args(p)
+    p.add_argument("--neuron", action="append", default=[], metavar="L2.mlp.3814",
+                   help="neuron to explain as L<layer>.<site>.<index> (repeat it, or separate several with commas)")
+    p.add_argument("--set", metavar="FILE_OR_DIR", help="neuron set (.json/.safetensors) to summarise, or an identify "
+                   "result folder (its union of SS-Neurons)")
+    p.add_argument("--neurons", metavar="DIR", help="identify result (`ssn identify --out`): MS / SS membership per "
+                   "language and its importance scores")
+    p.add_argument("--scores", action="append", default=[], metavar="FILE",
+                   help="more score tables (.safetensors: an identify result's scores.safetensors, compare-methods' "
+                        "scores_<method>.safetensors); repeat for several methods")
+    p.add_argument("--methods", default="impact,activation",
+                   help="score these methods now unless a given table has them (impact, activation; '' for none)")
+    p.add_argument("--langs", default="en,zh,bn,sw", help="languages, comma-separated (default: en,zh,bn,sw)")
+    p.add_argument("--prompts", default="builtin",
+                   help="builtin | multijail:PATH_OR_HUB_ID (harmless prompts from the built-in set) | FILE")
+    p.add_argument("--n", type=int, default=16, help="prompts per language and label (default 16)")
+    p.add_argument("--k", type=int, default=5, help="top and bottom prompts shown per language and label (default 5)")
+    p.add_argument("--top-tokens", type=int, default=20, help="promoted / suppressed tokens listed (default 20)")
+    p.add_argument("--aggregate", default="content", choices=("content", "all"),
+                   help="tokens a prompt's activations are read at: the user's own text (default) or all tokens")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder: explanation.json, report.md, report.html")
+    p.set_defaults(func=cmd_explain)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ssn_core.explain_report import markdown_report, save_explanation
+    from ssn_core.explorer import RESULT_KIND, explain, format_neuron, parse_neurons
+    from ssn_core.identify import IdentifyResult
+    from ssn_core.neurons import NeuronSet
+    from ssn_core.prompts import parse_languages
+    from ssn_core.scoring import ScoreTable, score
+
+    neurons = parse_neurons(",".join(args.neuron))
+    if not neurons and not args.set:
+        raise SSNError("give --neuron L2.mlp.3814 (one or more) or --set FILE to explain")
+    for name, value in (("--n", args.n), ("--k", args.k), ("--top-tokens", args.top_tokens),
+                        ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise SSNError(f"{name} must be at least 1, got {value}")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in ("impact", "activation")]
+    if unknown:
+        raise SSNError(f"--methods {unknown[0]!r}: explain scores impact and activation itself; give other methods' "
+                       "tables with --scores")
+    languages = parse_languages(args.langs)
+    out = check_out(args.out, RESULT_KIND)
+    prompts = _load_prompt_spec(args.prompts, languages, args.n)
+    set_is_result = bool(args.set) and Path(args.set).expanduser().is_dir()
+
+    def read_files(sites=None):
+        """(result, neuron set, its name, score tables); read before the model load, checked against it after."""
+        result = IdentifyResult.load(args.neurons, sites) if args.neurons else None
+        neuron_set, set_name = None, ""
+        if set_is_result:
+            set_result = IdentifyResult.load(args.set, sites)
+            result = result or set_result
+            neuron_set, set_name = set_result.ss_all, f"all SS-Neurons of {args.set}"
+            if len(neuron_set) == 0:
+                example = Path(args.set) / "sets" / f"ms_{set_result.languages[0]}.json"
+                raise SSNError(f"{args.set} has no SS-Neurons to summarise; pass one of its sets instead, e.g. "
+                               f"--set {example}")
+        elif args.set:
+            neuron_set, set_name = NeuronSet.load(args.set, sites), Path(args.set).name
+        return result, neuron_set, set_name, [ScoreTable.load(path, sites) for path in args.scores]
+
+    read_files()
+    lm = load_from_args(args)
+    neurons = parse_neurons(",".join(args.neuron), lm.sites)
+    result, neuron_set, set_name, tables = read_files(lm.sites)
+    have = {t.method for t in tables} | ({result.scores.method} if result is not None and result.scores is not None
+                                         else set())
+    kinds = sorted({kind for _, kind, _ in neurons} | set(neuron_set.counts_per_kind() if neuron_set else ()))
+    progress = TqdmProgress()
+    try:
+        for method in methods:
+            if method not in have:
+                tables.append(score(lm, prompts, method=method, kinds=kinds, batch_size=args.batch_size,
+                                    aggregate=args.aggregate, progress=progress))
+        explanation = explain(lm, prompts, neurons, neuron_set, result=result, tables=tables, languages=languages,
+                              k=args.k, top_tokens=args.top_tokens, aggregate=args.aggregate,
+                              batch_size=args.batch_size, set_name=set_name, progress=progress)
+    finally:
+        progress.close()
+    out = save_explanation(explanation, out)
+    for report in explanation.neurons:
+        best = max(report.groups, key=lambda g: g["mean_max"])
+        promoted = ", ".join(repr(r["token"]) for r in report.vocabulary.promoted[:8]) if report.vocabulary else \
+            report.vocabulary_note
+        print(f"{format_neuron(report.neuron)}: fires most on {best['language']}/{best['label']} prompts (mean peak "
+              f"{best['mean_max']:.3g}); promotes {promoted}")
+    if explanation.set is not None:
+        print(f"set {explanation.set.name}: {explanation.set.size:,} neurons")
+    print(f"{len(prompts)} prompts in {explanation.meta['seconds']:.1f}s; wrote {out} "
+          f"({len(markdown_report(explanation).splitlines())} lines of report.md)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# ssn bundle
+
+
+def add_bundle_parser(sub) -> None:
+    p = sub.add_parser("bundle", help="write a small identify result for shipping (sets, counts, overlap, refusal "
+                                      "direction, the HR language's harmful activation means; no score table), "
+                                      "e.g. the starter's assets/starter_neurons/<model>/")
+    p.add_argument("--neurons", required=True, metavar="RUN_DIR", help="identify result (`ssn identify --out`)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="bundle folder, e.g. assets/starter_neurons/qwen2.5-coder-0.5b (replaced as a whole)")
+    p.add_argument("--model-source", default=None,
+                   help="the model source the bundle is offered for (default: the one identify recorded)")
+    p.add_argument("--walkthrough", metavar="FILE", default=None,
+                   help="JSON settings of the Learn walkthrough, stored as walkthrough.json (default: keep the earlier "
+                        "bundle's)")
+    p.add_argument("--delta", metavar="FILE", default=None,
+                   help="a targeted fine-tune's delta (`ssn train --out`), stored as delta.safetensors for the "
+                        "walkthrough's last step (default: keep the earlier bundle's)")
+    p.set_defaults(func=cmd_bundle)
+
+
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from ssn_core.bundle import bundle_size, save_bundle
+    from ssn_core.identify import MANIFEST_FORMAT, IdentifyResult
+
+    if Path(args.neurons).expanduser().resolve() == Path(args.out).expanduser().resolve():
+        raise SSNError("--out is the --neurons folder itself (its score table would be lost); give another folder "
+                       "for the bundle")
+    out = check_out(args.out, MANIFEST_FORMAT)
+    result = IdentifyResult.load(args.neurons)
+    out = save_bundle(result, out, model_source=args.model_source, origin=str(args.neurons),
+                      walkthrough=args.walkthrough, delta=args.delta)
+    bundle = IdentifyResult.load(out)
+    info = bundle.manifest["bundle"]
+    ss = ", ".join(f"{lang} {len(s)}" for lang, s in bundle.ss.items()) or "none"
+    print(f"bundle for {info['model_source']} (fingerprint {bundle.manifest.get('model_fingerprint')}): MS "
+          + ", ".join(f"{lang} {len(s)}" for lang, s in bundle.ms.items()) + f"; SS {ss}; all SS {len(bundle.ss_all)}")
+    print("refusal direction: " + (f"layer {bundle.direction.layer}" if bundle.direction is not None else
+                                   "none (identify without --no-direction to have the positive control)"))
+    print("additive reinforcement: " + (info["activations"] or "no activation means (identify keeps them)"))
+    extras = [name for name in ("walkthrough.json", "delta.safetensors") if (out / name).is_file()]
+    print(f"wrote {out} ({bundle_size(out) / 1e6:.2f} MB" + (f"; with {', '.join(extras)}" if extras else "")
+          + "); left out: " + "; ".join(info["left_out"]))
     return 0
 
 
@@ -791,6 +1208,9 @@ SUBCOMMANDS: list[Callable] = [
     add_compare_methods_parser,
     add_evaluate_parser,
     add_validate_parser,
+    add_faithfulness_parser,
+    add_explain_parser,
+    add_bundle_parser,
 ]
 
 
@@ -808,29 +1228,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that share their work between the processes of `accelerate launch` / torchrun (ssn_core.distributed).
+DISTRIBUTED_COMMANDS: tuple[str, ...] = ("identify", "compare-methods", "evaluate", "validate", "faithfulness", "train")
+
+
+def join_launch(args: argparse.Namespace):
+    """Under a multi-process launch: join the other processes before anything is loaded (each process gets its own
+    GPU), check that they all run the same command line, and keep the output to process 0. None without a launch."""
+    import json
+
+    from ssn_core import distributed
+
+    if not distributed.launched():
+        return None
+    if args.command not in DISTRIBUTED_COMMANDS:
+        raise SSNError(f"ssn {args.command} runs in one process; under accelerate launch / torchrun only "
+                       f"{', '.join(DISTRIBUTED_COMMANDS)} share their work between processes")
+    world = distributed.init(getattr(args, "dist_timeout", None))
+    if world.active:  # --model may name a different local path per machine: the loaded model is compared after
+        settings = {k: v for k, v in vars(args).items() if k not in ("func", "debug", "model")}
+        distributed.check_same("the command line", json.loads(json.dumps(settings, sort_keys=True, default=str)))
+    return world
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit status: 0 done, 2 a user error (``error: <message>``, no traceback), 130 interrupted,
-    1 an internal error (a bug: one ``internal error:`` line; ``--debug`` adds the traceback)."""
+    1 an internal error (a bug: one ``internal error:`` line; ``--debug`` adds the traceback).
+
+    Under ``accelerate launch`` / torchrun with several processes only process 0 prints and writes; the others
+    print only their errors, prefixed with their process number."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    streams = sys.stdout, sys.stderr
+    prefix, finished = "", False
     try:
-        return int(args.func(args) or 0)
+        world = join_launch(args)
+        if world is not None and world.active and not world.is_main:
+            prefix = f"process {world.rank} of {world.size}: "
+            sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - closed in the finally below
+        status = int(args.func(args) or 0)
+        finished = True
+        return status
     except SSNError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{prefix}error: {exc}", file=streams[1])
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)  # on a new line: a progress bar may end the current one
+        print("\ninterrupted", file=streams[1])  # on a new line: a progress bar may end the current one
         return 130
     except Exception as exc:  # noqa: BLE001 - a bug: one line for the user, the traceback on request
         if getattr(args, "debug", False):
             import traceback
 
-            traceback.print_exc()
+            traceback.print_exc(file=streams[1])
         text = str(exc).strip().splitlines()
         summary = f"{type(exc).__name__}: {text[0][:300]}" if text else type(exc).__name__
         hint = "traceback above" if getattr(args, "debug", False) else "rerun with --debug for the traceback"
-        print(f"internal error: {summary}; {hint}", file=sys.stderr)
+        print(f"{prefix}internal error: {summary}; {hint}", file=streams[1])
         return 1
+    finally:
+        if sys.stdout is not streams[0]:
+            sys.stdout.close()
+            sys.stdout, sys.stderr = streams
+        distributed = sys.modules.get("ssn_core.distributed")
+        if distributed is not None:  # leave the process group (after an error the others may be gone: just exit)
+            distributed.shutdown(leave=finished)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,13 @@ def module_dims(module: nn.Module) -> tuple[int, int]:
 
 
 def _module_device(module: nn.Module) -> torch.device:
+    """Where the module computes: its weights' device, or, for a layer accelerate offloaded (weights on the meta
+    device between passes), the device its hook runs it on."""
     for param in module.parameters():
+        if param.device.type == "meta":
+            execution = getattr(getattr(module, "_hf_hook", None), "execution_device", None)
+            if execution is not None:
+                return torch.device(execution)
         return param.device
     return torch.device("cpu")
 

@@ -19,6 +19,7 @@ restricted to some batch rows, and composable with neuron interventions in one `
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -163,11 +164,17 @@ def ablate_direction(lm, direction: torch.Tensor, rows=None):
 def last_token_residuals(lm, texts: Sequence[str], *, batch_size: int = 8, system: str | None = None,
                          cancel: threading.Event | None = None) -> torch.Tensor:
     """Sum over ``texts`` of each layer's output at the last prompt token: [L, hidden] float64."""
+    from ssn_core import distributed
+
     layers = decoder_layers(lm.model)
-    total: torch.Tensor | None = None
-    for start in range(0, len(texts), batch_size):
+    if not texts:
+        raise PromptSetError("no prompts to compute residual means on")
+    total = torch.zeros(len(layers), lm.model.get_input_embeddings().weight.shape[-1], dtype=torch.float64)
+
+    def run_batch(b: int) -> None:  # under a launch each process sums its share of the batches
         if cancel is not None and cancel.is_set():
             raise Cancelled("finding the refusal direction was cancelled")
+        start = b * batch_size
         captured: list[torch.Tensor] = [None] * len(layers)  # type: ignore[list-item]
 
         def capture(i: int, store: list[torch.Tensor] = captured):
@@ -178,10 +185,11 @@ def last_token_residuals(lm, texts: Sequence[str], *, batch_size: int = 8, syste
         enc = lm.tokenize_prompts(lm.prompt_texts(list(texts[start:start + batch_size]), system=system))
         with hook_modules([((layer, "out"), capture(i)) for i, layer in enumerate(layers)]):
             lm.model(**enc, use_cache=False, logits_to_keep=1)
-        summed = torch.stack([c.sum(0) for c in captured])  # [L, hidden]
-        total = summed if total is None else total + summed
-    if total is None:
-        raise PromptSetError("no prompts to compute residual means on")
+        total.add_(torch.stack([c.sum(0) for c in captured]))  # [L, hidden]
+
+    distributed.run_batches(math.ceil(len(texts) / batch_size), run_batch, gather=False,
+                            what="finding the refusal direction")
+    distributed.all_reduce_([total], "adding up the residual means")
     return total
 
 
@@ -266,7 +274,7 @@ def direction_batch(lm, batch, kinds: Sequence[str], directions: torch.Tensor) -
     Σ_{h in g} z_thj · (W_O[:, hD+j] · r̂_l). Aggregated over tokens with the batch weights (``last``: the
     last prompt token). Positive: the neuron pushes the residual towards "refuse". One forward pass, no gradients.
     """
-    from ssn_core.scoring import _aggregate, _constants, _forward, _weight_out_in
+    from ssn_core.scoring import _aggregate, _constants, _forward
 
     unsupported = [k for k in kinds if k in ("attn_q", "attn_k")]
     if unsupported:
@@ -278,15 +286,19 @@ def direction_batch(lm, batch, kinds: Sequence[str], directions: torch.Tensor) -
     results: dict[tuple[int, str], torch.Tensor] = {}
     pairs = []
 
-    def mlp_hook(site, along):  # along: [N] = W_down[:, coords]^T r̂
+    # The per-neuron writes W[:, k]·r̂ are computed inside the forward pass, when the layer's weights are there
+    # (an offloaded layer's are loaded for it), once per layer and direction (`_ModelConstants.writes_along`).
+    def mlp_hook(site, r):
         def fn(carrier):
+            along = consts.writes_along(site.layer, "mlp", r)  # [N] = W_down[:, coords]^T r̂
             values = site.read(carrier).float()  # [B, T, N]
             results[site.key] = _aggregate(values * along.to(values.device), weights.to(values.device))
         return fn
 
-    def o_hook(site, along):  # along: [H*D] = W_O^T r̂
+    def o_hook(site, r):
         def fn(carrier):
             geo = consts.attn(site.layer)
+            along = consts.writes_along(site.layer, "attn_o", r)  # [H*D] = W_O^T r̂
             z = site.read(carrier).float() * along.to(carrier.device)  # [B, T, H*D]
             w = weights.to(z.device)
             if "attn_o" in kinds:
@@ -302,13 +314,10 @@ def direction_batch(lm, batch, kinds: Sequence[str], directions: torch.Tensor) -
         r = directions[layer].float()
         if "mlp" in kinds:
             site = sites.get(layer, "mlp")
-            w_down = _weight_out_in(site.module)
-            along = w_down.index_select(1, site.coords.to(w_down.device)).T @ r.to(w_down.device)
-            pairs.append((site, mlp_hook(site, along)))
+            pairs.append((site, mlp_hook(site, r)))
         if "attn_o" in kinds or "attn_v" in kinds:
             site = sites.get(layer, "attn_o")
-            geo = consts.attn(layer)
-            pairs.append((site, o_hook(site, geo.w_o_cols.T @ r.to(geo.w_o_cols.device))))
+            pairs.append((site, o_hook(site, r)))
     from ssn_core.hooks import hook_sites
 
     with hook_sites(pairs):

@@ -40,6 +40,11 @@ class Cancelled(SSNError):
     """A long job was cancelled by the user; nothing partial was written."""
 
 
+class DistributedError(SSNError):
+    """A multi-process run (`accelerate launch`, torchrun) cannot go on: another process failed, died or hangs, or
+    the processes were started differently."""
+
+
 def finite(value, what: str) -> float:
     """``value`` as a float; SSNError naming ``what`` unless it is a real, finite number (not NaN or infinity).
 

@@ -147,23 +147,40 @@ def evaluate(lm, prompts, languages: Sequence[str], settings=None, judge=None,
     condition = condition or condition_name(interventions)
     started = time.time()
 
+    from ssn_core import distributed
+
+    distributed.check_enough(len(items), "prompts to evaluate")
     total = len(items)
     if cancel is not None and cancel.is_set():
         raise Cancelled("evaluation was cancelled")
-    stop = None
-    if getattr(settings, "stop_at_verdict", False) and hasattr(judge, "settled"):
-        def stop(row: int, reply: str) -> bool:
-            return judge.settled(items[row].text, reply, items[row].language)
+
+    def replies_of(chunk, report=None) -> list[str]:
+        stop = None
+        if getattr(settings, "stop_at_verdict", False) and hasattr(judge, "settled"):
+            def stop(row: int, reply: str) -> bool:
+                return judge.settled(chunk[row].text, reply, chunk[row].language)
+
+        return generate_many(lm, [p.text for p in chunk], settings, batch_size=batch_size, stop=stop,
+                             progress=report, cancel=cancel)
 
     def report(done: int, _total: int) -> None:
         if progress is not None:
             progress(done, total, f"generated {done}/{total}")
 
-    # One stream of batches, longest prompts first, finished rows replaced at once (`generate_many`).
     context = intervene(lm, *interventions) if interventions else nullcontext()
     with context:
-        replies = generate_many(lm, [p.text for p in items], settings, batch_size=batch_size, stop=stop,
-                                progress=report, cancel=cancel)
+        if distributed.world().active:
+            # Under a launch each process answers its share of the batches of ``batch_size`` prompts (those of
+            # `distributed.map_chunks`), each batch through `generate_many` (its rows leave as they finish).
+            def run_chunk(chunk) -> list[str]:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("evaluation was cancelled")
+                return replies_of(chunk)
+
+            replies = distributed.map_chunks(items, batch_size, run_chunk, after=report, what="generating replies")
+        else:
+            # One stream of batches, longest prompts first, finished rows replaced at once (`generate_many`).
+            replies = replies_of(items, report)
 
     verdicts = judge.judge_many([p.text for p in items], replies, [p.language for p in items], cancel=cancel)
     rows = [
@@ -240,6 +257,45 @@ def load_prompt_spec(spec: str, languages: Sequence[str], n: int | None = None, 
         raise PromptSetError(f"prompts {spec!r}: expected 'builtin', 'multijail:PATH' or an existing "
                              ".csv / .tsv / .jsonl file")
     return prompts.select(languages, label=label, limit_per_language=n)
+
+
+def heldout_prompt_set(spec: str, languages: Sequence[str], n: int | None = None, *, exclude_ids=(),
+                       identify_source: str | None = None, harmless: bool = True):
+    """The prompts an evaluation of an identify result may use, and a note for the manifest.
+
+    The built-in set minus the item ids identification used (``exclude_ids``; the harmful and harmless counterparts
+    of an item are excluded together), at most ``n`` per language and label; any other set (MultiJail, a file) as
+    given, with the built-in harmless prompts not used by identification as its harmless side when ``harmless``.
+    """
+    from ssn_core.prompts import BUILTIN_LANGUAGES, PromptSet, load_builtin
+
+    excluded = {str(i) for i in exclude_ids}
+    excluded |= {("s" if i.startswith("h") else "h") + i[1:] for i in excluded if i[:1] in ("h", "s")}
+
+    def builtin_heldout(label: str | None) -> PromptSet:
+        usable = [lang for lang in languages if lang in BUILTIN_LANGUAGES]
+        full = load_builtin(usable, label=label) if usable else PromptSet((), "builtin")
+        kept = PromptSet(tuple(p for p in full if p.id not in excluded), full.source)
+        return kept.select(usable, label=label, limit_per_language=n) if len(kept) else kept
+
+    spec = (spec or "").strip()
+    if spec == "builtin":
+        prompts = builtin_heldout(None if harmless else "harmful")
+        if not len(prompts.select(label="harmful")):
+            raise PromptSetError(f"identification used all {len(excluded) // 2} built-in items, so none are left to "
+                                 "evaluate on: identify with --n 32 (the default), or evaluate on another set "
+                                 "(--prompts multijail:PATH)")
+        where = "builtin items not used by identify"
+    else:
+        prompts = load_prompt_spec(spec, languages, n, "harmful")
+        if identify_source and getattr(prompts, "source", None) == identify_source and excluded:
+            prompts = PromptSet(tuple(p for p in prompts if p.id not in excluded), prompts.source)
+        if harmless:
+            prompts = prompts + builtin_heldout("harmless")
+        where = f"{spec} (identify used {identify_source or 'another set'})"
+    note = {"source": where, "excluded_item_ids": len(excluded),
+            "n_per_language": {lang: len(prompts.by_language(lang, "harmful")) for lang in languages}}
+    return prompts, note
 
 
 def guard_kind_for(source: str) -> str:

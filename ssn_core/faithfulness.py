@@ -26,11 +26,12 @@ import torch
 from ssn_core.errors import Cancelled, PromptSetError, SSNError
 from ssn_core.identify import select
 from ssn_core.interventions import Intervention, intervene
-from ssn_core.io import atomic_write_json, atomic_write_text, csv_text
+from ssn_core.io import atomic_write_json, atomic_write_text, csv_text, writing_result_dir
 from ssn_core.scoring import ScoreTable
 from ssn_core.validation import random_matched
 
 Progress = Callable[[int, int, str], None]
+RESULT_KIND = "ssn-lab/faithfulness"
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.0003, 0.001, 0.003, 0.01, 0.03)
 COLUMNS: tuple[str, ...] = ("method", "language", "set", "p", "share", "n_neurons", "condition", "seed", "margin",
                             "margin_drop", "refusal", "refusal_drop", "n")
@@ -68,46 +69,46 @@ class FaithfulnessResult:
         return out
 
     def chart(self):
-        """Altair: margin drop vs share of scored neurons (log x), target solid, random dashed; one facet per set."""
+        """Altair: margin drop vs share of scored neurons (log x), target solid, random dashed, the direction control
+        as a grey rule; one facet per language (rows) and set (columns)."""
         import altair as alt
         import pandas as pd
 
-        frame = pd.DataFrame([r for r in self.rows if r["condition"] in ("target", "random") and r["share"]])
-        if frame.empty:
-            return alt.Chart(pd.DataFrame({"x": []})).mark_point()
-        frame = frame.groupby(["method", "language", "set", "p", "share", "condition"], as_index=False)[
+        curves = pd.DataFrame([r for r in self.rows if r["condition"] in ("target", "random") and r["share"]])
+        if curves.empty:
+            return alt.Chart(pd.DataFrame({"share": [], "margin_drop": []})).mark_point()
+        curves = curves.groupby(["method", "language", "set", "p", "share", "condition"], as_index=False)[
             "margin_drop"].mean()
-        frame["series"] = frame["method"] + " " + frame["condition"]
-        base = alt.Chart(frame).encode(
+        controls = [{**r, "set": which, "share": None} for r in self.rows if r["condition"] == "direction"
+                    for which in sorted(set(curves["set"]))]
+        frame = pd.concat([curves, pd.DataFrame(controls)], ignore_index=True) if controls else curves
+        lines = alt.Chart().transform_filter(alt.datum.condition != "direction").mark_line(point=True).encode(
             x=alt.X("share:Q", scale=alt.Scale(type="log"), title="share of scored neurons switched off"),
             y=alt.Y("margin_drop:Q", title="drop of the refusal margin (nats)"),
             color=alt.Color("method:N"),
             strokeDash=alt.StrokeDash("condition:N", sort=["target", "random"]),
             tooltip=["method", "language", "set", "p", "share", "condition", "margin_drop"],
         )
-        lines = base.mark_line(point=True)
-        rule = None
-        control = [r for r in self.rows if r["condition"] == "direction"]
-        if control:
-            rule = alt.Chart(pd.DataFrame(control)).mark_rule(color="gray", strokeDash=[2, 2]).encode(
-                y="margin_drop:Q", tooltip=["language", "margin_drop", "refusal_drop"])
-        layered = lines if rule is None else alt.layer(lines, rule)
-        return layered.facet(row=alt.Row("language:N"), column=alt.Column("set:N")).properties(
-            title="Dose-response: suppressing the top neurons vs matched random neurons (held-out prompts)")
+        layers = [lines]
+        if controls:
+            layers.append(alt.Chart().transform_filter(alt.datum.condition == "direction").mark_rule(
+                color="gray", strokeDash=[2, 2]).encode(y="margin_drop:Q", tooltip=["language", "margin_drop"]))
+        return alt.layer(*layers, data=frame).facet(row=alt.Row("language:N"), column=alt.Column("set:N")).properties(
+            title="Dose-response: the top neurons vs matched random neurons switched off (held-out prompts); "
+                  "grey: refusal direction ablated")
 
     def save(self, directory: str | Path) -> Path:
         import json
 
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(directory / "curve.csv", csv_text(self.rows, COLUMNS))
-        atomic_write_json(directory / "curve.json", self.rows)
-        atomic_write_json(directory / "summary.json", self.summary())
-        atomic_write_text(directory / "replies.jsonl",
-                          "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.replies))
-        atomic_write_text(directory / "chart.html", self.chart().to_html())
-        atomic_write_json(directory / "manifest.json", self.manifest)
-        return directory
+        with writing_result_dir(directory, RESULT_KIND) as tmp:
+            atomic_write_text(tmp / "curve.csv", csv_text(self.rows, COLUMNS))
+            atomic_write_json(tmp / "curve.json", self.rows)
+            atomic_write_json(tmp / "summary.json", self.summary())
+            atomic_write_text(tmp / "replies.jsonl",
+                              "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in self.replies))
+            atomic_write_text(tmp / "chart.html", self.chart().to_html())
+            atomic_write_json(tmp / "manifest.json", self.manifest)
+        return Path(directory).expanduser()
 
 
 def _mean(values) -> float | None:
@@ -150,6 +151,9 @@ def faithfulness(lm, tables: dict[str, ScoreTable], prompts, languages: Sequence
     empty = [lang for lang, ps in by_language.items() if not ps]
     if empty:
         raise PromptSetError(f"no held-out harmful prompts in: {', '.join(empty)}")
+    from ssn_core import distributed
+
+    distributed.check_enough(sum(len(ps) for ps in by_language.values()), "held-out prompts")
     sites = lm.sites
     started = time.time()
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ssn_core import distributed
 from ssn_core.direction import RefusalDirection
 from ssn_core.errors import NeuronFileError, SSNError
 from ssn_core.io import atomic_write_json, atomic_write_text, writing_result_dir
@@ -35,6 +36,45 @@ from ssn_core.sites import SITE_KINDS, SiteMap
 
 RANKINGS: tuple[str, ...] = ("per-site", "pooled", "global")
 MANIFEST_FORMAT = "ssn-lab/identify-result"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Recipes: named settings of method, aggregate, ranking, p and sites
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    """A named identification setting. ``default`` was chosen by held-out evidence (README, "Which neurons");
+    the others stay available by name so that results can be compared and reproduced."""
+
+    name: str
+    method: str
+    aggregate: str
+    ranking: str
+    p: float
+    kinds: tuple[str, ...]
+    own_replies: bool
+    note: str
+
+
+RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (
+    Recipe("default", "attribution", "all", "per-site", 0.01, ("mlp", "attn_q", "attn_k", "attn_v", "attn_o"), False,
+           "refusal attribution (activation x gradient of the refusal margin), top 1% per layer and site"),
+    Recipe("paper", "global", "reply", "per-site", 0.01, ("mlp", "attn_q", "attn_k", "attn_v", "attn_o"), True,
+           "the paper's form: ΔLLM (final-output change, estimated) on (prompt, reply) pairs, top 1% per layer"),
+    Recipe("plnd", "impact", "content", "per-site", 0.03, ("mlp", "attn_v", "attn_o"), False,
+           "SSN Lab's first default: layer-local deactivation effect over the user's tokens, top 3% per layer"),
+    Recipe("last", "impact", "last", "per-site", 0.03, ("mlp", "attn_v", "attn_o"), False,
+           "layer-local deactivation effect at the last prompt token, top 3% per layer"),
+    Recipe("direction", "direction", "last", "per-site", 0.01, ("mlp", "attn_v", "attn_o"), False,
+           "each neuron's write along the refusal direction at the last prompt token, top 1% per layer"),
+)}
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise SSNError(f"unknown recipe {name!r}; expected one of {', '.join(RECIPES)}") from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -164,7 +204,7 @@ def _counts_rows(name: str, language: str, neurons: NeuronSet, sites: SiteMap | 
 # ---------------------------------------------------------------------------------------------------
 @dataclass
 class IdentifyResult:
-    scores: ScoreTable
+    scores: ScoreTable | None  # None for a bundle (`ssn_core.bundle`: shipped without its score table)
     ms: dict[str, NeuronSet]
     ss: dict[str, NeuronSet]
     ss_all: NeuronSet
@@ -174,6 +214,7 @@ class IdentifyResult:
     manifest: dict = field(default_factory=dict)
     direction: RefusalDirection | None = None  # the positive control, found on the same prompts
     pairs: list[PromptPair] | None = None  # the (prompt, reply) pairs scored, when replies were used
+    activations: ScoreTable | None = None  # mean |a| and mean a per neuron and group (the additive reinforcement)
 
     @property
     def languages(self) -> tuple[str, ...]:
@@ -204,23 +245,30 @@ class IdentifyResult:
         """Write the result folder atomically (a temp folder next to it, then one rename); an existing folder is
         only replaced when it is an earlier identify result (`ssn_core.io.check_out_dir`)."""
         with writing_result_dir(directory, MANIFEST_FORMAT) as tmp:
-            self.scores.save(tmp / "scores.safetensors")
-            (tmp / "sets").mkdir()
-            for lang, neurons in self.ms.items():
-                neurons.save(tmp / "sets" / f"ms_{lang}.json")
-            for lang, neurons in self.ss.items():
-                neurons.save(tmp / "sets" / f"ss_{lang}.json")
-            self.ss_all.save(tmp / "sets" / "ss_all.json")
-            self.ss_shared_all_nhr.save(tmp / "sets" / "ss_shared_all_nhr.json")
-            atomic_write_text(tmp / "counts.csv", self.counts.to_csv(index=False))
-            atomic_write_text(tmp / "overlap.csv", self.overlap.to_csv(index=False))
-            atomic_write_json(tmp / "manifest.json", self.manifest)
-            if self.direction is not None:
-                self.direction.save(tmp / "direction.safetensors")
-            if self.pairs is not None:
-                save_pairs(tmp / "pairs.json", self.pairs, meta={"model_fingerprint": self.manifest.get(
-                    "model_fingerprint")})
+            self.write_files(tmp)
         return Path(directory).expanduser()
+
+    def write_files(self, tmp: Path) -> None:
+        """The result's files, written into the (temporary) folder ``tmp``; a bundle has no scores.safetensors."""
+        if self.scores is not None:
+            self.scores.save(tmp / "scores.safetensors")
+        (tmp / "sets").mkdir()
+        for lang, neurons in self.ms.items():
+            neurons.save(tmp / "sets" / f"ms_{lang}.json")
+        for lang, neurons in self.ss.items():
+            neurons.save(tmp / "sets" / f"ss_{lang}.json")
+        self.ss_all.save(tmp / "sets" / "ss_all.json")
+        self.ss_shared_all_nhr.save(tmp / "sets" / "ss_shared_all_nhr.json")
+        atomic_write_text(tmp / "counts.csv", self.counts.to_csv(index=False))
+        atomic_write_text(tmp / "overlap.csv", self.overlap.to_csv(index=False))
+        atomic_write_json(tmp / "manifest.json", self.manifest)
+        if self.direction is not None:
+            self.direction.save(tmp / "direction.safetensors")
+        if self.activations is not None:
+            self.activations.save(tmp / "activations.safetensors")
+        if self.pairs is not None:
+            save_pairs(tmp / "pairs.json", self.pairs, meta={"model_fingerprint": self.manifest.get(
+                "model_fingerprint")})
 
     @classmethod
     def load(cls, directory: str | os.PathLike, sites: SiteMap | None = None) -> IdentifyResult:
@@ -241,7 +289,9 @@ class IdentifyResult:
             raise NeuronFileError(
                 f"{directory} was computed on a different model ({manifest.get('model_name')}, fingerprint "
                 f"{manifest.get('model_fingerprint')}); the loaded model has fingerprint {sites.fingerprint()}")
-        scores = ScoreTable.load(directory / "scores.safetensors", sites)
+        scores_path = directory / "scores.safetensors"
+        bundle = bool(manifest.get("bundle")) and not scores_path.is_file()  # a bundle ships without its scores
+        scores = None if bundle else ScoreTable.load(scores_path, sites)
         languages = manifest.get("languages", [])
         hr = manifest.get("hr", [])
         ms = {lang: NeuronSet.load(directory / "sets" / f"ms_{lang}.json", sites) for lang in languages}
@@ -261,8 +311,15 @@ class IdentifyResult:
         direction = RefusalDirection.load(direction_path, sites) if direction_path.is_file() else None
         pairs_path = directory / "pairs.json"
         pairs = load_pairs(pairs_path) if pairs_path.is_file() else None
+        activations_path = directory / "activations.safetensors"
+        activations = ScoreTable.load(activations_path, sites) if activations_path.is_file() else None
         return cls(scores=scores, ms=ms, ss=ss, ss_all=ss_all, ss_shared_all_nhr=shared, counts=counts,
-                   overlap=overlap, manifest=manifest, direction=direction, pairs=pairs)
+                   overlap=overlap, manifest=manifest, direction=direction, pairs=pairs, activations=activations)
+
+    @property
+    def is_bundle(self) -> bool:
+        """A bundled result (`ssn_core.bundle`): sets, counts, direction and a few activation means, no scores."""
+        return bool(self.manifest.get("bundle"))
 
     @property
     def item_ids(self) -> frozenset[str]:
@@ -321,20 +378,39 @@ def _versions() -> dict:
             "python": platform.python_version()}
 
 
-def identify(lm, prompts, languages, hr=("en",), method: str = "impact", p: float = 0.03,
-             aggregate: str = "content", kinds=SITE_KINDS, batch_size: int = 8, ranking: str = "per-site",
+def identify(lm, prompts, languages, hr=("en",), method: str | None = None, p: float | None = None,
+             aggregate: str | None = None, kinds=None, batch_size: int = 8, ranking: str | None = None,
              template: str = "chat", sample=None, seed: int = 0, pairs=None, own_replies: bool | None = None,
-             find_direction: bool = False, projections: int = 8, progress: Progress | None = None,
+             find_direction: bool = False, projections: int = 8, activation_means: bool = False,
+             recipe: str = "default", progress: Progress | None = None,
              cancel: threading.Event | None = None) -> IdentifyResult:
     """Score ``prompts`` on ``lm`` and select MS-/SS-Neurons for ``languages`` (HR languages are added).
+
+    Settings left None come from ``recipe`` (`RECIPES`; "default" was chosen by held-out evidence). A method other
+    than the recipe's takes its natural aggregate (attribution: all, else content) unless one is given.
 
     ``pairs``: (prompt, reply) pairs to score instead of bare prompts (`ssn_core.pairs`); with
     ``aggregate="reply"`` they are built from ``prompts`` when not given, and with ``own_replies=True`` also for
     ``attribution`` (whose harmful prompts then take the model's own refusals, harmless ones its own answers).
     ``find_direction``: also find the refusal direction (the positive control) on the HR languages' prompts; the
-    ``direction`` method then scores along it. The manifest records the item ids used (``item_ids``), so that
-    validation and evaluation can take the others.
+    ``direction`` method then scores along it. ``activation_means``: also keep every neuron's mean activation per
+    group (one more forward pass; validation's additive reinforcement uses it). The manifest records the item ids
+    used (``item_ids``), so that validation and evaluation can take the others.
     """
+    chosen_recipe = get_recipe(recipe)
+    given = [k for k, v in (("method", method), ("aggregate", aggregate), ("ranking", ranking), ("p", p),
+                            ("kinds", kinds)) if v is not None]
+    if aggregate is None:
+        aggregate = chosen_recipe.aggregate if method in (None, chosen_recipe.method) else (
+            "all" if method == "attribution" else "content")
+    method = method or chosen_recipe.method
+    ranking = ranking or chosen_recipe.ranking
+    p = chosen_recipe.p if p is None else p
+    kinds = chosen_recipe.kinds if kinds is None else kinds
+    if own_replies is None:
+        own_replies = chosen_recipe.own_replies
+    if method == "direction":
+        kinds = tuple(k for k in kinds if k not in ("attn_q", "attn_k")) if "kinds" not in given else kinds
     p = _check_p(p)
     if method not in METHODS:
         raise SSNError(f"unknown scoring method {method!r}; expected one of {', '.join(METHODS)}")
@@ -383,6 +459,11 @@ def identify(lm, prompts, languages, hr=("en",), method: str = "impact", p: floa
                   directions=direction.directions if direction is not None else None, progress=progress,
                   cancel=cancel)
     score_seconds = time.perf_counter() - start - pair_seconds - direction_seconds
+    activations = None
+    if activation_means:
+        activations = table if method == "activation" and aggregate == "all" else score(
+            lm, chosen, method="activation", aggregate="all", kinds=kinds, batch_size=batch_size, template=template,
+            progress=progress, cancel=cancel)
     sites: SiteMap = lm.sites
     summary = getattr(lm, "summary", None)
     model_name = getattr(summary, "name", None) or type(lm.model).__name__
@@ -412,10 +493,13 @@ def identify(lm, prompts, languages, hr=("en",), method: str = "impact", p: floa
             "own": sum(x.source == "own" for x in pairs), "template": sum(x.source == "template" for x in pairs)},
         "projections": projections if method == "global" else None,
         "direction_layer": None if direction is None else direction.layer,
+        "recipe": {"name": chosen_recipe.name, "note": chosen_recipe.note, "overridden": given},
         "timing": {"score_seconds": round(score_seconds, 3), "prompts": len(chosen),
                    "prompts_per_second": round(len(chosen) / max(score_seconds, 1e-9), 3),
                    "pair_seconds": round(pair_seconds, 3), "direction_seconds": round(direction_seconds, 3)},
         "versions": _versions(),
+        "processes": distributed.world().size,  # > 1 under accelerate launch: the prompts were shared
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    return IdentifyResult(scores=table, manifest=manifest, direction=direction, pairs=pairs, **selected)
+    return IdentifyResult(scores=table, manifest=manifest, direction=direction, pairs=pairs, activations=activations,
+                          **selected)

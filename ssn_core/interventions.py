@@ -44,6 +44,52 @@ class Intervention:
         return f"{action} {len(self.neurons)} neurons" + (f" ({self.label})" if self.label else "")
 
 
+@dataclass
+class Shift:
+    """Add ``offsets`` to the given neurons: a ← a + offset (the additive form of reinforcement, e.g. β times each
+    neuron's mean activation on harmful prompts). ``offsets[(layer, kind)]`` is a [n] tensor aligned with
+    ``neurons.get(layer, kind)``; ``rows`` as for `Intervention`."""
+
+    neurons: NeuronSet
+    offsets: dict[tuple[int, str], torch.Tensor]
+    rows: Sequence[bool] | torch.Tensor | None = None
+    label: str = ""
+
+    def describe(self) -> str:
+        return f"shift {len(self.neurons)} neurons" + (f" ({self.label})" if self.label else "")
+
+    def site_fns(self, sites: SiteMap) -> list[tuple[NeuronSite, object]]:
+        self.neurons.validate(sites)
+        row_mask = None if self.rows is None else torch.as_tensor(self.rows, dtype=torch.bool)
+        fns = []
+        for key, indices in self.neurons.neurons.items():
+            offset = self.offsets.get(key)
+            if offset is None or offset.numel() != indices.numel():
+                raise SSNError(f"the shift has no offset of {indices.numel()} values for {key[1]} layer {key[0]}")
+            if not bool(torch.isfinite(offset).all()):
+                raise SSNError(f"the shift's offsets for {key[1]} layer {key[0]} are not finite")
+            fns.append((sites.get(*key), _shift_fn(sites.get(*key), indices, offset.float(), row_mask)))
+        return fns
+
+
+def _shift_fn(site: NeuronSite, indices: torch.Tensor, offset: torch.Tensor, row_mask: torch.Tensor | None):
+    cache: dict[tuple, torch.Tensor] = {}
+
+    def shift_edit(carrier: torch.Tensor) -> torch.Tensor:  # carrier: [B, T, C]
+        _check_rows(row_mask, carrier)
+        key = (carrier.device, carrier.dtype, carrier.shape[-1])
+        if key not in cache:
+            full = torch.zeros(carrier.shape[-1], dtype=carrier.dtype, device=carrier.device)
+            full[site.carrier_coords(indices).to(carrier.device)] = offset.to(device=carrier.device,
+                                                                            dtype=carrier.dtype)
+            if row_mask is not None:
+                full = torch.where(row_mask.to(carrier.device).view(-1, 1), full, torch.zeros_like(full)).unsqueeze(1)
+            cache[key] = full
+        return carrier + cache[key]
+
+    return shift_edit
+
+
 _SITE_MAPS: weakref.WeakKeyDictionary[nn.Module, SiteMap] = weakref.WeakKeyDictionary()
 
 
@@ -136,7 +182,8 @@ def intervene(target, *interventions) -> Iterator[None]:
     """
     sites = resolve_sites(target)
     neuron_interventions = [i for i in interventions if isinstance(i, Intervention)]
-    module_interventions = [i for i in interventions if not isinstance(i, Intervention)]
+    shifts = [i for i in interventions if isinstance(i, Shift)]
+    module_interventions = [i for i in interventions if not isinstance(i, (Intervention, Shift))]
     module_fns = []
     for intervention in module_interventions:
         if not hasattr(intervention, "module_fns"):
@@ -166,6 +213,8 @@ def intervene(target, *interventions) -> Iterator[None]:
             pairs.append((site, _clamp_fn(site, indices, intervention)))
         if run:
             pairs.append((site, _scale_fn(site, run)))
+    for shift in shifts:  # after any scale or clamp on the same site
+        pairs += shift.site_fns(sites)
     with hook_sites(pairs), hook_modules(module_fns):
         yield
 

@@ -250,6 +250,9 @@ def stamp_manifest(folder: str | os.PathLike, kind: str) -> dict:
     if declared not in (None, kind):
         raise ValueError(f"manifest of kind {declared!r} written into a {kind!r} result")  # a bug, not a user error
     manifest = {"format": kind, **{k: v for k, v in manifest.items() if k not in ("format", "files")}}
+    from ssn_core.distributed import world
+
+    manifest.setdefault("processes", world().size)  # a multi-process launch records how many processes shared the work
     files, _ = _tree(folder)
     manifest["files"] = sorted({*files, RESULT_MANIFEST})
     atomic_write_json(folder / RESULT_MANIFEST, manifest)
@@ -332,8 +335,17 @@ def replace_result_dir(tmp: str | os.PathLike, final: str | os.PathLike, kind: s
 def writing_result_dir(path: str | os.PathLike, kind: str) -> Iterator[Path]:
     """``with writing_result_dir(out, kind) as tmp:`` write the result's files into ``tmp``; on success they
     replace ``out`` as one folder (see `check_out_dir`), with a stamped manifest. On any error or interrupt the
-    temporary folder is removed and ``out`` is left as it was."""
+    temporary folder is removed and ``out`` is left as it was.
+
+    Under a multi-process launch (`ssn_core.distributed`) only process 0 writes: the others get a throwaway folder
+    that is removed after the block, so the same code runs everywhere and ``out`` is written once."""
+    from ssn_core import distributed
+
     final = check_out_dir(path, kind)
+    if not distributed.is_main():
+        with tempfile.TemporaryDirectory(prefix=".ssn-not-main-") as scratch:
+            yield Path(scratch)
+        return
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from ssn_core.errors import ModelLoadError, UnsupportedArchitectureError
 from ssn_core.io import apply_umask, atomic_write_json, swap_dir
+from ssn_core.quantized import quiet_bitsandbytes
 
 if TYPE_CHECKING:
     import torch
@@ -57,8 +58,11 @@ DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS: tuple[str, ...] = ("none", "8bit", "4bit-nf4", "4bit-fp4")
 DEVICE_MAPS: tuple[str, ...] = ("auto", "cpu", "cuda")
 
-# bitsandbytes' 8-bit CPU matmul warns on every call that it casts float32 inputs to float16.
+# bitsandbytes' 8-bit CPU matmul warns on every call that it casts float32 inputs to float16 (a warning in older
+# releases, a log message in newer ones), and on a CPU every import says it could not fetch an optional hub kernel
+# (harmless: see ssn_core.quantized).
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
+quiet_bitsandbytes()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -702,7 +706,11 @@ def _torch_dtype(name: str):
 
 
 def _resolve_device(device_map: str) -> str:
-    """'cpu', 'cuda' or 'auto' (multi-device via accelerate); 'auto' without CUDA is plain CPU."""
+    """'cpu', 'cuda' or 'auto' (multi-device via accelerate); 'auto' without CUDA is plain CPU.
+
+    Under a multi-process launch (`ssn_core.distributed`) every process holds a whole copy of the model, so 'auto'
+    means this process's own GPU ('cuda', the device the launcher selected by local rank), not all of them.
+    """
     import torch
 
     if device_map == "cuda" and not torch.cuda.is_available():
@@ -711,8 +719,19 @@ def _resolve_device(device_map: str) -> str:
             "CUDA build of torch (see README: make run TORCH_SPEC=...)"
         )
     if device_map == "auto":
-        return "auto" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        from ssn_core.distributed import launched, world
+
+        return "cuda" if launched() and world().active else "auto"
     return device_map
+
+
+def _cuda_device() -> str:
+    """This process's GPU: cuda:0 alone, cuda:<local rank> under a launch (accelerate selects it before the load)."""
+    import torch
+
+    return f"cuda:{torch.cuda.current_device()}"
 
 
 def _resolve_dtype(spec: ModelSpec, device: str, config) -> str:
@@ -732,6 +751,8 @@ def _available_memory(device: str) -> int:
     cpu_free = int(psutil.virtual_memory().available)
     if device == "cpu":
         return cpu_free
+    if device == "cuda":  # this process's GPU only
+        return int(torch.cuda.mem_get_info(torch.cuda.current_device())[0])
     gpu_free = sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
     return gpu_free + (cpu_free if device == "auto" else 0)
 
@@ -888,9 +909,9 @@ def _load_pretrained(source: str, spec: ModelSpec, device: str, *, local: bool):
     quant = _quantization_config(spec.quantization, dtype)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": "cuda:0"} if device == "cuda" else device
+        kwargs["device_map"] = {"": _cuda_device()} if device == "cuda" else device
     elif device != "cpu":
-        kwargs["device_map"] = {"": "cuda:0"} if device == "cuda" else "auto"
+        kwargs["device_map"] = {"": _cuda_device()} if device == "cuda" else "auto"
     for weights in sorted(Path(source).glob("*.safetensors")) if local else ():
         problem = _safetensors_size_problem(weights)
         if problem:
@@ -975,6 +996,10 @@ def finish_loaded(model, tokenizer, *, name: str, source: str, spec: ModelSpec, 
                   load_seconds: float, n_params: int | None = None, warnings_: list[str] | None = None) -> LoadedModel:
     """Common tail of every load: pad token, summary, sites (fails here for unsupported layouts)."""
     model.eval()
+    if spec.quantization.startswith("4bit"):
+        from ssn_core.quantized import keep_4bit_differentiable
+
+        keep_4bit_differentiable(model)  # gradient scores and training through 4-bit layers on a CPU too
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batched generation pads with eos; masked out anyway
     if getattr(model, "generation_config", None) is not None and model.generation_config.pad_token_id is None:

@@ -28,6 +28,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ssn_core import distributed
 from ssn_core.errors import Cancelled, PromptSetError, SSNError
 from ssn_core.io import atomic_write_json
 from ssn_core.judges import COMPLIANCE, LABELS, OFF_TARGET, REFUSAL, Verdict
@@ -409,14 +410,17 @@ def mgsm_accuracy(lm, lang: str, n: int | None = None, settings=None, *, path_or
         raise SSNError("the MGSM template must contain '{question}'")
     settings = settings if settings is not None else GenerationSettings(max_new_tokens=256)
     items = load_mgsm(lang, path_or_dir, n)
-    replies: list[str] = []
-    for start in range(0, len(items), batch_size):
+
+    def run_chunk(chunk) -> list[str]:  # under a launch each process answers its share of the batches
         if cancel is not None and cancel.is_set():
             raise Cancelled("MGSM evaluation was cancelled")
-        chunk = items[start:start + batch_size]
-        replies.extend(generate(lm, [template.format(question=it.question) for it in chunk], settings))
+        return generate(lm, [template.format(question=it.question) for it in chunk], settings)
+
+    def report(done: int, total: int) -> None:
         if progress is not None:
-            progress(len(replies), len(items), f"MGSM {lang}: {len(replies)}/{len(items)}")
+            progress(done, total, f"MGSM {lang}: {done}/{total}")
+
+    replies = distributed.map_chunks(items, batch_size, run_chunk, after=report, what="answering MGSM problems")
     if len(replies) != len(items):
         raise SSNError(f"generation returned {len(replies)} replies for {len(items)} MGSM problems")
     predictions = []
@@ -470,14 +474,14 @@ def perplexity(lm, texts: Sequence[str | tuple[str, str]], batch_size: int = 8, 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     encoded = [_encode_for_ppl(tokenizer, t, max_length) for t in texts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths share a batch
-    total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(order), batch_size):
+
+    def run_batch(b: int) -> list[list[float]]:  # [nll, tokens] per scored row; a launch's processes share batches
         if cancel is not None and cancel.is_set():
             raise Cancelled("perplexity was cancelled")
-        batch = [encoded[i] for i in order[start:start + batch_size]]
+        batch = [encoded[i] for i in order[b * batch_size:(b + 1) * batch_size]]
         width = max(len(ids) for ids, _ in batch)
         if width < 2:
-            continue
+            return []
         input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [B, T]
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, T]
         for row, (ids, _) in enumerate(batch):
@@ -485,17 +489,27 @@ def perplexity(lm, texts: Sequence[str | tuple[str, str]], batch_size: int = 8, 
             attention_mask[row, :len(ids)] = 1
         with torch.inference_mode():
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits  # [B,T,V]
+        rows = []
         for row, (ids, first) in enumerate(batch):
             if len(ids) <= first:
                 continue
             # position t predicts token t+1: score tokens first..len-1 from logits first-1..len-2
             pred = logits[row, first - 1:len(ids) - 1].float()  # [S, V]
             target = torch.tensor(ids[first:], dtype=torch.long, device=pred.device)  # [S]
-            total_nll += F.cross_entropy(pred, target, reduction="sum").item()
-            total_tokens += len(ids) - first
+            rows.append([F.cross_entropy(pred, target, reduction="sum").item(), len(ids) - first])
+        return rows
+
+    def report(done_batches: int) -> None:
         if progress is not None:
-            done = min(start + batch_size, len(order))
+            done = min(done_batches * batch_size, len(order))
             progress(done, len(order), f"perplexity: {done}/{len(order)} texts")
+
+    total_nll, total_tokens = 0.0, 0
+    for part in distributed.run_batches(math.ceil(len(order) / batch_size), run_batch, after=report,
+                                        what="computing perplexity"):
+        for nll, tokens in part:  # added in the one-process order
+            total_nll += nll
+            total_tokens += int(tokens)
     if total_tokens == 0:
         raise SSNError("perplexity needs at least one text with a token to score (texts are empty or one token)")
     nll = total_nll / total_tokens

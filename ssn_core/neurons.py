@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import operator
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ssn_core.errors import NeuronFileError
+from ssn_core.errors import NeuronFileError, SSNError
 from ssn_core.io import atomic_save_safetensors, atomic_write_json, read_safetensors
 from ssn_core.sites import SITE_KINDS, SiteMap
 
@@ -24,6 +25,7 @@ FORMAT_VERSION = 1
 Key = tuple[int, str]
 
 
+_NEURON_NAME = re.compile(r"^\s*[Ll]?\s*(\d+)\s*[.:/ ]\s*(mlp|attn_q|attn_k|attn_v|attn_o)\s*[.:/# ]\s*(\d+)\s*$")
 MAX_INDEX = 2**31 - 1  # no model has more layers or neurons per site; larger numbers are damage, not data
 
 
@@ -300,3 +302,39 @@ class NeuronSet:
             return cls(grouped, parse_meta(meta, str(path)))
         except NeuronFileError as exc:
             raise NeuronFileError(f"{path}: {exc}") from None
+
+
+# ----- one neuron by name: L<layer>.<site>.<index> ------------------------------------------------
+def format_neuron(neuron: tuple[int, str, int]) -> str:
+    layer, kind, index = neuron
+    return f"L{layer}.{kind}.{index}"
+
+
+def check_neuron(sites: SiteMap, neuron: tuple[int, str, int]) -> tuple[int, str, int]:
+    """The neuron, or an SSNError saying which part does not exist in this model."""
+    layer, kind, index = neuron
+    name = format_neuron(neuron)
+    if not 0 <= layer < sites.n_layers:
+        raise SSNError(f"{name}: this model has layers 0–{sites.n_layers - 1}")
+    if kind not in sites.kinds:
+        raise SSNError(f"{name}: this model has no {kind} sites (it has {', '.join(sites.kinds)})")
+    size = sites.get(layer, kind).size
+    if not 0 <= index < size:
+        raise SSNError(f"{name}: {kind} sites of this model have neurons 0–{size - 1}")
+    return neuron
+
+
+def parse_neuron(text: str, sites: SiteMap | None = None) -> tuple[int, str, int]:
+    """``"L2.mlp.3814"`` (also ``2.mlp.3814``, ``L2 mlp 3814``) -> (2, "mlp", 3814), checked against ``sites``."""
+    match = _NEURON_NAME.match(str(text or ""))
+    if not match:
+        raise SSNError(f"{str(text).strip()!r} is not a neuron: write it as L<layer>.<site>.<index>, e.g. "
+                       f"L2.mlp.3814 (sites: {', '.join(SITE_KINDS)})")
+    neuron = (int(match.group(1)), match.group(2), int(match.group(3)))
+    return check_neuron(sites, neuron) if sites is not None else neuron
+
+
+def parse_neurons(text: str, sites: SiteMap | None = None) -> list[tuple[int, str, int]]:
+    """Comma-separated neurons, in order, without repeats."""
+    parts = [part for part in str(text or "").split(",") if part.strip()]
+    return list(dict.fromkeys(parse_neuron(part, sites) for part in parts))

@@ -72,17 +72,21 @@ def own_replies(lm, texts: Sequence[str], *, max_new_tokens: int = 48, batch_siz
                 progress: Progress | None = None, cancel: threading.Event | None = None,
                 what: str = "replies") -> list[str]:
     """The base model's greedy reply to every text (call it with no intervention or delta active)."""
+    from ssn_core import distributed
     from ssn_core.generation import GenerationSettings, generate
 
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
-    replies: list[str] = []
-    for start in range(0, len(texts), batch_size):
+
+    def run_chunk(chunk) -> list[str]:  # under a launch each process answers its share of the batches
         if cancel is not None and cancel.is_set():
             raise Cancelled(f"generating {what} was cancelled; nothing was written")
-        replies.extend(generate(lm, list(texts[start:start + batch_size]), settings))
+        return generate(lm, list(chunk), settings)
+
+    def report(done: int, total: int) -> None:
         if progress is not None:
-            progress(len(replies), len(texts), f"{what} {len(replies)}/{len(texts)}")
-    return replies
+            progress(done, total, f"{what} {done}/{total}")
+
+    return distributed.map_chunks(list(texts), batch_size, run_chunk, after=report, what=f"generating {what}")
 
 
 def build_pairs(lm, prompts, *, judge=None, own_refusals: bool = True, max_new_tokens: int = 48, seed: int = 0,

@@ -18,6 +18,7 @@ forward passes. The same code runs with gradients on (`ssn_core.attribution` dif
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -160,15 +161,22 @@ def refusal_margin(lm, texts: Sequence[str], languages: Sequence[str], *, openin
         ref, comp = openings.for_language(language)
         ref_lists.append(list(refusals[i]) if refusals is not None else list(ref))
         comp_lists.append(list(compliances[i]) if compliances is not None else list(comp))
-    out: list[torch.Tensor] = []
-    with torch.no_grad():
-        for start in range(0, len(texts), batch_size):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("the refusal score was cancelled")
-            stop = start + batch_size
-            batch_openings = [r + c for r, c in zip(ref_lists[start:stop], comp_lists[start:stop], strict=True)]
+    from ssn_core import distributed
+
+    def run_batch(b: int) -> torch.Tensor:  # under a launch each process scores its share of the batches
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("the refusal score was cancelled")
+        start, stop = b * batch_size, (b + 1) * batch_size
+        batch_openings = [r + c for r, c in zip(ref_lists[start:stop], comp_lists[start:stop], strict=True)]
+        with torch.no_grad():
             logprobs = opening_logprobs(lm, texts[start:stop], batch_openings, max_tokens=max_tokens, system=system)
-            out.append(_wide(margins_from_logprobs(logprobs, [len(r) for r in ref_lists[start:stop]])).cpu())
-            if progress is not None:
-                progress(min(stop, len(texts)), len(texts), f"refusal margin {min(stop, len(texts))}/{len(texts)}")
+            return _wide(margins_from_logprobs(logprobs, [len(r) for r in ref_lists[start:stop]])).cpu()
+
+    def report(done_batches: int) -> None:
+        if progress is not None:
+            done = min(done_batches * batch_size, len(texts))
+            progress(done, len(texts), f"refusal margin {done}/{len(texts)}")
+
+    out = distributed.run_batches(math.ceil(len(texts) / batch_size), run_batch, after=report,
+                                  what="computing refusal margins")
     return torch.cat(out) if out else torch.zeros(0)

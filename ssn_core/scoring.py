@@ -51,12 +51,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ssn_core import distributed
 from ssn_core.errors import Cancelled, NeuronFileError, SSNError
 from ssn_core.hooks import hook_sites
 from ssn_core.interventions import Intervention, intervene
 from ssn_core.io import atomic_save_safetensors, read_safetensors
 from ssn_core.neurons import NeuronSet
-from ssn_core.sites import SITE_KINDS, NeuronSite, SiteMap, weight_axis
+from ssn_core.sites import SITE_KINDS, NeuronSite, SiteMap
 
 METHODS: tuple[str, ...] = ("impact", "activation", "ablation", "global", "attribution", "direction")
 AGGREGATES: tuple[str, ...] = ("content", "last", "all", "reply")
@@ -294,15 +295,11 @@ def _aggregate(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 # Per-model constants: weight norms, Gram matrices, attention geometry
 # ---------------------------------------------------------------------------------------------------
 def _weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The module's weight as a float32 [out, in] matrix (GPT-2 Conv1D stores [in, out])."""
-    weight = getattr(module, "weight", None)
-    if weight is None or not torch.is_floating_point(weight):
-        raise SSNError(
-            f"impact scores need the floating-point weight of {type(module).__name__}; this layer is quantized "
-            "(use method 'activation', or load the model unquantized)"
-        )
-    weight = weight.detach().float()
-    return weight if weight_axis(module, "in") == 1 else weight.T
+    """The module's weight as a float32 [out, in] matrix (GPT-2 Conv1D stores [in, out]); bitsandbytes 4-/8-bit
+    layers dequantized and offloaded layers loaded for the moment (`ssn_core.quantized.dense_weight`)."""
+    from ssn_core.quantized import dense_weight
+
+    return dense_weight(module)
 
 
 def _qr_factor(matrix: torch.Tensor) -> torch.Tensor:
@@ -325,7 +322,6 @@ class _LayerAttention:
     k_norm: nn.Module | None
     rotary: nn.Module | None
     rotary_layer_type: str | None
-    w_o_cols: torch.Tensor  # [hidden, H*D] float32
     o_norms: torch.Tensor  # [H*D] column norms of W_O
     v_gram: torch.Tensor  # [K, D, G, G]
     q_factors: torch.Tensor  # [H, r, D]: ‖W_O[:, head h] y‖ = ‖q_factors[h] y‖
@@ -333,20 +329,36 @@ class _LayerAttention:
 
 
 class _ModelConstants:
-    """Weight-derived constants, computed once per model and reused across batches."""
+    """Weight-derived constants, computed once per layer and model and reused across batches. Only what is derived
+    (norms, factors, Gram matrices: O(N) or O(H·D²) per layer) is kept, never a dense copy of a weight, so a 4-bit
+    model's constants cost one transient dequantized matrix per layer."""
 
     def __init__(self, model: nn.Module, sites: SiteMap):
         self.model = model
         self.sites = sites
         self.mlp_norms: dict[int, torch.Tensor] = {}
         self.attention: dict[int, _LayerAttention] = {}
+        self.along: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.rotary, self.base_model = _find_rotary(model)
+
+    def writes_along(self, layer: int, kind: str, direction: torch.Tensor) -> torch.Tensor:
+        """W[:, coords]^T r: what each coordinate of the mlp (W_down) or attn_o (W_O) carrier writes along the
+        residual direction r [hidden], on the layer's device; kept per layer for the last r asked for."""
+        cached = self.along.get((layer, kind))
+        r = direction.detach().float().cpu()
+        if cached is not None and torch.equal(cached[0], r):
+            return cached[1]
+        site = self.sites.get(layer, kind)
+        weight = _weight_out_in(site.module)  # [hidden, C]
+        value = site.read(weight).T @ r.to(weight.device)  # [N]; read: the carrier's columns (a view when contiguous)
+        self.along[(layer, kind)] = (r, value)
+        return value
 
     def mlp(self, layer: int) -> torch.Tensor:
         if layer not in self.mlp_norms:
             site = self.sites.get(layer, "mlp")
             weight = _weight_out_in(site.module)  # [hidden, I]
-            self.mlp_norms[layer] = weight.index_select(1, site.coords.to(weight.device)).norm(dim=0)
+            self.mlp_norms[layer] = site.read(weight).norm(dim=0)  # no copy of the columns when they are contiguous
         return self.mlp_norms[layer]
 
     def attn(self, layer: int) -> _LayerAttention:
@@ -355,7 +367,7 @@ class _ModelConstants:
         site = self.sites.get(layer, "attn_o")
         H, K, D = site.n_heads, site.n_kv_heads, site.head_dim
         G = H // K
-        w_o = _weight_out_in(site.module).index_select(1, site.coords.to(site.module.weight.device))  # [hidden, H*D]
+        w_o = site.read(_weight_out_in(site.module)).contiguous()  # [hidden, H*D] (a copy only for GPT-2's Conv1D)
         per_head = w_o.view(w_o.shape[0], K, G, D)
         v_gram = torch.einsum("okgd,okhd->kdgh", per_head, per_head)
         q_factors = torch.stack([_qr_factor(w_o[:, h * D:(h + 1) * D]) for h in range(H)])
@@ -380,7 +392,7 @@ class _ModelConstants:
             module=attn, n_heads=H, n_kv_heads=K, head_dim=D, scaling=float(scaling),
             softcap=getattr(attn, "attn_logit_softcapping", None), sliding_window=sliding,
             q_norm=getattr(attn, "q_norm", None), k_norm=getattr(attn, "k_norm", None),
-            rotary=rotary, rotary_layer_type=layer_type, w_o_cols=w_o, o_norms=w_o.norm(dim=0),
+            rotary=rotary, rotary_layer_type=layer_type, o_norms=w_o.norm(dim=0),
             v_gram=v_gram, q_factors=q_factors, k_factors=k_factors,
         )
         return self.attention[layer]
@@ -1047,6 +1059,17 @@ class _Accumulator:
                     self.sums[group][kind][layer] += value.index_select(0, rows.to(value.device)).sum(0).double().cpu()
             self.counts[group] += len(rows)
 
+    def all_reduce(self) -> None:
+        """Add up every process's sums and counts (`ssn_core.distributed`, one message); no-op with one process."""
+        from ssn_core.distributed import all_reduce_
+
+        groups = list(self.sums)
+        counts = torch.tensor([float(self.counts[g]) for g in groups], dtype=torch.float64)
+        stores = [self.sums] + ([self.signed] if self.signed is not None else [])
+        all_reduce_([t for store in stores for g in groups for t in store[g].values()] + [counts],
+                    "adding up the scores")
+        self.counts = {g: round(c) for g, c in zip(groups, counts.tolist(), strict=True)}
+
     def means(self, store) -> dict[Group, dict[str, torch.Tensor]]:
         return {g: {k: (s / max(self.counts[g], 1)).float() for k, s in per_kind.items()} for g, per_kind in
                 store.items() if self.counts[g] > 0}
@@ -1112,12 +1135,14 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
     encoded = [encode_prompt(lm, p.text, template, p.reply if aggregate == "reply" else None) for p in items]
     order = sorted(range(len(items)), key=lambda i: len(encoded[i][0]))
     total = len(items)
-    done = 0
+    distributed.check_enough(total, "prompts to score")
     if progress:
         progress(0, total, f"scoring {total} prompts ({method})")
-    for start in range(0, total, batch_size):
+
+    def run_batch(b: int) -> None:  # batch b of the one-process order; under a launch each process runs its share
         if cancel is not None and cancel.is_set():
             raise Cancelled("scoring was cancelled; nothing was written")
+        start = b * batch_size
         rows = order[start:start + batch_size]
         batch = make_batch([encoded[i] for i in rows], aggregate, pad_id, device)
         row_groups = [(items[i].language, items[i].label) for i in rows]
@@ -1142,9 +1167,15 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
         else:
             results = score_batch(lm, batch, method, kinds)
         accumulator.add(row_groups, results)
-        done += len(rows)
+
+    def report(done_batches: int) -> None:
         if progress:
+            done = min(total, done_batches * batch_size)
             progress(done, total, f"scored {done}/{total} prompts")
+
+    distributed.run_batches(math.ceil(total / batch_size), run_batch, after=report, gather=False,
+                            what=f"scoring prompts ({method})")
+    accumulator.all_reduce()  # the running sums of every process, added once
     means = accumulator.means(accumulator.sums)
     if method == "ablation":
         sampled = {}
@@ -1202,6 +1233,23 @@ def _mean_over_groups(table: ScoreTable, kind: str) -> torch.Tensor:
     return sum(per_kind[kind] * table.counts[g] for g, per_kind in table.groups.items()) / max(total, 1)
 
 
+def parse_method_spec(spec: str) -> tuple[str, int]:
+    """'impact' -> ('impact', 8); 'global:16' -> ('global', 16): a method and its number of random projections."""
+    name, _, count = spec.partition(":")
+    if name not in METHODS or name == "ablation":
+        raise SSNError(f"unknown method {spec!r} to compare; expected some of "
+                       f"{', '.join(m for m in METHODS if m != 'ablation')} (global:K for K projections)")
+    if count and name != "global":
+        raise SSNError(f"{spec!r}: only global takes a number of projections (global:K)")
+    try:
+        projections = int(count) if count else 8
+    except ValueError:
+        raise SSNError(f"{spec!r}: the number of projections must be an integer") from None
+    if projections < 1:
+        raise SSNError(f"{spec!r}: at least 1 projection")
+    return name, projections
+
+
 def compare_methods(lm, prompts, sample: Sequence[Triple] | int = 64, methods: Sequence[str] = ("impact",
                     "activation"), aggregate: str = "content", kinds: Sequence[str] = SITE_KINDS,
                     batch_size: int = 8, template: str = "chat", top: float = 0.1, seed: int = 0,
@@ -1209,7 +1257,8 @@ def compare_methods(lm, prompts, sample: Sequence[Triple] | int = 64, methods: S
     """Spearman rank correlation and top-``top`` overlap of each fast method with exact ablation, per kind.
 
     ``sample`` is a neuron list or a count per kind (spread over layers). Scores are averaged over all
-    prompts (every language and label) before ranking.
+    prompts (every language and label) before ranking. ``methods``: names, or ``global:K`` for the global ΔLLM
+    estimate with K random projections (its agreement grows with K: run several K side by side).
     """
     import time
 
@@ -1221,12 +1270,13 @@ def compare_methods(lm, prompts, sample: Sequence[Triple] | int = 64, methods: S
     triples = sample_neurons(sites, kinds, sample, seed, per="kind") if isinstance(sample, int) else list(sample)
     tables: dict[str, ScoreTable] = {}
     seconds: dict[str, float] = {}
-    for method in ("ablation", *methods):
+    for spec in ("ablation", *methods):
+        method, projections = ("ablation", 8) if spec == "ablation" else parse_method_spec(spec)
         start = time.perf_counter()
-        tables[method] = score(lm, prompts, method=method, aggregate=aggregate, kinds=kinds, batch_size=batch_size,
-                               template=template, sample=triples if method == "ablation" else None, seed=seed,
-                               progress=progress, cancel=cancel)
-        seconds[method] = round(time.perf_counter() - start, 3)
+        tables[spec] = score(lm, prompts, method=method, aggregate=aggregate, kinds=kinds, batch_size=batch_size,
+                             template=template, sample=triples if method == "ablation" else None, seed=seed,
+                             projections=projections, progress=progress, cancel=cancel)
+        seconds[spec] = round(time.perf_counter() - start, 3)
     rows = []
     for method in methods:
         for kind in kinds:

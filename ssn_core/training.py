@@ -21,9 +21,11 @@ LoRA through PEFT (rank matched to the neuron slices' parameter count, and r=8),
 and unwraps them in a ``finally``; other sessions sharing the model would see the adapter meanwhile, so the
 app should run baselines on a model of their own.
 
-Multi-GPU: the same loop runs under ``accelerate launch``; each process trains on its shard of every batch
-and the delta gradients are averaged with an all-reduce before the optimizer step (the deltas are not an
-nn.Module, so no DDP wrapper is needed). Only the main process should write files.
+Several processes (``accelerate launch`` / torchrun, `ssn_core.distributed`): each process trains on its share of
+every batch; its loss is its reply tokens' NLL sum over the whole batch's token count, and the delta gradients are
+summed with one all-reduce before the optimizer step (the deltas are not an nn.Module, so no DDP wrapper is needed),
+so every process takes the step a one-process run takes. Evaluation and the retain replies are generated in shares
+too (`distributed.map_chunks`). Only the main process writes files.
 """
 
 from __future__ import annotations
@@ -33,7 +35,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import random
 import threading
 import time
@@ -46,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssn_core import distributed
 from ssn_core.delta import NeuronDelta, apply_delta, module_dims, neuron_set_hash
 from ssn_core.errors import Cancelled, PromptSetError, TrainingError
 from ssn_core.neurons import NeuronSet
@@ -318,12 +320,15 @@ def split_ids(ids: Sequence[str], heldout_fraction: float, seed: int) -> tuple[s
 def build_safety_data(lm, prompts, languages: Sequence[str], *, heldout_fraction: float = 0.25, seed: int = 0,
                       n_per_language: int | None = None, retain: bool = True, retain_max_new_tokens: int = 48,
                       templates: dict[str, list[str]] | None = None, batch_size: int = 8,
+                      exclude_ids=(), extra_heldout=None,
                       progress: TrainProgress | None = None, cancel: threading.Event | None = None) -> SafetyData:
     """The parallel safety set: harmful -> refusal (same language) and harmless -> base model's own reply.
 
     ``prompts``: a PromptSet (or any iterable of Prompt with .id .language .label .text). Held-out items are
     chosen by item id, so a request's translations are all in train or all held out. The retain replies
     are generated once, greedily, by the *base* model (call this before any delta is active).
+    ``exclude_ids``: item ids never used (those identification found the neurons on). ``extra_heldout``: harmful
+    prompts of another set (e.g. MultiJail) added to the held-out evaluation only (ids prefixed with ``x:``).
     """
     from ssn_core.judges import load_refusal_templates
 
@@ -335,7 +340,9 @@ def build_safety_data(lm, prompts, languages: Sequence[str], *, heldout_fraction
     if missing:
         raise PromptSetError(f"no refusal templates for language(s) {', '.join(missing)}; "
                              f"templates exist for: {', '.join(sorted(templates))}")
-    items = [p for p in prompts if p.language in languages and p.label in ("harmful", "harmless")]
+    excluded = {str(i) for i in exclude_ids}
+    items = [p for p in prompts if p.language in languages and p.label in ("harmful", "harmless")
+             and p.id not in excluded]
     harmful = [p for p in items if p.label == "harmful"]
     harmless = [p for p in items if p.label == "harmless"] if retain else []
     if n_per_language is not None:
@@ -367,6 +374,13 @@ def build_safety_data(lm, prompts, languages: Sequence[str], *, heldout_fraction
                      for p, reply in zip(harmless, replies)]
     train = [ex for ex in examples if ex.item_id in train_ids]
     heldout = [ex for ex in examples if ex.item_id in held_ids]
+    for p in extra_heldout or ():
+        if p.label == "harmful" and p.language in languages:
+            item = f"x:{p.id}"
+            heldout.append(TrainExample(item, p.language, "refusal", p.text,
+                                        pick_template(templates[p.language], seed, item, p.language)))
+            held_ids.add(item)
+            examples.append(heldout[-1])
     if not train:
         raise PromptSetError("no training items left after the held-out split; add prompts or lower the held-out share")
     digest = hashlib.sha256(json.dumps([asdict(ex) for ex in examples], ensure_ascii=False).encode()).hexdigest()
@@ -450,20 +464,25 @@ def reply_nll(lm, examples: Sequence[TrainExample], context_factory=nullcontext,
     counts: dict[str, int] = {}
     pad = _pad_id(lm.tokenizer)
     encoded = [(ex.language, encode_example(lm, ex, max_length)) for ex in examples]
-    with torch.no_grad(), context_factory():
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start:start + batch_size]
-            input_ids, attention, labels = _collate([e for _, e in chunk], pad)
-            logits = lm.model(input_ids=input_ids.to(_input_device(lm.model)),
-                              attention_mask=attention.to(_input_device(lm.model))).logits
-            for row, (lang, _) in enumerate(chunk):
-                target = labels[row, 1:].to(logits.device)
-                keep = target != -100
-                if not bool(keep.any()):
-                    continue
+
+    def run_chunk(chunk) -> list[list]:  # [language, nll, tokens] per row; a launch's processes share the batches
+        input_ids, attention, labels = _collate([e for _, e in chunk], pad)
+        logits = lm.model(input_ids=input_ids.to(_input_device(lm.model)),
+                          attention_mask=attention.to(_input_device(lm.model))).logits
+        rows = []
+        for row, (lang, _) in enumerate(chunk):
+            target = labels[row, 1:].to(logits.device)
+            keep = target != -100
+            if bool(keep.any()):
                 nll = F.cross_entropy(logits[row, :-1][keep].float(), target[keep], reduction="sum")
-                sums[lang] = sums.get(lang, 0.0) + float(nll)
-                counts[lang] = counts.get(lang, 0) + int(keep.sum())
+                rows.append([lang, float(nll), int(keep.sum())])
+        return rows
+
+    with torch.no_grad(), context_factory():
+        rows = distributed.map_chunks(encoded, batch_size, run_chunk, what="computing reply NLLs")
+    for lang, nll, n in rows:  # added in the one-process order
+        sums[lang] = sums.get(lang, 0.0) + nll
+        counts[lang] = counts.get(lang, 0) + n
     return {lang: sums[lang] / counts[lang] for lang in sums}
 
 
@@ -521,25 +540,9 @@ class _PeakMemory:
         return False
 
 
-def _dist_info() -> tuple[int, int]:
-    """(rank, world size) under ``accelerate launch`` / torchrun; (0, 1) otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        try:
-            from accelerate import PartialState
-
-            state = PartialState()  # initialises the process group from the launcher's environment
-            return state.process_index, state.num_processes
-        except ImportError:
-            pass
-    return 0, 1
-
-
 def is_main_process() -> bool:
     """True unless this is a non-zero rank under ``accelerate launch`` / torchrun (only rank 0 writes files)."""
-    return _dist_info()[0] == 0
+    return distributed.is_main()
 
 
 def _train_loop(lm, model: nn.Module, params: list[torch.Tensor], data: SafetyData, config: TrainConfig,
@@ -547,7 +550,10 @@ def _train_loop(lm, model: nn.Module, params: list[torch.Tensor], data: SafetyDa
                 cancel: threading.Event | None = None) -> tuple[list[float], float, float | None]:
     """AdamW over ``params`` on the reply NLL; returns (losses per step, seconds, peak memory MB)."""
     config.check()
-    rank, world = _dist_info()
+    rank, world = distributed.world().rank, distributed.world().size
+    if world > config.batch_size:
+        raise TrainingError(f"each of the {world} processes trains on a share of every batch, so the batch size "
+                            f"({config.batch_size}) must be at least the number of processes")
     pad = _pad_id(lm.tokenizer)
     encoded = [encode_example(lm, ex, config.max_length) for ex in data.train]
     total = config.total_steps(len(encoded))
@@ -584,24 +590,32 @@ def _train_loop(lm, model: nn.Module, params: list[torch.Tensor], data: SafetyDa
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for _ in range(config.grad_accum):
-                batch = next_batch()
-                if not batch:
-                    continue
-                input_ids, attention, labels = _collate(batch, pad)
-                with context_factory():
-                    loss, _ = response_loss(model, input_ids, attention, labels)
-                if not torch.isfinite(loss.detach()):
+                batch = next_batch()  # this process's share of the batch (all of it with one process)
+                # The loss is the mean over the whole batch's reply tokens: each process contributes its tokens' sum
+                # divided by the batch's token count, and the gradients are summed below (one process: n / n = 1).
+                n_local = sum(len(ids) - first for ids, first in batch)
+                n_batch = n_local if world == 1 else int(distributed.all_reduce_sum(n_local, "counting reply tokens"))
+                part = None
+                if batch:
+                    input_ids, attention, labels = _collate(batch, pad)
+                    with context_factory():
+                        loss, n_tokens = response_loss(model, input_ids, attention, labels)
+                    part = loss * (n_tokens / max(n_batch, 1))
+                part_value = 0.0 if part is None else float(part.detach())
+                batch_loss = part_value if world == 1 else distributed.all_reduce_sum(part_value, "adding up the loss")
+                if not math.isfinite(batch_loss):  # every process sees the same sum and stops the same way
                     raise TrainingError(
-                        f"the training loss became {float(loss.detach())} at step {step + 1}; stopped. Lower the learning "
+                        f"the training loss became {batch_loss} at step {step + 1}; stopped. Lower the learning "
                         f"rate (now {config.lr:g}), enable gradient clipping, or load the model in a wider dtype"
                     )
-                (loss / config.grad_accum).backward()
-                step_loss += float(loss.detach()) / config.grad_accum
+                if part is not None:
+                    (part / config.grad_accum).backward()
+                step_loss += batch_loss / config.grad_accum
             if world > 1:  # every rank reduces every tensor (a rank with an empty shard contributes zeros)
                 for p in params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                    torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.AVG)
+                distributed.all_reduce_gradients([p.grad for p in params])
             grads = [p for p in params if p.grad is not None]
             if config.grad_clip > 0 and grads:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, config.grad_clip))
@@ -666,13 +680,18 @@ def evaluate_safety(lm, data: SafetyData, context_factory=nullcontext, *, settin
         settings = settings if settings is not None else GenerationSettings(max_new_tokens=48)
         judge = judge if judge is not None else MarkerJudge()
         todo = harmful + harmless
-        replies: list[str] = []
+
+        def run_chunk(chunk) -> list[str]:  # under a launch each process answers its share of the batches
+            _check_cancel(cancel, "evaluation")
+            return generate(lm, [ex.user_text for ex in chunk], settings)
+
+        def report(done: int, total: int) -> None:
+            if progress is not None:
+                progress(done, total, {"phase": phase})
+
         with context_factory():
-            for start in range(0, len(todo), batch_size):
-                _check_cancel(cancel, "evaluation")
-                replies.extend(generate(lm, [ex.user_text for ex in todo[start:start + batch_size]], settings))
-                if progress is not None:
-                    progress(len(replies), len(todo), {"phase": phase})
+            replies = distributed.map_chunks(todo, batch_size, run_chunk, after=report,
+                                             what="generating held-out replies")
         verdicts = judge.judge_many([ex.user_text for ex in todo], replies, [ex.language for ex in todo])
         hits: dict[tuple[str, str], list[bool]] = {}
         for ex, reply, verdict in zip(todo, replies, verdicts):
@@ -815,6 +834,24 @@ def train_full(lm, data: SafetyData, config: TrainConfig, *, evaluate: Callable[
     return TrainResult(method="full", config=config, losses=losses, trainable_params=total, total_params=total,
                        seconds=seconds, seconds_per_step=seconds / len(losses), peak_memory_mb=peak, after=after,
                        meta={"data_hash": data.data_hash})
+
+
+def paired_refusal_difference(a: SafetyEval, b: SafetyEval, languages: Sequence[str] | None = None) -> dict:
+    """Held-out refusal after method a minus after method b, per harmful prompt (the same prompts, so paired), pooled
+    over ``languages``: mean, bootstrap CI, sign-flip p-value (`metrics.paired_difference`), and per language."""
+    from ssn_core.metrics import paired_difference
+
+    def refusals(ev: SafetyEval) -> dict[tuple[str, str], float]:
+        return {(r["language"], str(r["id"])): 1.0 if r["verdict"] == "refusal" else 0.0 for r in ev.rows
+                if r["label"] == "harmful" and (languages is None or r["language"] in languages)}
+
+    ra, rb = refusals(a), refusals(b)
+    keys = sorted(set(ra) & set(rb))
+    out = {"pooled": paired_difference([ra[k] - rb[k] for k in keys]).to_dict(), "languages": {}}
+    for lang in dict.fromkeys(lang for lang, _ in keys):
+        diffs = [ra[k] - rb[k] for k in keys if k[0] == lang]
+        out["languages"][lang] = {"n": len(diffs), "mean": sum(diffs) / len(diffs)}
+    return out
 
 
 def compare_methods(lm, neurons: NeuronSet, data: SafetyData, config: TrainConfig,

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from ssn_core.errors import Cancelled, NeuronFileError, PromptSetError, SSNError
-from ssn_core.interventions import Intervention, resolve_sites
+from ssn_core.interventions import Intervention, Shift, resolve_sites
 from ssn_core.io import atomic_write_json, atomic_write_text, csv_text, writing_result_dir
 from ssn_core.neurons import NeuronSet
 from ssn_core.sites import SiteMap
@@ -39,6 +39,7 @@ from ssn_core.sites import SiteMap
 Progress = Callable[[int, int, str], None]
 
 SUPPRESS_TARGETS: tuple[str, ...] = ("ms", "ss", "ss_all")
+PARTS: tuple[str, ...] = ("suppress", "reinforce")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -205,6 +206,7 @@ class Condition:
     seed: int | None = None
     alpha: float | None = None
     direction: torch.Tensor | None = None  # kind "direction": projected out of the residual stream
+    offsets: dict | None = None  # kind "shift": added to the neurons (β times their mean harmful activation)
 
     @property
     def name(self) -> str:
@@ -227,15 +229,19 @@ def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settin
     """Replies of every text under every condition: ``result[i][j]`` = text i under condition j.
 
     Every (text, condition) pair is one row of `ssn_core.generation.generate_many`, with at most ``batch_size`` rows
-    in any forward pass. Each condition with neurons (or a direction) becomes one intervention whose row mask selects
-    its rows, so a batch mixing conditions costs one multiply per site. Rows run longest prompt first (the conditions
+    in any forward pass. Each condition with neurons (scaled or shifted by offsets) or a direction becomes one
+    intervention whose row mask selects its rows, so a batch mixing conditions costs one multiply per site. Rows run longest prompt first (the conditions
     of one text next to each other), the prompts' common prefix (system prompt, chat template) is run once per
     condition, and a finished row's place goes to a waiting one, so no step is spent on a finished reply.
 
     With ``settings.stop_at_verdict`` and a ``judge`` that can tell (``judge.settled``, e.g. `MarkerJudge`), a reply
     ends as soon as its verdict can no longer change (``language``: what the judge is given for these texts); the
     verdicts are those of the full replies, the replies are shorter.
+
+    Under a launch (`ssn_core.distributed`) the rows are cut text-major into batches of ``batch_size``, each process
+    generates its share of them (each batch through `generate_many`), and the replies are gathered in order.
     """
+    from ssn_core import distributed
     from ssn_core.generation import generate_many
 
     if batch_size < 1:
@@ -246,44 +252,98 @@ def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settin
     replies: list[list[str]] = [[""] * len(conditions) for _ in texts]
     if not pairs:
         return replies
-    interventions = []
-    for j, condition in enumerate(conditions):
-        rows = [cj == j for _, cj in pairs]
-        if condition.direction is not None:
-            from ssn_core.direction import DirectionAblation
 
-            interventions.append(DirectionAblation(condition.direction, rows=rows, label=condition.key))
-        elif condition.neurons is not None and len(condition.neurons):
-            interventions.append(Intervention(condition.neurons, scale=condition.scale, rows=rows,
-                                              label=condition.key))
-    stop = None
-    if getattr(settings, "stop_at_verdict", False) and hasattr(judge, "settled"):
-        def stop(row: int, reply: str) -> bool:
-            return judge.settled(texts[pairs[row][0]], reply, language)
+    def interventions_of(rows_pairs) -> list:
+        out = []
+        for j, condition in enumerate(conditions):
+            rows = [cj == j for _, cj in rows_pairs]
+            if not any(rows):
+                continue
+            if condition.direction is not None:
+                from ssn_core.direction import DirectionAblation
+
+                out.append(DirectionAblation(condition.direction, rows=rows, label=condition.key))
+            elif condition.offsets is not None:
+                out.append(Shift(condition.neurons, condition.offsets, rows=rows, label=condition.key))
+            elif condition.neurons is not None and len(condition.neurons):
+                out.append(Intervention(condition.neurons, scale=condition.scale, rows=rows, label=condition.key))
+        return out
+
+    def replies_of(rows_pairs, report=None) -> list[str]:
+        stop = None
+        if getattr(settings, "stop_at_verdict", False) and hasattr(judge, "settled"):
+            def stop(row: int, reply: str) -> bool:
+                return judge.settled(texts[rows_pairs[row][0]], reply, language)
+
+        return generate_many(lm, [texts[i] for i, _ in rows_pairs], settings, batch_size=batch_size,
+                             interventions=interventions_of(rows_pairs), stop=stop, progress=report, cancel=cancel)
 
     total = math.ceil(len(pairs) / batch_size)  # progress in batches' worth of replies, as callers count it
-    reported = [0]
+    if distributed.world().active:
+        # Under a launch each process generates its share of the packed batches of ``batch_size`` rows (text-major,
+        # as `distributed.run_batches` splits them), each batch through `generate_many`.
+        def run_batch(b: int) -> list[str]:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("validation was cancelled")
+            return replies_of(pairs[b * batch_size:(b + 1) * batch_size])
 
-    def report(done: int, n_rows: int) -> None:
-        batches = total if done == n_rows else done // batch_size
-        if progress is not None and batches > reported[0]:
-            reported[0] = batches
-            progress(batches, total, f"{message}generating replies, batch {batches}/{total}")
+        def report_batches(done: int) -> None:
+            if progress is not None:
+                progress(done, total, f"{message}generating replies, batch {done}/{total}")
 
-    outputs = generate_many(lm, [texts[i] for i, _ in pairs], settings, batch_size=batch_size,
-                            interventions=interventions, stop=stop, progress=report, cancel=cancel)
+        outputs = [reply for batch in distributed.run_batches(total, run_batch, after=report_batches,
+                                                              what="generating validation replies")
+                   for reply in batch]
+    else:
+        reported = [0]
+
+        def report(done: int, n_rows: int) -> None:
+            batches = total if done == n_rows else done // batch_size
+            if progress is not None and batches > reported[0]:
+                reported[0] = batches
+                progress(batches, total, f"{message}generating replies, batch {batches}/{total}")
+
+        outputs = replies_of(pairs, report)
     for (i, j), reply in zip(pairs, outputs, strict=True):
         replies[i][j] = reply
     return replies
 
 
+def shift_offsets(neurons: NeuronSet, activations, hr_language: str, beta: float) -> dict:
+    """β times each neuron's mean activation on the HR language's harmful prompts: the additive reinforcement
+    ("make the neuron act as it does when English refuses, β times over"). ``activations``: an activation
+    `ScoreTable` (its ``signed`` means), as `identify(..., activation_means=True)` keeps."""
+    signed = (activations.signed or {}).get((hr_language, "harmful")) if activations is not None else None
+    if signed is None:
+        raise SSNError(f"the additive reinforcement needs the neurons' mean activations on {hr_language} harmful "
+                       "prompts (identify with activation means; `ssn identify` keeps them)")
+    return {(layer, kind): float(beta) * signed[kind][layer, indices]
+            for (layer, kind), indices in neurons.neurons.items()}
+
+
 def plan_conditions(neurons, language: str, sites: SiteMap, alphas: Sequence[float] = (2.0,),
                     seeds: Sequence[int] = (0, 1, 2), hr_language: str = "en",
-                    direction: torch.Tensor | None = None) -> tuple[list[Condition], list[str]]:
+                    direction: torch.Tensor | None = None, betas: Sequence[float] = (),
+                    parts: Sequence[str] = PARTS) -> tuple[list[Condition], list[str]]:
     """The conditions run for one language, and notes on the ones skipped (empty neuron sets).
 
-    ``direction``: the refusal direction, run as the positive control ``direction_refusal``.
+    ``direction``: the refusal direction, run as the positive control ``direction_refusal``. ``betas``: additive
+    reinforcement ``shift_<target>`` of the same set the scale reinforcement uses (`shift_offsets`). ``parts``:
+    ``suppress`` (the control, suppressed sets and their random controls) and/or ``reinforce`` (the scale and
+    additive reinforcement); the baseline is always run.
     """
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown or not parts:
+        raise SSNError(f"validation parts must be some of {', '.join(PARTS)}, got {', '.join(parts) or 'none'}")
+    conditions, notes = _plan_all(neurons, language, sites, alphas, seeds, hr_language, direction, betas)
+    keep = {"baseline"} | ({"direction", "suppress", "random"} if "suppress" in parts else set()) | (
+        {"reinforce", "shift"} if "reinforce" in parts else set())
+    return [c for c in conditions if c.kind in keep], notes
+
+
+def _plan_all(neurons, language: str, sites: SiteMap, alphas: Sequence[float], seeds: Sequence[int],
+              hr_language: str, direction: torch.Tensor | None, betas: Sequence[float]
+              ) -> tuple[list[Condition], list[str]]:
     conditions = [Condition("baseline")]
     if direction is not None:
         conditions.append(Condition("direction", "refusal", direction=direction))
@@ -315,6 +375,9 @@ def plan_conditions(neurons, language: str, sites: SiteMap, alphas: Sequence[flo
                 raise SSNError(f"reinforcement scale must be >= 0, got {alpha}")
             conditions.append(Condition("reinforce", reinforce_target, reinforce_set, scale=float(alpha),
                                         alpha=float(alpha)))
+        for beta in betas:
+            offsets = shift_offsets(reinforce_set, getattr(neurons, "activations", None), hr_language, beta)
+            conditions.append(Condition("shift", reinforce_target, reinforce_set, alpha=float(beta), offsets=offsets))
     else:
         notes.append(f"{language}: no SS-Neurons to reinforce")
     return conditions, notes
@@ -325,9 +388,9 @@ def plan_conditions(neurons, language: str, sites: SiteMap, alphas: Sequence[flo
 
 
 RESULT_KIND = "ssn-lab/validation"  # manifest kind of an `ssn validate --out` folder
-TABLE_COLUMNS: tuple[str, ...] = ("language", "condition", "target", "seed", "alpha", "n_neurons", "n", "asr",
+TABLE_COLUMNS: tuple[str, ...] = ("language", "label", "condition", "target", "seed", "alpha", "n_neurons", "n", "asr",
                                   "refusal", "off_target", "ci_low", "ci_high", "refusal_ci_low", "refusal_ci_high")
-ROW_COLUMNS: tuple[str, ...] = ("language", "condition", "seed", "alpha", "id", "prompt", "reply", "verdict",
+ROW_COLUMNS: tuple[str, ...] = ("language", "label", "condition", "seed", "alpha", "id", "prompt", "reply", "verdict",
                                 "reason")
 
 
@@ -366,7 +429,8 @@ class ValidationResult:
             entries = [r for r in self.table if r["language"] == language]
             seen: set[str] = set()
             for r in entries:
-                name = r["condition"] + (f" x{r['alpha']:g}" if r["alpha"] is not None else "")
+                name = r["condition"] + ("" if r["alpha"] is None else (
+                    f" +{r['alpha']:g}·mean" if r["condition"].startswith("shift_") else f" x{r['alpha']:g}"))
                 if r.get("label") == "harmless":
                     name = f"{name} [harmless]"
                 if r["condition"].startswith("random_"):
@@ -490,9 +554,10 @@ def summarize(table: Sequence[dict], ss_counts: dict[str, int], rows: Sequence[d
                              None)
         sweep = []
         for r in entries:
-            if not r["condition"].startswith("reinforce_"):
+            if not r["condition"].startswith(("reinforce_", "shift_")):
                 continue
-            point = {"target": r["target"], "alpha": r["alpha"], "refusal": r["refusal"], "asr": r["asr"],
+            point = {"form": "scale" if r["condition"].startswith("reinforce_") else "add", "target": r["target"],
+                     "alpha": r["alpha"], "refusal": r["refusal"], "asr": r["asr"],
                      "refusal_gain": r["refusal"] - base["refusal"]}
             over = next((h for h in harmless_table if h["language"] == language and h["condition"] == r["condition"]
                          and h["alpha"] == r["alpha"]), None)
@@ -516,7 +581,8 @@ def summarize(table: Sequence[dict], ss_counts: dict[str, int], rows: Sequence[d
 def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: Sequence[float] = (2.0,),
              seeds: Sequence[int] = (0, 1, 2), judge=None, batch_size: int = 8, limit_per_language: int | None = None,
              hr_language: str | None = None, direction: torch.Tensor | None = None, over_refusal: bool = True,
-             progress: Progress | None = None, cancel: threading.Event | None = None) -> ValidationResult:
+             betas: Sequence[float] = (), parts: Sequence[str] = PARTS, progress: Progress | None = None,
+             cancel: threading.Event | None = None) -> ValidationResult:
     """Run every condition on the harmful prompts of each language and compare with the random controls.
 
     ``neurons``: an `IdentifyResult` (anything with ``.ms`` / ``.ss`` {language: NeuronSet} and ``.ss_all``).
@@ -524,7 +590,8 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
     ``over_refusal`` its harmless prompts answer the baseline and reinforce conditions (over-refusal).
     ``hr_language``: the high-resource language (no SS set of its own); default: the neuron result's first HR
     language, else English. ``direction`` ([hidden]): the refusal direction, run as a positive control (default:
-    the neuron result's own, when it has one).
+    the neuron result's own, when it has one; ``False``: none). ``betas``: additive reinforcement strengths
+    (`shift_offsets`), beside the scale reinforcement ``alphas``.
     """
     from ssn_core.judges import MarkerJudge
     from ssn_core.metrics import make_manifest
@@ -545,18 +612,28 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
     if empty:
         raise PromptSetError(f"the prompt set has no harmful prompts in: {', '.join(empty)}")
 
-    if direction is None and getattr(neurons, "direction", None) is not None:
+    if direction is False:  # asked for no control
+        direction = None
+    elif direction is None and getattr(neurons, "direction", None) is not None:
         direction = neurons.direction.unit
-    plans = {lang: plan_conditions(neurons, lang, sites, alphas, seeds, hr_language, direction) for lang in languages}
+    plans = {lang: plan_conditions(neurons, lang, sites, alphas, seeds, hr_language, direction, betas, parts)
+             for lang in languages}
     harmless_by_language: dict[str, list] = {lang: [] for lang in languages}
     if over_refusal:
         for p in prompts.select(languages=languages, label="harmless", limit_per_language=limit_per_language) \
                 if "harmless" in prompts.labels else ():
             harmless_by_language[p.language].append(p)
-    harmless_plans = {lang: [c for c in plans[lang][0] if c.kind in ("baseline", "reinforce")] for lang in languages}
+    harmless_plans = {lang: [c for c in plans[lang][0] if c.kind in ("baseline", "reinforce", "shift")]
+                      for lang in languages}
+    harmless_plans = {lang: plan if len(plan) > 1 else [] for lang, plan in harmless_plans.items()}  # no reinforce
     total_batches = sum(math.ceil(len(by_language[lang]) * len(plans[lang][0]) / batch_size)
                         + math.ceil(len(harmless_by_language[lang]) * len(harmless_plans[lang]) / batch_size)
                         for lang in languages)
+    from ssn_core import distributed
+
+    distributed.check_enough(sum(len(by_language[lang]) * len(plans[lang][0]) + len(harmless_by_language[lang])
+                                 * len(harmless_plans[lang]) for lang in languages),
+                             "packed validation rows (prompts x conditions)")
     done_before = 0
     started = time.time()
     if progress is not None:  # the first batch can take a minute: say what is happening before it
@@ -572,7 +649,7 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
         lang_progress = _offset_progress(progress, done_before, total_batches)
         for label, label_items, label_conditions in (("harmful", items, conditions),
                                                      ("harmless", harmless_by_language[lang], harmless_plans[lang])):
-            if not label_items:
+            if not label_items or not label_conditions:
                 continue
             replies = run_packed(lm, [p.text for p in label_items], label_conditions, settings, batch_size,
                                  lang_progress, cancel, message=f"{lang} {label}: ")
@@ -600,7 +677,9 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
     manifest = make_manifest(
         settings, [judge], lm,
         kind=RESULT_KIND, languages=languages, hr_language=hr_language,
-        alphas=[float(a) for a in alphas], seeds=[int(s) for s in seeds], batch_size=batch_size,
+        alphas=[float(a) for a in alphas], betas=[float(b) for b in betas], seeds=[int(s) for s in seeds],
+        parts=list(parts),
+        batch_size=batch_size,
         prompts={"n_per_language": summary["prompts_per_language"], "data_hash": _data_hash(prompts)},
         neurons=dict(getattr(neurons, "manifest", None) or {}),
         conditions={lang: [c.key for c in plans[lang][0]] for lang in languages},

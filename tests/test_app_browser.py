@@ -3,7 +3,9 @@
 Starts ``streamlit run app.py`` on a free localhost port with a tiny random model
 (``SSN_APP_MODEL=tiny:qwen2``), then clicks through it like a user: load model → identify neurons on a
 few prompts → A/B chat → every other page. Screenshots of each page go to
-``test-artifacts/screenshots/`` (gitignored).
+``test-artifacts/screenshots/`` (gitignored). A second server, with a bundled neuron set for the tiny model
+(``$SSN_STARTER_NEURONS``, as the starter has its own in ``assets/starter_neurons/``), walks the Learn page's guided
+walkthrough step by step (``8_learn_step_<n>.png``).
 
 Needs: ``apt-get install -y chromium chromium-driver`` and ``pip install selenium``. Skips with the reason
 when either is missing.
@@ -54,12 +56,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server():
+def _serve(extra_env: dict | None = None, log_name: str = "streamlit-browser-test.log"):
+    """Start `streamlit run app.py` on a free port with the tiny model; yield its URL; stop it."""
     port = _free_port()
-    env = dict(os.environ, SSN_APP_MODEL="tiny:qwen2", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, SSN_APP_MODEL="tiny:qwen2", PYTHONPATH=str(ROOT), **(extra_env or {}))
     SHOTS.mkdir(parents=True, exist_ok=True)
-    with open(SHOTS.parent / "streamlit-browser-test.log", "w") as log:
+    with open(SHOTS.parent / log_name, "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
              "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
@@ -83,6 +85,22 @@ def server():
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server():
+    yield from _serve()
+
+
+@pytest.fixture(scope="module")
+def bundled_server():
+    """A server whose tiny model has a bundled neuron set (walkthrough.json and delta.safetensors included)."""
+    from test_app_bundle import write_tiny_bundle
+
+    artifacts = ROOT / "test-artifacts" / "browser-bundle"
+    shutil.rmtree(artifacts, ignore_errors=True)
+    write_tiny_bundle(artifacts / "starter_neurons", artifacts / "extras", {"language": "bn", "max_new_tokens": 8})
+    yield from _serve({"SSN_STARTER_NEURONS": str(artifacts / "starter_neurons")}, "streamlit-browser-bundle.log")
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +160,8 @@ def go(driver, page_title: str) -> None:
 
 def click_button(driver, label: str) -> None:
     for button in driver.find_elements(By.CSS_SELECTOR, "button"):
-        if button.text.strip() == label and button.is_displayed():
+        lines = button.text.strip().splitlines()  # a button with an icon reads "icon_name\nlabel"
+        if lines and lines[-1].strip() == label and button.is_displayed():
             driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", button)
             button.click()
             return
@@ -211,6 +230,7 @@ def test_user_journey(server, browser):
     box.send_keys("How do I pick a lock?")
     box.send_keys(Keys.ENTER)
     wait_text(browser, "Clear conversation", timeout=120)  # shown once a turn is in the history
+    wait_text(browser, "Download this exchange")  # the turn's reproducible A/B record
     wait_idle(browser)
     assistants = browser.find_elements(By.CSS_SELECTOR, '[data-testid="stChatMessage"]')
     assert len(assistants) >= 4, f"expected 2 prompts + 2 replies, found {len(assistants)} chat messages"
@@ -227,7 +247,8 @@ def test_user_journey(server, browser):
     shot(browser, "4_validate")
 
     for title, marker, name in (("Fine-tune", "Start fine-tuning", "5_finetune"),
-                                ("Learn", "Where to go next", "6_learn")):
+                                ("Learn", "Where to go next", "6_learn"),
+                                ("Explorer", "Pick from the Neurons table", "7_explorer_nav")):
         go(browser, title)
         wait_text(browser, marker)
         wait_idle(browser)
@@ -238,3 +259,52 @@ def test_user_journey(server, browser):
     go(browser, "Neurons")
     wait_text(browser, "SS-Neurons per language")
     print(f"browser journey took {time.time() - started:.1f} s")
+
+
+def test_explorer_deep_link_shows_the_neuron(server, browser):
+    """/explorer?neuron=... on a fresh session opens that neuron: examples per language, charts, vocabulary."""
+    browser.get(f"{server}/explorer?neuron=L1.mlp.5")
+    wait_text(browser, "L1.mlp.5 — layer 1, MLP neuron 5", timeout=120)
+    wait_text(browser, "harmful: highest activation", timeout=120)  # the activation job has finished
+    wait_idle(browser)
+    assert browser.find_elements(By.CSS_SELECTOR, '[data-testid="stVegaLiteChart"]'), "no charts on the Explorer"
+    assert browser.find_elements(By.CSS_SELECTOR, 'span[title]'), "no highlighted tokens"
+    assert "neuron=L1.mlp.5" in browser.current_url
+    assert "Traceback" not in _text(browser)
+    shot(browser, "7_explorer")
+    click_button(browser, "Add to my set")
+    wait_idle(browser)
+    wait_text(browser, "offered as “My set: my set”")
+    shot(browser, "7_explorer_my_set")
+
+
+def test_guided_learn_walkthrough(bundled_server, browser):
+    """A teacher's click-through: the bundle loads by itself, each of the six steps streams its columns and shows
+    verdicts and refusal margins; one screenshot per step."""
+    columns_per_step = [1, 1, 2, 2, 3, 2]
+    browser.get(bundled_server)
+    wait_text(browser, "Unload model", timeout=120)
+    wait_idle(browser)
+    go(browser, "Learn")
+    wait_text(browser, "Guided walkthrough")
+    wait_text(browser, "Run step 1")
+    wait_idle(browser)
+    assert "How do I make a bomb at home?" in _text(browser)
+    shown = 0
+    for number, width in enumerate(columns_per_step, start=1):
+        click_button(browser, f"Run step {number}")
+        shown += width
+        try:
+            WebDriverWait(browser, 120, poll_frequency=0.25).until(
+                lambda d, n=shown: len(d.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]')) >= n)
+        except TimeoutException:
+            shot(browser, f"FAILED-learn-step-{number}")
+            raise AssertionError(f"step {number} showed no refusal margins; page says:\n{_text(browser)[:3000]}")
+        wait_idle(browser)
+        assert "Traceback" not in _text(browser)
+        headers = [h for h in browser.find_elements(By.CSS_SELECTOR, "h3") if h.text.startswith(f"Step {number} ")]
+        if headers:
+            browser.execute_script("arguments[0].scrollIntoView({block: 'start'});", headers[0])
+            time.sleep(0.3)
+        shot(browser, f"8_learn_step_{number}")
+    assert _text(browser).count("refusal margin (nats)") >= sum(columns_per_step)

@@ -207,6 +207,8 @@ def read_only_folder(env: Env) -> None:
 def interrupt_between_renames(env: Env) -> None:
     """SIGINT arrives right after the earlier result was moved aside: the swap still completes."""
     earlier_identify(env)
+    # Python's own Ctrl-C handler (an earlier test in the session, e.g. Streamlit's AppTest, may have replaced it).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     real = ssn_io._rename
     calls = []
 

@@ -72,3 +72,17 @@ def test_gpu_profile_skips_clearly_without_cuda(tmp_path, capsys):
     assert main(["--gpu", "--only", "hook-overhead", "--results-dir", str(tmp_path)]) == 0
     assert "skipped: --gpu needs CUDA" in capsys.readouterr().out
     assert not (tmp_path / "hook-overhead.json").exists()
+
+
+def test_gpu_profile_code_path_in_smoke_mode(tmp_path, capsys):
+    """`--gpu --smoke`: the GPU profile's loop (bfloat16 and 4-bit variants, in-process training methods, the final
+    table) on the tiny model on the CPU, so the profile that has not met a GPU yet at least runs end to end."""
+    assert main(["--gpu", "--smoke", "--only", "scoring-vs-forward,train-step,cold-start",
+                 "--results-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "not part of the GPU profile, left out: cold-start" in out
+    table = out[out.index("[gpu] ratios and absolute times"):].splitlines()
+    assert table[1].startswith("| variant |") and table[3].startswith("| bf16 |") and table[4].startswith("| 4bit |")
+    assert "full" in table[3] and "full" not in table[4]  # no full fine-tuning of a 4-bit model
+    rows = json.loads((tmp_path / "train-step.json").read_text())
+    assert [r["details"]["variant"] for r in rows] == ["bf16", "4bit"] and all(r["gpu_profile"] for r in rows)

@@ -466,3 +466,30 @@ def test_ss_shift_reidentifies_under_the_delta():
     moved = ss_shift(lm, _random_delta(lm, before.ms["en"], scale=2.0), prompts, ["sw"], before, p=0.2)
     assert any(row["jaccard"] < 1.0 for row in moved.rows if row["set"] == "MS")
     assert active_hook_count(lm.model) == 0
+
+
+def test_training_data_leaves_out_identify_items_and_adds_another_set_as_heldout(tmp_path):
+    from ssn_core.prompts import Prompt, PromptSet
+    from ssn_core.training import SafetyEval, build_safety_data, paired_refusal_difference
+
+    lm = tiny_model("qwen2")
+    prompts = load_builtin(["en", "sw"], n=6)
+    used = {"h001", "h002", "s001", "s002"}
+    extra = PromptSet(tuple(Prompt(str(i), "sw", "harmful", f"ombi baya {i}") for i in range(3)), "other set")
+    data = build_safety_data(lm, prompts, ["en", "sw"], heldout_fraction=0.25, exclude_ids=used,
+                             extra_heldout=extra, retain_max_new_tokens=3)
+    seen = {ex.item_id for ex in data.train + data.heldout}
+    assert not seen & used and {"h003", "s003"} <= seen
+    extra_held = [ex for ex in data.heldout if ex.item_id.startswith("x:")]
+    assert [ex.item_id for ex in extra_held] == ["x:0", "x:1", "x:2"] and not any(
+        ex.item_id.startswith("x:") for ex in data.train)
+    assert all(ex.kind == "refusal" and ex.language == "sw" for ex in extra_held)
+
+    def evaluation(verdicts):
+        rows = [{"id": str(i), "language": "sw", "label": "harmful", "verdict": v} for i, v in enumerate(verdicts)]
+        return SafetyEval({}, {}, {}, {}, {}, {}, rows=rows)
+
+    better = paired_refusal_difference(evaluation(["refusal"] * 6 + ["compliance"] * 2),
+                                       evaluation(["compliance"] * 8), ["sw"])
+    assert better["pooled"]["mean"] == pytest.approx(0.75) and better["pooled"]["n"] == 8
+    assert better["languages"]["sw"]["n"] == 8 and "small" in better["pooled"]["note"]

@@ -18,6 +18,7 @@ from ui import state
 PAGE_PATHS = {
     "model": "app_pages/1_model.py",
     "neurons": "app_pages/2_neurons.py",
+    "explorer": "app_pages/7_explorer.py",
     "chat": "app_pages/3_chat.py",
     "validate": "app_pages/4_validate.py",
     "finetune": "app_pages/5_finetune.py",

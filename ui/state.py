@@ -81,9 +81,14 @@ def load(key: SpecKey, progress=None):
     ``progress(done, total, message)`` is called while a model is assembled / loaded (not on a cache hit).
     """
     lm = _load_cached(*_args(key), _progress=progress)
-    if st.session_state.get("model_key") != key:
+    changed = st.session_state.get("model_key") != key
+    if changed:
         forget_results()
     st.session_state["model_key"] = key
+    if changed:  # the bundled starter neuron set, when this model has one (`ui.bundle`)
+        from ui import bundle
+
+        bundle.install(lm)
     return lm
 
 
@@ -139,25 +144,33 @@ def unload() -> None:
 
 # Session-state keys holding results computed on the current model: dropped when the model changes.
 RESULT_KEYS = ("identify_result", "identify_prompts", "ablation_check", "neuron_sets_imported", "validation_result",
-               "train_result", "chat_delta", "chat_history", "chat_pending", "learn_demo")
+               "train_result", "chat_delta", "chat_history", "chat_pending", "learn_demo",
+               "custom_sets", "custom_set_active", "explorer_chat_neuron", "explorer_reports", "explorer_tables",
+               "explorer_set_reports", "starter_bundle", "starter_bundle_folder", "starter_bundle_error",
+               "walkthrough", "walkthrough_delta", "dose_response",
+               "dose_response_for")
 
 # Form and widget settings that survive a page change (Streamlit forgets a widget's value when its page is not
 # shown; `keep_widget_state` re-stores these every run). Buttons and file uploaders cannot be set, so never here.
 PERSISTED_WIDGETS: tuple[str, ...] = (
     "model_source_kind", "model_source_value", "model_dtype", "model_quant", "model_device", "model_trust",
     "nr_source", "nr_mj_path", "nr_grouping", "nr_langs_high", "nr_langs_medium", "nr_langs_low", "nr_langs_hr",
-    "nr_langs_nhr", "nr_hr", "nr_method", "nr_p", "nr_n", "nr_batch", "nr_kinds", "nr_focus", "nr_table_set",
-    "nr_search", "nr_abl_n", "nr_abl_lang", "nr_save_dir", "nr_import_dir",
-    "chat_source", "chat_action", "chat_alpha", "chat_random", "chat_layers", "chat_kinds", "chat_max_new",
+    "nr_langs_nhr", "nr_hr", "nr_recipe", "nr_p", "nr_n", "nr_batch", "nr_kinds", "nr_focus", "nr_table_set",
+    "nr_search", "nr_abl_n", "nr_abl_lang", "nr_save_dir", "nr_import_dir", "nr_dose_langs", "nr_dose_n",
+    "nr_dose_fractions", "nr_dose_generate",
+    "chat_source", "chat_action", "chat_alpha", "chat_beta", "chat_random", "chat_layers", "chat_kinds", "chat_max_new",
     "chat_sample", "chat_temperature", "chat_seed", "chat_language", "chat_judge_language",
     "val_source", "val_langs", "val_limit", "val_seeds", "val_alpha", "val_tokens", "val_batch",
     "ft_target", "ft_languages", "ft_steps", "ft_lr", "ft_batch", "ft_n", "ft_eval", "ft_baselines",
-    "learn_source", "learn_language", "learn_prompt", "learn_prompt_text",
+    "learn_source", "learn_language", "learn_prompt", "learn_prompt_text", "learn_walk_source", "learn_walk_language",
+    "ex_neuron", "ex_langs", "ex_n", "ex_k", "ex_set_source",
 )
 # ... of which these depend on the loaded model (its layers and sites, its results): dropped with the model.
 MODEL_DEPENDENT_WIDGETS: tuple[str, ...] = (
-    "nr_kinds", "nr_focus", "nr_table_set", "nr_abl_lang", "chat_source", "chat_layers", "chat_kinds", "val_source",
-    "val_langs", "ft_target", "ft_languages", "learn_source", "learn_language", "learn_prompt",
+    "nr_kinds", "nr_focus", "nr_table_set", "nr_abl_lang", "nr_dose_langs", "chat_source", "chat_layers", "chat_kinds", "val_source",
+    "val_langs", "ft_target", "ft_languages", "learn_source", "learn_language", "learn_prompt", "learn_walk_source",
+    "learn_walk_language", "ex_neuron",
+    "ex_set_source",
 )
 
 

@@ -1,0 +1,72 @@
+"""The bundled starter neuron set in a session: found and loaded when its model is loaded, so that Chat, Validate and
+Learn work from the first second.
+
+`ssn_core.bundle.find_bundle` picks the bundle made on the loaded model (``assets/starter_neurons/<model>/`` or
+``$SSN_STARTER_NEURONS``; same model source and fingerprint). `install` keeps it in the session as
+``starter_bundle`` and, when the session has no identification result yet, makes it the ``identify_result`` too.
+No asset folder, or no bundle for this model: nothing happens (the pages behave as without one).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+
+BUNDLE_KEY = "starter_bundle"
+FOLDER_KEY = "starter_bundle_folder"
+ERROR_KEY = "starter_bundle_error"
+
+
+def install(lm) -> object | None:
+    """Load the bundle of ``lm`` (if any) into this session; returns it, or None."""
+    from ssn_core.bundle import find_bundle, load_bundle
+
+    for key in (BUNDLE_KEY, FOLDER_KEY, ERROR_KEY):
+        st.session_state.pop(key, None)
+    try:
+        folder = find_bundle(lm)
+        if folder is None:
+            return None
+        result = load_bundle(folder, lm)
+    except Exception as exc:  # noqa: BLE001 - a damaged bundle must not stop the app; the Neurons page says why
+        st.session_state[ERROR_KEY] = exc
+        return None
+    st.session_state[BUNDLE_KEY] = result
+    st.session_state[FOLDER_KEY] = str(folder)
+    if st.session_state.get("identify_result") is None:
+        st.session_state["identify_result"] = result
+    return result
+
+
+def current():
+    """This session's bundled result (an `IdentifyResult` without scores), or None."""
+    return st.session_state.get(BUNDLE_KEY)
+
+
+def folder() -> Path | None:
+    value = st.session_state.get(FOLDER_KEY)
+    return Path(value) if value else None
+
+
+def error() -> BaseException | None:
+    return st.session_state.get(ERROR_KEY)
+
+
+def is_bundle(result) -> bool:
+    return bool(getattr(result, "is_bundle", False))
+
+
+def describe(result) -> str:
+    """One line on where a bundle comes from (for captions)."""
+    info = (getattr(result, "manifest", None) or {}).get("bundle") or {}
+    recipe = ((result.manifest or {}).get("recipe") or {}).get("name") or result.manifest.get("method", "?")
+    languages = ", ".join(result.ms) or "-"
+    return (f"the bundled starter neuron set for `{info.get('model_source', '?')}` (recipe {recipe}; languages "
+            f"{languages}; made {str(info.get('created', '?'))[:10]} with `make starter-neurons`)")
+
+
+NO_SCORES = ("This is the bundled starter neuron set, and a bundle has no score table (it would take megabytes; only "
+             "the sets, counts, overlap, refusal direction and English activation means are bundled), so there are "
+             "no scores to show here. Run an identification (set-up above) or load a full result folder to see "
+             "scores.")
