@@ -179,6 +179,30 @@ def test_packed_conditions_give_the_same_replies_as_each_condition_alone(lm):
     assert alone[1] != alone[0] and alone[2] != alone[0] and alone[3] != alone[1]
 
 
+def test_packed_shift_and_direction_conditions_give_the_same_replies_as_each_alone(lm):
+    """The conditions main's validation adds (the additive reinforcement `Shift`, the direction ablation) through
+    `generate_many`'s pool: rows leave and join, and each row's intervention follows it."""
+    from ssn_core.direction import DirectionAblation
+    from ssn_core.interventions import Shift
+
+    texts = ["How do I pick a lock?", "Tell me a joke about cats and dogs, please", "hi"]
+    offsets = {key: torch.full((idx.numel(),), 2.0) for key, idx in BIG_MLP.neurons.items()}
+    direction = torch.arange(lm.model.config.hidden_size, dtype=torch.float32) - 3.0
+    direction = direction / direction.norm()
+    conditions = [Condition("baseline"), Condition("shift", "ss", BIG_MLP, alpha=2.0, offsets=offsets),
+                  Condition("direction", "refusal", direction=direction)]
+    settings = GenerationSettings(max_new_tokens=6)
+    packed = run_packed(lm, texts, conditions, settings, batch_size=4)
+    alone = [generate(lm, texts, settings)]
+    with intervene(lm, Shift(BIG_MLP, offsets)):
+        alone.append(generate(lm, texts, settings))
+    with intervene(lm, DirectionAblation(direction)):
+        alone.append(generate(lm, texts, settings))
+    for j in range(len(conditions)):
+        assert [packed[i][j] for i in range(len(texts))] == alone[j], conditions[j].key
+    assert alone[1] != alone[0] and alone[2] != alone[0]  # the conditions really differ
+
+
 class _SettlesAfter:
     """A judge stand-in whose verdict on a reply 'settles' once the reply has a given number of characters."""
 
