@@ -24,7 +24,11 @@ def methods_vs_forward(ctx: BenchContext) -> BenchResult:
     item_batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     kinds = lm.sites.kinds
     writers = tuple(k for k in kinds if k not in ("attn_q", "attn_k"))
-    directions, _ = direction_mod.difference_of_means(lm, bench_prompts(max(8, n_prompts)), batch_size=batch_size)
+    english = require("ssn_core.prompts").load_builtin(["en"]).prompts  # the direction needs both labels
+    per_label = max(4, n_prompts // 2)
+    direction_items = ([p for p in english if p.label == "harmful"][:per_label]
+                       + [p for p in english if p.label == "harmless"][:per_label])
+    directions, _ = direction_mod.difference_of_means(lm, direction_items, batch_size=batch_size)
 
     def run_forward():
         for batch in batches:

@@ -595,8 +595,9 @@ def tiny_starter(tmp_path, monkeypatch):
         lm = tiny_model("qwen2")
         return lm.model, lm.tokenizer
 
-    monkeypatch.setattr(loading, "_load_gguf", convert)
-    monkeypatch.setattr(loading, "inspect_gguf", lambda path: loading.GgufInfo(3, "qwen2", 1, 10_000, 0, 0))
+    for module in (loading.starter, loading.load):  # patched where they are called: prepare_starter, load_model
+        monkeypatch.setattr(module, "_load_gguf", convert)
+        monkeypatch.setattr(module, "inspect_gguf", lambda path: loading.GgufInfo(3, "qwen2", 1, 10_000, 0, 0))
     loading.prepare_starter("starter:tiny-standin")
     assert len(conversions) == 1
     return SimpleNamespace(cache=cache, hf=cache / "starter" / "tiny-standin" / "hf", conversions=conversions)

@@ -288,9 +288,9 @@ def test_remote_code_is_refused_unless_trusted_and_never_run(tmp_path):
 
 
 def test_not_enough_memory_is_refused_before_loading(tiny_dir, monkeypatch):
-    from ssn_core import loading
+    from ssn_core.loading import preflight
 
-    monkeypatch.setattr(loading, "_available_memory", lambda device: 100_000)  # < 115k params * 4 bytes
+    monkeypatch.setattr(preflight, "_available_memory", lambda device: 100_000)  # < 115k params * 4 bytes
     with pytest.raises(ModelLoadError, match="not enough memory"):
         load_model(str(tiny_dir()), device_map="cpu")
 
