@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import zlib
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,12 +29,8 @@ def bench_prompts(count: int, languages=LANGUAGES) -> list:
     except Exception:  # noqa: BLE001 - the prompt module may not exist yet: benchmarks still run on stand-ins
         items = [SimpleNamespace(text=t, language="en", label=label, id=str(i))
                  for i, t in enumerate(_FALLBACK_TEXTS) for label in ("harmful", "harmless")]
-    # Interleave languages and labels so that a small count still mixes them (the same order in every process).
+    # Interleave languages and labels so that a small count still mixes them.
     items.sort(key=lambda p: (int(p.id) if str(p.id).isdigit() else zlib.crc32(str(p.id).encode()), p.language, p.label))
-    by_label: dict[str, list] = {}
-    for p in items:
-        by_label.setdefault(str(p.label), []).append(p)
-    items = [p for group in itertools.zip_longest(*by_label.values()) for p in group if p is not None]
     out = []
     while len(out) < count:
         out.extend(items[: count - len(out)])
