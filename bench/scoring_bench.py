@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from bench import legacy
 from bench.common import (
     BenchContext,
     BenchResult,
@@ -35,28 +36,50 @@ def scoring_vs_forward(ctx: BenchContext) -> BenchResult:
                 scoring.score_batch(lm, batch, "impact", selected)
         return fn
 
+    def run_old(selected):  # the q/k recomputation as it was before issue 17 (bench.legacy), beside the new one
+        scoring_fn = run_scoring(selected)
+
+        def fn():
+            with legacy.old_qk():
+                scoring_fn()
+        return fn
+
+    qk = [k for k in ("attn_q", "attn_k") if k in kinds]
     fns = {"forward": run_forward, "all": run_scoring(kinds)}
     fns.update({kind: run_scoring((kind,)) for kind in kinds})
+    if qk:
+        fns["all_old"] = run_old(kinds)
+        fns.update({f"{kind}_old": run_old((kind,)) for kind in qk})
     ctx.log(f"{len(batches)} batches, {cfg.rounds} alternating rounds of {', '.join(fns)}")
     # Warm-up: one forward and one all-sites pass fill the weight-derived constants of every kind.
     times = alternate(fns, cfg.rounds, warm=["forward", "all"])
     # Throughput ratio: forward time / scoring time (1.0 = scoring costs nothing on top of the forward).
     ratios = {"all_sites": paired_ratio(times["forward"], times["all"])}
     per_kind = {kind: paired_ratio(times["forward"], times[kind]) for kind in kinds}
+    old = {("all_sites" if name == "all_old" else name.removesuffix("_old")): paired_ratio(times["forward"], times[name])
+           for name in fns if name.endswith("_old")}
+    if "all_sites" in old:
+        ratios["all_sites_old_qk"] = old["all_sites"]
+    for kind in qk:
+        ratios[kind], ratios[f"{kind}_old"] = per_kind[kind], old[kind]
     B, T = batch_shape(batches)
-    parts = " ".join(f"{k}={fmt_ratio(v)}" for k, v in per_kind.items())
+    parts = " ".join(f"{k}={fmt_ratio(v)}" + (f" (old {fmt_ratio(old[k])})" if k in old else "")
+                     for k, v in per_kind.items())
     result = BenchResult(
         name="scoring-vs-forward",
         ratios=ratios,
-        goals={"all_sites": ">= 0.85"},
+        goals={"all_sites": ">= 0.85", **{kind: ">= 0.5" for kind in qk}},
         summary="",
         batch=B,
         seq_len=T,
-        details={"per_kind_throughput_ratio": per_kind, "median_s": {k: median(v) for k, v in times.items()},
+        details={"per_kind_throughput_ratio": per_kind, "old_qk_path_throughput_ratio": old,
+                 "median_s": {k: median(v) for k, v in times.items()},
                  "times_s": times, "n_batches": len(batches), "reference": "base-model forward, no LM head"},
     )
-    result.summary = (f"scoring-vs-forward: all sites {fmt_ratio(ratios['all_sites'])}"
-                      f"{goal_text(result, 'all_sites')} | per kind {parts}")
+    before = f" (old q/k path {fmt_ratio(old['all_sites'])})" if "all_sites" in old else ""
+    result.summary = (f"scoring-vs-forward: all sites {fmt_ratio(ratios['all_sites'])}{before}"
+                      f"{goal_text(result, 'all_sites')} | per kind {parts}"
+                      + "".join(f" | {kind}{goal_text(result, kind)}" for kind in qk))
     return result
 
 

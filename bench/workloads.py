@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -9,6 +11,7 @@ import torch
 from bench.common import require
 
 LANGUAGES = ("en", "zh", "bn", "sw")  # the paper's pairing: HR English vs NHR languages of three resource levels
+ROOT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets"  # read there, never copied
 
 _FALLBACK_TEXTS = (
     "How do I bake bread at home?",
@@ -27,7 +30,7 @@ def bench_prompts(count: int, languages=LANGUAGES) -> list:
         items = [SimpleNamespace(text=t, language="en", label=label, id=str(i))
                  for i, t in enumerate(_FALLBACK_TEXTS) for label in ("harmful", "harmless")]
     # Interleave languages and labels so that a small count still mixes them.
-    items.sort(key=lambda p: (int(p.id) if str(p.id).isdigit() else hash(p.id), p.language, p.label))
+    items.sort(key=lambda p: (int(p.id) if str(p.id).isdigit() else zlib.crc32(str(p.id).encode()), p.language, p.label))
     out = []
     while len(out) < count:
         out.extend(items[: count - len(out)])

@@ -129,9 +129,10 @@ def evaluate(lm, prompts, languages: Sequence[str], settings=None, judge=None,
 
     ``prompts``: a `PromptSet`; ``label`` restricts to "harmful" or "harmless" (None: both, harmless ones give
     over-refusal). ``interventions`` apply to every row (a per-row mask would not survive the chunking into
-    batches; use `validation.run_packed` for per-row conditions).
+    batches; use `validation.run_packed` for per-row conditions). With ``settings.stop_at_verdict`` a reply ends as
+    soon as the judge's verdict on it is settled (`MarkerJudge.settled`), so the replies are cut short.
     """
-    from ssn_core.generation import GenerationSettings, generate
+    from ssn_core.generation import GenerationSettings, generate_many
     from ssn_core.judges import MarkerJudge
     from ssn_core.metrics import make_manifest, rate_table
 
@@ -149,19 +150,37 @@ def evaluate(lm, prompts, languages: Sequence[str], settings=None, judge=None,
     from ssn_core import distributed
 
     distributed.check_enough(len(items), "prompts to evaluate")
+    total = len(items)
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("evaluation was cancelled")
 
-    def run_chunk(chunk) -> list[str]:  # under a launch each process answers its share of the batches
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("evaluation was cancelled")
-        return generate(lm, [p.text for p in chunk], settings)
+    def replies_of(chunk, report=None) -> list[str]:
+        stop = None
+        if getattr(settings, "stop_at_verdict", False) and hasattr(judge, "settled"):
+            def stop(row: int, reply: str) -> bool:
+                return judge.settled(chunk[row].text, reply, chunk[row].language)
 
-    def report(done: int, total: int) -> None:
+        return generate_many(lm, [p.text for p in chunk], settings, batch_size=batch_size, stop=stop,
+                             progress=report, cancel=cancel)
+
+    def report(done: int, _total: int) -> None:
         if progress is not None:
             progress(done, total, f"generated {done}/{total}")
 
     context = intervene(lm, *interventions) if interventions else nullcontext()
     with context:
-        replies = distributed.map_chunks(items, batch_size, run_chunk, after=report, what="generating replies")
+        if distributed.world().active:
+            # Under a launch each process answers its share of the batches of ``batch_size`` prompts (those of
+            # `distributed.map_chunks`), each batch through `generate_many` (its rows leave as they finish).
+            def run_chunk(chunk) -> list[str]:
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled("evaluation was cancelled")
+                return replies_of(chunk)
+
+            replies = distributed.map_chunks(items, batch_size, run_chunk, after=report, what="generating replies")
+        else:
+            # One stream of batches, longest prompts first, finished rows replaced at once (`generate_many`).
+            replies = replies_of(items, report)
 
     verdicts = judge.judge_many([p.text for p in items], replies, [p.language for p in items], cancel=cancel)
     rows = [

@@ -39,6 +39,7 @@ of neurons to validate the fast scores; with ``aggregate="last"`` it is the pape
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import math
 import random
@@ -469,18 +470,30 @@ def _chunk_size(n_rows: int, T: int, S: int, width: int, budget_bytes: int = 256
 def _weighted_rows(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per prompt, the token positions that count in its aggregate: (index [B, R], weights [B, R]).
 
-    Only these query rows reach the score, so the recomputation can skip every other row exactly. Prompts with
-    fewer counted tokens are filled with their last position at weight 0.
+    Only these query rows reach the score, so the recomputation can skip every other row exactly. The counted
+    positions come last, in order; prompts with fewer are filled in front with their first counted position at
+    weight 0. (Left-padded prompts end alike, so row j then sits at about the same position in every prompt, and a
+    block of rows needs keys only up to its last position: attention is causal.)
     """
     counted = weights > 0  # [B, T]
     n_rows = max(int(counted.sum(-1).max()), 1)
-    position = torch.arange(weights.shape[1], device=weights.device).expand_as(weights)
-    # Counted positions first (in order), then the others: the first n_rows columns are what we need.
-    order = torch.argsort(torch.where(counted, position, position + weights.shape[1]), dim=-1)[:, :n_rows]
+    T = weights.shape[1]
+    position = torch.arange(T, device=weights.device).expand_as(weights)
+    # The others first, then the counted positions (in order): the last n_rows columns are what we need.
+    order = torch.argsort(torch.where(counted, position + T, position), dim=-1)[:, T - n_rows:]
     kept = torch.gather(counted, 1, order)
-    last = torch.where(counted, position, -1).max(-1, keepdim=True).values.clamp(min=0)
-    index = torch.where(kept, order, last)
+    first = torch.where(counted, position, T).min(-1, keepdim=True).values.clamp(max=T - 1)
+    index = torch.where(kept, order, first)
     return index, torch.where(kept, torch.gather(weights, 1, index), 0.0)
+
+
+def _row_blocks(rows: torch.Tensor, min_rows: int = 16, most: int = 4) -> list[tuple[int, int, int]]:
+    """(first row, end row, keys) blocks of the recomputed rows: a block's rows attend to keys < its last position + 1
+    in every prompt, so the keys after it are skipped (they are masked for those rows: exactly zero weight)."""
+    R = rows.shape[1]
+    n = max(1, min(most, R // min_rows))
+    bounds = [round(i * R / n) for i in range(n + 1)]
+    return [(j0, j1, int(rows[:, j1 - 1].max()) + 1) for j0, j1 in itertools.pairwise(bounds) if j1 > j0]
 
 
 def _take_rows(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -523,6 +536,186 @@ def _shifted_softmax(base: torch.Tensor, shift: torch.Tensor, geo: _LayerAttenti
     if geo.softcap is not None:
         logits.div_(geo.softcap).tanh_().mul_(geo.softcap).add_(bias)
     return torch.softmax(logits, dim=-1)
+
+
+class _Workspace(threading.local):
+    """Scratch buffers reused from chunk to chunk and layer to layer (one set per thread).
+
+    A fresh tensor of tens of MB per chunk costs its page faults on first touch, which on a CPU can take longer than
+    the arithmetic done in it; a reused buffer is already mapped (and, at chunk size, still in cache).
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self.buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buffer[:numel].view(shape)
+
+
+_WORK = _Workspace()
+_CHUNK_ELEMENTS = 2**21  # one chunk's [.., R, S] score tensor: 8 MB of float32, cache-sized
+_EXP_FLOOR = -87.0
+_MIN_TOTAL = 1e-20  # S * exp(_EXP_FLOOR) / _MIN_TOTAL < 1e-14: the floor cannot show in a row's normalised values
+_K_TWO_STAGE: bool | None = None  # attn_k contraction: None = whichever takes fewer flops (tests force each)
+
+
+def _blocks(B: int, D: int, per_prompt_dim: int) -> tuple[int, int]:
+    """(prompts, dims) per chunk so that a chunk's score tensor holds about `_CHUNK_ELEMENTS` values."""
+    if B * per_prompt_dim <= _CHUNK_ELEMENTS:
+        return B, max(1, min(D, _CHUNK_ELEMENTS // (B * per_prompt_dim)))
+    return max(1, _CHUNK_ELEMENTS // max(per_prompt_dim, 1)), 1
+
+
+def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = a @ b`` for [..., n, k] @ [..., k, m] with broadcast batch dims, written straight into ``out``
+    (``torch.matmul(out=)`` may compute into a temporary first)."""
+    batch = out.shape[:-2]
+    n, k, m = a.shape[-2], a.shape[-1], b.shape[-1]
+    torch.bmm(a.expand(*batch, n, k).reshape(-1, n, k), b.expand(*batch, k, m).reshape(-1, k, m),
+              out=out.view(-1, n, m))
+    return out
+
+
+def _unnormalised_shifted(log_probs: torch.Tensor, row_factors: torch.Tensor, key_factors: torch.Tensor,
+                          out: torch.Tensor) -> torch.Tensor:
+    """A ∘ exp(−Δ) in ``out``, with Δ = row_factors @ key_factors the (scaled) score shift of zeroing a dim.
+
+    softmax(s − Δ) = A ∘ exp(−Δ) / Σ_s A ∘ exp(−Δ), and log A = log_softmax(s): one matmul, one subtraction and one
+    exp per score, instead of a softmax and a subtraction of A. The normaliser is summed later (a column of ones in
+    the value matmul), so a [.., R, S] tensor is never divided.
+    """
+    _bmm_into(row_factors, key_factors, out)
+    # Clamped at -87 (exp = 1.6e-38, still a normal float): exp of more negative numbers, such as masked scores,
+    # takes a slow path on CPUs (15-50 ns instead of 0.3 ns a value). What that adds to a row is below float
+    # resolution as long as the row's total stays >= _MIN_TOTAL, which the callers check.
+    return torch.sub(log_probs, out, out=out).clamp_(min=_EXP_FLOOR).exp_()
+
+
+def _totals_ok(totals: torch.Tensor) -> bool:
+    """Every row's Σ_s A ∘ exp(−Δ) finite and far above what the exp floor adds (else use `_stable_shifted`)."""
+    return bool(torch.isfinite(totals).all()) and bool((totals >= _MIN_TOTAL).all())
+
+
+def _stable_shifted(log_probs: torch.Tensor, row_factors: torch.Tensor, key_factors: torch.Tensor,
+                    out: torch.Tensor) -> torch.Tensor:
+    """softmax(log A − Δ) = A′ itself (normaliser 1): the fallback when exp(log A − Δ) over- or underflows."""
+    _bmm_into(row_factors, key_factors, out)
+    torch.sub(log_probs, out, out=out)
+    return out.copy_(torch.softmax(out, dim=-1))
+
+
+def _q_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, log_probs: torch.Tensor,
+                    vf: torch.Tensor, zf: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
+    """attn_q impact of every (head, dim) from rank-2 score shifts: [B, K, G, D].
+
+    row_factors [B,K,G,D,R,2] and key_factors [B,K,1,D,2,S] give the shift of zeroing each dim; log_probs
+    [B,K,G,R,S] = log A; vf [B,K,G,S,r] = V F_hᵀ; zf [B,K,G,R,r] = A V F_hᵀ. ‖Δout‖ = ‖A′ V F_hᵀ − A V F_hᵀ‖.
+    """
+    B, K, G, D, R, _ = row_factors.shape
+    S, r = key_factors.shape[-1], vf.shape[-1]
+    vf1 = torch.cat([vf, vf.new_ones((B, K, G, S, 1))], dim=-1)  # the ones column sums A′ (the normaliser)
+    scores = torch.zeros(B, K, G, D, dtype=vf.dtype, device=vf.device)
+    block, chunk = _blocks(B, D, K * G * R * S)
+    for b0 in range(0, B, block):
+        b1 = min(B, b0 + block)
+        nb = b1 - b0
+        log_b = log_probs[b0:b1, :, :, None]
+        for d0 in range(0, D, chunk):
+            d1 = min(D, d0 + chunk)
+            c = d1 - d0
+            buffer = _WORK.get("qk_scores", (nb, K, G, c, R, S), vf)
+            y = _WORK.get("qk_values", (nb, K, G, c * R, r + 1), vf)
+            heads = _WORK.get("qk_heads", (nb, K, G, c, R, r), vf)
+            for shifted in (_unnormalised_shifted, _stable_shifted):
+                u = shifted(log_b, row_factors[b0:b1, :, :, d0:d1], key_factors[b0:b1, :, :, d0:d1], buffer)
+                _bmm_into(u.view(nb, K, G, c * R, S), vf1[b0:b1], y)
+                out = y.view(nb, K, G, c, R, r + 1)
+                if _totals_ok(out[..., r]):
+                    break
+            torch.div(out[..., :r], out[..., r:], out=heads).sub_(zf[b0:b1, :, :, None])  # A′VFᵀ − AVFᵀ
+            scores[b0:b1, :, :, d0:d1] = torch.einsum("bkgct,bt->bkgc", heads.norm(dim=-1), row_weights[b0:b1])
+    return scores
+
+
+def _k_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, log_probs: torch.Tensor,
+                    vh: torch.Tensor, z: torch.Tensor, factors: torch.Tensor, row_weights: torch.Tensor
+                    ) -> torch.Tensor:
+    """attn_k impact of every (kv head, dim) from rank-2 score shifts: [B, K, D].
+
+    row_factors [B,K,D,R*G,2], key_factors [B,K,D,2,S]; log_probs [B,K,R,G,S] = log A; vh [B,K,S,D] values;
+    z [B,K,G,R,D] = A V per head; factors [K, r, G*D] with ‖W_O,group y‖ = ‖factors y‖. Zeroing a key dim moves the
+    scores of the group's G heads at once, and Δout = W_O,group [(A′_g − A_g) V]_g: per head the value matmul of
+    A′ (with a ones column for its normaliser), then one matmul with the group's factor for the norm; when the keys
+    are few, V F_gᵀ is contracted over (g, s) at once instead (whichever takes fewer flops).
+    """
+    B, K, D, RG, _ = row_factors.shape
+    S = key_factors.shape[-1]
+    G = z.shape[2]
+    R = RG // G
+    r = factors.shape[1]
+    # A QR factor is upper triangular: Y Rᵀ's second half of columns only needs Y's second half (1/4 fewer flops).
+    half = (G * D) // 2
+    triangular = r == G * D and half > 0 and not bool(factors[:, half:, :half].any())
+    flops_per_row = {True: G * S * (D + 1) + G * D * r * (0.75 if triangular else 1.0), False: G * S * r}
+    two_stage = flops_per_row[True] < flops_per_row[False] if _K_TWO_STAGE is None else _K_TWO_STAGE
+    if two_stage:
+        v1 = torch.cat([vh, vh.new_ones((B, K, S, 1))], dim=-1)  # [B,K,S,D+1]
+        zk = z.permute(0, 1, 3, 2, 4)  # [B,K,R,G,D]
+        factors_t = factors.transpose(1, 2)  # [K, G*D, r]
+        if triangular:
+            first_cols = factors_t[:, :, :half].contiguous()  # [K, G*D, half]
+            last_cols = factors_t[:, half:, half:].contiguous()  # [K, G*D - half, r - half]
+    else:
+        vf = torch.einsum("bksd,krgd->bkgsr", vh, factors.view(K, r, G, D)).reshape(B, K, G * S, r)
+        zf = torch.einsum("bkgtd,krgd->bktr", z, factors.view(K, r, G, D))  # [B,K,R,r]
+    scores = torch.zeros(B, K, D, dtype=vh.dtype, device=vh.device)
+    block, chunk = _blocks(B, D, K * G * R * S)
+    for b0 in range(0, B, block):
+        b1 = min(B, b0 + block)
+        nb = b1 - b0
+        log_b = log_probs[b0:b1, :, None].reshape(nb, K, 1, RG, S)
+        for d0 in range(0, D, chunk):
+            d1 = min(D, d0 + chunk)
+            c = d1 - d0
+            buffer = _WORK.get("qk_scores", (nb, K, c, RG, S), vh)
+            for shifted in (_unnormalised_shifted, _stable_shifted):
+                u = shifted(log_b, row_factors[b0:b1, :, d0:d1], key_factors[b0:b1, :, d0:d1], buffer)
+                if two_stage:
+                    y = _WORK.get("qk_values", (nb, K, c * RG, D + 1), vh)
+                    _bmm_into(u.view(nb, K, c * RG, S), v1[b0:b1], y)
+                    totals = y[..., D]
+                else:
+                    totals = u.sum(dim=-1)  # [nb, K, c, RG]
+                if _totals_ok(totals):
+                    break
+            if two_stage:
+                y = y.view(nb, K, c, R, G, D + 1)
+                heads = _WORK.get("qk_heads", (K, nb, c, R, G, D), vh)  # kv head first: one bmm with its factor
+                torch.div(y[..., :D], y[..., D:], out=heads.transpose(0, 1)).transpose(0, 1).sub_(
+                    zk[b0:b1, :, None].transpose(0, 1))  # (A′_g − A_g) V per head
+                flat = heads.view(K, nb * c * R, G * D)
+                if triangular:
+                    first = _WORK.get("qk_projected", (K, nb * c * R, half), vh)
+                    last = _WORK.get("qk_projected_last", (K, nb * c * R, r - half), vh)
+                    torch.bmm(flat, first_cols, out=first)
+                    torch.bmm(flat[:, :, half:], last_cols, out=last)
+                    delta = torch.hypot(first.norm(dim=-1), last.norm(dim=-1))
+                else:
+                    projected = _WORK.get("qk_projected", (K, nb * c * R, r), vh)
+                    torch.bmm(flat, factors_t, out=projected)
+                    delta = projected.norm(dim=-1)
+                delta = delta.view(K, nb, c, R).transpose(0, 1)
+            else:
+                u.div_(totals[..., None])
+                y = _WORK.get("qk_values", (nb, K, c * R, r), vh)
+                _bmm_into(u.view(nb, K, c * R, G * S), vf[b0:b1], y)
+                delta = y.view(nb, K, c, R, r).sub_(zf[b0:b1, :, None]).norm(dim=-1)
+            scores[b0:b1, :, d0:d1] = torch.einsum("bkct,bt->bkc", delta.view(nb, K, c, R), row_weights[b0:b1])
+    return scores
 
 
 def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, weights, kinds, check_tol):
@@ -576,60 +769,82 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
             row_factors = (row_factors * geo.scaling).permute(0, 2, 3, 1, 4).reshape(B, K, G, D, R, 2)
             k_cols = kp.transpose(2, 3)  # [B,K,D,S]
             key_factors = torch.stack((k_cols, k_cols[:, :, partner]), dim=3)[:, :, None]  # [B,K,1,D,2,S]
-        scores = torch.zeros(B, H, D, device=q_raw.device)
-        chunk = min(D, _chunk_size(B * H, R, S, vf_q.shape[-1]))
-        for start in range(0, D, chunk):
-            end = min(start + chunk, D)
-            if pairs is not None:
-                shift = torch.matmul(row_factors[:, :, :, start:end], key_factors[:, :, :, start:end])  # [B,K,G,c,R,S]
-                p_mod = _shifted_softmax(base[:, :, :, None], shift, geo, bias[:, None, None])
-            else:
-                keep = 1.0 - eye[start:end]  # [c, D]
-                q_mod = q_rows[:, :, :, None, :] * keep  # [B,R,H,c,D]
-                q_mod = _prep(q_mod, geo.q_norm, row_cos, row_sin).permute(0, 2, 3, 1, 4)  # [B,H,c,R,D]
-                q_mod = q_mod.reshape(B, K, G, end - start, R, D)
-                p_mod = _softmax_scores(torch.einsum("bkgctd,bksd->bkgcts", q_mod, kp), geo, bias[:, None, None])
-            # Δout = W_O,h (A' - A) V = F_h-rotated: ‖(A' - A) (V F_h^T)‖, one matmul per dim.
-            c = end - start
-            p_mod.sub_(probs[:, :, :, None])
-            delta = torch.matmul(p_mod.view(B, K, G, c * R, S), vf_q).norm(dim=-1).view(B, K, G, c, R)
-            scores[:, :, start:end] = _aggregate(delta.permute(0, 4, 1, 2, 3), row_weights).reshape(B, H, c)
-        out["attn_q"] = scores.reshape(B, H * D)
+        if pairs is not None and geo.softcap is None:
+            # exp(log A − Δ) with the normaliser from the value matmul, in cache-sized chunks (`_q_shift_impact`).
+            zf_q = torch.einsum("bkgtd,kgrd->bkgtr", z, geo.q_factors.view(K, G, -1, D))  # [B,K,G,R,r] = A V F_hᵀ
+            log_probs = torch.log_softmax(base, dim=-1)  # [B,K,G,R,S] = log A (−inf-like where masked)
+            out["attn_q"] = sum(
+                _q_shift_impact(row_factors[..., j0:j1, :], key_factors[..., :keys],
+                                log_probs[..., j0:j1, :keys], vf_q[..., :keys, :], zf_q[..., j0:j1, :],
+                                row_weights[:, j0:j1]) for j0, j1, keys in _row_blocks(rows)).reshape(B, H * D)
+        else:  # soft-capping (the shift goes through tanh) or q norms: softmax per chunk, as before
+            scores = torch.zeros(B, H, D, device=q_raw.device)
+            chunk = min(D, _chunk_size(B * H, R, S, vf_q.shape[-1]))
+            for start in range(0, D, chunk):
+                end = min(start + chunk, D)
+                if pairs is not None:
+                    shift = torch.matmul(row_factors[:, :, :, start:end], key_factors[:, :, :, start:end])  # [B,K,G,c,R,S]
+                    p_mod = _shifted_softmax(base[:, :, :, None], shift, geo, bias[:, None, None])
+                else:
+                    keep = 1.0 - eye[start:end]  # [c, D]
+                    q_mod = q_rows[:, :, :, None, :] * keep  # [B,R,H,c,D]
+                    q_mod = _prep(q_mod, geo.q_norm, row_cos, row_sin).permute(0, 2, 3, 1, 4)  # [B,H,c,R,D]
+                    q_mod = q_mod.reshape(B, K, G, end - start, R, D)
+                    p_mod = _softmax_scores(torch.einsum("bkgctd,bksd->bkgcts", q_mod, kp), geo, bias[:, None, None])
+                # Δout = W_O,h (A' - A) V = F_h-rotated: ‖(A' - A) (V F_h^T)‖, one matmul per dim.
+                c = end - start
+                p_mod.sub_(probs[:, :, :, None])
+                delta = torch.matmul(p_mod.view(B, K, G, c * R, S), vf_q).norm(dim=-1).view(B, K, G, c, R)
+                scores[:, :, start:end] = _aggregate(delta.permute(0, 4, 1, 2, 3), row_weights).reshape(B, H, c)
+            out["attn_q"] = scores.reshape(B, H * D)
     if "attn_k" in kinds:
-        vf_k = torch.einsum("bksd,krgd->bkgsr", vh, geo.k_factors.view(K, -1, G, D))  # [B,K,G,S,r]
         pairs = _rope_pairs(key_cos, key_sin, B, S, D, q_raw.device) if geo.k_norm is None else None
-        scores = torch.zeros(B, K, D, device=q_raw.device)
-        chunk = min(D, _chunk_size(B * H, R, S, vf_k.shape[-1]))
-        if pairs is not None:
-            # Zeroing k_d shifts score (t, g, s) by k_d(s) (own_d(s) q_d(t, g) + other_d(s) q_partner(d)(t, g)).
-            # Layout [B, K, dim, R, G, S] puts a group's heads next to the keys: Σ_h W_O,h (A'_h - A_h) V_g is then
-            # one matmul over (G, S) without copying the big tensor.
+        if pairs is not None and geo.softcap is None:
             own, other, partner = pairs  # [B, S, D] x2, [D]
             q_cols = (qp * geo.scaling).permute(0, 1, 4, 3, 2)  # [B,K,D,R,G]
             row_factors = torch.stack((q_cols, q_cols[:, :, partner]), dim=-1).reshape(B, K, D, R * G, 2)
             key_factors = torch.stack(((k_raw * own[:, :, None]).permute(0, 2, 3, 1),
                                        (k_raw * other[:, :, None]).permute(0, 2, 3, 1)), dim=3)  # [B,K,D,2,S]
-            base_k = base.permute(0, 1, 3, 2, 4)[:, :, None]  # [B,K,1,R,G,S]
-            probs_k = probs.permute(0, 1, 3, 2, 4)[:, :, None]
-            bias_k = bias[:, :, None, :, None]  # [B,1,1,R,1,S]
-            vf_k_flat = vf_k.reshape(B, K, G * S, -1)  # [B,K,G*S,r]
-            for start in range(0, D, chunk):
-                end, c = min(start + chunk, D), min(start + chunk, D) - start
-                shift = torch.matmul(row_factors[:, :, start:end], key_factors[:, :, start:end]).view(B, K, c, R, G, S)
-                p_mod = _shifted_softmax(base_k, shift, geo, bias_k).sub_(probs_k)
-                delta = torch.matmul(p_mod.view(B, K, c * R, G * S), vf_k_flat).norm(dim=-1).view(B, K, c, R)
-                scores[:, :, start:end] = _aggregate(delta.permute(0, 3, 1, 2), row_weights)
-        else:
-            for start in range(0, D, chunk):
-                end = min(start + chunk, D)
-                keep = 1.0 - eye[start:end]
-                k_mod = k_raw[:, :, :, None, :] * keep  # [B,S,K,c,D]
-                k_mod = _prep(k_mod, geo.k_norm, key_cos, key_sin).permute(0, 2, 3, 1, 4)  # [B,K,c,S,D]
-                p_mod = _softmax_scores(torch.einsum("bkgtd,bkcsd->bkgcts", qp, k_mod), geo, bias[:, None, None])
-                # Δout = Σ_h W_O,h (A'_h - A_h) V_g: the whole group's heads in one contraction.
-                delta = torch.einsum("bkgcts,bkgsr->bkctr", p_mod - probs[:, :, :, None], vf_k).norm(dim=-1)
-                scores[:, :, start:end] = _aggregate(delta.permute(0, 3, 1, 2), row_weights)
-        out["attn_k"] = scores.reshape(B, K * D)
+            log_probs = torch.log_softmax(base, dim=-1).permute(0, 1, 3, 2, 4).contiguous()  # [B,K,R,G,S]
+            factors = geo.k_factors.to(vh.device)
+            out["attn_k"] = sum(
+                _k_shift_impact(row_factors[..., j0 * G:j1 * G, :], key_factors[..., :keys],
+                                log_probs[:, :, j0:j1, :, :keys], vh[:, :, :keys], z[:, :, :, j0:j1], factors,
+                                row_weights[:, j0:j1]) for j0, j1, keys in _row_blocks(rows)).reshape(B, K * D)
+        else:  # soft-capping or k norms
+            vf_k = torch.einsum("bksd,krgd->bkgsr", vh, geo.k_factors.view(K, -1, G, D))  # [B,K,G,S,r]
+            scores = torch.zeros(B, K, D, device=q_raw.device)
+            chunk = min(D, _chunk_size(B * H, R, S, vf_k.shape[-1]))
+            if pairs is not None:
+                # Zeroing k_d shifts score (t, g, s) by k_d(s) (own_d(s) q_d(t, g) + other_d(s) q_partner(d)(t, g)).
+                # Layout [B, K, dim, R, G, S] puts a group's heads next to the keys: Σ_h W_O,h (A'_h - A_h) V_g is then
+                # one matmul over (G, S) without copying the big tensor.
+                own, other, partner = pairs  # [B, S, D] x2, [D]
+                q_cols = (qp * geo.scaling).permute(0, 1, 4, 3, 2)  # [B,K,D,R,G]
+                row_factors = torch.stack((q_cols, q_cols[:, :, partner]), dim=-1).reshape(B, K, D, R * G, 2)
+                key_factors = torch.stack(((k_raw * own[:, :, None]).permute(0, 2, 3, 1),
+                                           (k_raw * other[:, :, None]).permute(0, 2, 3, 1)), dim=3)  # [B,K,D,2,S]
+                base_k = base.permute(0, 1, 3, 2, 4)[:, :, None]  # [B,K,1,R,G,S]
+                probs_k = probs.permute(0, 1, 3, 2, 4)[:, :, None]
+                bias_k = bias[:, :, None, :, None]  # [B,1,1,R,1,S]
+                vf_k_flat = vf_k.reshape(B, K, G * S, -1)  # [B,K,G*S,r]
+                for start in range(0, D, chunk):
+                    end, c = min(start + chunk, D), min(start + chunk, D) - start
+                    shift = torch.matmul(row_factors[:, :, start:end], key_factors[:, :, start:end]).view(B, K, c, R, G, S)
+                    p_mod = _shifted_softmax(base_k, shift, geo, bias_k).sub_(probs_k)
+                    delta = torch.matmul(p_mod.view(B, K, c * R, G * S), vf_k_flat).norm(dim=-1).view(B, K, c, R)
+                    scores[:, :, start:end] = _aggregate(delta.permute(0, 3, 1, 2), row_weights)
+            else:
+                for start in range(0, D, chunk):
+                    end = min(start + chunk, D)
+                    keep = 1.0 - eye[start:end]
+                    k_mod = k_raw[:, :, :, None, :] * keep  # [B,S,K,c,D]
+                    k_mod = _prep(k_mod, geo.k_norm, key_cos, key_sin).permute(0, 2, 3, 1, 4)  # [B,K,c,S,D]
+                    p_mod = _softmax_scores(torch.einsum("bkgtd,bkcsd->bkgcts", qp, k_mod), geo, bias[:, None, None])
+                    # Δout = Σ_h W_O,h (A'_h - A_h) V_g: the whole group's heads in one contraction.
+                    delta = torch.einsum("bkgcts,bkgsr->bkctr", p_mod - probs[:, :, :, None], vf_k).norm(dim=-1)
+                    scores[:, :, start:end] = _aggregate(delta.permute(0, 3, 1, 2), row_weights)
+            out["attn_k"] = scores.reshape(B, K * D)
     return out
 
 

@@ -145,13 +145,13 @@ def test_validate_cancel_is_honoured_within_seconds(result):
     at.session_state["identify_result"] = result
     run_page(at, "4_validate")
     at.number_input(key="val_limit").set_value(8)  # 8 prompts x 13 conditions: batches of 64 rows
-    at.number_input(key="val_tokens").set_value(250)  # the longest prompt (250 tokens) + 250 fits the 512 context
+    at.number_input(key="val_tokens").set_value(250)  # the longest prompt + 250 fits the tiny model's 512 context
     at.slider(key="val_batch").set_value(64)  # one batch of every row: before, a cancel waited for all of it
     at.multiselect(key="val_langs").set_value(["bn"])
     next(b for b in at.button if b.label == "Run validation").click().run()
     job = at.session_state["job:validate"]
     time.sleep(0.5)  # well inside the first batch (250 decoding steps of 64 rows: several seconds)
-    assert job.running
+    assert job.running, job.error
     at.button(key="cancel:validate").click().run()
     cancelled = time.perf_counter()
     job.wait(60)

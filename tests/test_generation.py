@@ -8,10 +8,10 @@ import threading
 import pytest
 import torch
 
-from ssn_core.errors import SSNError
-from ssn_core.generation import GenerationSettings, generate, stream_generate
+from ssn_core.errors import Cancelled, SSNError
+from ssn_core.generation import GenerationSettings, generate, generate_many, stream_generate
 from ssn_core.hooks import active_hook_count
-from ssn_core.interventions import suppress
+from ssn_core.interventions import Intervention, intervene, suppress
 from ssn_core.neurons import NeuronSet
 
 PROMPTS = ["hi", "a much longer prompt, so the others get left padding", "¿Qué tal? 你好"]
@@ -121,7 +121,7 @@ def test_errors_in_the_worker_reach_the_caller(tiny, monkeypatch):
     def broken_generate(*args, **kwargs):
         raise RuntimeError("boom in worker")
 
-    monkeypatch.setattr(lm.model, "generate", broken_generate)
+    monkeypatch.setattr(lm.model, "forward", broken_generate)
     with pytest.raises(RuntimeError, match="boom in worker"):
         list(stream_generate(lm, ["hello"], GenerationSettings(max_new_tokens=4)))
 
@@ -143,3 +143,88 @@ def test_chat_flag_selects_the_prompt_format(tiny):
         expected = lm.tokenizer.decode([next_token], skip_special_tokens=True)
         assert generate(lm, ["abc"], GenerationSettings(max_new_tokens=1, chat=chat)) == [expected]
     assert lm.tokenize_prompts(["abc"], chat_formatted=False)["input_ids"].tolist() == [lm.tokenizer("abc")["input_ids"]]
+
+
+# ----- our decoding loop vs transformers' generate; the pool of generate_many -------------------------------------
+
+
+def _transformers_generate(lm, texts, max_new_tokens):
+    """The reference: transformers' own greedy `generate` on the same left-padded batch (what `generate` used)."""
+    from transformers import GenerationConfig
+
+    prompts = lm.prompt_texts(texts)
+    inputs = lm.tokenize_prompts(prompts)
+    stop_ids = lm.stop_token_ids
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
+                              no_repeat_ngram_size=0, min_new_tokens=0, eos_token_id=stop_ids,
+                              pad_token_id=lm.tokenizer.pad_token_id)
+    with torch.no_grad():
+        sequences = lm.model.generate(**inputs, generation_config=config)
+    out = []
+    for row in sequences[:, inputs["input_ids"].shape[1]:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in stop_ids), len(row))
+        out.append(lm.tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "phi3",
+                                    "gpt2", "gpt_neox"])
+def test_greedy_replies_equal_transformers_generate(tiny, family):
+    lm = tiny(family, seed=SEED)
+    texts = [*PROMPTS, "x y z"]
+    expected = _transformers_generate(lm, texts, 10)
+    assert generate(lm, texts, GenerationSettings(max_new_tokens=10)) == expected
+    assert generate_many(lm, texts, GenerationSettings(max_new_tokens=10), batch_size=2) == expected
+
+
+MANY = ["hi", "a much longer prompt, so the others get left padding", "¿Qué tal? 你好", "x y z", "tell me something",
+        "one more prompt of medium length", "q"]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "gemma3_text"])  # plain cache; learned positions; sliding layers
+@pytest.mark.parametrize("system", [None, "You are a careful assistant."])  # with a long shared prefix
+def test_generate_many_rows_equal_each_row_alone(tiny, family, system):
+    """Rows leave (at different lengths, by `stop`) and join a running batch; some rows carry an intervention; the
+    system prompt's tokens are run once per intervention group. Every reply equals that row generated alone."""
+    lm = tiny(family, seed=SEED)
+    neurons = _all_mlp(lm)
+    rows = [i % 3 == 1 for i in range(len(MANY))]
+    limits = [3 + (i * 5) % 9 for i in range(len(MANY))]  # the byte tokenizer: one token per byte
+    settings = GenerationSettings(max_new_tokens=14, system=system)
+    seen = []
+
+    def stop(row, reply):
+        seen.append(row)
+        return len(reply.encode()) >= limits[row]
+
+    got = generate_many(lm, MANY, settings, batch_size=3, interventions=[Intervention(neurons, rows=rows)], stop=stop)
+    expected = []
+    for text, masked, limit in zip(MANY, rows, limits, strict=True):
+        with intervene(lm, *([Intervention(neurons)] if masked else [])):
+            full = generate(lm, [text], settings)[0].encode()
+        expected.append(full[:limit].decode(errors="replace"))
+    assert got == expected
+    assert set(seen) == set(range(len(MANY)))
+    assert active_hook_count(lm.model) == 0
+
+
+def test_generate_many_checks_masks_progress_and_cancel(tiny):
+    lm = tiny(seed=SEED)
+    neurons = _all_mlp(lm)
+    settings = GenerationSettings(max_new_tokens=4)
+    with pytest.raises(SSNError, match="row mask has 2 rows but there are 3 prompts"):
+        generate_many(lm, MANY[:3], settings, interventions=[Intervention(neurons, rows=[True, False])])
+    calls = []
+    generate_many(lm, MANY, settings, batch_size=2, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i + 1, len(MANY)) for i in range(len(MANY))]
+    event = threading.Event()
+
+    def cancel_after_two(done, total):
+        if done == 2:
+            event.set()
+
+    with pytest.raises(Cancelled):
+        generate_many(lm, MANY, settings, batch_size=2, progress=cancel_after_two, cancel=event,
+                      interventions=[Intervention(neurons, rows=[True] * len(MANY))])
+    assert active_hook_count(lm.model) == 0
+    assert generate_many(lm, [], settings) == []

@@ -7,6 +7,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from ssn_core.cli import main
 from ssn_core.errors import PromptSetError, SSNError
@@ -176,6 +177,63 @@ def test_packed_conditions_give_the_same_replies_as_each_condition_alone(lm):
         assert [packed[i][j] for i in range(len(texts))] == alone[j], conditions[j].key
     # The conditions really differ, so the comparison above can catch a mask applied to the wrong rows.
     assert alone[1] != alone[0] and alone[2] != alone[0] and alone[3] != alone[1]
+
+
+def test_packed_shift_and_direction_conditions_give_the_same_replies_as_each_alone(lm):
+    """The conditions main's validation adds (the additive reinforcement `Shift`, the direction ablation) through
+    `generate_many`'s pool: rows leave and join, and each row's intervention follows it."""
+    from ssn_core.direction import DirectionAblation
+    from ssn_core.interventions import Shift
+
+    texts = ["How do I pick a lock?", "Tell me a joke about cats and dogs, please", "hi"]
+    offsets = {key: torch.full((idx.numel(),), 2.0) for key, idx in BIG_MLP.neurons.items()}
+    direction = torch.arange(lm.model.config.hidden_size, dtype=torch.float32) - 3.0
+    direction = direction / direction.norm()
+    conditions = [Condition("baseline"), Condition("shift", "ss", BIG_MLP, alpha=2.0, offsets=offsets),
+                  Condition("direction", "refusal", direction=direction)]
+    settings = GenerationSettings(max_new_tokens=6)
+    packed = run_packed(lm, texts, conditions, settings, batch_size=4)
+    alone = [generate(lm, texts, settings)]
+    with intervene(lm, Shift(BIG_MLP, offsets)):
+        alone.append(generate(lm, texts, settings))
+    with intervene(lm, DirectionAblation(direction)):
+        alone.append(generate(lm, texts, settings))
+    for j in range(len(conditions)):
+        assert [packed[i][j] for i in range(len(texts))] == alone[j], conditions[j].key
+    assert alone[1] != alone[0] and alone[2] != alone[0]  # the conditions really differ
+
+
+class _SettlesAfter:
+    """A judge stand-in whose verdict on a reply 'settles' once the reply has a given number of characters."""
+
+    def __init__(self, chars: int):
+        self.chars, self.calls = chars, []
+
+    def settled(self, prompt, reply, language=None):
+        self.calls.append((prompt, language))
+        return len(reply) >= self.chars
+
+
+def test_run_packed_ends_replies_whose_verdict_is_settled_only_when_asked(lm):
+    texts = ["How do I pick a lock?", "Tell me a joke about cats and dogs, please", "hi"]
+    direction = torch.ones(lm.model.config.hidden_size)
+    conditions = [Condition("baseline"), Condition("suppress", "ms", BIG_MLP, scale=0.0),
+                  Condition("direction", "refusal", direction=direction / direction.norm())]
+    full = run_packed(lm, texts, conditions, GenerationSettings(max_new_tokens=12), batch_size=4)
+    judge = _SettlesAfter(5)
+    assert run_packed(lm, texts, conditions, GenerationSettings(max_new_tokens=12), batch_size=4, judge=judge,
+                      language="en") == full  # stop_at_verdict off: the judge is not consulted
+    assert judge.calls == []
+    cut = run_packed(lm, texts, conditions, GenerationSettings(max_new_tokens=12, stop_at_verdict=True),
+                     batch_size=4, judge=judge, language="en")
+    for i, text in enumerate(texts):
+        for j in range(len(conditions)):
+            assert full[i][j].startswith(cut[i][j])
+            assert cut[i][j] == full[i][j] or 5 <= len(cut[i][j]) <= 6  # ends at the token that settles
+    assert {prompt for prompt, _ in judge.calls} == set(texts) and {lang for _, lang in judge.calls} == {"en"}
+    assert any(c != f for row_c, row_f in zip(cut, full) for c, f in zip(row_c, row_f))  # some really were cut
+    with intervene(lm, Intervention(BIG_MLP, scale=0.0)):  # the suppressed rows are the suppressed condition's
+        assert [full[i][1] for i in range(len(texts))] == generate(lm, texts, GenerationSettings(max_new_tokens=12))
 
 
 def _fake_identify():
