@@ -5,7 +5,7 @@
 - `run_packed`: validation's packed conditions as fixed batches of ``batch_size`` rows in text-major order, each
   batch generated to the end of its longest reply (what `ssn_core.validation.run_packed` did).
 - `evaluate_replies`: the evaluation loop's generation: the prompts in input order, in chunks of ``batch_size``.
-- `qk_impact` / `old_qk`: exact q/k importance as `ssn_core.scoring._qk_impact` computed it before issue 17 (a
+- `qk_impact` / `old_qk`: exact q/k importance as `ssn_core.scoring.qk._qk_impact` computed it before issue 17 (a
   softmax per shifted score tensor, then A' - A, in chunks of up to 256 MB).
 
 Nothing in `ssn_core` imports this module.
@@ -107,17 +107,17 @@ def n_batches(n_rows: int, batch_size: int) -> int:
 @contextlib.contextmanager
 def old_qk() -> Iterator[None]:
     """`ssn_core.scoring.score_batch` computes q/k importance the old way inside the block."""
-    from ssn_core import scoring
+    from ssn_core.scoring import forward  # score_batch looks _qk_impact up there
 
-    new = scoring._qk_impact
-    scoring._qk_impact = qk_impact
+    new = forward._qk_impact
+    forward._qk_impact = qk_impact
     try:
         yield
     finally:
-        scoring._qk_impact = new
+        forward._qk_impact = new
 
 
-# ----- copied from ssn_core/scoring.py before issue 17 (unchanged but for the name) ---------------------------------
+# ----- copied from ssn_core/scoring.py (now ssn_core/scoring/qk.py) before issue 17 (unchanged but for the name) ------
 
 
 def qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, weights, kinds, check_tol):

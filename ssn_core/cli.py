@@ -487,7 +487,7 @@ def _num(value) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# ssn identify / ssn compare-methods  (scoring.py, identify.py)
+# ssn identify / ssn compare-methods  (scoring/, identify.py)
 
 _ALL_SITES = "mlp,attn_q,attn_k,attn_v,attn_o"
 RECIPE_NAMES = ("default", "paper", "plnd", "last", "direction")  # = ssn_core.identify.RECIPES (a test checks)

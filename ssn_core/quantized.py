@@ -9,8 +9,8 @@ layer's weight as a float matrix. bitsandbytes layers keep theirs packed:
 
 `dense_weight` dequantizes them with bitsandbytes' own functions (``functional.dequantize_4bit``,
 ``functional.int8_vectorwise_dequant``) on the layer's own device, one layer at a time. Callers keep what they derive
-(norms, factors, one vector per neuron), computed once per layer and model (`scoring._ModelConstants`), never the
-dense matrices, so a 4-bit model's scores cost one transient dense copy of one layer's W_down / W_O at a time.
+(norms, factors, one vector per neuron), computed once per layer and model (`scoring.constants._ModelConstants`),
+never the dense matrices, so a 4-bit model's scores cost one transient dense copy of one layer's W_down / W_O at a time.
 
 What the scores of a quantized model mean: its activations are computed through the quantized weights, and the closed
 forms use the dequantized weights those activations actually meet, so they are the exact layer-local effects *of the

@@ -115,19 +115,19 @@ def test_qk_shift_scores_equal_ablation_on_both_contractions_and_the_stable_fall
     """attn_k has two exact contractions (per-head values then the group's factor, or V F_gᵀ over (g, s)), chosen by
     flop count; rows go in blocks that skip the keys after them; and when exp(log A − Δ) would over- or underflow,
     a chunk falls back to a plain softmax."""
-    from ssn_core import scoring
+    from ssn_core.scoring import qk  # the kernels look these up in their own module
 
     lm = tiny_lm(family)
     batch = _batch(lm, PROMPTS[1:])  # a long and a short prompt: different padding, different counted rows
-    monkeypatch.setattr(scoring, "_K_TWO_STAGE", two_stage)
-    row_blocks = scoring._row_blocks
+    monkeypatch.setattr(qk, "_K_TWO_STAGE", two_stage)
+    row_blocks = qk._row_blocks
     blocks = []
-    monkeypatch.setattr(scoring, "_row_blocks", lambda rows: blocks.append(row_blocks(rows, min_rows=3)) or blocks[-1])
+    monkeypatch.setattr(qk, "_row_blocks", lambda rows: blocks.append(row_blocks(rows, min_rows=3)) or blocks[-1])
     indices = [0, 3, 17, 31]
     fast = score_batch(lm, batch, "impact", ("attn_q", "attn_k"))
     calls = []
-    monkeypatch.setattr(scoring, "_unnormalised_shifted",
-                        lambda *args: calls.append(1) or scoring._stable_shifted(*args).mul_(float("inf")))
+    monkeypatch.setattr(qk, "_unnormalised_shifted",
+                        lambda *args: calls.append(1) or qk._stable_shifted(*args).mul_(float("inf")))
     fallback = score_batch(lm, batch, "impact", ("attn_q", "attn_k"))
     assert calls  # the fast form really was rejected, and the stable one used
     assert all(len(b) > 1 for b in blocks) and any(keys < b[-1][2] for b in blocks for _, _, keys in b[:-1])
