@@ -174,3 +174,10 @@ if __name__ == "__main__":
         result = {"engine": run_engine, "die": lambda: run_die(rank),
                   "fail-then-hang": lambda: run_fail_then_hang(rank)}[scenario]()
     (OUT / f"rank{rank}.json").write_text(json.dumps(result))
+    if scenario == "die":
+        # After a peer died, gloo's background threads can abort the interpreter's own teardown ("terminate called
+        # without an active exception", exit -6) once the result is written; what this scenario checks is the message
+        # and that process 0 did not hang, so end here. (The CLI's exit after a lost peer has the same teardown: a
+        # known defect, see the issue-14 note.)
+        sys.stdout.flush()
+        os._exit(0)
