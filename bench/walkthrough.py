@@ -27,14 +27,13 @@ sys.path.insert(0, str(ROOT / "tests"))
 from test_app_browser import (
     CHROMEDRIVER,
     CHROMIUM,
-    FLAGS,
     By,
-    Service,
     WebDriverWait,
     _free_port,
     _text,
     click_button,
     go,
+    new_browser,
     wait_idle,
     wait_text,
     webdriver,
@@ -63,12 +62,7 @@ def main() -> int:
         [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
          "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in FLAGS:
-        options.add_argument(flag)
-    browser = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    browser.set_page_load_timeout(120)
+    browser = new_browser(page_load_timeout=120)
     url = f"http://127.0.0.1:{port}"
     try:
         while True:

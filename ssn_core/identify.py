@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -28,7 +27,7 @@ import torch
 from ssn_core import distributed
 from ssn_core.direction import RefusalDirection
 from ssn_core.errors import NeuronFileError, SSNError
-from ssn_core.io import atomic_write_json, atomic_write_text, writing_result_dir
+from ssn_core.io import atomic_write_json, atomic_write_text, read_json, writing_result_dir
 from ssn_core.neurons import NeuronSet
 from ssn_core.pairs import PromptPair, load_pairs, save_pairs
 from ssn_core.scoring import AGGREGATES, METHODS, Progress, ScoreTable, score
@@ -279,10 +278,7 @@ class IdentifyResult:
             raise NeuronFileError(f"{directory} does not exist (give the folder an identify run wrote with --out)")
         if not manifest_path.is_file():
             raise NeuronFileError(f"{directory} is not an SSN Lab identify result (no manifest.json)")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise NeuronFileError(f"{manifest_path} is not valid JSON: {exc}") from None
+        manifest = read_json(manifest_path, NeuronFileError)
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
             raise NeuronFileError(f"{manifest_path} is not an SSN Lab identify manifest")
         if sites is not None and manifest.get("model_fingerprint") not in (None, sites.fingerprint()):

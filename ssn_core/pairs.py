@@ -14,13 +14,13 @@ included), so scoring (``aggregate="reply"``) and training tokenise a pair the s
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ssn_core.errors import Cancelled, PromptSetError
+from ssn_core.io import read_json
 
 FORMAT = "ssn-lab/pairs"
 Progress = Callable[[int, int, str], None]
@@ -143,10 +143,7 @@ def load_pairs(path: str | Path, sites=None) -> list[PromptPair]:
     path = Path(path)
     if not path.is_file():
         raise PromptSetError(f"pairs file not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PromptSetError(f"{path} is not valid JSON: {exc}") from None
+    data = read_json(path, PromptSetError)
     if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("pairs"), list):
         raise PromptSetError(f"{path} is not an SSN Lab pairs file (format {FORMAT!r})")
     recorded = data.get("model_fingerprint")

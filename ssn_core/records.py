@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from ssn_core.errors import NeuronFileError, SSNError
+from ssn_core.io import read_json
 from ssn_core.neurons import NeuronSet, parse_meta, parse_neuron_entries
 
 RECORD_FORMAT = "ssn-lab/ab-exchange"
@@ -127,10 +128,7 @@ def load_record(path: str | Path) -> dict:
     if not path.is_file():
         raise NeuronFileError(f"{path} is a folder, not an A/B record" if path.is_dir() else
                               f"A/B record not found: {path}")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise NeuronFileError(f"{path} is not valid JSON: {exc}") from None
+    record = read_json(path, NeuronFileError)
     return check_record(record, str(path))
 
 

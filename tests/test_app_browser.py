@@ -103,14 +103,20 @@ def bundled_server():
     yield from _serve({"SSN_STARTER_NEURONS": str(artifacts / "starter_neurons")}, "streamlit-browser-bundle.log")
 
 
-@pytest.fixture(scope="module")
-def browser():
+def new_browser(page_load_timeout: float = 60):
+    """Headless Chromium with the flags above (also used by bench/walkthrough.py)."""
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in FLAGS:
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(60)
+    driver.set_page_load_timeout(page_load_timeout)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = new_browser()
     yield driver
     driver.quit()
 

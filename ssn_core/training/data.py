@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ssn_core.errors import PromptSetError, TrainingError
+from ssn_core.io import read_json
 from ssn_core.pairs import own_replies, pick_template
 from ssn_core.sites import SiteMap
 from ssn_core.training.results import TrainProgress
@@ -81,10 +82,7 @@ class SafetyData:
         path = Path(path)
         if not path.is_file():
             raise PromptSetError(f"safety data file not found: {path}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise PromptSetError(f"{path} is not valid JSON: {exc}") from None
+        data = read_json(path, PromptSetError)
         if not isinstance(data, dict) or data.get("format") != SAFETY_DATA_FORMAT:
             raise PromptSetError(f"{path} is not an SSN Lab safety data file (missing format {SAFETY_DATA_FORMAT!r}; "
                                  "`ssn train --out DIR` writes DIR/safety_data.json)")
