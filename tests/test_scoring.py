@@ -111,32 +111,40 @@ def test_impact_equals_layer_local_ablation(family, kinds):
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])  # full and partial rotary
 @pytest.mark.parametrize("two_stage", [True, False])
-def test_qk_shift_scores_equal_ablation_on_both_contractions_and_the_stable_fallback(family, two_stage, monkeypatch):
+@pytest.mark.parametrize("peaked", [False, True])
+def test_qk_shift_scores_equal_ablation_on_both_contractions_and_peaked_attention(family, two_stage, peaked,
+                                                                                   monkeypatch):
     """attn_k has two exact contractions (per-head values then the group's factor, or V F_gᵀ over (g, s)), chosen by
-    flop count; rows go in blocks that skip the keys after them; and when exp(log A − Δ) would over- or underflow,
-    a chunk falls back to a plain softmax."""
+    flop count; rows go in blocks that skip the keys after them. ``peaked``: q and k weights ×60, so scores span
+    hundreds of nats and zeroing a dim shifts them by far more than exp's range (88) — the shifted softmax must stay
+    exact where exp(s − Δ) unnormalised would overflow or underflow."""
     from ssn_core.scoring import qk  # the kernels look these up in their own module
 
     lm = tiny_lm(family)
+    if peaked:
+        with torch.no_grad():
+            for name, param in lm.model.named_parameters():
+                if any(part in name for part in ("q_proj", "k_proj", "query_key_value")):
+                    param.mul_(60.0)
     batch = _batch(lm, PROMPTS[1:])  # a long and a short prompt: different padding, different counted rows
     monkeypatch.setattr(qk, "_K_TWO_STAGE", two_stage)
     row_blocks = qk._row_blocks
     blocks = []
     monkeypatch.setattr(qk, "_row_blocks", lambda rows: blocks.append(row_blocks(rows, min_rows=3)) or blocks[-1])
+    shifts = []
+    shifted_probs = qk._shifted_probs
+    monkeypatch.setattr(qk, "_shifted_probs", lambda s, rf, kf, out: shifts.append(
+        float(torch.matmul(rf, kf).abs().max())) or shifted_probs(s, rf, kf, out))
     indices = [0, 3, 17, 31]
     fast = score_batch(lm, batch, "impact", ("attn_q", "attn_k"))
-    calls = []
-    monkeypatch.setattr(qk, "_unnormalised_shifted",
-                        lambda *args: calls.append(1) or qk._stable_shifted(*args).mul_(float("inf")))
-    fallback = score_batch(lm, batch, "impact", ("attn_q", "attn_k"))
-    assert calls  # the fast form really was rejected, and the stable one used
+    assert shifts and (max(shifts) > 100 if peaked else max(shifts) < 88)  # the peaked model really is out of range
     assert all(len(b) > 1 for b in blocks) and any(keys < b[-1][2] for b in blocks for _, _, keys in b[:-1])
     for layer in (0, 1):
         for kind in ("attn_q", "attn_k"):
             exact = brute_force(lm, batch, layer, kind, indices)
-            for scores in (fast, fallback):
-                torch.testing.assert_close(scores[(layer, kind)][:, indices], exact, rtol=1e-4,
-                                           atol=max(1e-6, 1e-5 * exact.abs().max().item()))
+            assert bool(torch.isfinite(fast[(layer, kind)]).all())
+            torch.testing.assert_close(fast[(layer, kind)][:, indices], exact, rtol=1e-4,
+                                       atol=max(1e-6, 1e-5 * exact.abs().max().item()))
 
 
 @pytest.mark.parametrize("aggregate", ["last", "all"])

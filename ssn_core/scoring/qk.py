@@ -3,10 +3,10 @@ dims at once (`_qk_impact`).
 
 Only the query rows that count are recomputed, against the keys up to the last of them; without q/k norms a zeroed
 dim moves the scores by a rank-2 product (`ssn_core.scoring.attention._rope_pairs`), so a chunk costs one small
-matmul and one exp per score (`_q_shift_impact`, `_k_shift_impact`), with a plain softmax as the fallback when that
-would over- or underflow; with q/k norms or soft-capping the softmax is taken per chunk. The derivation is in
-`ssn_core.scoring`'s docstring. Tests and benchmarks that replace a kernel (``_row_blocks``,
-``_unnormalised_shifted``, ``_K_TWO_STAGE``) patch it here, where `_qk_impact` looks it up.
+matmul and one in-place softmax per score (`_shifted_probs`, used by `_q_shift_impact` and `_k_shift_impact`); with
+q/k norms or soft-capping the softmax is taken per chunk after re-projecting. The derivation is in
+`ssn_core.scoring`'s docstring. Tests and benchmarks that replace a kernel (``_row_blocks``, ``_K_TWO_STAGE``)
+patch it here, where `_qk_impact` looks it up.
 """
 
 from __future__ import annotations
@@ -51,8 +51,6 @@ class _Workspace(threading.local):
 
 _WORK = _Workspace()
 _CHUNK_ELEMENTS = 2**21  # one chunk's [.., R, S] score tensor: 8 MB of float32, cache-sized
-_EXP_FLOOR = -87.0
-_MIN_TOTAL = 1e-20  # S * exp(_EXP_FLOOR) / _MIN_TOTAL < 1e-14: the floor cannot show in a row's normalised values
 _K_TWO_STAGE: bool | None = None  # attn_k contraction: None = whichever takes fewer flops (tests force each)
 
 
@@ -73,77 +71,59 @@ def _bmm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tens
     return out
 
 
-def _unnormalised_shifted(log_probs: torch.Tensor, row_factors: torch.Tensor, key_factors: torch.Tensor,
-                          out: torch.Tensor) -> torch.Tensor:
-    """A ∘ exp(−Δ) in ``out``, with Δ = row_factors @ key_factors the (scaled) score shift of zeroing a dim.
+def _shifted_probs(scores: torch.Tensor, row_factors: torch.Tensor, key_factors: torch.Tensor,
+                   out: torch.Tensor) -> torch.Tensor:
+    """A′ = softmax(s − Δ) in ``out``, with Δ = row_factors @ key_factors the (scaled) score shift of zeroing a dim.
 
-    softmax(s − Δ) = A ∘ exp(−Δ) / Σ_s A ∘ exp(−Δ), and log A = log_softmax(s): one matmul, one subtraction and one
-    exp per score, instead of a softmax and a subtraction of A. The normaliser is summed later (a column of ones in
-    the value matmul), so a [.., R, S] tensor is never divided.
+    One small matmul, one subtraction and one in-place softmax per score. The softmax subtracts each row's maximum,
+    so nothing over- or underflows however large the shift, and exp never sees the masked scores' −3.4·10³⁸ (a slow
+    path on CPUs) nor produces the tiny values whose products with V go subnormal: an earlier form, exp(log A − Δ)
+    normalised afterwards, left values near 1e-38 that made every later matmul 4-5× slower on the real starter,
+    whose attention is peaked (random weights, whose attention is flat, never showed it).
     """
     _bmm_into(row_factors, key_factors, out)
-    # Clamped at -87 (exp = 1.6e-38, still a normal float): exp of more negative numbers, such as masked scores,
-    # takes a slow path on CPUs (15-50 ns instead of 0.3 ns a value). What that adds to a row is below float
-    # resolution as long as the row's total stays >= _MIN_TOTAL, which the callers check.
-    return torch.sub(log_probs, out, out=out).clamp_(min=_EXP_FLOOR).exp_()
+    torch.sub(scores, out, out=out)
+    return torch.softmax(out, dim=-1, out=out)
 
 
-def _totals_ok(totals: torch.Tensor) -> bool:
-    """Every row's Σ_s A ∘ exp(−Δ) finite and far above what the exp floor adds (else use `_stable_shifted`)."""
-    return bool(torch.isfinite(totals).all()) and bool((totals >= _MIN_TOTAL).all())
-
-
-def _stable_shifted(log_probs: torch.Tensor, row_factors: torch.Tensor, key_factors: torch.Tensor,
-                    out: torch.Tensor) -> torch.Tensor:
-    """softmax(log A − Δ) = A′ itself (normaliser 1): the fallback when exp(log A − Δ) over- or underflows."""
-    _bmm_into(row_factors, key_factors, out)
-    torch.sub(log_probs, out, out=out)
-    return out.copy_(torch.softmax(out, dim=-1))
-
-
-def _q_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, log_probs: torch.Tensor,
+def _q_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, scores: torch.Tensor,
                     vf: torch.Tensor, zf: torch.Tensor, row_weights: torch.Tensor) -> torch.Tensor:
     """attn_q impact of every (head, dim) from rank-2 score shifts: [B, K, G, D].
 
-    row_factors [B,K,G,D,R,2] and key_factors [B,K,1,D,2,S] give the shift of zeroing each dim; log_probs
-    [B,K,G,R,S] = log A; vf [B,K,G,S,r] = V F_hᵀ; zf [B,K,G,R,r] = A V F_hᵀ. ‖Δout‖ = ‖A′ V F_hᵀ − A V F_hᵀ‖.
+    row_factors [B,K,G,D,R,2] and key_factors [B,K,1,D,2,S] give the shift of zeroing each dim; scores [B,K,G,R,S]
+    are the scaled, masked scores s; vf [B,K,G,S,r] = V F_hᵀ; zf [B,K,G,R,r] = A V F_hᵀ.
+    ‖Δout‖ = ‖A′ V F_hᵀ − A V F_hᵀ‖.
     """
     B, K, G, D, R, _ = row_factors.shape
     S, r = key_factors.shape[-1], vf.shape[-1]
-    vf1 = torch.cat([vf, vf.new_ones((B, K, G, S, 1))], dim=-1)  # the ones column sums A′ (the normaliser)
-    scores = torch.zeros(B, K, G, D, dtype=vf.dtype, device=vf.device)
+    impact = torch.zeros(B, K, G, D, dtype=vf.dtype, device=vf.device)
     block, chunk = _blocks(B, D, K * G * R * S)
     for b0 in range(0, B, block):
         b1 = min(B, b0 + block)
         nb = b1 - b0
-        log_b = log_probs[b0:b1, :, :, None]
+        scores_b = scores[b0:b1, :, :, None]
         for d0 in range(0, D, chunk):
             d1 = min(D, d0 + chunk)
             c = d1 - d0
             buffer = _WORK.get("qk_scores", (nb, K, G, c, R, S), vf)
-            y = _WORK.get("qk_values", (nb, K, G, c * R, r + 1), vf)
-            heads = _WORK.get("qk_heads", (nb, K, G, c, R, r), vf)
-            for shifted in (_unnormalised_shifted, _stable_shifted):
-                u = shifted(log_b, row_factors[b0:b1, :, :, d0:d1], key_factors[b0:b1, :, :, d0:d1], buffer)
-                _bmm_into(u.view(nb, K, G, c * R, S), vf1[b0:b1], y)
-                out = y.view(nb, K, G, c, R, r + 1)
-                if _totals_ok(out[..., r]):
-                    break
-            torch.div(out[..., :r], out[..., r:], out=heads).sub_(zf[b0:b1, :, :, None])  # A′VFᵀ − AVFᵀ
-            scores[b0:b1, :, :, d0:d1] = torch.einsum("bkgct,bt->bkgc", heads.norm(dim=-1), row_weights[b0:b1])
-    return scores
+            heads = _WORK.get("qk_heads", (nb, K, G, c * R, r), vf)
+            probs = _shifted_probs(scores_b, row_factors[b0:b1, :, :, d0:d1], key_factors[b0:b1, :, :, d0:d1], buffer)
+            _bmm_into(probs.view(nb, K, G, c * R, S), vf[b0:b1], heads)
+            heads = heads.view(nb, K, G, c, R, r).sub_(zf[b0:b1, :, :, None])  # A′VFᵀ − AVFᵀ
+            impact[b0:b1, :, :, d0:d1] = torch.einsum("bkgct,bt->bkgc", heads.norm(dim=-1), row_weights[b0:b1])
+    return impact
 
 
-def _k_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, log_probs: torch.Tensor,
+def _k_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, scores: torch.Tensor,
                     vh: torch.Tensor, z: torch.Tensor, factors: torch.Tensor, row_weights: torch.Tensor
                     ) -> torch.Tensor:
     """attn_k impact of every (kv head, dim) from rank-2 score shifts: [B, K, D].
 
-    row_factors [B,K,D,R*G,2], key_factors [B,K,D,2,S]; log_probs [B,K,R,G,S] = log A; vh [B,K,S,D] values;
-    z [B,K,G,R,D] = A V per head; factors [K, r, G*D] with ‖W_O,group y‖ = ‖factors y‖. Zeroing a key dim moves the
-    scores of the group's G heads at once, and Δout = W_O,group [(A′_g − A_g) V]_g: per head the value matmul of
-    A′ (with a ones column for its normaliser), then one matmul with the group's factor for the norm; when the keys
-    are few, V F_gᵀ is contracted over (g, s) at once instead (whichever takes fewer flops).
+    row_factors [B,K,D,R*G,2], key_factors [B,K,D,2,S]; scores [B,K,R,G,S] the scaled, masked scores; vh [B,K,S,D]
+    values; z [B,K,G,R,D] = A V per head; factors [K, r, G*D] with ‖W_O,group y‖ = ‖factors y‖. Zeroing a key dim
+    moves the scores of the group's G heads at once, and Δout = W_O,group [(A′_g − A_g) V]_g: per head the value
+    matmul of A′, then one matmul with the group's factor for the norm; when the keys are few, V F_gᵀ is contracted
+    over (g, s) at once instead (whichever takes fewer flops).
     """
     B, K, D, RG, _ = row_factors.shape
     S = key_factors.shape[-1]
@@ -153,10 +133,9 @@ def _k_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, log_pr
     # A QR factor is upper triangular: Y Rᵀ's second half of columns only needs Y's second half (1/4 fewer flops).
     half = (G * D) // 2
     triangular = r == G * D and half > 0 and not bool(factors[:, half:, :half].any())
-    flops_per_row = {True: G * S * (D + 1) + G * D * r * (0.75 if triangular else 1.0), False: G * S * r}
+    flops_per_row = {True: G * S * D + G * D * r * (0.75 if triangular else 1.0), False: G * S * r}
     two_stage = flops_per_row[True] < flops_per_row[False] if _K_TWO_STAGE is None else _K_TWO_STAGE
     if two_stage:
-        v1 = torch.cat([vh, vh.new_ones((B, K, S, 1))], dim=-1)  # [B,K,S,D+1]
         zk = z.permute(0, 1, 3, 2, 4)  # [B,K,R,G,D]
         factors_t = factors.transpose(1, 2)  # [K, G*D, r]
         if triangular:
@@ -165,31 +144,22 @@ def _k_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, log_pr
     else:
         vf = torch.einsum("bksd,krgd->bkgsr", vh, factors.view(K, r, G, D)).reshape(B, K, G * S, r)
         zf = torch.einsum("bkgtd,krgd->bktr", z, factors.view(K, r, G, D))  # [B,K,R,r]
-    scores = torch.zeros(B, K, D, dtype=vh.dtype, device=vh.device)
+    impact = torch.zeros(B, K, D, dtype=vh.dtype, device=vh.device)
     block, chunk = _blocks(B, D, K * G * R * S)
     for b0 in range(0, B, block):
         b1 = min(B, b0 + block)
         nb = b1 - b0
-        log_b = log_probs[b0:b1, :, None].reshape(nb, K, 1, RG, S)
+        scores_b = scores[b0:b1, :, None].reshape(nb, K, 1, RG, S)
         for d0 in range(0, D, chunk):
             d1 = min(D, d0 + chunk)
             c = d1 - d0
             buffer = _WORK.get("qk_scores", (nb, K, c, RG, S), vh)
-            for shifted in (_unnormalised_shifted, _stable_shifted):
-                u = shifted(log_b, row_factors[b0:b1, :, d0:d1], key_factors[b0:b1, :, d0:d1], buffer)
-                if two_stage:
-                    y = _WORK.get("qk_values", (nb, K, c * RG, D + 1), vh)
-                    _bmm_into(u.view(nb, K, c * RG, S), v1[b0:b1], y)
-                    totals = y[..., D]
-                else:
-                    totals = u.sum(dim=-1)  # [nb, K, c, RG]
-                if _totals_ok(totals):
-                    break
+            probs = _shifted_probs(scores_b, row_factors[b0:b1, :, d0:d1], key_factors[b0:b1, :, d0:d1], buffer)
             if two_stage:
-                y = y.view(nb, K, c, R, G, D + 1)
+                y = _WORK.get("qk_values", (nb, K, c * RG, D), vh)
+                _bmm_into(probs.view(nb, K, c * RG, S), vh[b0:b1], y)
                 heads = _WORK.get("qk_heads", (K, nb, c, R, G, D), vh)  # kv head first: one bmm with its factor
-                torch.div(y[..., :D], y[..., D:], out=heads.transpose(0, 1)).transpose(0, 1).sub_(
-                    zk[b0:b1, :, None].transpose(0, 1))  # (A′_g − A_g) V per head
+                torch.sub(y.view(nb, K, c, R, G, D), zk[b0:b1, :, None], out=heads.transpose(0, 1))  # (A′_g − A_g) V
                 flat = heads.view(K, nb * c * R, G * D)
                 if triangular:
                     first = _WORK.get("qk_projected", (K, nb * c * R, half), vh)
@@ -203,12 +173,11 @@ def _k_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, log_pr
                     delta = projected.norm(dim=-1)
                 delta = delta.view(K, nb, c, R).transpose(0, 1)
             else:
-                u.div_(totals[..., None])
                 y = _WORK.get("qk_values", (nb, K, c * R, r), vh)
-                _bmm_into(u.view(nb, K, c * R, G * S), vf[b0:b1], y)
+                _bmm_into(probs.view(nb, K, c * R, G * S), vf[b0:b1], y)
                 delta = y.view(nb, K, c, R, r).sub_(zf[b0:b1, :, None]).norm(dim=-1)
-            scores[b0:b1, :, d0:d1] = torch.einsum("bkct,bt->bkc", delta.view(nb, K, c, R), row_weights[b0:b1])
-    return scores
+            impact[b0:b1, :, d0:d1] = torch.einsum("bkct,bt->bkc", delta.view(nb, K, c, R), row_weights[b0:b1])
+    return impact
 
 
 def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, weights, kinds, check_tol):
@@ -263,12 +232,11 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
             k_cols = kp.transpose(2, 3)  # [B,K,D,S]
             key_factors = torch.stack((k_cols, k_cols[:, :, partner]), dim=3)[:, :, None]  # [B,K,1,D,2,S]
         if pairs is not None and geo.softcap is None:
-            # exp(log A − Δ) with the normaliser from the value matmul, in cache-sized chunks (`_q_shift_impact`).
+            # softmax(s − Δ) in place, in cache-sized chunks (`_q_shift_impact`).
             zf_q = torch.einsum("bkgtd,kgrd->bkgtr", z, geo.q_factors.view(K, G, -1, D))  # [B,K,G,R,r] = A V F_hᵀ
-            log_probs = torch.log_softmax(base, dim=-1)  # [B,K,G,R,S] = log A (−inf-like where masked)
             out["attn_q"] = sum(
                 _q_shift_impact(row_factors[..., j0:j1, :], key_factors[..., :keys],
-                                log_probs[..., j0:j1, :keys], vf_q[..., :keys, :], zf_q[..., j0:j1, :],
+                                base[..., j0:j1, :keys], vf_q[..., :keys, :], zf_q[..., j0:j1, :],
                                 row_weights[:, j0:j1]) for j0, j1, keys in _row_blocks(rows)).reshape(B, H * D)
         else:  # soft-capping (the shift goes through tanh) or q norms: softmax per chunk, as before
             scores = torch.zeros(B, H, D, device=q_raw.device)
@@ -298,11 +266,11 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
             row_factors = torch.stack((q_cols, q_cols[:, :, partner]), dim=-1).reshape(B, K, D, R * G, 2)
             key_factors = torch.stack(((k_raw * own[:, :, None]).permute(0, 2, 3, 1),
                                        (k_raw * other[:, :, None]).permute(0, 2, 3, 1)), dim=3)  # [B,K,D,2,S]
-            log_probs = torch.log_softmax(base, dim=-1).permute(0, 1, 3, 2, 4).contiguous()  # [B,K,R,G,S]
+            base_k = base.permute(0, 1, 3, 2, 4).contiguous()  # [B,K,R,G,S]
             factors = geo.k_factors.to(vh.device)
             out["attn_k"] = sum(
                 _k_shift_impact(row_factors[..., j0 * G:j1 * G, :], key_factors[..., :keys],
-                                log_probs[:, :, j0:j1, :, :keys], vh[:, :, :keys], z[:, :, :, j0:j1], factors,
+                                base_k[:, :, j0:j1, :, :keys], vh[:, :, :keys], z[:, :, :, j0:j1], factors,
                                 row_weights[:, j0:j1]) for j0, j1, keys in _row_blocks(rows)).reshape(B, K * D)
         else:  # soft-capping or k norms
             vf_k = torch.einsum("bksd,krgd->bkgsr", vh, geo.k_factors.view(K, -1, G, D))  # [B,K,G,S,r]
