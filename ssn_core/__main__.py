@@ -1,4 +1,4 @@
-"""``python -m ssn_core`` runs the command line (see ssn_core/cli.py)."""
+"""``python -m ssn_core`` runs the command line (see ssn_core/cli/)."""
 
 import sys
 

@@ -21,6 +21,7 @@ import signal
 import socket
 import stat
 import struct
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +30,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ssn_core import cli, loading
 from ssn_core import io as ssn_io
+from ssn_core import loading
 from ssn_core.cli import main
+from ssn_core.cli import model as cli_model
 from ssn_core.delta import NeuronDelta
 from ssn_core.errors import NeuronFileError, SSNError
 from ssn_core.generation import GenerationSettings
@@ -288,7 +290,7 @@ def internal_bug(env: Env) -> None:
     def broken(args):
         raise RuntimeError("boom in a command")
 
-    env.monkeypatch.setattr(cli, "cmd_info", broken)
+    env.monkeypatch.setattr(cli_model, "cmd_info", broken)  # where the parser looks it up
 
 
 def keyboard_interrupt(env: Env) -> None:
@@ -298,7 +300,7 @@ def keyboard_interrupt(env: Env) -> None:
         sys.stderr.write("progress: 50%|#####     |")  # a bar that did not end its line
         raise KeyboardInterrupt
 
-    env.monkeypatch.setattr(cli, "cmd_info", interrupted)
+    env.monkeypatch.setattr(cli_model, "cmd_info", interrupted)
 
 
 def umask_027(env: Env) -> None:
@@ -603,6 +605,12 @@ def tiny_starter(tmp_path, monkeypatch):
     return SimpleNamespace(cache=cache, hf=cache / "starter" / "tiny-standin" / "hf", conversions=conversions)
 
 
+def cli_modules() -> list:
+    """`ssn_core.cli` and every command module of it that looks up `load_from_args`."""
+    return [module for name, module in sorted(sys.modules.items())
+            if (name == "ssn_core.cli" or name.startswith("ssn_core.cli.")) and hasattr(module, "load_from_args")]
+
+
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=c.marks) for c in CASES])
 def test_bad_input(case: Case, shared, tmp_path, monkeypatch, capsys, request):
     ws = tmp_path / "ws"
@@ -618,7 +626,8 @@ def test_bad_input(case: Case, shared, tmp_path, monkeypatch, capsys, request):
         def no_model(args):
             raise AssertionError("the model was loaded before the bad input was noticed")
 
-        monkeypatch.setattr(cli, "load_from_args", no_model)
+        for module in cli_modules():  # each command module calls its own imported name
+            monkeypatch.setattr(module, "load_from_args", no_model)
     before = snapshot(ws)
     umask = os.umask(0o022)
     os.umask(umask)
