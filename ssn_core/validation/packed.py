@@ -1,0 +1,100 @@
+"""`run_packed`: every (prompt, condition) pair as one row of one stream of batched generation, each condition one
+row-masked intervention, so conditions share every forward pass instead of costing one generation each."""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Callable, Sequence
+
+from ssn_core.errors import Cancelled, SSNError
+from ssn_core.interventions import Intervention, Shift
+from ssn_core.validation.conditions import Condition
+
+Progress = Callable[[int, int, str], None]
+
+
+def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settings, batch_size: int = 8,
+               progress: Progress | None = None, cancel: threading.Event | None = None,
+               message: str = "", *, judge=None, language: str | None = None) -> list[list[str]]:
+    """Replies of every text under every condition: ``result[i][j]`` = text i under condition j.
+
+    Every (text, condition) pair is one row of `ssn_core.generation.generate_many`, with at most ``batch_size`` rows
+    in any forward pass. Each condition with neurons (scaled or shifted by offsets) or a direction becomes one
+    intervention whose row mask selects its rows, so a batch mixing conditions costs one multiply per site. Rows run longest prompt first (the conditions
+    of one text next to each other), the prompts' common prefix (system prompt, chat template) is run once per
+    condition, and a finished row's place goes to a waiting one, so no step is spent on a finished reply.
+
+    With ``settings.stop_at_verdict`` and a ``judge`` that can tell (``judge.settled``, e.g. `MarkerJudge`), a reply
+    ends as soon as its verdict can no longer change (``language``: what the judge is given for these texts); the
+    verdicts are those of the full replies, the replies are shorter.
+
+    Under a launch (`ssn_core.distributed`) the rows are cut text-major into batches of ``batch_size``, each process
+    generates its share of them (each batch through `generate_many`), and the replies are gathered in order.
+    """
+    from ssn_core import distributed
+    from ssn_core.generation import generate_many
+
+    if batch_size < 1:
+        raise SSNError("batch_size must be at least 1")
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("validation was cancelled")
+    pairs = [(i, j) for i in range(len(texts)) for j in range(len(conditions))]
+    replies: list[list[str]] = [[""] * len(conditions) for _ in texts]
+    if not pairs:
+        return replies
+
+    def interventions_of(rows_pairs) -> list:
+        out = []
+        for j, condition in enumerate(conditions):
+            rows = [cj == j for _, cj in rows_pairs]
+            if not any(rows):
+                continue
+            if condition.direction is not None:
+                from ssn_core.direction import DirectionAblation
+
+                out.append(DirectionAblation(condition.direction, rows=rows, label=condition.key))
+            elif condition.offsets is not None:
+                out.append(Shift(condition.neurons, condition.offsets, rows=rows, label=condition.key))
+            elif condition.neurons is not None and len(condition.neurons):
+                out.append(Intervention(condition.neurons, scale=condition.scale, rows=rows, label=condition.key))
+        return out
+
+    def replies_of(rows_pairs, report=None) -> list[str]:
+        stop = None
+        if getattr(settings, "stop_at_verdict", False) and hasattr(judge, "settled"):
+            def stop(row: int, reply: str) -> bool:
+                return judge.settled(texts[rows_pairs[row][0]], reply, language)
+
+        return generate_many(lm, [texts[i] for i, _ in rows_pairs], settings, batch_size=batch_size,
+                             interventions=interventions_of(rows_pairs), stop=stop, progress=report, cancel=cancel)
+
+    total = math.ceil(len(pairs) / batch_size)  # progress in batches' worth of replies, as callers count it
+    if distributed.world().active:
+        # Under a launch each process generates its share of the packed batches of ``batch_size`` rows (text-major,
+        # as `distributed.run_batches` splits them), each batch through `generate_many`.
+        def run_batch(b: int) -> list[str]:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("validation was cancelled")
+            return replies_of(pairs[b * batch_size:(b + 1) * batch_size])
+
+        def report_batches(done: int) -> None:
+            if progress is not None:
+                progress(done, total, f"{message}generating replies, batch {done}/{total}")
+
+        outputs = [reply for batch in distributed.run_batches(total, run_batch, after=report_batches,
+                                                              what="generating validation replies")
+                   for reply in batch]
+    else:
+        reported = [0]
+
+        def report(done: int, n_rows: int) -> None:
+            batches = total if done == n_rows else done // batch_size
+            if progress is not None and batches > reported[0]:
+                reported[0] = batches
+                progress(batches, total, f"{message}generating replies, batch {batches}/{total}")
+
+        outputs = replies_of(pairs, report)
+    for (i, j), reply in zip(pairs, outputs, strict=True):
+        replies[i][j] = reply
+    return replies

@@ -1,0 +1,142 @@
+"""`validate`: every condition on each language's harmful prompts (and the reinforce conditions on its harmless
+ones), judged, tabulated and summarised against the random controls."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ssn_core.errors import PromptSetError, SSNError
+from ssn_core.interventions import resolve_sites
+from ssn_core.validation.conditions import PARTS, plan_conditions
+from ssn_core.validation.packed import run_packed
+from ssn_core.validation.result import RESULT_KIND, ValidationResult
+from ssn_core.validation.stats import _harmless_rates, _rates, summarize
+
+Progress = Callable[[int, int, str], None]
+
+
+def _offset_progress(progress: Progress | None, offset: int, total: int) -> Callable[[int, int, str], None]:
+    def report(done: int, _total: int, message: str) -> None:
+        if progress is not None:
+            progress(offset + done, total, message)
+    return report
+
+
+def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: Sequence[float] = (2.0,),
+             seeds: Sequence[int] = (0, 1, 2), judge=None, batch_size: int = 8, limit_per_language: int | None = None,
+             hr_language: str | None = None, direction: torch.Tensor | None = None, over_refusal: bool = True,
+             betas: Sequence[float] = (), parts: Sequence[str] = PARTS, progress: Progress | None = None,
+             cancel: threading.Event | None = None) -> ValidationResult:
+    """Run every condition on the harmful prompts of each language and compare with the random controls.
+
+    ``neurons``: an `IdentifyResult` (anything with ``.ms`` / ``.ss`` {language: NeuronSet} and ``.ss_all``).
+    ``prompts``: a `PromptSet`; its harmful prompts of each language are used (``limit_per_language`` each), and with
+    ``over_refusal`` its harmless prompts answer the baseline and reinforce conditions (over-refusal).
+    ``hr_language``: the high-resource language (no SS set of its own); default: the neuron result's first HR
+    language, else English. ``direction`` ([hidden]): the refusal direction, run as a positive control (default:
+    the neuron result's own, when it has one; ``False``: none). ``betas``: additive reinforcement strengths
+    (`shift_offsets`), beside the scale reinforcement ``alphas``.
+    """
+    from ssn_core.judges import MarkerJudge
+    from ssn_core.metrics import make_manifest
+
+    judge = judge if judge is not None else MarkerJudge()
+    if hr_language is None:
+        hr = tuple(getattr(neurons, "hr", ()) or (getattr(neurons, "manifest", None) or {}).get("hr", ()) or ("en",))
+        hr_language = hr[0]
+    sites = resolve_sites(lm)
+    languages = list(dict.fromkeys(languages))
+    if not languages:
+        raise PromptSetError("no languages given to validate")
+    if not seeds:
+        raise SSNError("validation needs at least one random-control seed")
+    selected = prompts.select(languages=languages, label="harmful", limit_per_language=limit_per_language)
+    by_language = {lang: [p for p in selected if p.language == lang] for lang in languages}
+    empty = [lang for lang, items in by_language.items() if not items]
+    if empty:
+        raise PromptSetError(f"the prompt set has no harmful prompts in: {', '.join(empty)}")
+
+    if direction is False:  # asked for no control
+        direction = None
+    elif direction is None and getattr(neurons, "direction", None) is not None:
+        direction = neurons.direction.unit
+    plans = {lang: plan_conditions(neurons, lang, sites, alphas, seeds, hr_language, direction, betas, parts)
+             for lang in languages}
+    harmless_by_language: dict[str, list] = {lang: [] for lang in languages}
+    if over_refusal:
+        for p in prompts.select(languages=languages, label="harmless", limit_per_language=limit_per_language) \
+                if "harmless" in prompts.labels else ():
+            harmless_by_language[p.language].append(p)
+    harmless_plans = {lang: [c for c in plans[lang][0] if c.kind in ("baseline", "reinforce", "shift")]
+                      for lang in languages}
+    harmless_plans = {lang: plan if len(plan) > 1 else [] for lang, plan in harmless_plans.items()}  # no reinforce
+    total_batches = sum(math.ceil(len(by_language[lang]) * len(plans[lang][0]) / batch_size)
+                        + math.ceil(len(harmless_by_language[lang]) * len(harmless_plans[lang]) / batch_size)
+                        for lang in languages)
+    from ssn_core import distributed
+
+    distributed.check_enough(sum(len(by_language[lang]) * len(plans[lang][0]) + len(harmless_by_language[lang])
+                                 * len(harmless_plans[lang]) for lang in languages),
+                             "packed validation rows (prompts x conditions)")
+    done_before = 0
+    started = time.time()
+    if progress is not None:  # the first batch can take a minute: say what is happening before it
+        progress(0, total_batches, f"{languages[0]}: generating replies")
+    table: list[dict] = []
+    rows: list[dict] = []
+    notes: list[str] = []
+    for lang in languages:
+        conditions, lang_notes = plans[lang]
+        notes.extend(lang_notes)
+        items = by_language[lang]
+
+        lang_progress = _offset_progress(progress, done_before, total_batches)
+        for label, label_items, label_conditions in (("harmful", items, conditions),
+                                                     ("harmless", harmless_by_language[lang], harmless_plans[lang])):
+            if not label_items or not label_conditions:
+                continue
+            replies = run_packed(lm, [p.text for p in label_items], label_conditions, settings, batch_size,
+                                 lang_progress, cancel, message=f"{lang} {label}: ")
+            done_before += math.ceil(len(label_items) * len(label_conditions) / batch_size)
+            lang_progress = _offset_progress(progress, done_before, total_batches)
+            for j, condition in enumerate(label_conditions):
+                condition_replies = [replies[i][j] for i in range(len(label_items))]
+                verdicts = judge.judge_many([p.text for p in label_items], condition_replies,
+                                            [lang] * len(label_items), cancel=cancel)
+                for prompt, reply, verdict in zip(label_items, condition_replies, verdicts):
+                    rows.append({"language": lang, "label": label, "condition": condition.name,
+                                 "seed": condition.seed, "alpha": condition.alpha, "id": prompt.id,
+                                 "prompt": prompt.text, "reply": reply, "verdict": verdict.label,
+                                 "reason": verdict.reason})
+                table.append({"language": lang, "label": label, "condition": condition.name,
+                              "target": condition.target, "seed": condition.seed, "alpha": condition.alpha,
+                              "n_neurons": condition.n_neurons,
+                              **(_rates(verdicts, lang) if label == "harmful" else _harmless_rates(verdicts, lang))})
+
+    ss_counts = {lang: len(neurons.ss[lang]) for lang in languages if lang != hr_language and lang in neurons.ss}
+    summary = summarize(table, ss_counts, rows)
+    summary["notes"] = notes
+    summary["prompts_per_language"] = {lang: len(items) for lang, items in by_language.items()}
+    summary["harmless_per_language"] = {lang: len(items) for lang, items in harmless_by_language.items()}
+    manifest = make_manifest(
+        settings, [judge], lm,
+        kind=RESULT_KIND, languages=languages, hr_language=hr_language,
+        alphas=[float(a) for a in alphas], betas=[float(b) for b in betas], seeds=[int(s) for s in seeds],
+        parts=list(parts),
+        batch_size=batch_size,
+        prompts={"n_per_language": summary["prompts_per_language"], "data_hash": _data_hash(prompts)},
+        neurons=dict(getattr(neurons, "manifest", None) or {}),
+        conditions={lang: [c.key for c in plans[lang][0]] for lang in languages},
+        seconds=round(time.time() - started, 2),
+    ).to_dict()
+    return ValidationResult(table=table, rows=rows, summary=summary, manifest=manifest)
+
+
+def _data_hash(prompts) -> str | None:
+    value = getattr(prompts, "data_hash", None)
+    return value() if callable(value) else value
