@@ -1,0 +1,89 @@
+"""`_generate_rows`: every prompt's tokens through at most ``batch_size`` rows in flight (longest first, finished
+rows replaced by waiting ones), or as one fixed batch; the one loop `generate`, `generate_many` and
+`stream_generate` share."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+
+from ssn_core.generation.decoder import StopFn, _Batch, _Decoder, _keep_rows, _merge, _plain_cache
+from ssn_core.generation.encode import _raise_if_cancelled
+from ssn_core.generation.masks import _applied, _row_masks
+from ssn_core.generation.settings import GenerationSettings
+from ssn_core.loading import LoadedModel
+
+RowProgress = Callable[[int, int], None]  # (replies finished, replies in all)
+
+
+# A finished row stays in the batch (fed a pad token) until this share of the batch has finished. A decoding step
+# costs about the same for 12 rows as for 16 (it streams every weight once), while each change of the batch
+# re-enters the interventions (their per-site multipliers are rebuilt on the next forward) and copies the cache:
+# so rows leave a quarter at a time while others wait to take their places, and half at a time once none wait (or
+# the cache cannot take new rows). A cache that cannot drop rows runs its batch to the end (leaving would only
+# re-enter the interventions every step).
+_LEAVE_SHARE = 1 / 4
+_LEAVE_SHARE_LAST = 1 / 2
+
+
+def _generate_rows(lm: LoadedModel, prompts: list[list[int]], settings: GenerationSettings, *, batch_size: int,
+                   fixed: bool = False, interventions: Sequence = (), stop: StopFn | None = None,
+                   cancel=None, halt: threading.Event | None = None,
+                   progress: RowProgress | None = None,
+                   on_step: Callable[[list[list[int]]], None] | None = None) -> list[list[int]]:
+    """Generated tokens of every prompt. ``fixed``: all prompts as one batch that never changes (`generate`);
+    otherwise at most ``batch_size`` rows in flight, prefilled longest first, finished rows replaced by waiting ones.
+    ``halt`` ends quietly (a closed stream); ``cancel`` raises `Cancelled`."""
+    n = len(prompts)
+    masks = _row_masks(interventions, n)
+    finished = [0]
+
+    def on_finish(_row: int) -> None:
+        finished[0] += 1
+        if progress is not None:
+            progress(finished[0], n)
+
+    decoder = _Decoder(lm, settings, n, stop, on_finish)
+    waiting = deque(range(n) if fixed else sorted(range(n), key=lambda i: -len(prompts[i])))
+    capacity = n if fixed else max(1, int(batch_size))
+    batch: _Batch | None = None
+    prefix = None if fixed else decoder.shared_prefix(lm, prompts, interventions, masks)
+
+    def halted() -> bool:
+        _raise_if_cancelled(cancel)
+        return halt is not None and halt.is_set()
+
+    while not halted():
+        if batch is not None and any(batch.done) and not fixed:
+            keep = [p for p, d in enumerate(batch.done) if not d]
+            if not keep:
+                batch = None
+            elif hasattr(batch.cache, "batch_select_indices"):
+                _keep_rows(batch, keep)
+        if waiting and (batch is None or (not fixed and len(batch.rows) < capacity and _plain_cache(batch.cache))):
+            room = capacity - (0 if batch is None else len(batch.rows))
+            chunk = [waiting.popleft() for _ in range(min(room, len(waiting)))]
+            with _applied(lm, interventions, masks, chunk):
+                new = decoder.prefill(chunk, prompts, prefix)
+            batch = new if batch is None else _merge(batch, new)
+            if on_step is not None:
+                on_step(decoder.tokens)
+            continue
+        if batch is None or all(batch.done):
+            if not waiting:
+                break
+            continue
+        if fixed or not hasattr(batch.cache, "batch_select_indices"):
+            leave_at = len(batch.rows)  # this cache cannot drop rows: run the batch to its end
+        else:
+            refill = bool(waiting) and _plain_cache(batch.cache)
+            leave_at = max(1, int(len(batch.rows) * (_LEAVE_SHARE if refill else _LEAVE_SHARE_LAST)))
+        with _applied(lm, interventions, masks, batch.rows):
+            while not all(batch.done) and not halted():
+                decoder.step(batch)
+                if on_step is not None:
+                    on_step(decoder.tokens)
+                if sum(batch.done) >= leave_at:
+                    break
+    return decoder.tokens
