@@ -70,7 +70,7 @@ def model_identity(lm) -> dict:
 
 
 def _versions() -> dict:
-    from ssn_core.identify import _versions as versions
+    from ssn_core.identify.run import _versions as versions
 
     return versions()
 

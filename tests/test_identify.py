@@ -242,7 +242,7 @@ def test_interrupted_save_leaves_no_partial_directory(tmp_path, monkeypatch):
         time.sleep(0)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("ssn_core.identify.atomic_write_json", boom)
+    monkeypatch.setattr("ssn_core.identify.result.atomic_write_json", boom)  # where save looks it up
     with pytest.raises(KeyboardInterrupt):
         result.save(tmp_path / "run")
     assert list(tmp_path.iterdir()) == []

@@ -106,7 +106,8 @@ def _apply_recipe(args: argparse.Namespace):
 def cmd_identify(args: argparse.Namespace) -> int:
     import time
 
-    from ssn_core.identify import MANIFEST_FORMAT, _check_p, identify
+    from ssn_core.identify import MANIFEST_FORMAT, identify
+    from ssn_core.identify.selection import _check_p
     from ssn_core.prompts import parse_languages
 
     languages = parse_languages(args.langs)
