@@ -7,11 +7,17 @@
   Share it, keep its prompts few and short, and never modify it in place (interventions are context managers).
 - ``tiny``: a factory for tiny random models, ``tiny(family="qwen2", seed=0, **kw) -> LoadedModel``.
 - ``tiny_dir``: a factory saving a tiny model + tokenizer to a temp directory (what `load_model` reads).
+- ``family_model``: (family, tiny transformers model) for every supported family, once per test module.
+- ``one_thread``: torch on one thread for the test (tiny models run faster so, and far faster on a loaded machine);
+  a no-op for starter tests.
 """
 
 from __future__ import annotations
 
 import pytest
+import torch
+
+from ssn_core.testing import TINY_FAMILIES, tiny_hf_model
 
 
 def pytest_collection_modifyitems(config, items):
@@ -63,3 +69,20 @@ def tiny_dir(tmp_path):
         return path
 
     return make
+
+
+@pytest.fixture(scope="module", params=TINY_FAMILIES)
+def family_model(request):
+    return request.param, tiny_hf_model(request.param)
+
+
+@pytest.fixture
+def one_thread(request):
+    """Tiny models run faster on one thread (and far faster when the CI machine is loaded); not the starter."""
+    if "starter" in request.fixturenames:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,6 +1,6 @@
-"""Targeted fine-tuning: hook_modules, slice deltas (apply / save / load / merge / validate), the training loop,
-baselines leaving the model untouched, and (starter marker) a short real run lowering refusal NLL in an NHR
-language."""
+"""Targeted fine-tuning: the safety data, the training loop, baselines leaving the model untouched, targets, and
+(starter marker) a short real run lowering refusal NLL in an NHR language. `hook_modules` is tested in
+test_hooks.py, the slice deltas themselves in test_delta.py."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import threading
 
 import pytest
 import torch
+from delta_helpers import NEURONS, random_delta, token_ids
 
 from ssn_core.delta import NeuronDelta, apply_delta, merge_delta
-from ssn_core.errors import Cancelled, NeuronFileError, PromptSetError, TrainingError
-from ssn_core.hooks import active_hook_count, hook_modules
+from ssn_core.errors import Cancelled, PromptSetError, TrainingError
+from ssn_core.hooks import active_hook_count
 from ssn_core.neurons import NeuronSet
 from ssn_core.prompts import load_builtin
 from ssn_core.testing import tiny_model
@@ -32,158 +33,13 @@ from ssn_core.training import (
     train_neurons,
 )
 
-NEURONS = NeuronSet({(0, "mlp"): [1, 5, 7], (1, "attn_q"): [0, 3], (1, "attn_k"): [2], (0, "attn_v"): [4, 9],
-                     (1, "attn_o"): [1, 2, 40]})
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(request):
-    """Tiny models run faster on one thread (and far faster when the CI machine is loaded); not the starter."""
-    if "starter" in request.fixturenames:
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _ids(n: int = 2, t: int = 9) -> torch.Tensor:
-    return torch.randint(16, 200, (n, t), generator=torch.Generator().manual_seed(1))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 
 def _toy_data(languages=("en", "zh"), n: int = 6) -> SafetyData:
     """Harmful prompts -> refusal templates, no retain set (the tiny model cannot generate meaningfully)."""
     prompts = load_builtin(list(languages), n=n)
     return build_safety_data(None, prompts, list(languages), retain=False, heldout_fraction=0.34, seed=0)
-
-
-def _random_delta(lm, neurons=NEURONS, scale: float = 0.1) -> NeuronDelta:
-    delta = NeuronDelta.zeros(lm.model, lm.sites, neurons)
-    g = torch.Generator().manual_seed(0)
-    for p in delta.parameters():
-        p.copy_(torch.randn(p.shape, generator=g) * scale)
-    return delta
-
-
-# ----- hook_modules ---------------------------------------------------------------------------------
-
-
-def test_hook_modules_sees_input_and_output_and_is_removed():
-    lm = tiny_model("qwen2")
-    module = lm.model.model.layers[0].mlp.up_proj
-    seen = {}
-
-    def on_in(x):
-        seen["in"] = x.shape
-
-    def on_out(out, x):
-        seen["out"] = (out.shape, x.shape)
-        return out * 0
-
-    with torch.no_grad():
-        base = lm.model(_ids()).logits
-        with hook_modules({(module, "in"): on_in, (module, "out"): on_out}):
-            hooked = lm.model(_ids()).logits
-        after = lm.model(_ids()).logits
-    assert seen["in"][-1] == 64 and seen["out"][0][-1] == 128 and seen["out"][1][-1] == 64
-    assert not torch.equal(base, hooked)
-    assert torch.equal(base, after)
-    assert active_hook_count(lm.model) == 0
-    with pytest.raises(ValueError), hook_modules({(module, "middle"): on_in}):
-        pass
-
-
-def test_hook_modules_is_invisible_to_other_threads():
-    lm = tiny_model("qwen2")
-    module = lm.model.model.layers[0].self_attn.o_proj
-    results = {}
-    with torch.no_grad():
-        base = lm.model(_ids()).logits
-        with hook_modules({(module, "out"): lambda out, x: out + 1.0}):
-            thread = threading.Thread(target=lambda: results.setdefault("other", lm.model(_ids()).logits))
-            thread.start()
-            thread.join()
-            mine = lm.model(_ids()).logits
-    assert torch.equal(results["other"], base)
-    assert not torch.equal(mine, base)
-
-
-# ----- deltas ---------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("family", ["qwen2", "phi3", "gpt2", "gpt_neox"])
-def test_delta_off_is_bit_identical_and_merge_matches_hook(family):
-    lm = tiny_model(family)
-    delta = _random_delta(lm)
-    ids = _ids()
-    with torch.no_grad():
-        base = lm.model(ids).logits
-        with apply_delta(lm, NeuronDelta.zeros(lm.model, lm.sites, NEURONS)):
-            zero = lm.model(ids).logits
-        with apply_delta(lm, delta):
-            hooked = lm.model(ids).logits
-        off = lm.model(ids).logits
-        merged_model = copy.deepcopy(lm.model)
-        merge_delta(merged_model, delta)
-        merged = merged_model(ids).logits
-    assert torch.equal(off, base) and torch.equal(zero, base)
-    assert (hooked - base).abs().max() > 1e-3
-    torch.testing.assert_close(merged, hooked, atol=1e-5, rtol=1e-4)
-    assert active_hook_count(lm.model) == 0
-
-
-def test_delta_row_mask_edits_only_masked_rows():
-    lm = tiny_model("qwen2")
-    delta = _random_delta(lm)
-    ids = _ids()
-    with torch.no_grad():
-        base = lm.model(ids).logits
-        with apply_delta(lm, delta):
-            tuned = lm.model(ids).logits
-        with apply_delta(lm, delta, rows=[False, True]):
-            mixed = lm.model(ids).logits
-    assert torch.equal(mixed[0], base[0])
-    torch.testing.assert_close(mixed[1], tuned[1])
-
-
-def test_delta_param_count_is_exactly_the_owned_slices():
-    lm = tiny_model("qwen2")
-    delta = NeuronDelta.zeros(lm.model, lm.sites, NEURONS)
-    # mlp neuron: row of gate (64) + row of up (64) + column of down (64); q/k/v: row of 64; o: column of 64
-    assert delta.num_params == 3 * 3 * 64 + (2 + 1 + 2) * 64 + 3 * 64
-
-
-def test_save_load_merge_round_trip_and_validation(tmp_path):
-    lm = tiny_model("qwen2")
-    delta = _random_delta(lm)
-    path = delta.save(tmp_path / "delta.safetensors", {"note": "test"})
-    loaded = NeuronDelta.load(path, lm.model, lm.sites)
-    assert loaded.meta["note"] == "test" and loaded.meta["model_fingerprint"] == lm.sites.fingerprint()
-    assert loaded.neurons == NEURONS
-    ids = _ids()
-    with torch.no_grad():
-        with apply_delta(lm, delta):
-            hooked = lm.model(ids).logits
-        with apply_delta(lm, loaded):
-            hooked_loaded = lm.model(ids).logits
-        merged_model = copy.deepcopy(lm.model)
-        merge_delta(merged_model, loaded)
-        merged = merged_model(ids).logits
-    assert torch.equal(hooked, hooked_loaded)
-    torch.testing.assert_close(merged, hooked, atol=1e-5, rtol=1e-4)
-
-    other = tiny_model("gpt2")
-    with pytest.raises(NeuronFileError, match="different model"):
-        NeuronDelta.load(path, other.model, other.sites)
-    wider = tiny_model("qwen2", intermediate_size=96)
-    with pytest.raises(NeuronFileError):
-        NeuronDelta.load(path, wider.model, wider.sites)
-    (tmp_path / "bad.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(NeuronFileError):
-        NeuronDelta.load(tmp_path / "bad.safetensors")
-    with pytest.raises(NeuronFileError):
-        NeuronDelta.load(tmp_path / "missing.safetensors")
 
 
 # ----- data -----------------------------------------------------------------------------------------
@@ -289,7 +145,7 @@ def test_bnb_4bit_base_trains_with_deltas(tmp_path):
                        device="cpu", loaded_from="memory", load_seconds=0.0)
     result = train_neurons(lm, NEURONS, _toy_data(), TrainConfig(steps=4, lr=1e-2, batch_size=2, max_length=64))
     assert all(torch.isfinite(torch.tensor(result.losses))) and result.delta.norm() > 0
-    ids = _ids()
+    ids = token_ids()
     with torch.no_grad():
         base = lm.model(ids).logits
         with apply_delta(lm, result.delta):
@@ -463,7 +319,7 @@ def test_ss_shift_reidentifies_under_the_delta():
     before = identify(lm, prompts, ["sw"], p=0.2)
     unchanged = ss_shift(lm, NeuronDelta.zeros(lm.model, lm.sites, before.ms["en"]), prompts, ["sw"], before, p=0.2)
     assert all(row["jaccard"] == 1.0 for row in unchanged.rows if row["n_before"])
-    moved = ss_shift(lm, _random_delta(lm, before.ms["en"], scale=2.0), prompts, ["sw"], before, p=0.2)
+    moved = ss_shift(lm, random_delta(lm, before.ms["en"], scale=2.0), prompts, ["sw"], before, p=0.2)
     assert any(row["jaccard"] < 1.0 for row in moved.rows if row["set"] == "MS")
     assert active_hook_count(lm.model) == 0
 
