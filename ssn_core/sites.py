@@ -211,6 +211,17 @@ def _make_site(layer, kind, prefix, layer_module, carrier_rel, where, coords, ow
     )
 
 
+def _attention_sites(layer, prefix, block, geometry, qkv: tuple[str, str, str], o_proj: str, q: torch.Tensor,
+                     k: torch.Tensor, v: torch.Tensor, o: torch.Tensor) -> list[NeuronSite]:
+    """attn_q / attn_k / attn_v at the output coordinates of the q, k, v projections (``qkv``: their modules, the same
+    one three times when fused) and attn_o at the input coordinates of ``o_proj``: every attention neuron owns exactly
+    the slice it is read at."""
+    carriers = (("attn_q", qkv[0], "out", q), ("attn_k", qkv[1], "out", k), ("attn_v", qkv[2], "out", v),
+                ("attn_o", o_proj, "in", o))
+    return [_make_site(layer, kind, prefix, block, name, where, coords, [(name, where, coords)], geometry)
+            for kind, name, where, coords in carriers]
+
+
 def _llama_like_sites(layer, prefix, block, geometry, mlp_size) -> list[NeuronSite]:
     n_heads, n_kv_heads, head_dim = geometry
     q_size, kv_size = n_heads * head_dim, n_kv_heads * head_dim
@@ -219,14 +230,8 @@ def _llama_like_sites(layer, prefix, block, geometry, mlp_size) -> list[NeuronSi
     return [
         _make_site(layer, "mlp", prefix, block, "mlp.down_proj", "in", mlp,
                    [("mlp.gate_proj", "out", mlp), ("mlp.up_proj", "out", mlp), ("mlp.down_proj", "in", mlp)], geometry),
-        _make_site(layer, "attn_q", prefix, block, "self_attn.q_proj", "out", q, [("self_attn.q_proj", "out", q)],
-                   geometry),
-        _make_site(layer, "attn_k", prefix, block, "self_attn.k_proj", "out", kv, [("self_attn.k_proj", "out", kv)],
-                   geometry),
-        _make_site(layer, "attn_v", prefix, block, "self_attn.v_proj", "out", kv, [("self_attn.v_proj", "out", kv)],
-                   geometry),
-        _make_site(layer, "attn_o", prefix, block, "self_attn.o_proj", "in", q, [("self_attn.o_proj", "in", q)],
-                   geometry),
+        *_attention_sites(layer, prefix, block, geometry, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+                          "self_attn.o_proj", q, kv, kv, q),
     ]
 
 
@@ -240,14 +245,7 @@ def _phi3_sites(layer, prefix, block, geometry, mlp_size) -> list[NeuronSite]:
         _make_site(layer, "mlp", prefix, block, "mlp.down_proj", "in", mlp,
                    [("mlp.gate_up_proj", "out", mlp), ("mlp.gate_up_proj", "out", mlp + mlp_size),
                     ("mlp.down_proj", "in", mlp)], geometry),
-        _make_site(layer, "attn_q", prefix, block, "self_attn.qkv_proj", "out", q, [("self_attn.qkv_proj", "out", q)],
-                   geometry),
-        _make_site(layer, "attn_k", prefix, block, "self_attn.qkv_proj", "out", k, [("self_attn.qkv_proj", "out", k)],
-                   geometry),
-        _make_site(layer, "attn_v", prefix, block, "self_attn.qkv_proj", "out", v, [("self_attn.qkv_proj", "out", v)],
-                   geometry),
-        _make_site(layer, "attn_o", prefix, block, "self_attn.o_proj", "in", q, [("self_attn.o_proj", "in", q)],
-                   geometry),
+        *_attention_sites(layer, prefix, block, geometry, ("self_attn.qkv_proj",) * 3, "self_attn.o_proj", q, k, v, q),
     ]
 
 
@@ -260,10 +258,7 @@ def _gpt2_sites(layer, prefix, block, geometry, mlp_size) -> list[NeuronSite]:
     return [
         _make_site(layer, "mlp", prefix, block, "mlp.c_proj", "in", mlp,
                    [("mlp.c_fc", "out", mlp), ("mlp.c_proj", "in", mlp)], geometry),
-        _make_site(layer, "attn_q", prefix, block, "attn.c_attn", "out", q, [("attn.c_attn", "out", q)], geometry),
-        _make_site(layer, "attn_k", prefix, block, "attn.c_attn", "out", k, [("attn.c_attn", "out", k)], geometry),
-        _make_site(layer, "attn_v", prefix, block, "attn.c_attn", "out", v, [("attn.c_attn", "out", v)], geometry),
-        _make_site(layer, "attn_o", prefix, block, "attn.c_proj", "in", q, [("attn.c_proj", "in", q)], geometry),
+        *_attention_sites(layer, prefix, block, geometry, ("attn.c_attn",) * 3, "attn.c_proj", q, k, v, q),
     ]
 
 
@@ -278,14 +273,8 @@ def _gpt_neox_sites(layer, prefix, block, geometry, mlp_size) -> list[NeuronSite
     return [
         _make_site(layer, "mlp", prefix, block, "mlp.dense_4h_to_h", "in", mlp,
                    [("mlp.dense_h_to_4h", "out", mlp), ("mlp.dense_4h_to_h", "in", mlp)], geometry),
-        _make_site(layer, "attn_q", prefix, block, "attention.query_key_value", "out", q,
-                   [("attention.query_key_value", "out", q)], geometry),
-        _make_site(layer, "attn_k", prefix, block, "attention.query_key_value", "out", k,
-                   [("attention.query_key_value", "out", k)], geometry),
-        _make_site(layer, "attn_v", prefix, block, "attention.query_key_value", "out", v,
-                   [("attention.query_key_value", "out", v)], geometry),
-        _make_site(layer, "attn_o", prefix, block, "attention.dense", "in", o, [("attention.dense", "in", o)],
-                   geometry),
+        *_attention_sites(layer, prefix, block, geometry, ("attention.query_key_value",) * 3, "attention.dense",
+                          q, k, v, o),
     ]
 
 
