@@ -17,10 +17,6 @@ SUPPRESS_TARGETS: tuple[str, ...] = ("ms", "ss", "ss_all")
 PARTS: tuple[str, ...] = ("suppress", "reinforce")
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Random control
-
-
 def random_matched(neurons: NeuronSet, sites: SiteMap, seed: int, exclude: NeuronSet | None = None,
                    disjoint: bool = True) -> NeuronSet:
     """Random neurons with the same count per (layer, site kind) as ``neurons``.
