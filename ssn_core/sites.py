@@ -229,7 +229,8 @@ def _llama_like_sites(layer, prefix, block, geometry, mlp_size) -> list[NeuronSi
     q, kv = _span(0, q_size), _span(0, kv_size)
     return [
         _make_site(layer, "mlp", prefix, block, "mlp.down_proj", "in", mlp,
-                   [("mlp.gate_proj", "out", mlp), ("mlp.up_proj", "out", mlp), ("mlp.down_proj", "in", mlp)], geometry),
+                   [("mlp.gate_proj", "out", mlp), ("mlp.up_proj", "out", mlp), ("mlp.down_proj", "in", mlp)],
+                   geometry),
         *_attention_sites(layer, prefix, block, geometry, ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
                           "self_attn.o_proj", q, kv, kv, q),
     ]

@@ -92,6 +92,7 @@ def test_intervention_validates_neurons_against_model():
     with pytest.raises(SSNError, match="layer 5, but the model has 2 layers"), \
             suppress(model, NeuronSet({(5, "mlp"): [0]})):
         pass
-    with pytest.raises(SSNError, match="has 128 neurons"), intervene(model, Intervention(NeuronSet({(0, "mlp"): [128]}))):
+    with pytest.raises(SSNError, match="has 128 neurons"), \
+            intervene(model, Intervention(NeuronSet({(0, "mlp"): [128]}))):
         pass
     assert active_hook_count(model) == 0

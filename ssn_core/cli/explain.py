@@ -33,7 +33,8 @@ def add_explain_parser(sub) -> None:
     p.add_argument("--aggregate", default="content", choices=("content", "all"),
                    help="tokens a prompt's activations are read at: the user's own text (default) or all tokens")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder: explanation.json, report.md, report.html")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: explanation.json, report.md, report.html")
     p.set_defaults(func=cmd_explain)
 
 

@@ -41,7 +41,8 @@ def add_train_parser(sub) -> None:
                    help="also train on the built-in items the --neurons identification used (default: left out)")
     p.add_argument("--baselines", default="",
                    help="also train on the same data and compare: random,lora-8,lora-match,full (comma-separated)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory (delta.safetensors, train_result.json)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory (delta.safetensors, train_result.json)")
     p.set_defaults(func=cmd_train)
 
 

@@ -74,7 +74,8 @@ class Condition:
     @property
     def key(self) -> str:
         """Unique within a language: name plus seed / alpha."""
-        suffix = f"#seed{self.seed}" if self.seed is not None else (f"@{self.alpha:g}" if self.alpha is not None else "")
+        suffix = (f"#seed{self.seed}" if self.seed is not None
+                  else f"@{self.alpha:g}" if self.alpha is not None else "")
         return self.name + suffix
 
     @property

@@ -21,9 +21,10 @@ def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settin
 
     Every (text, condition) pair is one row of `ssn_core.generation.generate_many`, with at most ``batch_size`` rows
     in any forward pass. Each condition with neurons (scaled or shifted by offsets) or a direction becomes one
-    intervention whose row mask selects its rows, so a batch mixing conditions costs one multiply per site. Rows run longest prompt first (the conditions
-    of one text next to each other), the prompts' common prefix (system prompt, chat template) is run once per
-    condition, and a finished row's place goes to a waiting one, so no step is spent on a finished reply.
+    intervention whose row mask selects its rows, so a batch mixing conditions costs one multiply per site. Rows run
+    longest prompt first (the conditions of one text next to each other), the prompts' common prefix (system prompt,
+    chat template) is run once per condition, and a finished row's place goes to a waiting one, so no step is spent on
+    a finished reply.
 
     With ``settings.stop_at_verdict`` and a ``judge`` that can tell (``judge.settled``, e.g. `MarkerJudge`), a reply
     ends as soon as its verdict can no longer change (``language``: what the judge is given for these texts); the
