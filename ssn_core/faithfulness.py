@@ -168,7 +168,7 @@ def faithfulness(lm, tables: dict[str, ScoreTable], prompts, languages: Sequence
 
     def refusal_rates(lang: str, conditions: list[Condition]) -> tuple[list[float], list[list[str]]]:
         texts = [p.text for p in by_language[lang]]
-        replies = run_packed(lm, texts, conditions, settings, batch_size, cancel=cancel)
+        replies = run_packed(lm, texts, conditions, settings, batch_size, cancel=cancel, judge=judge, language=lang)
         rates = []
         for j in range(len(conditions)):
             verdicts = judge.judge_many(texts, [replies[i][j] for i in range(len(texts))], [lang] * len(texts))

@@ -20,6 +20,9 @@ def _add_eval_common_args(p, default_tokens: int) -> None:
                    "(the API key is read from $OPENAI_API_KEY)")
     p.add_argument("--max-new-tokens", type=int, default=default_tokens)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--stop-at-verdict", action="store_true",
+                   help="end each reply once the judge's verdict on it can no longer change (the marker judge: a "
+                        "refusal marker seen; verdicts unchanged, replies shorter, ~1.2x faster on the starter)")
     p.add_argument("--system", default=None, help="system prompt; default: the model's own default; '' for none")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (files written atomically)")
 
@@ -85,7 +88,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     # Everything that can be checked without the model is checked first: no reply is generated for nothing.
     languages = parse_languages(args.langs)
     label = None if args.label == "all" else args.label
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, system=args.system)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, system=args.system,
+                                  stop_at_verdict=args.stop_at_verdict)
     settings.validate()
     mgsm_settings = GenerationSettings(max_new_tokens=args.mgsm_tokens, system=args.system)
     if args.mgsm:
@@ -204,7 +208,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise SSNError(f"--betas {args.betas!r}: expected numbers separated by commas, e.g. 1,2") from None
     if any(not math.isfinite(b) for b in betas):
         raise SSNError(f"--betas {args.betas!r}: give finite numbers")
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, system=args.system)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, system=args.system,
+                                  stop_at_verdict=args.stop_at_verdict)
     settings.validate()
     out = check_out(args.out, RESULT_KIND)
     found = IdentifyResult.load(args.neurons)
@@ -290,7 +295,8 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
     sets = [x.strip() for x in args.sets.split(",") if x.strip()]
     if not sets or any(x not in ("ms", "ss") for x in sets):
         raise SSNError(f"--sets {args.sets!r}: give ms, ss or ms,ss")
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, system=args.system)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, system=args.system,
+                                  stop_at_verdict=args.stop_at_verdict)
     settings.validate()
     out = check_out(args.out, RESULT_KIND)
     results = [IdentifyResult.load(d) for d in args.neurons]

@@ -101,7 +101,7 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
             if not label_items or not label_conditions:
                 continue
             replies = run_packed(lm, [p.text for p in label_items], label_conditions, settings, batch_size,
-                                 lang_progress, cancel, message=f"{lang} {label}: ")
+                                 lang_progress, cancel, message=f"{lang} {label}: ", judge=judge, language=lang)
             done_before += math.ceil(len(label_items) * len(label_conditions) / batch_size)
             lang_progress = _offset_progress(progress, done_before, total_batches)
             for j, condition in enumerate(label_conditions):
