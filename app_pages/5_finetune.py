@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import dataclasses
-import threading
-import time
-
 import pandas as pd
 import streamlit as st
 
 from ssn_core.delta import NeuronDelta
 from ssn_core.judges import load_refusal_templates
 from ssn_core.progress import format_duration
+from ssn_core.prompts import BUILTIN_LANGUAGES, load_builtin
+from ssn_core.training import StudyConfig, StudyResult, TrainConfig, run_study
 from ui import charts, jobs, neuron_sources, provenance, state
-from ui.common import PAGE_PATHS, call, file_bytes, json_bytes, link, load_upload, need, require_model
+from ui.common import PAGE_PATHS, call, file_bytes, json_bytes, link, load_upload, require_model
 
 st.title("Fine-tune")
 st.write(
@@ -23,28 +21,6 @@ st.write(
     "small *delta* you can switch on in the Chat page, download, or load again later."
 )
 lm = require_model()
-training = need("ssn_core.training")
-prompts_module = need("ssn_core.prompts")
-
-
-def run_finetune(lm, neurons, prompts, languages, config, n_per_language, heldout_fraction, evaluate, baselines,
-                 settings=None, progress=None, cancel: threading.Event | None = None):
-    """Build the safety data, train the delta (with before/after evaluation), optionally the baselines."""
-    started = time.perf_counter()  # the prompts were loaded by the page already (a fraction of a second)
-    data = training.build_safety_data(lm, prompts, languages, heldout_fraction=heldout_fraction, seed=config.seed,
-                                      n_per_language=n_per_language, progress=progress, cancel=cancel)
-    result = training.run_train(lm, neurons, data, config, evaluate=evaluate, progress=progress, cancel=cancel)
-    comparison = None
-    if baselines:
-        # PEFT wraps modules in place: run the baselines on a private copy so other sessions never see them.
-        import copy
-
-        private = dataclasses.replace(lm, model=copy.deepcopy(lm.model))
-        _, comparison = training.compare_methods(private, neurons, data, config, methods=tuple(baselines),
-                                                 progress=progress, cancel=cancel)
-        del private
-    return {"result": result, "comparison": comparison, "data_counts": data.counts(), "settings": settings or {},
-            "seconds_total": time.perf_counter() - started}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -67,7 +43,7 @@ if not choices:
 templates = call(load_refusal_templates) or {}
 result_ss = st.session_state.get("identify_result")
 candidate_languages = [lang for lang in (list(result_ss.ms) if result_ss is not None else
-                                         list(prompts_module.BUILTIN_LANGUAGES)) if lang in templates]
+                                         list(BUILTIN_LANGUAGES)) if lang in templates]
 default_languages = [lang for lang in candidate_languages if lang != "en"][:3] or candidate_languages[:1]
 
 with st.form("finetune_form"):
@@ -109,17 +85,19 @@ if go:
         neurons = neuron_sources.resolve(choice, lm.sites)
         prompts = identify_prompts
         if prompts is None or any(lang not in prompts.languages for lang in languages):
-            prompts = call(prompts_module.load_builtin, languages)
+            prompts = call(load_builtin, languages)
         if prompts is not None:
-            config = training.TrainConfig(steps=int(steps), lr=float(lr), batch_size=int(batch_size),
-                                          target=choice.label())
+            config = StudyConfig(train=TrainConfig(steps=int(steps), lr=float(lr), batch_size=int(batch_size),
+                                                   target=choice.label()),
+                                 languages=list(languages), n_per_language=int(n_per_language),
+                                 evaluate=bool(evaluate), baselines=tuple(baselines))
             settings = {"neurons": choice.label(), "languages": list(languages), "steps": int(steps),
                         "learning rate": f"{float(lr):g}", "batch size": int(batch_size),
                         "items per language": int(n_per_language), "evaluated": bool(evaluate),
                         "baselines": list(baselines) or "none"}
             st.session_state.pop("train_result", None)  # results of other settings must not sit under this run
-            job = jobs.start_job("finetune", run_finetune, lm, neurons, prompts, languages, config,
-                                 int(n_per_language), 0.25, bool(evaluate), list(baselines), settings)
+            job = jobs.start_job("finetune", run_study, lm, neurons, config, prompts=prompts)
+            job.started_with["settings"] = settings
             job.live["series"] = "neurons"
 
 
@@ -147,9 +125,16 @@ def live_losses(job: jobs.Job) -> None:
 
 
 job = jobs.job_panel("finetune", live=live_losses)
-if job is not None and not job.running and isinstance(job.result, dict):
-    st.session_state["train_result"] = {**job.result, "phases": job.phases_done()}
-    st.session_state.pop("job:finetune", None)
+if job is not None and not job.running and isinstance(job.result, StudyResult):
+    study: StudyResult = job.result
+    if study.baseline_error is not None:  # shown as a failed job: the error, no result
+        st.error(str(study.baseline_error))
+    else:
+        st.session_state["train_result"] = {
+            "result": study.result, "comparison": study.baseline_rows(), "data_counts": study.data.counts(),
+            "settings": job.started_with.get("settings", {}), "seconds_total": study.seconds,
+            "phases": job.phases_done()}
+        st.session_state.pop("job:finetune", None)
 
 out = st.session_state.get("train_result")
 if out is None:

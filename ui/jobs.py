@@ -41,6 +41,8 @@ class Job:
     finished: float | None = None
     # Free-form live data a job may publish (e.g. training losses), read by the page while it runs.
     live: dict = field(default_factory=dict)
+    # What the page started the job with (e.g. the form's settings), kept to be shown with its result.
+    started_with: dict = field(default_factory=dict)
     thread: threading.Thread | None = None
     shown: bool = False  # the page has rerun once after the job ended
     clock: PhaseClock = field(default_factory=PhaseClock)
