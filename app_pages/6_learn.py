@@ -3,11 +3,11 @@ the loaded model. Meant to be projected."""
 
 from __future__ import annotations
 
-from contextlib import closing
-
 import streamlit as st
 
-from ssn_core.interventions import Intervention, intervene
+from ssn_core import ab
+from ssn_core.interventions import Intervention
+from ssn_core.judges import MarkerJudge
 from ui import bundle, charts, neuron_sources, state, walkthrough
 from ui.common import link, show_error
 
@@ -106,27 +106,22 @@ def show_row(column, row: dict, baseline_margin: float | None, first: bool) -> N
 
 
 def run_step(step, settings) -> list[dict]:
-    """Stream every column of the step (one batch), then judge each reply and measure its refusal margin."""
-    from ssn_core.generation import stream_generate
-    from ssn_core.judges import MarkerJudge
-
+    """Stream every column of the step (one batch), judge each reply, then measure its refusal margin."""
     columns = st.columns(len(step.rows))
     slots = []
     for column, row in zip(columns, step.rows):
         column.markdown(f"**{row.label}**")
         slots.append(column.empty())
-    replies = [""] * len(step.rows)
-    with walkthrough.applied(lm, step.rows), \
-            closing(stream_generate(lm, [row.prompt for row in step.rows], settings)) as stream:
-        for replies in stream:  # every column appears as it is written, from one batch
-            for slot, reply in zip(slots, replies):
-                slot.info(reply or "…")
-    judge = MarkerJudge()
+
+    def show(replies: list[str]) -> None:  # every column appears as it is written, from one batch
+        for slot, reply in zip(slots, replies):
+            slot.info(reply or "…")
+
+    exchange = ab.run_ab(lm, step.rows, settings, MarkerJudge(), on_update=show)
     with st.spinner("Measuring the refusal margins…"):
         return [{"key": f"{step.key}_{i}", "label": row.label, "prompt": row.prompt, "language": row.language,
-                 "reply": reply, "verdict": judge.judge(row.prompt, reply, row.language).label,
-                 "margin": walkthrough.row_margin(lm, row)}
-                for i, (row, reply) in enumerate(zip(step.rows, replies))]
+                 "reply": reply, "verdict": verdict.label, "margin": ab.row_margin(lm, row)}
+                for i, (row, reply, verdict) in enumerate(zip(step.rows, exchange.replies, exchange.verdicts))]
 
 
 st.header("Guided walkthrough")
@@ -225,8 +220,7 @@ for name, neuron_set in imported_sets.items():
 if not demo_sets:
     st.info("Needs identified SS-Neurons or an imported neuron set (Neurons page).")
 else:
-    from ssn_core.generation import GenerationSettings, stream_generate
-    from ssn_core.judges import MarkerJudge
+    from ssn_core.generation import GenerationSettings
     from ssn_core.prompts import BUILTIN_LANGUAGES, load_builtin
 
     state.keep_valid("learn_source", demo_sets)
@@ -249,18 +243,15 @@ else:
         a.markdown("**Model as is**")
         b.markdown("**These neurons switched off**")
         slot_a, slot_b = a.empty(), b.empty()
+
+        def show(replies: list[str]) -> None:  # both answers appear as they are written, from one batch
+            slot_a.info(replies[0] or "…")
+            slot_b.warning(replies[1] or "…")
+
         try:
-            settings = GenerationSettings(max_new_tokens=48)
-            replies = ["", ""]
-            with intervene(lm, Intervention(neurons, scale=0.0, rows=[False, True], label="suppress")), \
-                    closing(stream_generate(lm, [text, text], settings)) as stream:
-                for replies in stream:  # both answers appear as they are written, from one batch
-                    slot_a.info(replies[0] or "…")
-                    slot_b.warning(replies[1] or "…")
-            judge = MarkerJudge()
-            st.session_state["learn_demo"] = {
-                "prompt": text, "replies": list(replies),
-                "verdicts": [judge.judge(text, r, demo_language).label for r in replies]}
+            rows = ab.two_rows(text, Intervention(neurons, scale=0.0, label="suppress"), demo_language)
+            exchange = ab.run_ab(lm, rows, GenerationSettings(max_new_tokens=48), MarkerJudge(), on_update=show)
+            st.session_state["learn_demo"] = {"prompt": text, "replies": exchange.replies, "verdicts": exchange.labels}
         except Exception as exc:  # noqa: BLE001
             show_error(exc)
         else:
