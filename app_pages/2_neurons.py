@@ -8,7 +8,19 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from ssn_core.errors import PromptSetError
+from ssn_core.identify import RECIPES, IdentifyResult, identify
 from ssn_core.neurons import NeuronSet
+from ssn_core.prompts import (
+    BUILTIN_LANGUAGES,
+    MULTIJAIL_GROUPS,
+    PAPER_GROUPS,
+    language_name,
+    load_builtin,
+    load_file,
+    load_multijail,
+    with_harmless,
+)
 from ui import bundle, charts, explorer_links, jobs, neuron_sources, provenance, state
 from ui.common import (
     call,
@@ -17,7 +29,6 @@ from ui.common import (
     file_bytes,
     json_bytes,
     load_upload,
-    need,
     require_model,
     show_error,
 )
@@ -30,8 +41,6 @@ st.write(
     "non-high-resource language that are also MS-Neurons of the high-resource language(s) (English)."
 )
 lm = require_model()
-P = need("ssn_core.prompts")
-identify_module = need("ssn_core.identify")
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOW_KINDS = ("attn_q", "attn_k")  # exact q/k importance: several forward passes per prompt
@@ -39,7 +48,7 @@ MULTIJAIL_DEFAULT = ROOT.parent / "shared" / "datasets" / "multijail" / "MultiJa
 
 
 def group_of_language(grouping: str) -> dict[str, str]:
-    groups = P.MULTIJAIL_GROUPS if grouping.startswith("MultiJail") else P.PAPER_GROUPS
+    groups = MULTIJAIL_GROUPS if grouping.startswith("MultiJail") else PAPER_GROUPS
     return {lang: name for name, langs in groups.items() for lang in langs}
 
 
@@ -60,9 +69,7 @@ elif source.startswith("Upload"):
 setup.markdown("**2. Languages**")
 grouping = setup.radio("Grouping", ["MultiJail (high / medium / low resource)", "Paper (HR = English vs NHR)"],
                     horizontal=True, key="nr_grouping")
-groups = P.MULTIJAIL_GROUPS if grouping.startswith("MultiJail") else P.PAPER_GROUPS
-
-RECIPES = identify_module.RECIPES
+groups = MULTIJAIL_GROUPS if grouping.startswith("MultiJail") else PAPER_GROUPS
 
 
 def recipe_kinds(name: str) -> list[str]:
@@ -97,7 +104,7 @@ with setup.form("identify_form"):
     for column, (name, langs) in zip(columns, groups.items()):
         chosen += column.multiselect(
             f"{name.upper()} languages", langs, default=[lang for lang in langs if lang in defaults],
-            format_func=lambda code: f"{code} — {P.language_name(code)}", key=f"nr_langs_{name}")
+            format_func=lambda code: f"{code} — {language_name(code)}", key=f"nr_langs_{name}")
     hr = st.multiselect("High-resource reference (SS-Neurons are shared with these)",
                         [lang for langs in groups.values() for lang in langs], default=["en"], key="nr_hr")
 
@@ -130,16 +137,16 @@ with setup.form("identify_form"):
 def load_prompts(source: str, languages: list[str]):
     """The chosen prompt set (harmful + harmless) restricted to the languages; raises SSNError."""
     if source.startswith("Built-in"):
-        return P.load_builtin(languages)
+        return load_builtin(languages)
     if source.startswith("MultiJail"):
         if not mj_path.strip():
-            raise P.PromptSetError("give the path of MultiJail.csv")
-        return P.with_harmless(P.load_multijail(mj_path.strip(), languages=languages))
+            raise PromptSetError("give the path of MultiJail.csv")
+        return with_harmless(load_multijail(mj_path.strip(), languages=languages))
     if upload is None:
-        raise P.PromptSetError("choose a CSV or JSONL file to upload first")
-    prompt_set = load_upload(P.load_file, upload, languages=languages)
+        raise PromptSetError("choose a CSV or JSONL file to upload first")
+    prompt_set = load_upload(load_file, upload, languages=languages)
     if "harmless" not in prompt_set.labels:
-        prompt_set = P.with_harmless(prompt_set)
+        prompt_set = with_harmless(prompt_set)
     return prompt_set
 
 
@@ -154,7 +161,7 @@ def form_settings() -> dict[str, str]:
 def run_identify(lm, prompts, languages, hr, recipe_name, p, kinds, n, batch_size, progress=None,
                  cancel: threading.Event | None = None):
     selected = prompts.select(languages=languages, limit_per_language=n)
-    return identify_module.identify(lm, selected, languages, hr=tuple(hr), recipe=recipe_name, p=p,
+    return identify(lm, selected, languages, hr=tuple(hr), recipe=recipe_name, p=p,
                                     kinds=tuple(kinds), batch_size=batch_size, find_direction=True,
                                     activation_means=True, progress=progress, cancel=cancel)
 
@@ -201,7 +208,7 @@ with st.expander("Import a saved neuron set or identification result"):
     result_dir = i2.text_input("Result folder (saved by the CLI or this page)", key="nr_import_dir")
     if result_dir and i2.button("Load result folder", key="nr_import_result"):
         folder = call(existing_folder, result_dir, "result folder")
-        loaded = None if folder is None else call(identify_module.IdentifyResult.load, folder, lm.sites)
+        loaded = None if folder is None else call(IdentifyResult.load, folder, lm.sites)
         if loaded is not None:
             st.session_state["identify_result"] = loaded
             st.success(f"Loaded the identification result from {result_dir}.")
@@ -229,7 +236,7 @@ if len(result.ss_all) == 0:
                "Use more prompts per language or a larger p (a tiny random model has almost none).")
 
 produced = provenance.identify_settings(result)
-if bundle.is_bundle(result):
+if result.is_bundle:
     st.caption(f"Showing {bundle.describe(result)}. It loads by itself with its model, so Chat, Validate and Learn "
                "work from the first second; identify neurons above to compute your own.")
 st.caption("These results were computed with: " + provenance.describe(produced))
@@ -238,11 +245,11 @@ if result.direction is not None:
                f"harmful and harmless prompts of {', '.join(result.direction.meta.get('languages', []) or ['?'])}, "
                "at the last prompt token): the positive control of Chat, Validate and the dose-response check.")
 changed = provenance.differences(produced, form_settings())
-if changed and job is None and not bundle.is_bundle(result):
+if changed and job is None and not result.is_bundle:
     st.info("The form above now differs from the settings of these results: " + "; ".join(changed)
             + ". Press **Identify neurons** to recompute.")
 
-result_hr = tuple(getattr(result, "hr", ("en",)))
+result_hr = result.hr
 state.keep_valid("nr_focus", languages)
 focus = st.selectbox("Language", languages, key="nr_focus",
                      index=next((i for i, lang in enumerate(languages) if lang not in result_hr), 0))
@@ -327,7 +334,7 @@ with st.expander("Check the fast scores against exact ablation (slow)"):
     prompts_used = st.session_state.get("identify_prompts")
     if result.scores is None:
         st.info(bundle.NO_SCORES)
-    elif prompts_used is None or getattr(result.scores, "method", "") == "ablation":
+    elif prompts_used is None or result.scores.method == "ablation":
         st.info("Needs an identification run from this session (its prompts and fast scores).")
     else:
         a1, a2 = st.columns(2)
@@ -381,9 +388,9 @@ def parse_fractions(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
     except ValueError:
-        raise P.PromptSetError(f"doses {text!r}: give fractions separated by commas, e.g. 0.001, 0.01") from None
+        raise PromptSetError(f"doses {text!r}: give fractions separated by commas, e.g. 0.001, 0.01") from None
     if not values or any(not (math.isfinite(v) and 0 < v <= 1) for v in values):
-        raise P.PromptSetError(f"doses {text!r}: every dose must be a fraction in (0, 1]")
+        raise PromptSetError(f"doses {text!r}: every dose must be a fraction in (0, 1]")
     return sorted(set(values))
 
 
@@ -396,7 +403,7 @@ with st.expander("Dose-response check (faithfulness)"):
     if result.scores is None:
         st.info(bundle.NO_SCORES)
     else:
-        dose_languages = [lang for lang in languages if lang in P.BUILTIN_LANGUAGES]
+        dose_languages = [lang for lang in languages if lang in BUILTIN_LANGUAGES]
         default_dose = ([lang for lang in dose_languages if lang in result_hr][:1]
                         + [lang for lang in dose_languages if lang not in result_hr][:1])
         state.keep_valid("nr_dose_langs", dose_languages, multi=True)
@@ -412,7 +419,7 @@ with st.expander("Dose-response check (faithfulness)"):
             try:
                 fractions = parse_fractions(dose_text)
                 if not dose_langs:
-                    raise P.PromptSetError("choose at least one language")
+                    raise PromptSetError("choose at least one language")
                 generate_at = (fractions[-1],) if generate_choice.startswith("the largest") else ()
                 jobs.start_job("dose_response", run_dose_response, lm, result, list(dose_langs), int(dose_n),
                                fractions, generate_at, int(st.session_state.get("nr_batch", 8)))

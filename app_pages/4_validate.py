@@ -6,9 +6,11 @@ import pandas as pd
 import streamlit as st
 
 from ssn_core.evaluation import heldout_prompt_set
+from ssn_core.generation import GenerationSettings
 from ssn_core.prompts import BUILTIN_LANGUAGES, PromptSet, load_builtin
-from ui import bundle, charts, jobs, neuron_sources, provenance, state
-from ui.common import csv_bytes, json_bytes, link, need, require_model, show_error
+from ssn_core.validation import ValidationResult, plan_conditions, validate
+from ui import charts, jobs, neuron_sources, provenance, state
+from ui.common import csv_bytes, json_bytes, link, require_model, show_error
 
 st.title("Validate")
 st.write(
@@ -24,8 +26,6 @@ if not targets:
             "neuron set there).")
     link("neurons", "Go to the Neurons page", icon=":material/biotech:")
     st.stop()
-
-GenerationSettings = need("ssn_core.generation").GenerationSettings
 
 
 def parse_betas(text: str) -> tuple[float, ...]:
@@ -43,9 +43,6 @@ def parse_betas(text: str) -> tuple[float, ...]:
     return values
 
 
-validation_module = need("ssn_core.validation")
-ValidationResult, validate = validation_module.ValidationResult, validation_module.validate
-
 state.keep_valid("val_source", targets)
 source_label = st.selectbox("Neurons to validate", list(targets), key="val_source",
                             help="An imported set is validated as one target: suppressed against matched random "
@@ -54,10 +51,10 @@ result = targets[source_label]
 imported = isinstance(result, neuron_sources.SetAsResult)
 
 prompts = None if imported else st.session_state.get("identify_prompts")
-if prompts is not None and bundle.is_bundle(result):
+if prompts is not None and result.is_bundle:
     prompts = None  # the session's prompts belong to its own identification, not to the bundle
 languages_available = list(BUILTIN_LANGUAGES) if imported else list(result.ms)
-used_ids = getattr(result, "item_ids", frozenset()) or frozenset()
+used_ids = result.item_ids
 if used_ids and (prompts is None or str(prompts.source).startswith("builtin")):
     # held out by construction: the built-in items identification did not use (and their counterparts)
     prompts, heldout_note = heldout_prompt_set(
@@ -72,8 +69,9 @@ elif prompts is None:  # an imported set: the built-in prompts of its languages
     prompts = load_builtin([lang for lang in languages_available if lang in BUILTIN_LANGUAGES] or ["en"])
     st.caption("Prompts: the built-in set (the identification's own prompts are not in this session).")
 languages_available = [lang for lang in languages_available if lang in prompts.languages]
-has_direction = getattr(result, "direction", None) is not None
-has_means = getattr(result, "activations", None) is not None
+has_direction = result.direction is not None
+has_means = result.activations is not None
+hr_language = (result.hr or ("en",))[0]
 state.keep_valid("val_langs", languages_available, multi=True)
 
 with st.form("validate_form"):
@@ -107,11 +105,10 @@ with st.form("validate_form"):
         from ssn_core.progress import format_duration
         from ssn_core.speed import generation_seconds
 
-        hr_language = (getattr(result, "hr", None) or ("en",))[0]
         rows = 0
         try:
             for language in languages:
-                plan, _ = validation_module.plan_conditions(
+                plan, _ = plan_conditions(
                     result, language, lm.sites, (float(alpha),), tuple(range(int(n_seeds))), hr_language,
                     result.direction.unit if has_direction and use_direction else None, parse_betas(betas_text))
                 n_prompts = len(prompts.select(languages=[language], label="harmful", limit_per_language=int(limit)))
@@ -138,7 +135,7 @@ if go:
             settings = GenerationSettings(max_new_tokens=int(max_new))
             jobs.start_job("validate", validate, lm, result, prompts, languages, settings, alphas=(float(alpha),),
                            seeds=tuple(range(int(n_seeds))), batch_size=int(batch), limit_per_language=int(limit),
-                           hr_language=getattr(result, "hr", ("en",))[0] if getattr(result, "hr", None) else "en",
+                           hr_language=hr_language,
                            direction=None if use_direction and has_direction else False,
                            over_refusal=bool(over_refusal), betas=betas)
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import streamlit as st
 
+from ssn_core import explain_report, explorer
 from ssn_core.errors import SSNError
 from ssn_core.neurons import format_neuron, parse_neuron
 from ssn_core.prompts import BUILTIN_LANGUAGES, language_name, load_builtin
+from ssn_core.vocab import vocabulary_projection
 from ui import explorer_links, jobs, neuron_sources, state
 from ui import explorer_view as view
-from ui.common import PAGE_PATHS, file_bytes, json_bytes, need, require_model, show_error
+from ui.common import PAGE_PATHS, file_bytes, json_bytes, require_model, show_error
 from ui.neurons_view import neuron_table
 
 st.title("Explorer")
@@ -19,8 +21,6 @@ st.write("One neuron at a time: the prompts of each language on which it fires m
          "orange = positive, blue = negative), the tokens it writes towards, and its importance by every method. "
          "A link such as **/explorer?neuron=L2.mlp.3814** opens a neuron for anyone running the same model.")
 lm = require_model()
-explorer = need("ssn_core.explorer")
-report_module = need("ssn_core.explain_report")
 sites = lm.sites
 result = st.session_state.get("identify_result")
 cache: dict = st.session_state.setdefault("explorer_reports", {})
@@ -158,14 +158,14 @@ def neuron_section(neuron: tuple[int, str, int]) -> None:
             st.altair_chart(view.distribution_chart(report.distribution, report.groups))
             show_examples(report.examples, "both")
             d1, d2 = st.columns(2)
-            d1.download_button("Explanation (JSON)", json_bytes(report_module.explanation_json(explanation)),
+            d1.download_button("Explanation (JSON)", json_bytes(explain_report.explanation_json(explanation)),
                                f"{name}.json", "application/json", key="ex_dl_json")
-            d2.download_button("Report (HTML)", report_module.html_report(explanation), f"{name}.html", "text/html",
+            d2.download_button("Report (HTML)", explain_report.html_report(explanation), f"{name}.html", "text/html",
                                key="ex_dl_html")
     with tab_vocab:
         vocab_key = ("vocab", name, tuple(languages))
         if vocab_key not in cache:
-            cache[vocab_key] = need("ssn_core.vocab").vocabulary_projection(lm, neuron, 20, languages)
+            cache[vocab_key] = vocabulary_projection(lm, neuron, 20, languages)
         projection, note = cache[vocab_key]
         if projection is None:
             st.info(note)
@@ -180,7 +180,7 @@ def neuron_section(neuron: tuple[int, str, int]) -> None:
                     v1.dataframe(view.vocab_frame(part["promoted"][:10]), hide_index=True)
                     v2.dataframe(view.vocab_frame(part["suppressed"][:10]), hide_index=True)
     with tab_imp:
-        own_scores = getattr(result, "scores", None)  # None for the bundled starter set (no score table)
+        own_scores = None if result is None else result.scores  # None for the bundled starter set too
         if result is not None and own_scores is None:
             st.caption("The bundled starter set ships without its score table, so its importance scores are not "
                        "here; score impact and activation below, or identify neurons on the Neurons page.")

@@ -53,14 +53,10 @@ def error() -> BaseException | None:
     return st.session_state.get(ERROR_KEY)
 
 
-def is_bundle(result) -> bool:
-    return bool(getattr(result, "is_bundle", False))
-
-
 def describe(result) -> str:
     """One line on where a bundle comes from (for captions)."""
-    info = (getattr(result, "manifest", None) or {}).get("bundle") or {}
-    recipe = ((result.manifest or {}).get("recipe") or {}).get("name") or result.manifest.get("method", "?")
+    info = result.manifest.get("bundle") or {}
+    recipe = (result.manifest.get("recipe") or {}).get("name") or result.manifest.get("method", "?")
     languages = ", ".join(result.ms) or "-"
     return (f"the bundled starter neuron set for `{info.get('model_source', '?')}` (recipe {recipe}; languages "
             f"{languages}; made {str(info.get('created', '?'))[:10]} with `make starter-neurons`)")

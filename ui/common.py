@@ -6,7 +6,6 @@ import io
 import json
 import tempfile
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -51,17 +50,6 @@ def show_error(exc: BaseException) -> None:
     else:
         st.error(f"Unexpected error: {type(exc).__name__}: {exc}")
         st.exception(exc)
-
-
-@contextmanager
-def errors_shown():
-    """Run a block; show an SSNError (or a bug) on the page instead of crashing it."""
-    try:
-        yield
-    except SSNError as exc:
-        show_error(exc)
-    except (ValueError, OSError, KeyError, RuntimeError) as exc:
-        show_error(exc)
 
 
 def call(fn: Callable[..., Any], *args, **kwargs) -> Any | None:
@@ -131,19 +119,3 @@ def csv_bytes(df) -> bytes:
     df.to_csv(buffer, index=False)
     return buffer.getvalue().encode("utf-8")
 
-
-def model_caption(lm) -> None:
-    key = state.current_key()
-    if key is not None:
-        st.caption(f"Model: `{key.label()}`")
-
-
-def need(module: str):
-    """Import an engine module, or explain that this page's engine part is missing and stop the page."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        st.warning(f"This page needs `{module}`, which is not available in this installation ({exc}).")
-        st.stop()

@@ -77,9 +77,8 @@ def available_choices(with_direction: bool = False) -> list[Choice]:
 def refusal_direction():
     """The refusal direction (`ssn_core.direction.RefusalDirection`) of this session's result, else of the bundle."""
     for result in (st.session_state.get("identify_result"), bundled()):
-        direction = getattr(result, "direction", None)
-        if direction is not None:
-            return direction
+        if result is not None and result.direction is not None:
+            return result.direction
     return None
 
 
@@ -107,10 +106,11 @@ def activation_means():
     """(activation `ScoreTable`, HR language) for the additive reinforcement: this session's result's, else the
     bundle's; None when neither kept the HR language's mean activations on harmful prompts."""
     for result in (st.session_state.get("identify_result"), bundled()):
-        table = getattr(result, "activations", None)
-        hr = (getattr(result, "hr", None) or ("en",))[0]
-        if table is not None and (hr, "harmful") in (table.signed or {}):
-            return table, hr
+        if result is None or result.activations is None:
+            continue
+        hr = (result.hr or ("en",))[0]
+        if (hr, "harmful") in (result.activations.signed or {}):
+            return result.activations, hr
     return None
 
 
@@ -118,7 +118,7 @@ def _measured_margins() -> dict[Choice, float]:
     """From this session's validation result: how much more suppressing each target lowered refusal than its
     random control did (refusal-drop margin, averaged over languages), for targets that beat the control."""
     vres = st.session_state.get("validation_result")
-    comparisons = getattr(vres, "summary", {}).get("languages", {}) if vres is not None else {}
+    comparisons = vres.summary.get("languages", {}) if vres is not None else {}
     from ui.provenance import validation_neurons
 
     imported = validation_neurons(vres).get("imported") if vres is not None else None
@@ -214,6 +214,23 @@ class SetAsResult:
     @property
     def hr(self) -> tuple[str, ...]:
         return ("en",)
+
+    # What an identification result also has and a bare set has not (so pages read every target alike).
+    @property
+    def item_ids(self) -> frozenset[str]:
+        return frozenset()
+
+    @property
+    def direction(self) -> None:
+        return None
+
+    @property
+    def activations(self) -> None:
+        return None
+
+    @property
+    def is_bundle(self) -> bool:
+        return False
 
     @property
     def manifest(self) -> dict:

@@ -8,8 +8,8 @@ from ssn_core.neurons import NeuronSet
 
 
 def overlap_matrix(result, kind: str = "ms") -> pd.DataFrame:
-    """Language × language Jaccard overlap of the MS (or SS) sets (the result's own matrix when it has one)."""
-    if kind == "ms" and hasattr(result, "overlap_matrix"):
+    """Language × language Jaccard overlap of the MS (or SS) sets (for MS, the result's own matrix)."""
+    if kind == "ms":
         return result.overlap_matrix("jaccard").astype(float)
     sets: dict[str, NeuronSet] = getattr(result, kind)
     languages = list(sets)
@@ -46,10 +46,9 @@ def neuron_scores(result, target: NeuronSet, languages: list[str]) -> pd.DataFra
 
     ``result.scores.groups[(language, "harmful")][kind]`` is a tensor [n_layers, N].
     """
-    table = getattr(result, "scores", None)
-    groups = getattr(table, "groups", None)
-    if not isinstance(groups, dict) or not groups:
+    if result.scores is None or not result.scores.groups:  # a bundle has no score table
         return None
+    groups = result.scores.groups
     rows = []
     for layer, kind, index in target.triples():
         row = {"layer": layer, "site": kind, "index": index}

@@ -198,7 +198,4 @@ def forget_results() -> None:
     for name in RESULT_KEYS + MODEL_DEPENDENT_WIDGETS:
         st.session_state.pop(name, None)
     for name in [k for k in st.session_state if str(k).startswith("job:")]:
-        job = st.session_state.pop(name)
-        cancel = getattr(job, "cancel", None)
-        if cancel is not None:
-            cancel.set()
+        st.session_state.pop(name).cancel.set()

@@ -136,7 +136,7 @@ def language_options(result, config: WalkthroughConfig) -> list[str]:
     low-resource ones (MultiJail's low group), then the rest."""
     from ssn_core.prompts import BUILTIN_LANGUAGES, MULTIJAIL_GROUPS
 
-    hr = set(getattr(result, "hr", ()) or ("en",))
+    hr = set(result.hr or ("en",))
     usable = [lang for lang in result.ms if lang not in hr and (
         lang in BUILTIN_LANGUAGES or (lang == config.language and config.low_resource_prompt))]
     low = MULTIJAIL_GROUPS["low"]
@@ -176,7 +176,7 @@ def build_steps(lm, result, config: WalkthroughConfig, language: str, activation
     from ssn_core.interventions import Intervention, Shift
     from ssn_core.validation import random_matched, shift_offsets
 
-    hr = (getattr(result, "hr", None) or ("en",))[0]
+    hr = (result.hr or ("en",))[0]
     sites = lm.sites
     total = sites.total_neurons
     lang_name, hr_name = _name(language), _name(hr)
