@@ -33,6 +33,7 @@ from ui.common import (
     show_error,
 )
 from ui.neurons_view import agreement_frame, neuron_table, overlap_matrix, rank_agreement, ss_counts
+from ui.state import session
 
 st.title("Neurons")
 st.write(
@@ -40,6 +41,7 @@ st.write(
     "the top *p*% on harmful prompts minus the top *p*% on harmless ones. **SS-Neurons** = MS-Neurons of a "
     "non-high-resource language that are also MS-Neurons of the high-resource language(s) (English)."
 )
+
 lm = require_model()
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +56,7 @@ def group_of_language(grouping: str) -> dict[str, str]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Setup (folded away once there is a result, so the charts are on screen)
-setup = st.expander("Set up an identification run", expanded=st.session_state.get("identify_result") is None)
+setup = st.expander("Set up an identification run", expanded=session.identify_result is None)
 setup.markdown("**1. Prompts**")
 source = setup.radio("Prompt set", ["Built-in (12 languages, offline)", "MultiJail CSV", "Upload CSV / JSONL"],
                   horizontal=True, key="nr_source")
@@ -175,17 +177,17 @@ if go:
     else:
         try:
             prompt_set = load_prompts(source, languages)
-            st.session_state["identify_prompts"] = prompt_set
-            st.session_state["identify_n"] = int(n_per_language)
+            session.identify_prompts = prompt_set
+            session.identify_n = int(n_per_language)
             jobs.start_job("identify", run_identify, lm, prompt_set, languages, hr, recipe_name, p_percent / 100.0,
                            kinds, int(n_per_language), int(batch_size))
         except Exception as exc:  # noqa: BLE001 - bad files, unknown languages, ...
             show_error(exc)
 
 job = jobs.job_panel("identify")
-if job is not None and not job.running and job.error is None:
-    st.session_state["identify_result"] = job.result
-    st.session_state.pop("job:identify", None)
+found = jobs.result_of(job)
+if found is not None:
+    session.identify_result = found
 
 # ---------------------------------------------------------------------------------------------------------------
 # Import
@@ -200,22 +202,22 @@ with st.expander("Import a saved neuron set or identification result"):
             st.success(f"Imported {len(imported):,} neurons as '{neuron_file.name}': use it in Chat, Validate, "
                        "Fine-tune or Learn.")
     bundled = bundle.current()
-    if bundled is not None and st.session_state.get("identify_result") is not bundled and i1.button(
+    if bundled is not None and session.identify_result is not bundled and i1.button(
             "Use the bundled starter set again", key="nr_use_bundle",
             help="The starter's bundled MS / SS sets and refusal direction (`make starter-neurons`)."):
-        st.session_state["identify_result"] = bundled
+        session.identify_result = bundled
         st.success("The bundled starter set is this session's result again.")
     result_dir = i2.text_input("Result folder (saved by the CLI or this page)", key="nr_import_dir")
     if result_dir and i2.button("Load result folder", key="nr_import_result"):
         folder = call(existing_folder, result_dir, "result folder")
         loaded = None if folder is None else call(IdentifyResult.load, folder, lm.sites)
         if loaded is not None:
-            st.session_state["identify_result"] = loaded
+            session.identify_result = loaded
             st.success(f"Loaded the identification result from {result_dir}.")
 
 if bundle.error() is not None:
     st.warning(f"The bundled starter neuron set could not be loaded: {bundle.error()}")
-result = st.session_state.get("identify_result")
+result = session.identify_result
 if result is None:
     if job is None:
         st.info("Choose languages and press **Identify neurons**; the estimate under the form comes from this "
@@ -331,7 +333,7 @@ with st.expander("Check the fast scores against exact ablation (slow)"):
     st.write("Exact ablation zeroes one sampled neuron at a time and measures how much the final hidden state "
              "changes. If the fast scores used above rank neurons like the exact effect does, the rank correlation "
              "is clearly positive.")
-    prompts_used = st.session_state.get("identify_prompts")
+    prompts_used = session.identify_prompts
     if result.scores is None:
         st.info(bundle.NO_SCORES)
     elif prompts_used is None or result.scores.method == "ablation":
@@ -342,15 +344,15 @@ with st.expander("Check the fast scores against exact ablation (slow)"):
         state.keep_valid("nr_abl_lang", languages)
         check_language = a2.selectbox("Language", languages, key="nr_abl_lang")
         if st.button("Run the check", key="nr_abl_run"):
-            same_prompts = prompts_used.select(limit_per_language=st.session_state.get("identify_n"))
+            same_prompts = prompts_used.select(limit_per_language=session.identify_n)
             jobs.start_job("ablation", run_ablation_check, lm, same_prompts, check_language,
-                           tuple(result.scores.kinds), int(per_site), result.manifest.get("aggregate", "content"))
-            st.session_state["ablation_language"] = check_language
+                           tuple(result.scores.kinds), int(per_site), result.manifest.get("aggregate", "content"),
+                           started_with={"language": check_language})
         ablation_job = jobs.job_panel("ablation")
-        if ablation_job is not None and not ablation_job.running and ablation_job.error is None:
-            st.session_state["ablation_check"] = (st.session_state.get("ablation_language"), ablation_job.result)
-            st.session_state.pop("job:ablation", None)
-        check = st.session_state.get("ablation_check")
+        exact_scores = jobs.result_of(ablation_job)
+        if exact_scores is not None:
+            session.ablation_check = (ablation_job.started_with["language"], exact_scores)
+        check = session.ablation_check
         if check is not None:
             check_lang, exact = check
             frame = agreement_frame(result.scores, exact, check_lang)
@@ -423,15 +425,14 @@ with st.expander("Dose-response check (faithfulness)"):
                 generate_at = (fractions[-1],) if generate_choice.startswith("the largest") else ()
                 jobs.start_job("dose_response", run_dose_response, lm, result, list(dose_langs), int(dose_n),
                                fractions, generate_at, int(st.session_state.get("nr_batch", 8)))
-                st.session_state["dose_response_for"] = result.manifest.get("created")
+                session.dose_response_for = result.manifest.get("created")
             except Exception as exc:  # noqa: BLE001
                 show_error(exc)
-        dose_job = jobs.job_panel("dose_response")
-        if dose_job is not None and not dose_job.running and dose_job.error is None:
-            st.session_state["dose_response"] = dose_job.result
-            st.session_state.pop("job:dose_response", None)
-        curve = st.session_state.get("dose_response")
-        if curve is not None and st.session_state.get("dose_response_for") == result.manifest.get("created"):
+        curve_done = jobs.result_of(jobs.job_panel("dose_response"))
+        if curve_done is not None:
+            session.dose_response = curve_done
+        curve = session.dose_response
+        if curve is not None and session.dose_response_for == result.manifest.get("created"):
             st.altair_chart(curve.chart())
             held = curve.manifest.get("heldout") or {}
             st.caption(f"Held-out prompts: {held.get('source', 'built-in')} "

@@ -17,6 +17,7 @@ from ssn_core.judges import MarkerJudge
 from ssn_core.langid import detect_language
 from ui import ab_records, neuron_sources, state, textdiff
 from ui.common import link, require_model, show_error
+from ui.state import session
 
 st.title("Chat (A/B)")
 st.write("Ask something; the **left** column is the model as is, the **right** column is the same model with "
@@ -40,9 +41,11 @@ with st.expander("Intervention (right column)", expanded=True):
     col1, col2 = st.columns([2, 1])
     # the suggested (most effective) set first, then the other sets, the refusal direction, "every neuron" last
     options = neuron_sources.available_choices(with_direction=True)
-    delta = st.session_state.get("chat_delta")
+    delta = session.chat_delta
     source_labels = [c.label() for c in options] + ([DELTA_LABEL] if delta is not None else [])
-    if st.session_state.pop("chat_use_delta", False) and delta is not None:
+    use_delta_now = bool(session.chat_use_delta)  # "Use in chat" on the Fine-tune page: pick the delta, once
+    del session.chat_use_delta
+    if use_delta_now and delta is not None:
         st.session_state["chat_source"] = DELTA_LABEL
     if st.session_state.get("chat_source") == NO_SET.label() and options[0] != NO_SET:
         del st.session_state["chat_source"]  # a set exists now: the remembered "no set yet" gives way to it
@@ -128,7 +131,7 @@ elif action != OFF:
         show_error(exc)
         edit = None
 st.caption(f"Right column: **{description}**.")
-if st.session_state.get("identify_result") is None and picked_label != NO_SET.label():
+if session.identify_result is None and picked_label != NO_SET.label():
     st.caption("Tip: identify MS/SS-Neurons on the Neurons page to get the paper's sets here.")
     link("neurons", "Neurons page", icon=":material/biotech:")
 
@@ -197,8 +200,9 @@ def judged_language(prompt: str) -> tuple[str | None, str]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Conversation
-history: list[dict] = st.session_state.setdefault("chat_history", [])
-interrupted = st.session_state.pop("chat_pending", None)
+history: list[dict] = session.chat_history
+interrupted = session.chat_pending
+del session.chat_pending
 if interrupted is not None:  # the last generation was stopped (Stop, or another click while it ran): keep it
     history.append(ab_records.stopped_turn(lm, interrupted, judge))
 
@@ -253,7 +257,7 @@ if prompt:
     settings = make_settings()
     pending = {"prompt": prompt, "a": "", "b": "", "language": code, "language_how": how,
                "description": description, "settings": settings, "rows": ab.two_rows(prompt, edit, code)}
-    st.session_state["chat_pending"] = pending
+    session.chat_pending = pending
 
     def show(replies: list[str]) -> None:
         pending["a"], pending["b"] = replies
@@ -265,7 +269,7 @@ if prompt:
         exchange = ab.run_ab(lm, pending["rows"], settings, judge, on_update=show)
     except Exception as exc:  # noqa: BLE001 - shown, the history keeps what was there
         error = exc
-    st.session_state.pop("chat_pending", None)  # (a Stop never gets here: its rerun ends this run first)
+    del session.chat_pending  # (a Stop never gets here: its rerun ends this run first)
     stop_slot.empty()
     if error is not None:
         show_error(error)
@@ -275,7 +279,7 @@ if prompt:
 
 if history:
     if st.button("Clear conversation", key="chat_clear"):
-        st.session_state["chat_history"] = []
+        session.chat_history = []
         st.rerun()
 else:
     st.caption("Each message is answered independently (single turn), as in the paper's evaluation.")

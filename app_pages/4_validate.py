@@ -11,6 +11,7 @@ from ssn_core.prompts import BUILTIN_LANGUAGES, PromptSet, load_builtin
 from ssn_core.validation import ValidationResult, plan_conditions, validate
 from ui import charts, jobs, neuron_sources, provenance, state
 from ui.common import csv_bytes, json_bytes, link, require_model, show_error
+from ui.state import session
 
 st.title("Validate")
 st.write(
@@ -19,6 +20,7 @@ st.write(
     "suppressed (the control, several seeds), and with the SS-Neurons **reinforced**. If the neurons carry "
     "safety, suppressing them raises the attack success rate (ASR) much more than random suppression does."
 )
+
 lm = require_model()
 targets = neuron_sources.validation_targets()
 if not targets:
@@ -50,7 +52,7 @@ source_label = st.selectbox("Neurons to validate", list(targets), key="val_sourc
 result = targets[source_label]
 imported = isinstance(result, neuron_sources.SetAsResult)
 
-prompts = None if imported else st.session_state.get("identify_prompts")
+prompts = None if imported else session.identify_prompts
 if prompts is not None and result.is_bundle:
     prompts = None  # the session's prompts belong to its own identification, not to the bundle
 languages_available = list(BUILTIN_LANGUAGES) if imported else list(result.ms)
@@ -142,11 +144,11 @@ if go:
 job = jobs.job_panel("validate")
 if job is not None and job.running:
     st.caption("The results below (if any) are from the previous run.")
-if job is not None and not job.running and isinstance(job.result, ValidationResult):
-    st.session_state["validation_result"] = job.result
-    st.session_state.pop("job:validate", None)
+validated = jobs.result_of(job)
+if validated is not None:
+    session.validation_result = validated
 
-vres: ValidationResult | None = st.session_state.get("validation_result")
+vres: ValidationResult | None = session.validation_result
 if vres is None:
     if job is None:
         st.info("Choose languages and press **Run validation**; the estimate under the form comes from this "

@@ -1,4 +1,4 @@
-"""Small page helpers shared by all pages: model guard, error display, downloads."""
+"""Small page helpers shared by all pages: the pages themselves, model guard, error display, downloads."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import io
 import json
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +15,36 @@ import streamlit as st
 from ssn_core.errors import SSNError
 from ui import state
 
-PAGE_PATHS = {
-    "model": "app_pages/1_model.py",
-    "neurons": "app_pages/2_neurons.py",
-    "explorer": "app_pages/7_explorer.py",
-    "chat": "app_pages/3_chat.py",
-    "validate": "app_pages/4_validate.py",
-    "finetune": "app_pages/5_finetune.py",
-    "learn": "app_pages/6_learn.py",
+
+@dataclass(frozen=True)
+class Page:
+    """One page of the app: its script, title, icon and URL (None: the default page, at the root URL)."""
+
+    path: str
+    title: str
+    icon: str
+    url_path: str | None = None
+
+
+# THE list of pages, in navigation order (app.py builds `st.navigation` from it; links and page switches use its
+# paths). The pages live in app_pages/, not pages/: with a pages/ folder Streamlit runs a deep link (/chat) as an
+# old-style page, skipping app.py (no navigation, no model) until someone opens the root URL.
+PAGES: dict[str, Page] = {
+    "model": Page("app_pages/1_model.py", "Model", ":material/memory:"),
+    "neurons": Page("app_pages/2_neurons.py", "Neurons", ":material/biotech:", "neurons"),
+    "explorer": Page("app_pages/7_explorer.py", "Explorer", ":material/travel_explore:", "explorer"),
+    "chat": Page("app_pages/3_chat.py", "Chat (A/B)", ":material/forum:", "chat"),
+    "validate": Page("app_pages/4_validate.py", "Validate", ":material/bar_chart:", "validate"),
+    "finetune": Page("app_pages/5_finetune.py", "Fine-tune", ":material/tune:", "finetune"),
+    "learn": Page("app_pages/6_learn.py", "Learn", ":material/school:", "learn"),
 }
+PAGE_PATHS: dict[str, str] = {name: page.path for name, page in PAGES.items()}
+
+
+def navigation_pages() -> list:
+    """The `st.Page` objects of `PAGES`, for `st.navigation` (app.py)."""
+    return [st.Page(page.path, title=page.title, icon=page.icon, url_path=page.url_path, default=page.url_path is None)
+            for page in PAGES.values()]
 
 
 def link(page: str, label: str, icon: str | None = None) -> None:

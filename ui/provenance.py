@@ -64,6 +64,6 @@ def validation_neurons(vres) -> dict:
     return dict(manifest.get("extra", manifest).get("neurons") or {})
 
 
-def train_settings(out: Mapping) -> dict[str, str]:
-    settings = out.get("settings") or {}
+def train_settings(settings: Mapping) -> dict[str, str]:
+    """The Fine-tune form's settings of a run (lists as 'a, b')."""
     return {name: (_langs(value) if isinstance(value, list | tuple) else str(value)) for name, value in settings.items()}
