@@ -21,6 +21,7 @@ from ssn_core.prompts import (
     load_multijail,
     with_harmless,
 )
+from ssn_core.scoring import rank_agreement, sampled_scores
 from ui import bundle, charts, explorer_links, jobs, neuron_sources, provenance, state
 from ui.common import (
     call,
@@ -32,7 +33,7 @@ from ui.common import (
     require_model,
     show_error,
 )
-from ui.neurons_view import agreement_frame, neuron_table, overlap_matrix, rank_agreement, ss_counts
+from ui.neurons_view import neuron_table, overlap_matrix, ss_counts
 from ui.state import session
 
 st.title("Neurons")
@@ -355,7 +356,7 @@ with st.expander("Check the fast scores against exact ablation (slow)"):
         check = session.ablation_check
         if check is not None:
             check_lang, exact = check
-            frame = agreement_frame(result.scores, exact, check_lang)
+            frame = sampled_scores(result.scores, exact, check_lang)
             if frame.empty:
                 st.warning("No sampled neuron has both scores.")
             else:
