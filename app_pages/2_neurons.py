@@ -30,20 +30,18 @@ from ui.common import (
     file_bytes,
     json_bytes,
     load_upload,
-    require_model,
+    model_page,
     show_error,
+    stop_without_result,
 )
 from ui.neurons_view import neuron_table, overlap_matrix, ss_counts
 from ui.state import session
 
-st.title("Neurons")
-st.write(
+lm = model_page("Neurons", (
     "For each language, score every neuron on **harmful** and **harmless** prompts. **MS-Neurons** = per layer, "
     "the top *p*% on harmful prompts minus the top *p*% on harmless ones. **SS-Neurons** = MS-Neurons of a "
     "non-high-resource language that are also MS-Neurons of the high-resource language(s) (English)."
-)
-
-lm = require_model()
+))
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOW_KINDS = ("attn_q", "attn_k")  # exact q/k importance: several forward passes per prompt
@@ -219,11 +217,8 @@ with st.expander("Import a saved neuron set or identification result"):
 if bundle.error() is not None:
     st.warning(f"The bundled starter neuron set could not be loaded: {bundle.error()}")
 result = session.identify_result
-if result is None:
-    if job is None:
-        st.info("Choose languages and press **Identify neurons**; the estimate under the form comes from this "
-                "model's measured speed.")
-    st.stop()
+stop_without_result(result, job, "Choose languages and press **Identify neurons**; the estimate under the form comes "
+                                 "from this model's measured speed.")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Results
@@ -257,21 +252,26 @@ state.keep_valid("nr_focus", languages)
 focus = st.selectbox("Language", languages, key="nr_focus",
                      index=next((i for i, lang in enumerate(languages) if lang not in result_hr), 0))
 hr_names = ", ".join(result_hr) or "en"
+
+
+def per_layer(name: str, neurons: NeuronSet, title: str, empty: str) -> None:
+    """The set's neurons per layer, or a note when it is empty."""
+    if len(neurons):
+        st.altair_chart(charts.counts_per_layer(charts.counts_frame({name: neurons}), title=title))
+    else:
+        st.caption(empty)
+
+
 left, middle, right = st.columns(3)
 with left:
-    if len(result.ms[focus]):
-        st.altair_chart(charts.counts_per_layer(charts.counts_frame({f"MS ({focus})": result.ms[focus]}),
-                                                title=f"MS-Neurons of {focus} per layer"))
-    else:
-        st.caption(f"{focus} has no MS-Neurons with these settings.")
+    per_layer(f"MS ({focus})", result.ms[focus], f"MS-Neurons of {focus} per layer",
+              f"{focus} has no MS-Neurons with these settings.")
 with middle:
     if focus not in result.ss:
         st.caption(f"{focus} is a reference language: its MS-Neurons define the SS-Neurons of the others.")
-    elif len(result.ss[focus]):
-        st.altair_chart(charts.counts_per_layer(charts.counts_frame({f"SS ({focus})": result.ss[focus]}),
-                                                title=f"SS-Neurons of {focus} per layer (shared with {hr_names})"))
     else:
-        st.caption(f"{focus} has no SS-Neurons: none of its MS-Neurons is also an MS-Neuron of {hr_names}.")
+        per_layer(f"SS ({focus})", result.ss[focus], f"SS-Neurons of {focus} per layer (shared with {hr_names})",
+                  f"{focus} has no SS-Neurons: none of its MS-Neurons is also an MS-Neuron of {hr_names}.")
 with right:
     counts = ss_counts(result, group_map)
     st.altair_chart(charts.bar_per_language(counts, "ss_count", title="SS-Neurons per language"))

@@ -16,14 +16,14 @@ from ssn_core.interventions import Intervention, Shift
 from ssn_core.judges import MarkerJudge
 from ssn_core.langid import detect_language
 from ui import ab_records, neuron_sources, state, textdiff
-from ui.common import link, require_model, show_error
+from ui.common import link, model_page, show_error
 from ui.state import session
 
-st.title("Chat (A/B)")
-st.write("Ask something; the **left** column is the model as is, the **right** column is the same model with "
-         "the intervention you choose below. Same prompt, same seed, same sampling: differences come from the "
-         "neurons you switched off or amplified.")
-lm = require_model()
+lm = model_page("Chat (A/B)", (
+    "Ask something; the **left** column is the model as is, the **right** column is the same model with "
+    "the intervention you choose below. Same prompt, same seed, same sampling: differences come from the "
+    "neurons you switched off or amplified."
+))
 
 sites = lm.sites
 VERDICT_STYLE = {"refusal": ("green", ":material/shield:", "refusal"),

@@ -10,18 +10,15 @@ from ssn_core.generation import GenerationSettings
 from ssn_core.prompts import BUILTIN_LANGUAGES, PromptSet, load_builtin
 from ssn_core.validation import ValidationResult, plan_conditions, validate
 from ui import charts, jobs, neuron_sources, provenance, state
-from ui.common import csv_bytes, json_bytes, link, require_model, show_error
+from ui.common import csv_bytes, json_bytes, link, model_page, show_error, stop_without_result
 from ui.state import session
 
-st.title("Validate")
-st.write(
+lm = model_page("Validate", (
     "Causal check of the identified neurons: the harmful prompts of each language are answered with "
     "**no intervention** (baseline), with the **MS / SS-Neurons suppressed**, with **as many random neurons** "
     "suppressed (the control, several seeds), and with the SS-Neurons **reinforced**. If the neurons carry "
     "safety, suppressing them raises the attack success rate (ASR) much more than random suppression does."
-)
-
-lm = require_model()
+))
 targets = neuron_sources.validation_targets()
 if not targets:
     st.info("Nothing to validate yet: identify MS- and SS-Neurons on the **Neurons** page first (or import a "
@@ -149,11 +146,8 @@ if validated is not None:
     session.validation_result = validated
 
 vres: ValidationResult | None = session.validation_result
-if vres is None:
-    if job is None:
-        st.info("Choose languages and press **Run validation**; the estimate under the form comes from this "
-                "model's measured speed.")
-    st.stop()
+stop_without_result(vres, job, "Choose languages and press **Run validation**; the estimate under the form comes "
+                               "from this model's measured speed.")
 
 
 def condition_suffix(condition: str, alpha) -> str:

@@ -11,18 +11,15 @@ from ssn_core.progress import format_duration
 from ssn_core.prompts import BUILTIN_LANGUAGES, load_builtin
 from ssn_core.training import StudyConfig, StudyResult, TrainConfig, run_study
 from ui import charts, jobs, neuron_sources, provenance, state
-from ui.common import PAGE_PATHS, call, file_bytes, json_bytes, link, load_upload, require_model
+from ui.common import PAGE_PATHS, call, file_bytes, json_bytes, link, load_upload, model_page, stop_without_result
 from ui.state import session
 
-st.title("Fine-tune")
-st.write(
+lm = model_page("Fine-tune", (
     "Train **only the parameters that belong to a neuron set** (for the paper: the SS-Neurons) on harmful "
     "prompts paired with refusals in the same language, plus harmless prompts paired with the model's own "
     "answers so it does not learn to refuse everything. The base model is never changed: the result is a "
     "small *delta* you can switch on in the Chat page, download, or load again later."
-)
-
-lm = require_model()
+))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -136,11 +133,8 @@ if job is not None and not job.running and isinstance(job.result, StudyResult):
         jobs.drop_job("finetune")
 
 out = session.train_result
-if out is None:
-    if job is None:
-        st.info("Choose the neurons and languages, then press **Start fine-tuning**; the estimate under the form "
-                "comes from this model's measured speed.")
-    st.stop()
+stop_without_result(out, job, "Choose the neurons and languages, then press **Start fine-tuning**; the estimate "
+                              "under the form comes from this model's measured speed.")
 
 result = out.study.result
 st.subheader("Result")

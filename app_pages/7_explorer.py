@@ -13,15 +13,15 @@ from ssn_core.prompts import BUILTIN_LANGUAGES, language_name, load_builtin
 from ssn_core.vocab import vocabulary_projection
 from ui import explorer_links, jobs, neuron_sources, state
 from ui import explorer_view as view
-from ui.common import PAGE_PATHS, file_bytes, json_bytes, require_model, show_error
+from ui.common import PAGE_PATHS, file_bytes, json_bytes, model_page, show_error
 from ui.neurons_view import neuron_table
 from ui.state import session
 
-st.title("Explorer")
-st.write("One neuron at a time: the prompts of each language on which it fires most and least (tokens highlighted: "
-         "orange = positive, blue = negative), the tokens it writes towards, and its importance by every method. "
-         "A link such as **/explorer?neuron=L2.mlp.3814** opens a neuron for anyone running the same model.")
-lm = require_model()
+lm = model_page("Explorer", (
+    "One neuron at a time: the prompts of each language on which it fires most and least (tokens highlighted: "
+    "orange = positive, blue = negative), the tokens it writes towards, and its importance by every method. "
+    "A link such as **/explorer?neuron=L2.mlp.3814** opens a neuron for anyone running the same model."
+))
 sites = lm.sites
 result = session.identify_result
 cache: dict = session.explorer_reports

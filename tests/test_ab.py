@@ -63,7 +63,8 @@ def test_every_row_of_a_wider_batch_is_its_own_prompt_under_its_own_edit(lm):
     generator = torch.Generator().manual_seed(1)
     for p in delta.parameters():
         p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
-    rows = [ABRow(PROMPT, language="en", label="as is"), ABRow(OTHER, direction, "en", "direction"), ABRow(PROMPT, delta, "en")]
+    rows = [ABRow(PROMPT, language="en", label="as is"), ABRow(OTHER, direction, "en", "direction"),
+            ABRow(PROMPT, delta, "en")]
     result = run_ab(lm, rows, GREEDY)
     assert result.replies == [alone(lm, row.prompt, row.edit) for row in rows]
     assert result.replies[2] != result.replies[0]  # the delta changes the reply of the same prompt

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_training import _one_thread  # noqa: F401 - autouse fixture: tiny models run faster on one thread
 
 from ssn_core.errors import Cancelled, TrainingError
 from ssn_core.hooks import active_hook_count
@@ -15,14 +16,6 @@ from ssn_core.training import SafetyData, StudyConfig, TrainConfig, run_study, r
 
 NEURONS = NeuronSet({(0, "mlp"): [1, 5, 7], (1, "attn_v"): [4, 9], (1, "attn_o"): [1, 2, 40]})
 LANGUAGES = ["en", "bn"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _config(**kwargs) -> StudyConfig:

@@ -55,6 +55,22 @@ def link(page: str, label: str, icon: str | None = None) -> None:
         st.markdown(f"→ **{label}**")
 
 
+def model_page(title: str, intro: str):
+    """A page that works on the loaded model: its title, what it does, and the model (`require_model`)."""
+    st.title(title)
+    st.write(intro)
+    return require_model()
+
+
+def stop_without_result(result: Any | None, job: Any | None, hint: str) -> None:
+    """`st.stop()` here while there is no result to show; when no job is computing one either, say how to start it
+    (``hint``)."""
+    if result is None:
+        if job is None:
+            st.info(hint)
+        st.stop()
+
+
 def require_model():
     """This session's model, or an explanation of what to do first and `st.stop()`."""
     lm = state.current_model()
