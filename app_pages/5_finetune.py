@@ -9,7 +9,7 @@ from ssn_core.delta import NeuronDelta
 from ssn_core.judges import load_refusal_templates
 from ssn_core.progress import format_duration
 from ssn_core.prompts import BUILTIN_LANGUAGES, load_builtin
-from ssn_core.training import StudyConfig, StudyResult, TrainConfig, run_study
+from ssn_core.training import BASELINES, StudyConfig, StudyResult, TrainConfig, run_study
 from ui import charts, jobs, neuron_sources, provenance, state
 from ui.common import PAGE_PATHS, call, file_bytes, json_bytes, link, load_upload, model_page, stop_without_result
 from ui.state import session
@@ -61,7 +61,7 @@ with st.form("finetune_form"):
                                      help="Harmful (and harmless) items per language; a quarter is held out.")
     evaluate = st.checkbox("Evaluate before and after on the held-out prompts", value=True, key="ft_eval")
     baselines = st.multiselect("Baselines (same data and steps; on a private copy of the model)",
-                               ["random", "lora-8", "lora-match", "full"], default=[], key="ft_baselines",
+                               list(BASELINES), default=[], key="ft_baselines",
                                help="random: as many random neurons; LoRA r=8 or rank-matched; full fine-tuning "
                                     "(small models only). Each needs extra time and memory.")
     go = st.form_submit_button("Start fine-tuning", type="primary")

@@ -12,7 +12,7 @@ from ssn_core.hooks import active_hook_count
 from ssn_core.neurons import NeuronSet
 from ssn_core.prompts import load_builtin
 from ssn_core.testing import tiny_model
-from ssn_core.training import SafetyData, StudyConfig, TrainConfig, run_study, run_train
+from ssn_core.training import BASELINES, METHODS, SafetyData, StudyConfig, TrainConfig, run_study, run_train
 
 NEURONS = NeuronSet({(0, "mlp"): [1, 5, 7], (1, "attn_v"): [4, 9], (1, "attn_o"): [1, 2, 40]})
 LANGUAGES = ["en", "bn"]
@@ -109,9 +109,10 @@ def test_a_failing_baseline_keeps_the_training_and_a_cancel_is_raised(monkeypatc
 
 
 def test_bad_settings_fail_before_any_work():
+    assert set(BASELINES) == set(METHODS) - {"neurons"}  # every training method is a baseline but the target
     lm = tiny_model("qwen2")
     prompts = load_builtin(LANGUAGES, n=3)
-    with pytest.raises(TrainingError, match="unknown baseline.*lora-99"):
+    with pytest.raises(TrainingError, match="unknown baseline.*lora-99; choose from random, lora-8, lora-match, full"):
         run_study(lm, NEURONS, _config(baselines=("lora-99",)), prompts=prompts)
     with pytest.raises(TrainingError, match="held-out share"):
         run_study(lm, NEURONS, _config(heldout_fraction=1.0), prompts=prompts)

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from ssn_core.errors import Cancelled, SSNError, TrainingError
 from ssn_core.neurons import NeuronSet
-from ssn_core.training.compare import METHODS, compare_methods, paired_refusal_difference
+from ssn_core.training.compare import compare_methods, paired_refusal_difference
 from ssn_core.training.data import SafetyData, build_safety_data
 from ssn_core.training.loop import is_main_process
 from ssn_core.training.results import TrainConfig, TrainProgress, TrainResult
@@ -36,7 +36,7 @@ from ssn_core.training.targeted import run_train
 if TYPE_CHECKING:
     from ssn_core.loading import LoadedModel
 
-BASELINES: tuple[str, ...] = tuple(m for m in METHODS if m != "neurons")  # random, lora-match, lora-8, full
+BASELINES: tuple[str, ...] = ("random", "lora-8", "lora-match", "full")  # the methods of METHODS beside "neurons"
 
 
 @dataclass
