@@ -5,9 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from ssn_core.loading import DEVICE_MAPS, DTYPES, QUANTIZATIONS
+from ssn_core.loading import DEFAULT_STARTER, DEVICE_MAPS, DTYPES, QUANTIZATIONS
 from ui import state
 from ui.common import link, show_error
+from ui.state import session
 
 st.title("Model")
 st.write(
@@ -32,7 +33,7 @@ with st.form("load_model"):
         "Model id or path",
         value="",
         placeholder={
-            "starter": state.STARTER_SOURCE,
+            "starter": DEFAULT_STARTER,
             "hub": "Qwen/Qwen2.5-0.5B-Instruct",
             "local": "/path/to/model-folder",
             "gguf": "/path/to/model.gguf",
@@ -58,7 +59,7 @@ with st.form("load_model"):
 if submitted:
     value = source_value.strip()
     if kind == "starter":
-        source = value or state.STARTER_SOURCE
+        source = value or DEFAULT_STARTER
     elif kind == "tiny":
         source = f"tiny:{value or 'qwen2'}"
     elif not value:
@@ -77,7 +78,7 @@ if submitted:
         try:
             with st.spinner(f"Loading {source}…"):
                 state.load(key, progress=show_progress)
-            st.session_state.pop("autoload_error", None)
+            del session.autoload_error
             st.success(f"Loaded {key.label()}.")
         except Exception as exc:  # noqa: BLE001 - every loading problem is shown, never a crash
             show_error(exc)

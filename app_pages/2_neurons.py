@@ -8,7 +8,20 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from ssn_core.errors import PromptSetError
+from ssn_core.identify import RECIPES, IdentifyResult, identify
 from ssn_core.neurons import NeuronSet
+from ssn_core.prompts import (
+    BUILTIN_LANGUAGES,
+    MULTIJAIL_GROUPS,
+    PAPER_GROUPS,
+    language_name,
+    load_builtin,
+    load_file,
+    load_multijail,
+    with_harmless,
+)
+from ssn_core.scoring import rank_agreement, sampled_scores
 from ui import bundle, charts, explorer_links, jobs, neuron_sources, provenance, state
 from ui.common import (
     call,
@@ -17,21 +30,18 @@ from ui.common import (
     file_bytes,
     json_bytes,
     load_upload,
-    need,
-    require_model,
+    model_page,
     show_error,
+    stop_without_result,
 )
-from ui.neurons_view import agreement_frame, neuron_table, overlap_matrix, rank_agreement, ss_counts
+from ui.neurons_view import neuron_table, overlap_matrix, ss_counts
+from ui.state import session
 
-st.title("Neurons")
-st.write(
+lm = model_page("Neurons", (
     "For each language, score every neuron on **harmful** and **harmless** prompts. **MS-Neurons** = per layer, "
     "the top *p*% on harmful prompts minus the top *p*% on harmless ones. **SS-Neurons** = MS-Neurons of a "
     "non-high-resource language that are also MS-Neurons of the high-resource language(s) (English)."
-)
-lm = require_model()
-P = need("ssn_core.prompts")
-identify_module = need("ssn_core.identify")
+))
 
 ROOT = Path(__file__).resolve().parent.parent
 SLOW_KINDS = ("attn_q", "attn_k")  # exact q/k importance: several forward passes per prompt
@@ -39,13 +49,13 @@ MULTIJAIL_DEFAULT = ROOT.parent / "shared" / "datasets" / "multijail" / "MultiJa
 
 
 def group_of_language(grouping: str) -> dict[str, str]:
-    groups = P.MULTIJAIL_GROUPS if grouping.startswith("MultiJail") else P.PAPER_GROUPS
+    groups = MULTIJAIL_GROUPS if grouping.startswith("MultiJail") else PAPER_GROUPS
     return {lang: name for name, langs in groups.items() for lang in langs}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Setup (folded away once there is a result, so the charts are on screen)
-setup = st.expander("Set up an identification run", expanded=st.session_state.get("identify_result") is None)
+setup = st.expander("Set up an identification run", expanded=session.identify_result is None)
 setup.markdown("**1. Prompts**")
 source = setup.radio("Prompt set", ["Built-in (12 languages, offline)", "MultiJail CSV", "Upload CSV / JSONL"],
                   horizontal=True, key="nr_source")
@@ -60,9 +70,7 @@ elif source.startswith("Upload"):
 setup.markdown("**2. Languages**")
 grouping = setup.radio("Grouping", ["MultiJail (high / medium / low resource)", "Paper (HR = English vs NHR)"],
                     horizontal=True, key="nr_grouping")
-groups = P.MULTIJAIL_GROUPS if grouping.startswith("MultiJail") else P.PAPER_GROUPS
-
-RECIPES = identify_module.RECIPES
+groups = MULTIJAIL_GROUPS if grouping.startswith("MultiJail") else PAPER_GROUPS
 
 
 def recipe_kinds(name: str) -> list[str]:
@@ -97,7 +105,7 @@ with setup.form("identify_form"):
     for column, (name, langs) in zip(columns, groups.items()):
         chosen += column.multiselect(
             f"{name.upper()} languages", langs, default=[lang for lang in langs if lang in defaults],
-            format_func=lambda code: f"{code} — {P.language_name(code)}", key=f"nr_langs_{name}")
+            format_func=lambda code: f"{code} — {language_name(code)}", key=f"nr_langs_{name}")
     hr = st.multiselect("High-resource reference (SS-Neurons are shared with these)",
                         [lang for langs in groups.values() for lang in langs], default=["en"], key="nr_hr")
 
@@ -130,16 +138,16 @@ with setup.form("identify_form"):
 def load_prompts(source: str, languages: list[str]):
     """The chosen prompt set (harmful + harmless) restricted to the languages; raises SSNError."""
     if source.startswith("Built-in"):
-        return P.load_builtin(languages)
+        return load_builtin(languages)
     if source.startswith("MultiJail"):
         if not mj_path.strip():
-            raise P.PromptSetError("give the path of MultiJail.csv")
-        return P.with_harmless(P.load_multijail(mj_path.strip(), languages=languages))
+            raise PromptSetError("give the path of MultiJail.csv")
+        return with_harmless(load_multijail(mj_path.strip(), languages=languages))
     if upload is None:
-        raise P.PromptSetError("choose a CSV or JSONL file to upload first")
-    prompt_set = load_upload(P.load_file, upload, languages=languages)
+        raise PromptSetError("choose a CSV or JSONL file to upload first")
+    prompt_set = load_upload(load_file, upload, languages=languages)
     if "harmless" not in prompt_set.labels:
-        prompt_set = P.with_harmless(prompt_set)
+        prompt_set = with_harmless(prompt_set)
     return prompt_set
 
 
@@ -154,7 +162,7 @@ def form_settings() -> dict[str, str]:
 def run_identify(lm, prompts, languages, hr, recipe_name, p, kinds, n, batch_size, progress=None,
                  cancel: threading.Event | None = None):
     selected = prompts.select(languages=languages, limit_per_language=n)
-    return identify_module.identify(lm, selected, languages, hr=tuple(hr), recipe=recipe_name, p=p,
+    return identify(lm, selected, languages, hr=tuple(hr), recipe=recipe_name, p=p,
                                     kinds=tuple(kinds), batch_size=batch_size, find_direction=True,
                                     activation_means=True, progress=progress, cancel=cancel)
 
@@ -168,17 +176,17 @@ if go:
     else:
         try:
             prompt_set = load_prompts(source, languages)
-            st.session_state["identify_prompts"] = prompt_set
-            st.session_state["identify_n"] = int(n_per_language)
+            session.identify_prompts = prompt_set
+            session.identify_n = int(n_per_language)
             jobs.start_job("identify", run_identify, lm, prompt_set, languages, hr, recipe_name, p_percent / 100.0,
                            kinds, int(n_per_language), int(batch_size))
         except Exception as exc:  # noqa: BLE001 - bad files, unknown languages, ...
             show_error(exc)
 
 job = jobs.job_panel("identify")
-if job is not None and not job.running and job.error is None:
-    st.session_state["identify_result"] = job.result
-    st.session_state.pop("job:identify", None)
+found = jobs.result_of(job)
+if found is not None:
+    session.identify_result = found
 
 # ---------------------------------------------------------------------------------------------------------------
 # Import
@@ -193,27 +201,24 @@ with st.expander("Import a saved neuron set or identification result"):
             st.success(f"Imported {len(imported):,} neurons as '{neuron_file.name}': use it in Chat, Validate, "
                        "Fine-tune or Learn.")
     bundled = bundle.current()
-    if bundled is not None and st.session_state.get("identify_result") is not bundled and i1.button(
+    if bundled is not None and session.identify_result is not bundled and i1.button(
             "Use the bundled starter set again", key="nr_use_bundle",
             help="The starter's bundled MS / SS sets and refusal direction (`make starter-neurons`)."):
-        st.session_state["identify_result"] = bundled
+        session.identify_result = bundled
         st.success("The bundled starter set is this session's result again.")
     result_dir = i2.text_input("Result folder (saved by the CLI or this page)", key="nr_import_dir")
     if result_dir and i2.button("Load result folder", key="nr_import_result"):
         folder = call(existing_folder, result_dir, "result folder")
-        loaded = None if folder is None else call(identify_module.IdentifyResult.load, folder, lm.sites)
+        loaded = None if folder is None else call(IdentifyResult.load, folder, lm.sites)
         if loaded is not None:
-            st.session_state["identify_result"] = loaded
+            session.identify_result = loaded
             st.success(f"Loaded the identification result from {result_dir}.")
 
 if bundle.error() is not None:
     st.warning(f"The bundled starter neuron set could not be loaded: {bundle.error()}")
-result = st.session_state.get("identify_result")
-if result is None:
-    if job is None:
-        st.info("Choose languages and press **Identify neurons**; the estimate under the form comes from this "
-                "model's measured speed.")
-    st.stop()
+result = session.identify_result
+stop_without_result(result, job, "Choose languages and press **Identify neurons**; the estimate under the form comes "
+                                 "from this model's measured speed.")
 
 # ---------------------------------------------------------------------------------------------------------------
 # Results
@@ -229,7 +234,7 @@ if len(result.ss_all) == 0:
                "Use more prompts per language or a larger p (a tiny random model has almost none).")
 
 produced = provenance.identify_settings(result)
-if bundle.is_bundle(result):
+if result.is_bundle:
     st.caption(f"Showing {bundle.describe(result)}. It loads by itself with its model, so Chat, Validate and Learn "
                "work from the first second; identify neurons above to compute your own.")
 st.caption("These results were computed with: " + provenance.describe(produced))
@@ -238,30 +243,35 @@ if result.direction is not None:
                f"harmful and harmless prompts of {', '.join(result.direction.meta.get('languages', []) or ['?'])}, "
                "at the last prompt token): the positive control of Chat, Validate and the dose-response check.")
 changed = provenance.differences(produced, form_settings())
-if changed and job is None and not bundle.is_bundle(result):
+if changed and job is None and not result.is_bundle:
     st.info("The form above now differs from the settings of these results: " + "; ".join(changed)
             + ". Press **Identify neurons** to recompute.")
 
-result_hr = tuple(getattr(result, "hr", ("en",)))
+result_hr = result.hr
 state.keep_valid("nr_focus", languages)
 focus = st.selectbox("Language", languages, key="nr_focus",
                      index=next((i for i, lang in enumerate(languages) if lang not in result_hr), 0))
 hr_names = ", ".join(result_hr) or "en"
+
+
+def per_layer(name: str, neurons: NeuronSet, title: str, empty: str) -> None:
+    """The set's neurons per layer, or a note when it is empty."""
+    if len(neurons):
+        st.altair_chart(charts.counts_per_layer(charts.counts_frame({name: neurons}), title=title))
+    else:
+        st.caption(empty)
+
+
 left, middle, right = st.columns(3)
 with left:
-    if len(result.ms[focus]):
-        st.altair_chart(charts.counts_per_layer(charts.counts_frame({f"MS ({focus})": result.ms[focus]}),
-                                                title=f"MS-Neurons of {focus} per layer"))
-    else:
-        st.caption(f"{focus} has no MS-Neurons with these settings.")
+    per_layer(f"MS ({focus})", result.ms[focus], f"MS-Neurons of {focus} per layer",
+              f"{focus} has no MS-Neurons with these settings.")
 with middle:
     if focus not in result.ss:
         st.caption(f"{focus} is a reference language: its MS-Neurons define the SS-Neurons of the others.")
-    elif len(result.ss[focus]):
-        st.altair_chart(charts.counts_per_layer(charts.counts_frame({f"SS ({focus})": result.ss[focus]}),
-                                                title=f"SS-Neurons of {focus} per layer (shared with {hr_names})"))
     else:
-        st.caption(f"{focus} has no SS-Neurons: none of its MS-Neurons is also an MS-Neuron of {hr_names}.")
+        per_layer(f"SS ({focus})", result.ss[focus], f"SS-Neurons of {focus} per layer (shared with {hr_names})",
+                  f"{focus} has no SS-Neurons: none of its MS-Neurons is also an MS-Neuron of {hr_names}.")
 with right:
     counts = ss_counts(result, group_map)
     st.altair_chart(charts.bar_per_language(counts, "ss_count", title="SS-Neurons per language"))
@@ -324,10 +334,10 @@ with st.expander("Check the fast scores against exact ablation (slow)"):
     st.write("Exact ablation zeroes one sampled neuron at a time and measures how much the final hidden state "
              "changes. If the fast scores used above rank neurons like the exact effect does, the rank correlation "
              "is clearly positive.")
-    prompts_used = st.session_state.get("identify_prompts")
+    prompts_used = session.identify_prompts
     if result.scores is None:
         st.info(bundle.NO_SCORES)
-    elif prompts_used is None or getattr(result.scores, "method", "") == "ablation":
+    elif prompts_used is None or result.scores.method == "ablation":
         st.info("Needs an identification run from this session (its prompts and fast scores).")
     else:
         a1, a2 = st.columns(2)
@@ -335,18 +345,18 @@ with st.expander("Check the fast scores against exact ablation (slow)"):
         state.keep_valid("nr_abl_lang", languages)
         check_language = a2.selectbox("Language", languages, key="nr_abl_lang")
         if st.button("Run the check", key="nr_abl_run"):
-            same_prompts = prompts_used.select(limit_per_language=st.session_state.get("identify_n"))
+            same_prompts = prompts_used.select(limit_per_language=session.identify_n)
             jobs.start_job("ablation", run_ablation_check, lm, same_prompts, check_language,
-                           tuple(result.scores.kinds), int(per_site), result.manifest.get("aggregate", "content"))
-            st.session_state["ablation_language"] = check_language
+                           tuple(result.scores.kinds), int(per_site), result.manifest.get("aggregate", "content"),
+                           started_with={"language": check_language})
         ablation_job = jobs.job_panel("ablation")
-        if ablation_job is not None and not ablation_job.running and ablation_job.error is None:
-            st.session_state["ablation_check"] = (st.session_state.get("ablation_language"), ablation_job.result)
-            st.session_state.pop("job:ablation", None)
-        check = st.session_state.get("ablation_check")
+        exact_scores = jobs.result_of(ablation_job)
+        if exact_scores is not None:
+            session.ablation_check = (ablation_job.started_with["language"], exact_scores)
+        check = session.ablation_check
         if check is not None:
             check_lang, exact = check
-            frame = agreement_frame(result.scores, exact, check_lang)
+            frame = sampled_scores(result.scores, exact, check_lang)
             if frame.empty:
                 st.warning("No sampled neuron has both scores.")
             else:
@@ -381,9 +391,9 @@ def parse_fractions(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
     except ValueError:
-        raise P.PromptSetError(f"doses {text!r}: give fractions separated by commas, e.g. 0.001, 0.01") from None
+        raise PromptSetError(f"doses {text!r}: give fractions separated by commas, e.g. 0.001, 0.01") from None
     if not values or any(not (math.isfinite(v) and 0 < v <= 1) for v in values):
-        raise P.PromptSetError(f"doses {text!r}: every dose must be a fraction in (0, 1]")
+        raise PromptSetError(f"doses {text!r}: every dose must be a fraction in (0, 1]")
     return sorted(set(values))
 
 
@@ -396,7 +406,7 @@ with st.expander("Dose-response check (faithfulness)"):
     if result.scores is None:
         st.info(bundle.NO_SCORES)
     else:
-        dose_languages = [lang for lang in languages if lang in P.BUILTIN_LANGUAGES]
+        dose_languages = [lang for lang in languages if lang in BUILTIN_LANGUAGES]
         default_dose = ([lang for lang in dose_languages if lang in result_hr][:1]
                         + [lang for lang in dose_languages if lang not in result_hr][:1])
         state.keep_valid("nr_dose_langs", dose_languages, multi=True)
@@ -412,19 +422,18 @@ with st.expander("Dose-response check (faithfulness)"):
             try:
                 fractions = parse_fractions(dose_text)
                 if not dose_langs:
-                    raise P.PromptSetError("choose at least one language")
+                    raise PromptSetError("choose at least one language")
                 generate_at = (fractions[-1],) if generate_choice.startswith("the largest") else ()
                 jobs.start_job("dose_response", run_dose_response, lm, result, list(dose_langs), int(dose_n),
                                fractions, generate_at, int(st.session_state.get("nr_batch", 8)))
-                st.session_state["dose_response_for"] = result.manifest.get("created")
+                session.dose_response_for = result.manifest.get("created")
             except Exception as exc:  # noqa: BLE001
                 show_error(exc)
-        dose_job = jobs.job_panel("dose_response")
-        if dose_job is not None and not dose_job.running and dose_job.error is None:
-            st.session_state["dose_response"] = dose_job.result
-            st.session_state.pop("job:dose_response", None)
-        curve = st.session_state.get("dose_response")
-        if curve is not None and st.session_state.get("dose_response_for") == result.manifest.get("created"):
+        curve_done = jobs.result_of(jobs.job_panel("dose_response"))
+        if curve_done is not None:
+            session.dose_response = curve_done
+        curve = session.dose_response
+        if curve is not None and session.dose_response_for == result.manifest.get("created"):
             st.altair_chart(curve.chart())
             held = curve.manifest.get("heldout") or {}
             st.caption(f"Held-out prompts: {held.get('source', 'built-in')} "

@@ -1,32 +1,29 @@
 """Chat (A/B): the same prompt answered by the model as is (left) and with an intervention (right).
 
-Both replies come from ONE batched generation of two identical rows; the intervention's row mask
-``rows=[False, True]`` edits only the right row, so seed, sampling and padding are the same and any
-difference is caused by the intervention. Trained deltas are applied the same way when the training
-module supports row masks, else by a second generation with the same seed.
+Both replies come from ONE batched generation of two identical rows (`ssn_core.ab.run_ab`): the edit of column B
+(neurons scaled or shifted, the refusal direction ablated, or a trained delta) applies to the right row only, so
+seed, sampling and padding are the same and any difference is caused by the intervention.
 """
 
 from __future__ import annotations
 
-import inspect
-from contextlib import closing
-
 import streamlit as st
 
-from ssn_core.interventions import Intervention, Shift, intervene
+from ssn_core import ab
+from ssn_core.direction import DirectionAblation
+from ssn_core.generation import GenerationSettings
+from ssn_core.interventions import Intervention, Shift
 from ssn_core.judges import MarkerJudge
 from ssn_core.langid import detect_language
 from ui import ab_records, neuron_sources, state, textdiff
-from ui.common import link, need, require_model, show_error
+from ui.common import link, model_page, show_error
+from ui.state import session
 
-st.title("Chat (A/B)")
-st.write("Ask something; the **left** column is the model as is, the **right** column is the same model with "
-         "the intervention you choose below. Same prompt, same seed, same sampling: differences come from the "
-         "neurons you switched off or amplified.")
-lm = require_model()
-
-generation = need("ssn_core.generation")
-GenerationSettings, stream_generate = generation.GenerationSettings, generation.stream_generate
+lm = model_page("Chat (A/B)", (
+    "Ask something; the **left** column is the model as is, the **right** column is the same model with "
+    "the intervention you choose below. Same prompt, same seed, same sampling: differences come from the "
+    "neurons you switched off or amplified."
+))
 
 sites = lm.sites
 VERDICT_STYLE = {"refusal": ("green", ":material/shield:", "refusal"),
@@ -44,9 +41,11 @@ with st.expander("Intervention (right column)", expanded=True):
     col1, col2 = st.columns([2, 1])
     # the suggested (most effective) set first, then the other sets, the refusal direction, "every neuron" last
     options = neuron_sources.available_choices(with_direction=True)
-    delta = st.session_state.get("chat_delta")
+    delta = session.chat_delta
     source_labels = [c.label() for c in options] + ([DELTA_LABEL] if delta is not None else [])
-    if st.session_state.pop("chat_use_delta", False) and delta is not None:
+    use_delta_now = bool(session.chat_use_delta)  # "Use in chat" on the Fine-tune page: pick the delta, once
+    del session.chat_use_delta
+    if use_delta_now and delta is not None:
         st.session_state["chat_source"] = DELTA_LABEL
     if st.session_state.get("chat_source") == NO_SET.label() and options[0] != NO_SET:
         del st.session_state["chat_source"]  # a set exists now: the remembered "no set yet" gives way to it
@@ -86,16 +85,14 @@ with st.expander("Intervention (right column)", expanded=True):
     kinds = c4.multiselect("Sites", list(sites.kinds), default=list(sites.kinds), key="chat_kinds",
                            disabled=fixed)
 
-intervention = None  # Intervention | Shift | DirectionAblation on row 1 (column B)
+edit: ab.Edit | None = None  # what column B runs with (`ssn_core.ab` puts it on that row only)
 description = "no intervention"
 if use_delta:
-    description = f"trained delta ({delta.meta.get('name', 'fine-tuned')})" if hasattr(delta, "meta") \
-        else "trained delta"
+    edit = delta
+    description = f"trained delta ({delta.meta.get('name', 'fine-tuned')})"
 elif use_direction:
-    from ssn_core.direction import DirectionAblation
-
     direction = neuron_sources.refusal_direction()
-    intervention = DirectionAblation(direction.unit, rows=[False, True], label="refusal direction ablated")
+    edit = DirectionAblation(direction.unit, label="refusal direction ablated")
     description = f"refusal direction (layer {direction.layer}) projected out of every layer (positive control)"
     st.caption("Column B: the difference of mean residual states between harmful and harmless prompts, projected out "
                "of the residual stream at every layer. It shows how far this model's refusal can be broken at all; "
@@ -115,12 +112,12 @@ elif action != OFF:
         label = ("random control for " if random_control else "") + choice.label()
         if action == ADD:
             offsets, hr = neuron_sources.additive_offsets(neurons, float(beta))
-            intervention = Shift(neurons, offsets, rows=[False, True], label=label)
+            edit = Shift(neurons, offsets, label=label)
             description = f"add {float(beta):g} × mean {hr} harmful activation to {len(neurons)} neurons ({label})"
         else:
             scale = 0.0 if action == SUPPRESS else float(alpha)
-            intervention = Intervention(neurons, scale=scale, rows=[False, True], label=label)
-            description = intervention.describe()
+            edit = Intervention(neurons, scale=scale, label=label)
+            description = edit.describe()
         if len(neurons) == 0:
             st.warning("The chosen set has no neurons in these layers and sites: both columns will be the same.")
         if choice.kind == "everything":
@@ -132,9 +129,9 @@ elif action != OFF:
                        "(`make starter-neurons`), shipped with SSN Lab so that it works from the first second.")
     except Exception as exc:  # noqa: BLE001 - e.g. a random control that cannot be drawn
         show_error(exc)
-        intervention = None
+        edit = None
 st.caption(f"Right column: **{description}**.")
-if st.session_state.get("identify_result") is None and picked_label != NO_SET.label():
+if session.identify_result is None and picked_label != NO_SET.label():
     st.caption("Tip: identify MS/SS-Neurons on the Neurons page to get the paper's sets here.")
     link("neurons", "Neurons page", icon=":material/biotech:")
 
@@ -149,10 +146,8 @@ with st.expander("Generation settings"):
 
 
 def make_settings() -> GenerationSettings:
-    wanted = {"max_new_tokens": int(max_new), "seed": int(seed), "do_sample": bool(sample),
-              "temperature": float(temperature) if sample else None}
-    accepted = inspect.signature(GenerationSettings).parameters
-    return GenerationSettings(**{k: v for k, v in wanted.items() if k in accepted and v is not None})
+    sampling = {"do_sample": True, "temperature": float(temperature)} if sample else {}
+    return GenerationSettings(max_new_tokens=int(max_new), seed=int(seed), **sampling)
 
 
 @st.cache_data(show_spinner=False)
@@ -203,20 +198,13 @@ def judged_language(prompt: str) -> tuple[str | None, str]:
     return guess.code, ("detected" if guess.code else "not detected: every language's markers")
 
 
-def finish_turn(pending: dict, stopped: bool = False) -> dict:
-    """A history entry from a (possibly interrupted) generation: replies judged in the prompt's language."""
-    code = pending.get("language")
-    return ab_records.with_record(lm, {**pending, "stopped": stopped,
-                                       "a_verdict": judge.judge(pending["prompt"], pending["a"], code),
-                                       "b_verdict": judge.judge(pending["prompt"], pending["b"], code)})
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Conversation
-history: list[dict] = st.session_state.setdefault("chat_history", [])
-interrupted = st.session_state.pop("chat_pending", None)
+history: list[dict] = session.chat_history
+interrupted = session.chat_pending
+del session.chat_pending
 if interrupted is not None:  # the last generation was stopped (Stop, or another click while it ran): keep it
-    history.append(finish_turn(interrupted, stopped=True))
+    history.append(ab_records.stopped_turn(lm, interrupted, judge))
 
 
 def badge(verdict, language: str | None = None, how: str = "") -> None:
@@ -266,59 +254,32 @@ if prompt:
     stop_slot.button("Stop", key="chat_stop", icon=":material/stop_circle:",
                      help="Stop generating; what both columns wrote so far is kept.")
     code, how = judged_language(prompt)
-    pending = {"prompt": prompt, "a": "", "b": "", "language": code, "language_how": how,
-               "description": description}
-    st.session_state["chat_pending"] = pending
     settings = make_settings()
-    pending.update(ab_records.turn_context(None if use_delta else intervention, description, settings,
-                                           delta if use_delta else None))
-    replies = ["", ""]
+    pending = {"prompt": prompt, "a": "", "b": "", "language": code, "language_how": how,
+               "description": description, "settings": settings, "rows": ab.two_rows(prompt, edit, code)}
+    session.chat_pending = pending
 
-    def show(a: str, b: str) -> None:
-        pending["a"], pending["b"] = a, b
-        slot_a.markdown(a)
-        slot_b.markdown(b)
+    def show(replies: list[str]) -> None:
+        pending["a"], pending["b"] = replies
+        slot_a.markdown(replies[0])
+        slot_b.markdown(replies[1])
 
+    exchange, error = None, None
     try:
-        if use_delta:
-            from ssn_core.delta import apply_delta
-
-            supports_rows = "rows" in inspect.signature(apply_delta).parameters
-            if supports_rows:
-                with apply_delta(lm, delta, rows=[False, True]), \
-                        closing(stream_generate(lm, [prompt, prompt], settings)) as stream:
-                    for replies in stream:
-                        show(replies[0], replies[1])
-            else:  # two runs with the same seed
-                with closing(stream_generate(lm, [prompt], settings)) as stream:
-                    for (partial,) in stream:
-                        replies[0] = partial
-                        show(partial, "")
-                with apply_delta(lm, delta), closing(stream_generate(lm, [prompt], settings)) as stream:
-                    for (partial,) in stream:
-                        replies[1] = partial
-                        show(replies[0], partial)
-        else:
-            interventions = [intervention] if intervention is not None and (
-                not hasattr(intervention, "neurons") or len(intervention.neurons)) else []
-            with intervene(lm, *interventions), closing(stream_generate(lm, [prompt, prompt], settings)) as stream:
-                for replies in stream:
-                    show(replies[0], replies[1])
+        exchange = ab.run_ab(lm, pending["rows"], settings, judge, on_update=show)
     except Exception as exc:  # noqa: BLE001 - shown, the history keeps what was there
-        st.session_state.pop("chat_pending", None)
-        stop_slot.empty()
-        show_error(exc)
+        error = exc
+    del session.chat_pending  # (a Stop never gets here: its rerun ends this run first)
+    stop_slot.empty()
+    if error is not None:
+        show_error(error)
     else:
-        st.session_state.pop("chat_pending", None)
-        stop_slot.empty()
-        replies = list(replies)
-        pending["a"], pending["b"] = replies[0], replies[1]
-        history.append(finish_turn(pending))
+        history.append(ab_records.turn(lm, pending, exchange))
         st.rerun()
 
 if history:
     if st.button("Clear conversation", key="chat_clear"):
-        st.session_state["chat_history"] = []
+        session.chat_history = []
         st.rerun()
 else:
     st.caption("Each message is answered independently (single turn), as in the paper's evaluation.")

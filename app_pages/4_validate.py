@@ -6,26 +6,25 @@ import pandas as pd
 import streamlit as st
 
 from ssn_core.evaluation import heldout_prompt_set
+from ssn_core.generation import GenerationSettings
 from ssn_core.prompts import BUILTIN_LANGUAGES, PromptSet, load_builtin
-from ui import bundle, charts, jobs, neuron_sources, provenance, state
-from ui.common import csv_bytes, json_bytes, link, need, require_model, show_error
+from ssn_core.validation import ValidationResult, plan_conditions, validate
+from ui import charts, jobs, neuron_sources, provenance, state
+from ui.common import csv_bytes, json_bytes, link, model_page, show_error, stop_without_result
+from ui.state import session
 
-st.title("Validate")
-st.write(
+lm = model_page("Validate", (
     "Causal check of the identified neurons: the harmful prompts of each language are answered with "
     "**no intervention** (baseline), with the **MS / SS-Neurons suppressed**, with **as many random neurons** "
     "suppressed (the control, several seeds), and with the SS-Neurons **reinforced**. If the neurons carry "
     "safety, suppressing them raises the attack success rate (ASR) much more than random suppression does."
-)
-lm = require_model()
+))
 targets = neuron_sources.validation_targets()
 if not targets:
     st.info("Nothing to validate yet: identify MS- and SS-Neurons on the **Neurons** page first (or import a "
             "neuron set there).")
     link("neurons", "Go to the Neurons page", icon=":material/biotech:")
     st.stop()
-
-GenerationSettings = need("ssn_core.generation").GenerationSettings
 
 
 def parse_betas(text: str) -> tuple[float, ...]:
@@ -43,9 +42,6 @@ def parse_betas(text: str) -> tuple[float, ...]:
     return values
 
 
-validation_module = need("ssn_core.validation")
-ValidationResult, validate = validation_module.ValidationResult, validation_module.validate
-
 state.keep_valid("val_source", targets)
 source_label = st.selectbox("Neurons to validate", list(targets), key="val_source",
                             help="An imported set is validated as one target: suppressed against matched random "
@@ -53,11 +49,11 @@ source_label = st.selectbox("Neurons to validate", list(targets), key="val_sourc
 result = targets[source_label]
 imported = isinstance(result, neuron_sources.SetAsResult)
 
-prompts = None if imported else st.session_state.get("identify_prompts")
-if prompts is not None and bundle.is_bundle(result):
+prompts = None if imported else session.identify_prompts
+if prompts is not None and result.is_bundle:
     prompts = None  # the session's prompts belong to its own identification, not to the bundle
 languages_available = list(BUILTIN_LANGUAGES) if imported else list(result.ms)
-used_ids = getattr(result, "item_ids", frozenset()) or frozenset()
+used_ids = result.item_ids
 if used_ids and (prompts is None or str(prompts.source).startswith("builtin")):
     # held out by construction: the built-in items identification did not use (and their counterparts)
     prompts, heldout_note = heldout_prompt_set(
@@ -72,8 +68,9 @@ elif prompts is None:  # an imported set: the built-in prompts of its languages
     prompts = load_builtin([lang for lang in languages_available if lang in BUILTIN_LANGUAGES] or ["en"])
     st.caption("Prompts: the built-in set (the identification's own prompts are not in this session).")
 languages_available = [lang for lang in languages_available if lang in prompts.languages]
-has_direction = getattr(result, "direction", None) is not None
-has_means = getattr(result, "activations", None) is not None
+has_direction = result.direction is not None
+has_means = result.activations is not None
+hr_language = (result.hr or ("en",))[0]
 state.keep_valid("val_langs", languages_available, multi=True)
 
 with st.form("validate_form"):
@@ -107,11 +104,10 @@ with st.form("validate_form"):
         from ssn_core.progress import format_duration
         from ssn_core.speed import generation_seconds
 
-        hr_language = (getattr(result, "hr", None) or ("en",))[0]
         rows = 0
         try:
             for language in languages:
-                plan, _ = validation_module.plan_conditions(
+                plan, _ = plan_conditions(
                     result, language, lm.sites, (float(alpha),), tuple(range(int(n_seeds))), hr_language,
                     result.direction.unit if has_direction and use_direction else None, parse_betas(betas_text))
                 n_prompts = len(prompts.select(languages=[language], label="harmful", limit_per_language=int(limit)))
@@ -138,23 +134,20 @@ if go:
             settings = GenerationSettings(max_new_tokens=int(max_new))
             jobs.start_job("validate", validate, lm, result, prompts, languages, settings, alphas=(float(alpha),),
                            seeds=tuple(range(int(n_seeds))), batch_size=int(batch), limit_per_language=int(limit),
-                           hr_language=getattr(result, "hr", ("en",))[0] if getattr(result, "hr", None) else "en",
+                           hr_language=hr_language,
                            direction=None if use_direction and has_direction else False,
                            over_refusal=bool(over_refusal), betas=betas)
 
 job = jobs.job_panel("validate")
 if job is not None and job.running:
     st.caption("The results below (if any) are from the previous run.")
-if job is not None and not job.running and isinstance(job.result, ValidationResult):
-    st.session_state["validation_result"] = job.result
-    st.session_state.pop("job:validate", None)
+validated = jobs.result_of(job)
+if validated is not None:
+    session.validation_result = validated
 
-vres: ValidationResult | None = st.session_state.get("validation_result")
-if vres is None:
-    if job is None:
-        st.info("Choose languages and press **Run validation**; the estimate under the form comes from this "
-                "model's measured speed.")
-    st.stop()
+vres: ValidationResult | None = session.validation_result
+stop_without_result(vres, job, "Choose languages and press **Run validation**; the estimate under the form comes "
+                               "from this model's measured speed.")
 
 
 def condition_suffix(condition: str, alpha) -> str:

@@ -2,61 +2,36 @@
 
 from __future__ import annotations
 
-import dataclasses
-import threading
-import time
-
 import pandas as pd
 import streamlit as st
 
 from ssn_core.delta import NeuronDelta
 from ssn_core.judges import load_refusal_templates
 from ssn_core.progress import format_duration
+from ssn_core.prompts import BUILTIN_LANGUAGES, load_builtin
+from ssn_core.training import BASELINES, StudyConfig, StudyResult, TrainConfig, run_study
 from ui import charts, jobs, neuron_sources, provenance, state
-from ui.common import PAGE_PATHS, call, file_bytes, json_bytes, link, load_upload, need, require_model
+from ui.common import PAGE_PATHS, call, file_bytes, json_bytes, link, load_upload, model_page, stop_without_result
+from ui.state import session
 
-st.title("Fine-tune")
-st.write(
+lm = model_page("Fine-tune", (
     "Train **only the parameters that belong to a neuron set** (for the paper: the SS-Neurons) on harmful "
     "prompts paired with refusals in the same language, plus harmless prompts paired with the model's own "
     "answers so it does not learn to refuse everything. The base model is never changed: the result is a "
     "small *delta* you can switch on in the Chat page, download, or load again later."
-)
-lm = require_model()
-training = need("ssn_core.training")
-prompts_module = need("ssn_core.prompts")
-
-
-def run_finetune(lm, neurons, prompts, languages, config, n_per_language, heldout_fraction, evaluate, baselines,
-                 settings=None, progress=None, cancel: threading.Event | None = None):
-    """Build the safety data, train the delta (with before/after evaluation), optionally the baselines."""
-    started = time.perf_counter()  # the prompts were loaded by the page already (a fraction of a second)
-    data = training.build_safety_data(lm, prompts, languages, heldout_fraction=heldout_fraction, seed=config.seed,
-                                      n_per_language=n_per_language, progress=progress, cancel=cancel)
-    result = training.run_train(lm, neurons, data, config, evaluate=evaluate, progress=progress, cancel=cancel)
-    comparison = None
-    if baselines:
-        # PEFT wraps modules in place: run the baselines on a private copy so other sessions never see them.
-        import copy
-
-        private = dataclasses.replace(lm, model=copy.deepcopy(lm.model))
-        _, comparison = training.compare_methods(private, neurons, data, config, methods=tuple(baselines),
-                                                 progress=progress, cancel=cancel)
-        del private
-    return {"result": result, "comparison": comparison, "data_counts": data.counts(), "settings": settings or {},
-            "seconds_total": time.perf_counter() - started}
+))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 choices = [c for c in neuron_sources.available_choices() if c.kind not in ("everything", "none")]
-identify_prompts = st.session_state.get("identify_prompts")
+identify_prompts = session.identify_prompts
 
 with st.expander("Load a delta trained earlier", expanded=False):
     uploaded = st.file_uploader("Delta file (.safetensors)", type=["safetensors"], key="ft_upload")
     if uploaded is not None and st.button("Load delta", key="ft_load_delta"):
         delta = call(load_upload, NeuronDelta.load, uploaded, model=lm.model, sites=lm.sites)
         if delta is not None:
-            st.session_state["chat_delta"] = delta
+            session.chat_delta = delta
             st.success(f"Loaded a delta on {len(delta.neurons):,} neurons; it is available in the Chat page.")
 
 if not choices:
@@ -65,9 +40,9 @@ if not choices:
     st.stop()
 
 templates = call(load_refusal_templates) or {}
-result_ss = st.session_state.get("identify_result")
+result_ss = session.identify_result
 candidate_languages = [lang for lang in (list(result_ss.ms) if result_ss is not None else
-                                         list(prompts_module.BUILTIN_LANGUAGES)) if lang in templates]
+                                         list(BUILTIN_LANGUAGES)) if lang in templates]
 default_languages = [lang for lang in candidate_languages if lang != "en"][:3] or candidate_languages[:1]
 
 with st.form("finetune_form"):
@@ -86,7 +61,7 @@ with st.form("finetune_form"):
                                      help="Harmful (and harmless) items per language; a quarter is held out.")
     evaluate = st.checkbox("Evaluate before and after on the held-out prompts", value=True, key="ft_eval")
     baselines = st.multiselect("Baselines (same data and steps; on a private copy of the model)",
-                               ["random", "lora-8", "lora-match", "full"], default=[], key="ft_baselines",
+                               list(BASELINES), default=[], key="ft_baselines",
                                help="random: as many random neurons; LoRA r=8 or rank-matched; full fine-tuning "
                                     "(small models only). Each needs extra time and memory.")
     go = st.form_submit_button("Start fine-tuning", type="primary")
@@ -109,17 +84,19 @@ if go:
         neurons = neuron_sources.resolve(choice, lm.sites)
         prompts = identify_prompts
         if prompts is None or any(lang not in prompts.languages for lang in languages):
-            prompts = call(prompts_module.load_builtin, languages)
+            prompts = call(load_builtin, languages)
         if prompts is not None:
-            config = training.TrainConfig(steps=int(steps), lr=float(lr), batch_size=int(batch_size),
-                                          target=choice.label())
+            config = StudyConfig(train=TrainConfig(steps=int(steps), lr=float(lr), batch_size=int(batch_size),
+                                                   target=choice.label()),
+                                 languages=list(languages), n_per_language=int(n_per_language),
+                                 evaluate=bool(evaluate), baselines=tuple(baselines))
             settings = {"neurons": choice.label(), "languages": list(languages), "steps": int(steps),
                         "learning rate": f"{float(lr):g}", "batch size": int(batch_size),
                         "items per language": int(n_per_language), "evaluated": bool(evaluate),
                         "baselines": list(baselines) or "none"}
-            st.session_state.pop("train_result", None)  # results of other settings must not sit under this run
-            job = jobs.start_job("finetune", run_finetune, lm, neurons, prompts, languages, config,
-                                 int(n_per_language), 0.25, bool(evaluate), list(baselines), settings)
+            del session.train_result  # results of other settings must not sit under this run
+            job = jobs.start_job("finetune", run_study, lm, neurons, config, prompts=prompts,
+                                 started_with={"settings": settings})
             job.live["series"] = "neurons"
 
 
@@ -147,30 +124,31 @@ def live_losses(job: jobs.Job) -> None:
 
 
 job = jobs.job_panel("finetune", live=live_losses)
-if job is not None and not job.running and isinstance(job.result, dict):
-    st.session_state["train_result"] = {**job.result, "phases": job.phases_done()}
-    st.session_state.pop("job:finetune", None)
+if job is not None and not job.running and isinstance(job.result, StudyResult):
+    study: StudyResult = job.result
+    if study.baseline_error is not None:  # shown as a failed job: the error, no result
+        st.error(str(study.baseline_error))
+    else:
+        session.train_result = state.FineTuneRun(study, job.started_with.get("settings", {}), job.phases_done())
+        jobs.drop_job("finetune")
 
-out = st.session_state.get("train_result")
-if out is None:
-    if job is None:
-        st.info("Choose the neurons and languages, then press **Start fine-tuning**; the estimate under the form "
-                "comes from this model's measured speed.")
-    st.stop()
+out = session.train_result
+stop_without_result(out, job, "Choose the neurons and languages, then press **Start fine-tuning**; the estimate "
+                              "under the form comes from this model's measured speed.")
 
-result = out["result"]
+result = out.study.result
 st.subheader("Result")
-if out.get("settings"):
-    st.caption("This result was computed with: " + provenance.describe(provenance.train_settings(out)))
+if out.settings:
+    st.caption("This result was computed with: " + provenance.describe(provenance.train_settings(out.settings)))
 m1, m2, m3, m4, m5 = st.columns(5)
 m1.metric("Trained parameters", f"{result.trainable_params:,}")
 m2.metric("Share of the model", f"{100 * result.trainable_share:.3f}%")
 m3.metric("Final loss", f"{result.losses[-1]:.3f}" if result.losses else "-")
 m4.metric("Training time", format_duration(result.seconds))
-m5.metric("Total time", format_duration(out.get("seconds_total", result.seconds)),
+m5.metric("Total time", format_duration(out.study.seconds),
           help="Everything the job did: the retain replies, the evaluations before and after, the training.")
-if out.get("phases"):
-    st.caption("Phases: " + " · ".join(f"{p['phase']} {format_duration(p['seconds'])}" for p in out["phases"]))
+if out.phases:
+    st.caption("Phases: " + " · ".join(f"{p['phase']} {format_duration(p['seconds'])}" for p in out.phases))
 if result.losses:
     st.altair_chart(charts.loss_curve(pd.DataFrame({"step": range(1, len(result.losses) + 1),
                                                     "loss": result.losses})))
@@ -179,16 +157,16 @@ if result.before is not None and result.after is not None:
     st.markdown("**Held-out prompts, before and after** (refusal should rise, over-refusal and retain NLL "
                 "should barely move):")
     st.dataframe(before_after_table(result.before.table(), result.after.table()), hide_index=True, width="stretch")
-if out.get("comparison"):
+if out.study.baselines:
     st.markdown("**Baselines on the same data and steps:**")
-    st.dataframe(pd.DataFrame(out["comparison"]), hide_index=True, width="stretch")
+    st.dataframe(pd.DataFrame(out.study.baseline_rows()), hide_index=True, width="stretch")
 
 c1, c2, c3 = st.columns(3)
 if result.delta is not None:
     c1.download_button("Download the delta (.safetensors)", file_bytes(result.delta.save, ".safetensors"),
                        "ssn_delta.safetensors", "application/octet-stream")
     if c2.button("Use in chat", type="primary", key="ft_use_in_chat"):
-        st.session_state["chat_delta"] = result.delta
-        st.session_state["chat_use_delta"] = True
+        session.chat_delta = result.delta
+        session.chat_use_delta = True
         st.switch_page(PAGE_PATHS["chat"])
 c3.download_button("Run record (JSON)", json_bytes(result.to_dict()), "train_result.json", "application/json")

@@ -3,13 +3,14 @@ the loaded model. Meant to be projected."""
 
 from __future__ import annotations
 
-from contextlib import closing
-
 import streamlit as st
 
-from ssn_core.interventions import Intervention, intervene
+from ssn_core import ab
+from ssn_core.interventions import Intervention
+from ssn_core.judges import MarkerJudge
 from ui import bundle, charts, neuron_sources, state, walkthrough
 from ui.common import link, show_error
+from ui.state import session
 
 st.title("Learn: safety neurons across languages")
 
@@ -53,7 +54,7 @@ if lm is None:
 def walkthrough_sources() -> dict[str, object]:
     """The results the walkthrough can run on: the bundled starter set first, then this session's identification."""
     sources: dict[str, object] = {}
-    bundled, own = bundle.current(), st.session_state.get("identify_result")
+    bundled, own = bundle.current(), session.identify_result
     if bundled is not None:
         sources["Bundled starter set"] = bundled
     if own is not None and own is not bundled:
@@ -69,7 +70,7 @@ def walkthrough_delta():
     folder = bundle.folder()
     path = extra_file(folder, DELTA_FILE) if folder is not None else None
     if path is not None:
-        cached = st.session_state.get("walkthrough_delta")
+        cached = session.walkthrough_delta
         if cached is None or cached[0] != str(path):
             from ssn_core.delta import NeuronDelta
 
@@ -78,10 +79,10 @@ def walkthrough_delta():
             except Exception as exc:  # noqa: BLE001 - the step says it has no delta, the error says why
                 show_error(exc)
                 cached = (str(path), None)
-            st.session_state["walkthrough_delta"] = cached
+            session.walkthrough_delta = cached
         if cached[1] is not None:
             return cached[1], "the precomputed delta of the bundle"
-    trained = st.session_state.get("chat_delta")
+    trained = session.chat_delta
     if trained is not None:
         return trained, "the delta from the Fine-tune page"
     return None, ""
@@ -106,27 +107,22 @@ def show_row(column, row: dict, baseline_margin: float | None, first: bool) -> N
 
 
 def run_step(step, settings) -> list[dict]:
-    """Stream every column of the step (one batch), then judge each reply and measure its refusal margin."""
-    from ssn_core.generation import stream_generate
-    from ssn_core.judges import MarkerJudge
-
+    """Stream every column of the step (one batch), judge each reply, then measure its refusal margin."""
     columns = st.columns(len(step.rows))
     slots = []
     for column, row in zip(columns, step.rows):
         column.markdown(f"**{row.label}**")
         slots.append(column.empty())
-    replies = [""] * len(step.rows)
-    with walkthrough.applied(lm, step.rows), \
-            closing(stream_generate(lm, [row.prompt for row in step.rows], settings)) as stream:
-        for replies in stream:  # every column appears as it is written, from one batch
-            for slot, reply in zip(slots, replies):
-                slot.info(reply or "…")
-    judge = MarkerJudge()
+
+    def show(replies: list[str]) -> None:  # every column appears as it is written, from one batch
+        for slot, reply in zip(slots, replies):
+            slot.info(reply or "…")
+
+    exchange = ab.run_ab(lm, step.rows, settings, MarkerJudge(), on_update=show)
     with st.spinner("Measuring the refusal margins…"):
         return [{"key": f"{step.key}_{i}", "label": row.label, "prompt": row.prompt, "language": row.language,
-                 "reply": reply, "verdict": judge.judge(row.prompt, reply, row.language).label,
-                 "margin": walkthrough.row_margin(lm, row)}
-                for i, (row, reply) in enumerate(zip(step.rows, replies))]
+                 "reply": reply, "verdict": verdict.label, "margin": ab.row_margin(lm, row)}
+                for i, (row, reply, verdict) in enumerate(zip(step.rows, exchange.replies, exchange.verdicts))]
 
 
 st.header("Guided walkthrough")
@@ -163,7 +159,7 @@ else:
         st.caption(f"Prompts and settings: {config_where}. Greedy replies of up to {config.max_new_tokens} tokens; "
                    "each step's columns are generated together in one batch, so only the edit differs.")
         settings = GenerationSettings(max_new_tokens=config.max_new_tokens)
-        done: dict = st.session_state.setdefault("walkthrough", {})
+        done: dict = session.walkthrough
         for step in steps:
             st.subheader(f"Step {step.number} — {step.title}")
             st.markdown(step.look_for)
@@ -195,8 +191,8 @@ else:
                     show_row(column, row, rows[0]["margin"], i == 0)
 
 st.header("More live demos")
-result = st.session_state.get("identify_result")
-imported_sets = st.session_state.get("neuron_sets_imported", {})
+result = session.identify_result
+imported_sets = session.neuron_sets_imported
 st.subheader("Live demo 1 — how much do the languages share?")
 if result is None:
     st.info("No neurons identified in this session yet. Run an identification on the **Neurons** page "
@@ -225,8 +221,7 @@ for name, neuron_set in imported_sets.items():
 if not demo_sets:
     st.info("Needs identified SS-Neurons or an imported neuron set (Neurons page).")
 else:
-    from ssn_core.generation import GenerationSettings, stream_generate
-    from ssn_core.judges import MarkerJudge
+    from ssn_core.generation import GenerationSettings
     from ssn_core.prompts import BUILTIN_LANGUAGES, load_builtin
 
     state.keep_valid("learn_source", demo_sets)
@@ -235,7 +230,7 @@ else:
     languages = [set_language] if set_language else [lang for lang in BUILTIN_LANGUAGES if lang != "en"]
     state.keep_valid("learn_language", languages)
     demo_language = st.selectbox("Language", languages, key="learn_language")
-    prompts = st.session_state.get("identify_prompts")
+    prompts = session.identify_prompts
     if prompts is None or demo_language not in prompts.languages:
         prompts = load_builtin([demo_language]) if demo_language in BUILTIN_LANGUAGES else None
     candidates = [] if prompts is None else [p.text for p in prompts.select(languages=[demo_language],
@@ -249,23 +244,20 @@ else:
         a.markdown("**Model as is**")
         b.markdown("**These neurons switched off**")
         slot_a, slot_b = a.empty(), b.empty()
+
+        def show(replies: list[str]) -> None:  # both answers appear as they are written, from one batch
+            slot_a.info(replies[0] or "…")
+            slot_b.warning(replies[1] or "…")
+
         try:
-            settings = GenerationSettings(max_new_tokens=48)
-            replies = ["", ""]
-            with intervene(lm, Intervention(neurons, scale=0.0, rows=[False, True], label="suppress")), \
-                    closing(stream_generate(lm, [text, text], settings)) as stream:
-                for replies in stream:  # both answers appear as they are written, from one batch
-                    slot_a.info(replies[0] or "…")
-                    slot_b.warning(replies[1] or "…")
-            judge = MarkerJudge()
-            st.session_state["learn_demo"] = {
-                "prompt": text, "replies": list(replies),
-                "verdicts": [judge.judge(text, r, demo_language).label for r in replies]}
+            rows = ab.two_rows(text, Intervention(neurons, scale=0.0, label="suppress"), demo_language)
+            exchange = ab.run_ab(lm, rows, GenerationSettings(max_new_tokens=48), MarkerJudge(), on_update=show)
+            session.learn_demo = {"prompt": text, "replies": exchange.replies, "verdicts": exchange.labels}
         except Exception as exc:  # noqa: BLE001
             show_error(exc)
         else:
             st.rerun()  # show the finished pair (with the judge's verdicts) in place of the streaming one
-    demo = st.session_state.get("learn_demo")
+    demo = session.learn_demo
     if demo:
         a, b = st.columns(2)
         a.markdown(f"**Model as is** — judge: `{demo['verdicts'][0]}`")

@@ -6,38 +6,40 @@ from __future__ import annotations
 
 import streamlit as st
 
+from ssn_core import explain_report, explorer
 from ssn_core.errors import SSNError
 from ssn_core.neurons import format_neuron, parse_neuron
 from ssn_core.prompts import BUILTIN_LANGUAGES, language_name, load_builtin
+from ssn_core.vocab import vocabulary_projection
 from ui import explorer_links, jobs, neuron_sources, state
 from ui import explorer_view as view
-from ui.common import PAGE_PATHS, file_bytes, json_bytes, need, require_model, show_error
+from ui.common import PAGE_PATHS, file_bytes, json_bytes, model_page, show_error
 from ui.neurons_view import neuron_table
+from ui.state import session
 
-st.title("Explorer")
-st.write("One neuron at a time: the prompts of each language on which it fires most and least (tokens highlighted: "
-         "orange = positive, blue = negative), the tokens it writes towards, and its importance by every method. "
-         "A link such as **/explorer?neuron=L2.mlp.3814** opens a neuron for anyone running the same model.")
-lm = require_model()
-explorer = need("ssn_core.explorer")
-report_module = need("ssn_core.explain_report")
+lm = model_page("Explorer", (
+    "One neuron at a time: the prompts of each language on which it fires most and least (tokens highlighted: "
+    "orange = positive, blue = negative), the tokens it writes towards, and its importance by every method. "
+    "A link such as **/explorer?neuron=L2.mlp.3814** opens a neuron for anyone running the same model."
+))
 sites = lm.sites
-result = st.session_state.get("identify_result")
-cache: dict = st.session_state.setdefault("explorer_reports", {})
+result = session.identify_result
+cache: dict = session.explorer_reports
 
 # ---------------------------------------------------------------------------------------------------------------
 # Which neuron: a deep link, a click in a table (here or on the Neurons page), or typed
 linked = st.query_params.get("neuron")
-if linked and linked != st.session_state.get("ex_linked"):
-    st.session_state["ex_linked"] = st.session_state["ex_neuron"] = linked
-if st.session_state.get("ex_picked"):  # clicked in one of this page's tables in the last run
-    st.session_state["ex_neuron"] = st.session_state.pop("ex_picked")
+if linked and linked != session.explorer_linked:
+    session.explorer_linked = st.session_state["ex_neuron"] = linked
+if session.explorer_picked:  # clicked in one of this page's tables in the last run
+    st.session_state["ex_neuron"] = session.explorer_picked
+    del session.explorer_picked
 
 
 def pick(name: str | None) -> None:
     """A neuron clicked in a table below the neuron box: show it (the box is set at the top of the next run)."""
     if name and name != st.session_state.get("ex_neuron"):
-        st.session_state["ex_picked"] = name
+        session.explorer_picked = name
         st.rerun()
 
 
@@ -55,7 +57,7 @@ with top[1]:
     else:
         st.caption("Identify neurons on the **Neurons** page to pick them from its table with one click.")
 
-prompt_pool = st.session_state.get("identify_prompts")
+prompt_pool = session.identify_prompts
 available = [lang for lang in (prompt_pool.languages if prompt_pool is not None else BUILTIN_LANGUAGES)]
 state.keep_valid("ex_langs", available, multi=True)
 wanted = [lang for lang in (list(result.ms) if result is not None else ["en", "zh", "bn", "sw"]) if lang in available]
@@ -82,19 +84,15 @@ def run_explain(lm, prompts, neurons, neuron_set, result, languages, k, set_name
 
 def finished(name: str):
     """Show the job ``name``'s progress; its result once it ended well (the job is then dropped), else None."""
-    job = jobs.job_panel(name)
-    if job is not None and not job.running and job.error is None:
-        st.session_state.pop(f"job:{name}", None)
-        return job.result
-    return None
+    return jobs.result_of(jobs.job_panel(name))
 
 
 def harvest(name: str, store: dict) -> None:
     """A finished explanation job's result into ``store`` under the key it was started for."""
     job = jobs.get_job(name)
-    if job is not None and not job.running and job.error is None:
-        store[st.session_state.get(f"job_key:{name}")] = job.result
-        st.session_state.pop(f"job:{name}", None)
+    explanation = jobs.result_of(job)
+    if explanation is not None:
+        store[job.started_with.get("key")] = explanation
         while len(store) > 48:  # the neurons looked at last (and their vocabulary projections)
             store.pop(next(iter(store)))
 
@@ -116,7 +114,7 @@ def show_examples(examples: dict, which: str = "top") -> None:
 def neuron_section(neuron: tuple[int, str, int]) -> None:
     name = format_neuron(neuron)
     if st.query_params.get("neuron") != name:  # the address bar always holds the link to what is shown
-        st.query_params["neuron"] = st.session_state["ex_linked"] = name
+        st.query_params["neuron"] = session.explorer_linked = name
     st.subheader(f"{name} — {view.describe_neuron(neuron)}")
     member = explorer.membership(result, neuron)
     if member:
@@ -138,10 +136,10 @@ def neuron_section(neuron: tuple[int, str, int]) -> None:
     key = (name, tuple(languages), int(n), int(k), prompt_pool is not None)
     harvest("explorer", cache)
     job = jobs.get_job("explorer")
-    if key not in cache and languages and not (job is not None and st.session_state.get("job_key:explorer") == key):
+    if key not in cache and languages and not (job is not None and job.started_with.get("key") == key):
         try:  # a job for another neuron is cancelled by the new one
-            jobs.start_job("explorer", run_explain, lm, chosen_prompts(), [neuron], None, result, languages, int(k))
-            st.session_state["job_key:explorer"] = key
+            jobs.start_job("explorer", run_explain, lm, chosen_prompts(), [neuron], None, result, languages, int(k),
+                           started_with={"key": key})
         except SSNError as exc:
             show_error(exc)
     jobs.job_panel("explorer")
@@ -158,14 +156,14 @@ def neuron_section(neuron: tuple[int, str, int]) -> None:
             st.altair_chart(view.distribution_chart(report.distribution, report.groups))
             show_examples(report.examples, "both")
             d1, d2 = st.columns(2)
-            d1.download_button("Explanation (JSON)", json_bytes(report_module.explanation_json(explanation)),
+            d1.download_button("Explanation (JSON)", json_bytes(explain_report.explanation_json(explanation)),
                                f"{name}.json", "application/json", key="ex_dl_json")
-            d2.download_button("Report (HTML)", report_module.html_report(explanation), f"{name}.html", "text/html",
+            d2.download_button("Report (HTML)", explain_report.html_report(explanation), f"{name}.html", "text/html",
                                key="ex_dl_html")
     with tab_vocab:
         vocab_key = ("vocab", name, tuple(languages))
         if vocab_key not in cache:
-            cache[vocab_key] = need("ssn_core.vocab").vocabulary_projection(lm, neuron, 20, languages)
+            cache[vocab_key] = vocabulary_projection(lm, neuron, 20, languages)
         projection, note = cache[vocab_key]
         if projection is None:
             st.info(note)
@@ -180,11 +178,11 @@ def neuron_section(neuron: tuple[int, str, int]) -> None:
                     v1.dataframe(view.vocab_frame(part["promoted"][:10]), hide_index=True)
                     v2.dataframe(view.vocab_frame(part["suppressed"][:10]), hide_index=True)
     with tab_imp:
-        own_scores = getattr(result, "scores", None)  # None for the bundled starter set (no score table)
+        own_scores = None if result is None else result.scores  # None for the bundled starter set too
         if result is not None and own_scores is None:
             st.caption("The bundled starter set ships without its score table, so its importance scores are not "
                        "here; score impact and activation below, or identify neurons on the Neurons page.")
-        tables = ([own_scores] if own_scores is not None else []) + st.session_state.get("explorer_tables", [])
+        tables = ([own_scores] if own_scores is not None else []) + session.explorer_tables
         frame = view.importance_frame(explorer.importance(tables, neuron))
         if frame.empty:
             st.info("No score table covers this neuron's site yet: identify neurons on the Neurons page, or score "
@@ -197,8 +195,7 @@ def neuron_section(neuron: tuple[int, str, int]) -> None:
             jobs.start_job("explorer_scores", score_tables, lm, chosen_prompts(), neuron[1])
         tables_done = finished("explorer_scores")
         if tables_done is not None:
-            st.session_state["explorer_tables"] = [t for t in st.session_state.get("explorer_tables", []) if
-                                                   t.kinds != (neuron[1],)] + tables_done
+            session.explorer_tables = [t for t in session.explorer_tables if t.kinds != (neuron[1],)] + tables_done
             st.rerun()
 
 
@@ -230,11 +227,11 @@ names = list(dict.fromkeys([*sets, active]))
 m1, m2 = st.columns([2, 3])
 chosen_set = m1.selectbox("“Add to my set” adds to", names, index=names.index(active), key="ex_active_set")
 if chosen_set != active:
-    st.session_state["custom_set_active"] = active = chosen_set
+    session.custom_set_active = active = chosen_set
 new_name = m2.text_input("Name", placeholder="a name for a new set, or a new name for this one", key="ex_set_name")
 n1, n2, n3 = m2.columns(3)
 if n1.button("New set", key="ex_set_new", disabled=not new_name.strip() or new_name.strip() in sets):
-    st.session_state["custom_set_active"] = new_name.strip()
+    session.custom_set_active = new_name.strip()
     st.rerun()
 if n2.button("Rename", key="ex_set_rename", disabled=not new_name.strip() or new_name.strip() in sets):
     neuron_sources.rename_custom_set(active, new_name.strip())
@@ -287,8 +284,8 @@ if st.button("Summarise this set", key="ex_set_go", disabled=not languages):
         show_error(exc)
 summary_done = finished("explorer_set")
 if summary_done is not None:
-    st.session_state["explorer_set_reports"] = {summary_done.set.name: summary_done}
-summary = (st.session_state.get("explorer_set_reports") or {}).get(set_label)
+    session.explorer_set_reports = {summary_done.set.name: summary_done}
+summary = session.explorer_set_reports.get(set_label)
 if summary is not None:
     part = summary.set
     st.metric("Neurons", f"{part.size:,}")

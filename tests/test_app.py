@@ -42,7 +42,7 @@ def texts(elements) -> str:
 
 
 def wait_job(at: AppTest, name: str, timeout: float = 300) -> None:
-    job = at.session_state[f"job:{name}"]
+    job = at.session_state["jobs"][name]  # `ui.state.Session.jobs`
     job.wait(timeout)
     assert not job.running, f"job {name} still running after {timeout} s"
     assert job.error is None, f"job {name} failed: {job.error!r}"
@@ -298,7 +298,7 @@ def test_identify_validate_finetune_learn_chat_journey(tmp_path):
     next(b for b in at.button if b.label == "Start fine-tuning").click().run()
     assert not at.exception and not at.error, texts(at.error)
     wait_job(at, "finetune")
-    train = at.session_state["train_result"]["result"]
+    train = at.session_state["train_result"].study.result
     assert len(train.losses) == 2 and train.delta is not None and train.delta.norm() > 0
     next(b for b in at.button if b.label == "Use in chat").click().run()
     assert at.session_state["chat_delta"] is train.delta

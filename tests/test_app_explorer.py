@@ -35,7 +35,7 @@ def ok(at: AppTest) -> AppTest:
 def settle(at: AppTest, *names: str) -> AppTest:
     """Wait for the page's background jobs, then run the page again to show their results."""
     for name in names or ("explorer",):
-        job = at.session_state.get(f"job:{name}")
+        job = at.session_state.get("jobs", {}).get(name)
         if job is not None:
             job.wait(300)
             assert not job.running and job.error is None, job.error

@@ -123,7 +123,7 @@ def test_job_panel_names_the_phase_with_count_and_eta():
     job.progress(0, 20, {"phase": "train"})
     job.clock.phases[-1].counted_from -= 10
     job.progress(5, 20, {"phase": "train", "loss": 1.0})
-    at.session_state["job:identify"] = job  # a running job (no thread, not finished)
+    at.session_state["jobs"] = {"identify": job}  # a running job (no thread, not finished)
     run_page(at, "2_neurons")
     bar = at.get("progress")[0].proto.text
     assert bar.startswith("training — 5/20") and "left" in bar, bar
@@ -149,7 +149,7 @@ def test_validate_cancel_is_honoured_within_seconds(result):
     at.slider(key="val_batch").set_value(64)  # one batch of every row: before, a cancel waited for all of it
     at.multiselect(key="val_langs").set_value(["bn"])
     next(b for b in at.button if b.label == "Run validation").click().run()
-    job = at.session_state["job:validate"]
+    job = at.session_state["jobs"]["validate"]
     time.sleep(0.5)  # well inside the first batch (250 decoding steps of 64 rows: several seconds)
     assert job.running, job.error
     at.button(key="cancel:validate").click().run()
@@ -296,7 +296,7 @@ def test_finetune_result_chart_table_times_and_cancel(result):
 
     # a second run, cancelled: the first run's results must not sit under "cancelled"
     _start_finetune(at, steps=5000)
-    job = at.session_state["job:finetune"]
+    job = at.session_state["jobs"]["finetune"]
     job.cancel.set()
     job.wait(120)
     at.run()

@@ -3,7 +3,8 @@ Learn work from the first second.
 
 `ssn_core.bundle.find_bundle` picks the bundle made on the loaded model (``assets/starter_neurons/<model>/`` or
 ``$SSN_STARTER_NEURONS``; same model source and fingerprint). `install` keeps it in the session as
-``starter_bundle`` and, when the session has no identification result yet, makes it the ``identify_result`` too.
+`session.starter_bundle` and, when the session has no identification result yet, makes it the
+`session.identify_result` too.
 No asset folder, or no bundle for this model: nothing happens (the pages behave as without one).
 """
 
@@ -11,56 +12,47 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import streamlit as st
-
-BUNDLE_KEY = "starter_bundle"
-FOLDER_KEY = "starter_bundle_folder"
-ERROR_KEY = "starter_bundle_error"
+from ui.state import session
 
 
 def install(lm) -> object | None:
     """Load the bundle of ``lm`` (if any) into this session; returns it, or None."""
     from ssn_core.bundle import find_bundle, load_bundle
 
-    for key in (BUNDLE_KEY, FOLDER_KEY, ERROR_KEY):
-        st.session_state.pop(key, None)
+    del session.starter_bundle, session.starter_bundle_folder, session.starter_bundle_error
     try:
         folder = find_bundle(lm)
         if folder is None:
             return None
         result = load_bundle(folder, lm)
     except Exception as exc:  # noqa: BLE001 - a damaged bundle must not stop the app; the Neurons page says why
-        st.session_state[ERROR_KEY] = exc
+        session.starter_bundle_error = exc
         return None
-    st.session_state[BUNDLE_KEY] = result
-    st.session_state[FOLDER_KEY] = str(folder)
-    if st.session_state.get("identify_result") is None:
-        st.session_state["identify_result"] = result
+    session.starter_bundle = result
+    session.starter_bundle_folder = str(folder)
+    if session.identify_result is None:
+        session.identify_result = result
     return result
 
 
 def current():
     """This session's bundled result (an `IdentifyResult` without scores), or None."""
-    return st.session_state.get(BUNDLE_KEY)
+    return session.starter_bundle
 
 
 def folder() -> Path | None:
-    value = st.session_state.get(FOLDER_KEY)
+    value = session.starter_bundle_folder
     return Path(value) if value else None
 
 
 def error() -> BaseException | None:
-    return st.session_state.get(ERROR_KEY)
-
-
-def is_bundle(result) -> bool:
-    return bool(getattr(result, "is_bundle", False))
+    return session.starter_bundle_error
 
 
 def describe(result) -> str:
     """One line on where a bundle comes from (for captions)."""
-    info = (getattr(result, "manifest", None) or {}).get("bundle") or {}
-    recipe = ((result.manifest or {}).get("recipe") or {}).get("name") or result.manifest.get("method", "?")
+    info = result.manifest.get("bundle") or {}
+    recipe = (result.manifest.get("recipe") or {}).get("name") or result.manifest.get("method", "?")
     languages = ", ".join(result.ms) or "-"
     return (f"the bundled starter neuron set for `{info.get('model_source', '?')}` (recipe {recipe}; languages "
             f"{languages}; made {str(info.get('created', '?'))[:10]} with `make starter-neurons`)")

@@ -1,4 +1,4 @@
-"""Small page helpers shared by all pages: model guard, error display, downloads."""
+"""Small page helpers shared by all pages: the pages themselves, model guard, error display, downloads."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import io
 import json
 import tempfile
 from collections.abc import Callable
-from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +15,36 @@ import streamlit as st
 from ssn_core.errors import SSNError
 from ui import state
 
-PAGE_PATHS = {
-    "model": "app_pages/1_model.py",
-    "neurons": "app_pages/2_neurons.py",
-    "explorer": "app_pages/7_explorer.py",
-    "chat": "app_pages/3_chat.py",
-    "validate": "app_pages/4_validate.py",
-    "finetune": "app_pages/5_finetune.py",
-    "learn": "app_pages/6_learn.py",
+
+@dataclass(frozen=True)
+class Page:
+    """One page of the app: its script, title, icon and URL (None: the default page, at the root URL)."""
+
+    path: str
+    title: str
+    icon: str
+    url_path: str | None = None
+
+
+# THE list of pages, in navigation order (app.py builds `st.navigation` from it; links and page switches use its
+# paths). The pages live in app_pages/, not pages/: with a pages/ folder Streamlit runs a deep link (/chat) as an
+# old-style page, skipping app.py (no navigation, no model) until someone opens the root URL.
+PAGES: dict[str, Page] = {
+    "model": Page("app_pages/1_model.py", "Model", ":material/memory:"),
+    "neurons": Page("app_pages/2_neurons.py", "Neurons", ":material/biotech:", "neurons"),
+    "explorer": Page("app_pages/7_explorer.py", "Explorer", ":material/travel_explore:", "explorer"),
+    "chat": Page("app_pages/3_chat.py", "Chat (A/B)", ":material/forum:", "chat"),
+    "validate": Page("app_pages/4_validate.py", "Validate", ":material/bar_chart:", "validate"),
+    "finetune": Page("app_pages/5_finetune.py", "Fine-tune", ":material/tune:", "finetune"),
+    "learn": Page("app_pages/6_learn.py", "Learn", ":material/school:", "learn"),
 }
+PAGE_PATHS: dict[str, str] = {name: page.path for name, page in PAGES.items()}
+
+
+def navigation_pages() -> list:
+    """The `st.Page` objects of `PAGES`, for `st.navigation` (app.py)."""
+    return [st.Page(page.path, title=page.title, icon=page.icon, url_path=page.url_path, default=page.url_path is None)
+            for page in PAGES.values()]
 
 
 def link(page: str, label: str, icon: str | None = None) -> None:
@@ -32,6 +53,22 @@ def link(page: str, label: str, icon: str | None = None) -> None:
         st.page_link(PAGE_PATHS[page], label=label, icon=icon)
     except Exception:  # noqa: BLE001 - page_link needs the multipage app; fall back to text
         st.markdown(f"→ **{label}**")
+
+
+def model_page(title: str, intro: str):
+    """A page that works on the loaded model: its title, what it does, and the model (`require_model`)."""
+    st.title(title)
+    st.write(intro)
+    return require_model()
+
+
+def stop_without_result(result: Any | None, job: Any | None, hint: str) -> None:
+    """`st.stop()` here while there is no result to show; when no job is computing one either, say how to start it
+    (``hint``)."""
+    if result is None:
+        if job is None:
+            st.info(hint)
+        st.stop()
 
 
 def require_model():
@@ -51,17 +88,6 @@ def show_error(exc: BaseException) -> None:
     else:
         st.error(f"Unexpected error: {type(exc).__name__}: {exc}")
         st.exception(exc)
-
-
-@contextmanager
-def errors_shown():
-    """Run a block; show an SSNError (or a bug) on the page instead of crashing it."""
-    try:
-        yield
-    except SSNError as exc:
-        show_error(exc)
-    except (ValueError, OSError, KeyError, RuntimeError) as exc:
-        show_error(exc)
 
 
 def call(fn: Callable[..., Any], *args, **kwargs) -> Any | None:
@@ -131,19 +157,3 @@ def csv_bytes(df) -> bytes:
     df.to_csv(buffer, index=False)
     return buffer.getvalue().encode("utf-8")
 
-
-def model_caption(lm) -> None:
-    key = state.current_key()
-    if key is not None:
-        st.caption(f"Model: `{key.label()}`")
-
-
-def need(module: str):
-    """Import an engine module, or explain that this page's engine part is missing and stop the page."""
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        st.warning(f"This page needs `{module}`, which is not available in this installation ({exc}).")
-        st.stop()

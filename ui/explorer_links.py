@@ -7,6 +7,7 @@ import streamlit as st
 
 from ssn_core.neurons import format_neuron
 from ui.common import PAGE_PATHS
+from ui.state import session
 
 
 def neuron_picker_table(table: pd.DataFrame, key: str, **kwargs) -> str | None:
@@ -15,13 +16,13 @@ def neuron_picker_table(table: pd.DataFrame, key: str, **kwargs) -> str | None:
     event = st.dataframe(table, key=key, on_select="rerun", selection_mode="single-row", hide_index=True, **kwargs)
     rows = list(event.selection.rows)
     if not rows or rows[0] >= len(table):
-        st.session_state.pop(f"{key}:seen", None)
+        session.picked_rows.pop(key, None)
         return None
     row = table.iloc[rows[0]]
     name = format_neuron((int(row["layer"]), str(row["site"]), int(row["index"])))
-    if st.session_state.get(f"{key}:seen") == name:
+    if session.picked_rows.get(key) == name:
         return None
-    st.session_state[f"{key}:seen"] = name
+    session.picked_rows[key] = name
     return name
 
 

@@ -3,9 +3,9 @@
 A job runs an `ssn_core` function in a worker thread so the page stays responsive: the function
 gets ``progress(done, total, message)`` and ``cancel`` (a `threading.Event`) like every long engine
 call. The worker runs in a copy of the session's contextvars context (`bind_context`), so hooks the
-session has active apply to it and nobody else. The `Job` object lives in the session's
-`st.session_state` under ``job:<name>``; `job_panel` polls it with an auto-refreshing fragment and
-reruns the page once when the job ends.
+session has active apply to it and nobody else. The `Job` objects live in the session's state
+(`ui.state.session.jobs`, by name), read through `get_job`, `result_of` and `drop_job` only; `job_panel` polls a job
+with an auto-refreshing fragment and reruns the page once when it ends.
 
 Progress is shown per *phase* (`ssn_core.progress.PhaseClock`): the phase's name, its count, the time spent in
 it and an ETA from the speed measured in that phase; the phases already over are listed with their times. The
@@ -26,6 +26,7 @@ import streamlit as st
 from ssn_core.errors import Cancelled, SSNError
 from ssn_core.hooks import bind_context
 from ssn_core.progress import PhaseClock, cancel_scope, format_duration
+from ui.state import session
 
 
 @dataclass
@@ -41,6 +42,8 @@ class Job:
     finished: float | None = None
     # Free-form live data a job may publish (e.g. training losses), read by the page while it runs.
     live: dict = field(default_factory=dict)
+    # What the page started the job with (e.g. the form's settings), kept to be shown with its result.
+    started_with: dict = field(default_factory=dict)
     thread: threading.Thread | None = None
     shown: bool = False  # the page has rerun once after the job ended
     clock: PhaseClock = field(default_factory=PhaseClock)
@@ -89,13 +92,16 @@ class Job:
             self.thread.join(timeout)
 
 
-def start_job(name: str, fn: Callable[..., Any], *args, **kwargs) -> Job:
-    """Run ``fn(*args, progress=job.progress, cancel=job.cancel, **kwargs)`` in a worker thread."""
-    old = st.session_state.get(f"job:{name}")
+def start_job(name: str, fn: Callable[..., Any], *args, started_with: dict | None = None, **kwargs) -> Job:
+    """Run ``fn(*args, progress=job.progress, cancel=job.cancel, **kwargs)`` in a worker thread.
+
+    ``started_with``: what the page wants back with the result (`Job.started_with`), e.g. the form's settings.
+    """
+    old = get_job(name)
     if old is not None and old.running:
         old.cancel.set()
-    job = Job(name)
-    st.session_state[f"job:{name}"] = job
+    job = Job(name, started_with=dict(started_with or {}))
+    session.jobs[name] = job
     launch(job, fn, *args, **kwargs)
     return job
 
@@ -119,7 +125,22 @@ def launch(job: Job, fn: Callable[..., Any], *args, **kwargs) -> Job:
 
 
 def get_job(name: str) -> Job | None:
-    return st.session_state.get(f"job:{name}")
+    """This session's job ``name`` (running or finished), or None."""
+    return session.jobs.get(name)
+
+
+def drop_job(name: str) -> None:
+    """Forget the job ``name`` (its result has been kept elsewhere, or is not wanted)."""
+    session.jobs.pop(name, None)
+
+
+def result_of(job: Job | None) -> Any | None:
+    """The result of a job that ended well, which is then dropped (the page keeps the result in its own state);
+    None while it runs, after an error or a cancel (which `job_panel` shows), or without a job."""
+    if job is None or job.running or job.error is not None:
+        return None
+    drop_job(job.name)
+    return job.result
 
 
 def job_panel(name: str, live: Callable[[Job], None] | None = None, poll_s: float = 1.5) -> Job | None:

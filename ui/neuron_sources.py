@@ -11,6 +11,7 @@ import streamlit as st
 import torch
 
 from ssn_core.neurons import NeuronSet, format_neuron, parse_neuron
+from ui.state import session
 
 DEFAULT_CUSTOM_SET = "my set"
 BUNDLE_TARGET = "Bundled starter set (MS / SS per language)"
@@ -44,7 +45,7 @@ class Choice:
 
 def bundled():
     """The bundled starter result of this session (`ui.bundle`), or None."""
-    return st.session_state.get("starter_bundle")
+    return session.starter_bundle
 
 
 def available_choices(with_direction: bool = False) -> list[Choice]:
@@ -53,7 +54,7 @@ def available_choices(with_direction: bool = False) -> list[Choice]:
     ``with_direction``: also offer the refusal direction (Chat; not a neuron set, so not for training or summaries).
     """
     choices: list[Choice] = []
-    result = st.session_state.get("identify_result")
+    result = session.identify_result
     bundle = bundled()
     if bundle is not None and len(bundle.ss_all):
         choices.append(Choice("bundle"))
@@ -62,11 +63,11 @@ def available_choices(with_direction: bool = False) -> list[Choice]:
             choices.append(Choice("ss_all"))
         choices += [Choice("ss", lang) for lang, s in result.ss.items() if len(s)]
         choices += [Choice("ms", lang) for lang, s in result.ms.items() if len(s)]
-    for name in st.session_state.get("neuron_sets_imported", {}):
+    for name in session.neuron_sets_imported:
         choices.append(Choice("imported", name=name))
     choices += [Choice("custom", name=name) for name, s in custom_sets().items() if len(s)]
-    if st.session_state.get("explorer_chat_neuron"):
-        choices.append(Choice("neuron", name=st.session_state["explorer_chat_neuron"]))
+    if session.explorer_chat_neuron:
+        choices.append(Choice("neuron", name=session.explorer_chat_neuron))
     if not choices:
         choices.append(Choice("none"))
     suggested = default_choice(choices)
@@ -76,10 +77,9 @@ def available_choices(with_direction: bool = False) -> list[Choice]:
 
 def refusal_direction():
     """The refusal direction (`ssn_core.direction.RefusalDirection`) of this session's result, else of the bundle."""
-    for result in (st.session_state.get("identify_result"), bundled()):
-        direction = getattr(result, "direction", None)
-        if direction is not None:
-            return direction
+    for result in (session.identify_result, bundled()):
+        if result is not None and result.direction is not None:
+            return result.direction
     return None
 
 
@@ -106,19 +106,20 @@ def additive_offsets(neurons: NeuronSet, beta: float) -> tuple[dict, str]:
 def activation_means():
     """(activation `ScoreTable`, HR language) for the additive reinforcement: this session's result's, else the
     bundle's; None when neither kept the HR language's mean activations on harmful prompts."""
-    for result in (st.session_state.get("identify_result"), bundled()):
-        table = getattr(result, "activations", None)
-        hr = (getattr(result, "hr", None) or ("en",))[0]
-        if table is not None and (hr, "harmful") in (table.signed or {}):
-            return table, hr
+    for result in (session.identify_result, bundled()):
+        if result is None or result.activations is None:
+            continue
+        hr = (result.hr or ("en",))[0]
+        if (hr, "harmful") in (result.activations.signed or {}):
+            return result.activations, hr
     return None
 
 
 def _measured_margins() -> dict[Choice, float]:
     """From this session's validation result: how much more suppressing each target lowered refusal than its
     random control did (refusal-drop margin, averaged over languages), for targets that beat the control."""
-    vres = st.session_state.get("validation_result")
-    comparisons = getattr(vres, "summary", {}).get("languages", {}) if vres is not None else {}
+    vres = session.validation_result
+    comparisons = vres.summary.get("languages", {}) if vres is not None else {}
     from ui.provenance import validation_neurons
 
     imported = validation_neurons(vres).get("imported") if vres is not None else None
@@ -128,7 +129,7 @@ def _measured_margins() -> dict[Choice, float]:
             if not cmp.get("beats_random"):
                 continue
             if target == "ss_all":  # an imported (or own) set is validated as the "all SS" target
-                own = imported in custom_sets() and imported not in st.session_state.get("neuron_sets_imported", {})
+                own = imported in custom_sets() and imported not in session.neuron_sets_imported
                 choice = Choice("custom" if own else "imported", name=imported) if imported else (
                     Choice("bundle") if validation_neurons(vres).get("bundle") else Choice("ss_all"))
             else:
@@ -154,7 +155,7 @@ def default_choice(choices: list[Choice]) -> Choice:
     margins = {c: m for c, m in _measured_margins().items() if c in usable}
     if margins:
         return max(margins, key=margins.get)
-    result = st.session_state.get("identify_result")
+    result = session.identify_result
     size = {c: len(resolve(c, None)) for c in usable if c.kind in ("ss", "ms") and result is not None}
     for kind in ("bundle", "ss_all", "ss", "imported", "custom", "ms", "neuron"):
         of_kind = [c for c in usable if c.kind == kind]
@@ -169,7 +170,7 @@ def everything(sites) -> NeuronSet:
 
 
 def resolve(choice: Choice, sites) -> NeuronSet:
-    result = st.session_state.get("identify_result")
+    result = session.identify_result
     if choice.kind == "bundle":
         return bundled().ss_all
     if choice.kind == "direction":  # not a neuron set: the page ablates `refusal_direction()` instead
@@ -181,7 +182,7 @@ def resolve(choice: Choice, sites) -> NeuronSet:
     if choice.kind == "ss_all":
         return result.ss_all
     if choice.kind == "imported":
-        return st.session_state["neuron_sets_imported"][choice.name]
+        return session.neuron_sets_imported[choice.name]
     if choice.kind == "custom":
         return custom_sets()[choice.name]
     if choice.kind == "neuron":
@@ -215,6 +216,23 @@ class SetAsResult:
     def hr(self) -> tuple[str, ...]:
         return ("en",)
 
+    # What an identification result also has and a bare set has not (so pages read every target alike).
+    @property
+    def item_ids(self) -> frozenset[str]:
+        return frozenset()
+
+    @property
+    def direction(self) -> None:
+        return None
+
+    @property
+    def activations(self) -> None:
+        return None
+
+    @property
+    def is_bundle(self) -> bool:
+        return False
+
     @property
     def manifest(self) -> dict:
         return {"imported": self.name, "neurons": len(self.neuron_set), **{
@@ -224,13 +242,13 @@ class SetAsResult:
 def validation_targets() -> dict[str, object]:
     """What the Validate page can validate: the identification result and each imported set (label -> target)."""
     targets: dict[str, object] = {}
-    result = st.session_state.get("identify_result")
+    result = session.identify_result
     bundle = bundled()
     if result is not None and result is not bundle:  # this session's own identification first
         targets["Identification result (MS / SS per language)"] = result
     if bundle is not None:
         targets[BUNDLE_TARGET] = bundle
-    for name, neuron_set in st.session_state.get("neuron_sets_imported", {}).items():
+    for name, neuron_set in session.neuron_sets_imported.items():
         targets[f"Imported: {name} ({len(neuron_set):,} neurons)"] = SetAsResult(neuron_set, name)
     for name, neuron_set in custom_sets().items():
         if len(neuron_set):
@@ -239,31 +257,31 @@ def validation_targets() -> dict[str, object]:
 
 
 def add_imported(name: str, neuron_set: NeuronSet) -> None:
-    imported = dict(st.session_state.get("neuron_sets_imported", {}))
+    imported = dict(session.neuron_sets_imported)
     imported[name] = neuron_set
-    st.session_state["neuron_sets_imported"] = imported
+    session.neuron_sets_imported = imported
 
 
 # ----- the user's own sets (built on the Explorer page) ---------------------------------------------------
 def custom_sets() -> dict[str, NeuronSet]:
-    return dict(st.session_state.get("custom_sets", {}))
+    return dict(session.custom_sets)
 
 
 def active_custom_set() -> str:
     """The set "add to my set" adds to (created on first use)."""
-    return st.session_state.get("custom_set_active") or DEFAULT_CUSTOM_SET
+    return session.custom_set_active or DEFAULT_CUSTOM_SET
 
 
 def _store(name: str, neuron_set: NeuronSet) -> NeuronSet:
     sets = custom_sets()
     sets[name] = NeuronSet(neuron_set.neurons, {**neuron_set.meta, "name": name, "set": "custom"})
-    st.session_state["custom_sets"] = sets
+    session.custom_sets = sets
     return sets[name]
 
 
 def add_to_custom_set(neurons: Iterable[tuple[int, str, int]], name: str | None = None) -> NeuronSet:
     name = name or active_custom_set()
-    st.session_state["custom_set_active"] = name
+    session.custom_set_active = name
     return _store(name, custom_sets().get(name, NeuronSet()) | NeuronSet.from_triples(neurons))
 
 
@@ -275,24 +293,24 @@ def rename_custom_set(old: str, new: str) -> None:
     sets = custom_sets()
     if old in sets and new and new != old:
         neuron_set = sets.pop(old)
-        st.session_state["custom_sets"] = sets
+        session.custom_sets = sets
         _store(new, neuron_set)
     if active_custom_set() == old:
-        st.session_state["custom_set_active"] = new
+        session.custom_set_active = new
 
 
 def delete_custom_set(name: str) -> None:
     sets = custom_sets()
     sets.pop(name, None)
-    st.session_state["custom_sets"] = sets
+    session.custom_sets = sets
     if active_custom_set() == name:
-        st.session_state["custom_set_active"] = next(iter(sets), DEFAULT_CUSTOM_SET)
+        session.custom_set_active = next(iter(sets), DEFAULT_CUSTOM_SET)
 
 
 def send_neuron_to_chat(neuron: tuple[int, str, int]) -> None:
     """Chat's column B suppresses this one neuron next time the Chat page runs (every layer and site kept)."""
     name = format_neuron(neuron)
-    st.session_state["explorer_chat_neuron"] = name
+    session.explorer_chat_neuron = name
     st.session_state["chat_source"] = Choice("neuron", name=name).label()
     st.session_state["chat_action"] = "Suppress (×0)"
     st.session_state["chat_random"] = False

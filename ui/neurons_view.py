@@ -8,8 +8,8 @@ from ssn_core.neurons import NeuronSet
 
 
 def overlap_matrix(result, kind: str = "ms") -> pd.DataFrame:
-    """Language × language Jaccard overlap of the MS (or SS) sets (the result's own matrix when it has one)."""
-    if kind == "ms" and hasattr(result, "overlap_matrix"):
+    """Language × language Jaccard overlap of the MS (or SS) sets (for MS, the result's own matrix)."""
+    if kind == "ms":
         return result.overlap_matrix("jaccard").astype(float)
     sets: dict[str, NeuronSet] = getattr(result, kind)
     languages = list(sets)
@@ -46,10 +46,9 @@ def neuron_scores(result, target: NeuronSet, languages: list[str]) -> pd.DataFra
 
     ``result.scores.groups[(language, "harmful")][kind]`` is a tensor [n_layers, N].
     """
-    table = getattr(result, "scores", None)
-    groups = getattr(table, "groups", None)
-    if not isinstance(groups, dict) or not groups:
+    if result.scores is None or not result.scores.groups:  # a bundle has no score table
         return None
+    groups = result.scores.groups
     rows = []
     for layer, kind, index in target.triples():
         row = {"layer": layer, "site": kind, "index": index}
@@ -61,27 +60,3 @@ def neuron_scores(result, target: NeuronSet, languages: list[str]) -> pd.DataFra
     df = pd.DataFrame(rows)
     return df if len(df.columns) > 3 else None
 
-
-def agreement_frame(fast, exact, language: str, label: str = "harmful") -> pd.DataFrame:
-    """Sampled neurons with both scores: the identification's `ScoreTable` vs an exact-ablation `ScoreTable`.
-
-    Exact tables hold NaN for neurons outside the sample; only sampled neurons are returned.
-    """
-    rows = []
-    for kind, exact_scores in exact.groups[(language, label)].items():
-        fast_scores = fast.groups.get((language, label), {}).get(kind)
-        if fast_scores is None:
-            continue
-        sampled = (~exact_scores.isnan()).nonzero().tolist()  # [[layer, index], ...]
-        for layer, index in sampled:
-            rows.append({"layer": layer, "site": kind, "index": index, "fast": float(fast_scores[layer, index]),
-                         "exact": float(exact_scores[layer, index])})
-    return pd.DataFrame(rows, columns=["layer", "site", "index", "fast", "exact"])
-
-
-def rank_agreement(df: pd.DataFrame) -> pd.DataFrame:
-    """Spearman rank correlation between fast and exact scores, per site kind and overall."""
-    rows = [{"site": kind, "neurons": len(group), "spearman": group["fast"].corr(group["exact"], method="spearman")}
-            for kind, group in df.groupby("site", sort=False)]
-    rows.append({"site": "all", "neurons": len(df), "spearman": df["fast"].corr(df["exact"], method="spearman")})
-    return pd.DataFrame(rows)

@@ -11,14 +11,14 @@ def _langs(values) -> str:
 
 def identify_settings(result) -> dict[str, str]:
     """The settings an identification result was computed with, read from its manifest."""
-    manifest = getattr(result, "manifest", None) or {}
+    manifest = result.manifest
     counts = manifest.get("prompt_counts") or {}
     per_group = sorted(set(counts.values()))
     prompts = (f"{per_group[0]}" if len(per_group) == 1 else f"{per_group[0]}–{per_group[-1]}") if per_group else "?"
     p = manifest.get("p")
     return {
-        "languages": _langs(manifest.get("languages") or list(getattr(result, "ms", {}))),
-        "reference": _langs(manifest.get("hr") or getattr(result, "hr", ())),
+        "languages": _langs(manifest.get("languages") or list(result.ms)),
+        "reference": _langs(manifest.get("hr") or result.hr),
         "importance": str(manifest.get("method", "?")),
         "top p": f"{100 * float(p):g}%" if p is not None else "?",
         "prompts per language and label": prompts,
@@ -41,9 +41,9 @@ def differences(produced: Mapping[str, str], form: Mapping[str, str]) -> list[st
 
 
 def validation_settings(vres) -> dict[str, str]:
-    manifest = getattr(vres, "manifest", None) or {}
+    manifest = vres.manifest
     extra = manifest.get("extra", manifest)  # `metrics.Manifest.to_dict`: the validation's own fields are "extra"
-    summary = getattr(vres, "summary", None) or {}
+    summary = vres.summary
     per_language = (extra.get("prompts") or {}).get("n_per_language") or summary.get("prompts_per_language") or {}
     counts = sorted(set(per_language.values()))
     generation = manifest.get("generation") or {}
@@ -60,10 +60,10 @@ def validation_settings(vres) -> dict[str, str]:
 
 def validation_neurons(vres) -> dict:
     """The neuron manifest a validation recorded (``{"imported": name, ...}`` for an imported set)."""
-    manifest = getattr(vres, "manifest", None) or {}
+    manifest = vres.manifest
     return dict(manifest.get("extra", manifest).get("neurons") or {})
 
 
-def train_settings(out: Mapping) -> dict[str, str]:
-    settings = out.get("settings") or {}
+def train_settings(settings: Mapping) -> dict[str, str]:
+    """The Fine-tune form's settings of a run (lists as 'a, b')."""
     return {name: (_langs(value) if isinstance(value, list | tuple) else str(value)) for name, value in settings.items()}

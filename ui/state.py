@@ -6,6 +6,10 @@ history, jobs, interventions) lives in that session's `st.session_state`; interv
 that only run in the thread/context that entered them (`ssn_core.hooks`), so sessions never see each
 other's edits on the shared model.
 
+Pages read and write that state through one typed object, `session` (a `Session`): every value that is not a
+widget's own has an attribute there, with its type, and whether it belongs to the loaded model (dropped by
+`forget_results` when the model changes). Widget values stay under their widget keys (``PERSISTED_WIDGETS``).
+
 Model sources understood here, on top of those of `ssn_core.loading`:
 
 - ``tiny:<family>``: a tiny random model from `ssn_core.testing` (app tests, browser tests, demos
@@ -16,16 +20,31 @@ from __future__ import annotations
 
 import gc
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import streamlit as st
 
-STARTER_SOURCE = "starter:qwen2.5-coder-0.5b"
+from ssn_core.loading import DEFAULT_STARTER
+
+if TYPE_CHECKING:
+    from ssn_core.delta import NeuronDelta
+    from ssn_core.faithfulness import FaithfulnessResult
+    from ssn_core.identify import IdentifyResult
+    from ssn_core.neurons import NeuronSet
+    from ssn_core.prompts import PromptSet
+    from ssn_core.scoring import ScoreTable
+    from ssn_core.training import StudyResult
+    from ssn_core.validation import ValidationResult
+    from ui.jobs import Job
+
+T = TypeVar("T")
 
 
 def default_source() -> str:
     """The model loaded when a session starts: $SSN_APP_MODEL, else the offline starter model."""
-    return os.environ.get("SSN_APP_MODEL", "").strip() or STARTER_SOURCE
+    return os.environ.get("SSN_APP_MODEL", "").strip() or DEFAULT_STARTER
 
 
 def autoload_enabled() -> bool:
@@ -81,10 +100,10 @@ def load(key: SpecKey, progress=None):
     ``progress(done, total, message)`` is called while a model is assembled / loaded (not on a cache hit).
     """
     lm = _load_cached(*_args(key), _progress=progress)
-    changed = st.session_state.get("model_key") != key
+    changed = session.model_key != key
     if changed:
         forget_results()
-    st.session_state["model_key"] = key
+    session.model_key = key
     if changed:  # the bundled starter neuron set, when this model has one (`ui.bundle`)
         from ui import bundle
 
@@ -112,7 +131,7 @@ def model_speed():
 
 
 def current_key() -> SpecKey | None:
-    return st.session_state.get("model_key")
+    return session.model_key
 
 
 def current_model():
@@ -123,7 +142,7 @@ def current_model():
     try:
         return _load_cached(*_args(key))
     except Exception:  # noqa: BLE001 - e.g. another session unloaded it and the files are gone
-        st.session_state.pop("model_key", None)
+        del session.model_key
         return None
 
 
@@ -133,7 +152,7 @@ def unload() -> None:
     if key is not None:
         _load_cached.clear(*_args(key))
         _speed_cached.clear(*_args(key))
-    st.session_state.pop("model_key", None)
+    del session.model_key
     forget_results()
     gc.collect()
     import torch
@@ -142,13 +161,103 @@ def unload() -> None:
         torch.cuda.empty_cache()
 
 
-# Session-state keys holding results computed on the current model: dropped when the model changes.
-RESULT_KEYS = ("identify_result", "identify_prompts", "ablation_check", "neuron_sets_imported", "validation_result",
-               "train_result", "chat_delta", "chat_history", "chat_pending", "learn_demo",
-               "custom_sets", "custom_set_active", "explorer_chat_neuron", "explorer_reports", "explorer_tables",
-               "explorer_set_reports", "starter_bundle", "starter_bundle_folder", "starter_bundle_error",
-               "walkthrough", "walkthrough_delta", "dose_response",
-               "dose_response_for")
+# ---------------------------------------------------------------------------------------------------------------
+# This session's state
+
+
+class Entry(Generic[T]):
+    """One value of this browser session's `st.session_state`, under the name of the `Session` attribute it is.
+
+    ``per_model``: computed on the loaded model, so `forget_results` drops it when the model changes. ``default``:
+    a factory for a container that pages fill in place (a list or dict is created on first read and kept).
+    """
+
+    def __init__(self, *, per_model: bool, default: Callable[[], T] | None = None) -> None:
+        self.per_model = per_model
+        self.default = default
+        self.key = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.key = name
+
+    def __get__(self, obj: object, owner: type | None = None) -> T | None:
+        if obj is None:
+            return self  # type: ignore[return-value] - the class attribute itself (`Session.entries`)
+        if self.default is not None:
+            return st.session_state.setdefault(self.key, self.default())
+        return st.session_state.get(self.key)
+
+    def __set__(self, obj: object, value: T | None) -> None:
+        st.session_state[self.key] = value
+
+    def __delete__(self, obj: object) -> None:
+        st.session_state.pop(self.key, None)  # deleting what is not there is fine: "forget it"
+
+
+@dataclass
+class FineTuneRun:
+    """A finished Fine-tune job: the study, the form's settings it ran with and the job's phases (for the page)."""
+
+    study: StudyResult
+    settings: dict = field(default_factory=dict)
+    phases: list[dict] = field(default_factory=list)
+
+
+class Session:
+    """The state of this browser session that is not a widget's value: results, jobs, the chat, the model's key.
+
+    The key in `st.session_state` is the attribute's name (AppTests read ``at.session_state["identify_result"]``).
+    Deleting an attribute removes its key; reading one that was never set gives None (or its empty container).
+    """
+
+    # The loaded model (kept when the model changes: they describe the change itself)
+    model_key: Entry[SpecKey] = Entry(per_model=False)
+    autoload_tried: Entry[bool] = Entry(per_model=False)
+    autoload_error: Entry[BaseException] = Entry(per_model=False)
+    # Background jobs (`ui.jobs`: cancelled and dropped when the model changes)
+    jobs: Entry[dict[str, Job]] = Entry(per_model=True, default=dict)
+    # Neurons page
+    identify_result: Entry[IdentifyResult] = Entry(per_model=True)
+    identify_prompts: Entry[PromptSet] = Entry(per_model=True)
+    identify_n: Entry[int] = Entry(per_model=False)  # prompts per language and label of the last run
+    ablation_check: Entry[tuple[str, ScoreTable]] = Entry(per_model=True)  # (language, exact-ablation scores)
+    dose_response: Entry[FaithfulnessResult] = Entry(per_model=True)
+    dose_response_for: Entry[str] = Entry(per_model=True)  # the identification (its "created") it was run on
+    neuron_sets_imported: Entry[dict[str, NeuronSet]] = Entry(per_model=True, default=dict)
+    # The bundled starter set (`ui.bundle`)
+    starter_bundle: Entry[IdentifyResult] = Entry(per_model=True)
+    starter_bundle_folder: Entry[str] = Entry(per_model=True)
+    starter_bundle_error: Entry[BaseException] = Entry(per_model=True)
+    # Validate and Fine-tune pages
+    validation_result: Entry[ValidationResult] = Entry(per_model=True)
+    train_result: Entry[FineTuneRun] = Entry(per_model=True)
+    # Chat page
+    chat_delta: Entry[NeuronDelta] = Entry(per_model=True)  # trained or loaded on the Fine-tune page
+    chat_use_delta: Entry[bool] = Entry(per_model=False)  # "Use in chat" was pressed: pick the delta once
+    chat_history: Entry[list[dict]] = Entry(per_model=True, default=list)
+    chat_pending: Entry[dict] = Entry(per_model=True)  # the turn being generated (kept when a Stop reruns the page)
+    # Learn page
+    learn_demo: Entry[dict] = Entry(per_model=True)
+    walkthrough: Entry[dict[str, dict]] = Entry(per_model=True, default=dict)  # step key -> its finished rows
+    walkthrough_delta: Entry[tuple[str, NeuronDelta | None]] = Entry(per_model=True)  # (path, the bundle's delta)
+    # Explorer page and the user's own sets
+    custom_sets: Entry[dict[str, NeuronSet]] = Entry(per_model=True, default=dict)
+    custom_set_active: Entry[str] = Entry(per_model=True)
+    explorer_chat_neuron: Entry[str] = Entry(per_model=True)  # one neuron sent to the Chat page
+    explorer_reports: Entry[dict] = Entry(per_model=True, default=dict)  # explanations and projections, by key
+    explorer_tables: Entry[list[ScoreTable]] = Entry(per_model=True, default=list)
+    explorer_set_reports: Entry[dict] = Entry(per_model=True, default=dict)
+    explorer_linked: Entry[str] = Entry(per_model=False)  # the neuron of the last deep link (?neuron=...)
+    explorer_picked: Entry[str] = Entry(per_model=False)  # clicked in a table: shown in the next run
+    picked_rows: Entry[dict[str, str]] = Entry(per_model=False, default=dict)  # neuron table -> neuron last clicked
+
+    @classmethod
+    def entries(cls) -> list[Entry[Any]]:
+        return [value for value in vars(cls).values() if isinstance(value, Entry)]
+
+
+session = Session()
+
 
 # Form and widget settings that survive a page change (Streamlit forgets a widget's value when its page is not
 # shown; `keep_widget_state` re-stores these every run). Buttons and file uploaders cannot be set, so never here.
@@ -195,10 +304,11 @@ def keep_valid(key: str, options, multi: bool = False) -> None:
 
 
 def forget_results() -> None:
-    for name in RESULT_KEYS + MODEL_DEPENDENT_WIDGETS:
+    """Drop everything computed on the loaded model (its results, jobs and model-dependent widget values)."""
+    for job in session.jobs.values():
+        job.cancel.set()
+    for entry in Session.entries():
+        if entry.per_model:
+            st.session_state.pop(entry.key, None)
+    for name in MODEL_DEPENDENT_WIDGETS:
         st.session_state.pop(name, None)
-    for name in [k for k in st.session_state if str(k).startswith("job:")]:
-        job = st.session_state.pop(name)
-        cancel = getattr(job, "cancel", None)
-        if cancel is not None:
-            cancel.set()

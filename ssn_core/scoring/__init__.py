@@ -47,6 +47,8 @@ One idea per module; every name is importable from ``ssn_core.scoring`` as befor
 - `ablation`: exact ablation (`ablation_batch`) and the neuron sample it runs on (`sample_neurons`).
 - `loop`: `score`, the public entry point: batching, the method of each batch, streaming statistics.
 - `compare`: `compare_methods`, the fast methods against exact ablation (`MethodComparison`, `parse_method_spec`).
+- `agreement`: one result's fast scores against an exact-ablation sample on one group (`sampled_scores`,
+  `rank_agreement`: Spearman per kind and overall), the Neurons page's check.
 
 Tests and benchmarks that replace a helper patch it in the module that calls it (e.g. ``ssn_core.scoring.qk`` for
 the q/k kernels, ``ssn_core.scoring.forward`` for ``_qk_impact``), not here: those helpers are deliberately not
@@ -57,6 +59,7 @@ from __future__ import annotations
 
 # Private names below are re-exported because other modules, tests and benchmarks import them from here.
 from ssn_core.scoring.ablation import Triple, ablation_batch, sample_neurons
+from ssn_core.scoring.agreement import rank_agreement, sampled_scores
 from ssn_core.scoring.attention import (  # noqa: F401 - bench/legacy.py
     _chunk_size,
     _prep,
@@ -106,7 +109,9 @@ __all__ = [
     "encode_prompt",
     "make_batch",
     "parse_method_spec",
+    "rank_agreement",
     "sample_neurons",
+    "sampled_scores",
     "score",
     "score_batch",
 ]

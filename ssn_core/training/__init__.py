@@ -19,6 +19,8 @@ One idea per module; every name is importable from ``ssn_core.training`` as befo
 - `baselines`: LoRA through PEFT and full fine-tuning (`train_lora`, `train_full`).
 - `compare`: every method on the same data and evaluation (`compare_methods`), `paired_refusal_difference`.
 - `targets`: which neurons to train (`resolve_target`) and how the sets move after training (`ss_shift`).
+- `study`: the whole fine-tune study the app and ``ssn train`` run (`run_study`, `StudyConfig`, `StudyResult`): data,
+  the neuron target with its evaluation, the baselines (LoRA on a private copy of a shared model).
 
 Several processes (``accelerate launch`` / torchrun, `ssn_core.distributed`): each process trains on its share of
 every batch; its loss is its reply tokens' NLL sum over the whole batch's token count, and the delta gradients are
@@ -56,16 +58,20 @@ from ssn_core.training.loss import (
 )
 from ssn_core.training.results import RESULT_KIND, SafetyEval, TrainConfig, TrainProgress, TrainResult
 from ssn_core.training.safety_eval import evaluate_safety
+from ssn_core.training.study import BASELINES, StudyConfig, StudyResult, run_study
 from ssn_core.training.targeted import run_train, train_neurons
 from ssn_core.training.targets import SSShift, load_delta_for, resolve_target, ss_shift
 
 __all__ = [
+    "BASELINES",
     "METHODS",
     "RESULT_KIND",
     "SAFETY_DATA_FORMAT",
     "SSShift",
     "SafetyData",
     "SafetyEval",
+    "StudyConfig",
+    "StudyResult",
     "TrainConfig",
     "TrainExample",
     "TrainProgress",
@@ -81,6 +87,7 @@ __all__ = [
     "reply_nll",
     "resolve_target",
     "response_loss",
+    "run_study",
     "run_train",
     "split_ids",
     "ss_shift",
