@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_training import _one_thread  # noqa: F401 - autouse fixture: tiny models run faster on one thread
 
 from ssn_core.errors import Cancelled, TrainingError
 from ssn_core.hooks import active_hook_count
@@ -13,6 +12,8 @@ from ssn_core.neurons import NeuronSet
 from ssn_core.prompts import load_builtin
 from ssn_core.testing import tiny_model
 from ssn_core.training import BASELINES, METHODS, SafetyData, StudyConfig, TrainConfig, run_study, run_train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
 NEURONS = NeuronSet({(0, "mlp"): [1, 5, 7], (1, "attn_v"): [4, 9], (1, "attn_o"): [1, 2, 40]})
 LANGUAGES = ["en", "bn"]
