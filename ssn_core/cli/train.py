@@ -60,34 +60,31 @@ class _TrainProgress(TqdmProgress):
 def cmd_train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ssn_core.errors import Cancelled, TrainingError
-    from ssn_core.generation import GenerationSettings
-    from ssn_core.io import atomic_write_json, writing_result_dir
+    from ssn_core.errors import TrainingError
+    from ssn_core.io import writing_result_dir
     from ssn_core.prompts import load_builtin, parse_languages
     from ssn_core.training import (
-        METHODS,
         RESULT_KIND,
         SafetyData,
+        StudyConfig,
         TrainConfig,
-        build_safety_data,
-        compare_methods,
         is_main_process,
-        paired_refusal_difference,
         resolve_target,
-        run_train,
+        run_study,
     )
 
     languages = parse_languages(args.langs or "en,zh,bn,sw")
-    baselines = [b.strip() for b in args.baselines.split(",") if b.strip()]
-    unknown = [b for b in baselines if b not in METHODS or b == "neurons"]
-    if unknown:
-        raise TrainingError(f"unknown baseline(s) {', '.join(unknown)}; choose from random, lora-8, lora-match, full")
-    config = TrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                         grad_accum=args.grad_accum, max_length=args.max_length, seed=args.seed,
-                         weight_decay=args.weight_decay, grad_clip=args.grad_clip, target=args.target)
-    config.check()
     if not 0 <= args.heldout < 1:
         raise TrainingError(f"--heldout must be in [0, 1), got {args.heldout}")
+    config = StudyConfig(
+        train=TrainConfig(steps=args.steps, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                          grad_accum=args.grad_accum, max_length=args.max_length, seed=args.seed,
+                          weight_decay=args.weight_decay, grad_clip=args.grad_clip, target=args.target),
+        languages=languages, heldout_fraction=args.heldout, evaluate=not args.no_eval,
+        eval_max_new_tokens=args.eval_tokens, eval_per_language=args.eval_n,
+        baselines=[b.strip() for b in args.baselines.split(",") if b.strip()],
+        private_copy_for_lora=False)  # this process owns its model: no copy for PEFT, no second model in memory
+    config.check()
     out = check_out(args.out, RESULT_KIND)
     if args.data and not Path(args.data).expanduser().is_file():
         raise TrainingError(f"--data {args.data}: no such file (it is OUT/safety_data.json of an earlier `ssn train`)")
@@ -101,12 +98,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 f"({','.join(saved_data.languages)}); leave --langs out to use the data's")
         languages = saved_data.languages
     neurons = resolve_target(args.target, lm.sites, identify_dir=args.neurons, languages=languages, seed=args.seed)
-    excluded: set[str] = set()
     if args.neurons and not args.include_identify_items:
         from ssn_core.identify import IdentifyResult
 
         used = IdentifyResult.load(args.neurons).item_ids
-        excluded = set(used) | {("s" if i.startswith("h") else "h") + i[1:] for i in used if i[:1] in ("h", "s")}
+        config.exclude_ids = set(used) | {("s" if i.startswith("h") else "h") + i[1:] for i in used
+                                          if i[:1] in ("h", "s")}
     extra_heldout = None
     if args.eval_prompts:
         from ssn_core.evaluation import load_prompt_spec
@@ -115,43 +112,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     if main_process:
         print(f"[training {len(neurons):,} neurons ({args.target}) on {', '.join(languages)}]", file=sys.stderr)
     progress = _TrainProgress() if main_process else None
-    eval_kwargs = {"settings": GenerationSettings(max_new_tokens=args.eval_tokens),
-                   "max_eval_per_language": args.eval_n}
     try:
         if saved_data is not None:
-            data = saved_data
+            study = run_study(lm, neurons, config, data=saved_data, progress=progress)
         else:
-            prompts = load_builtin(languages, n=args.n)
-            data = build_safety_data(lm, prompts, languages, heldout_fraction=args.heldout, seed=args.seed,
-                                     exclude_ids=excluded, extra_heldout=extra_heldout, progress=progress)
-        result = run_train(lm, neurons, data, config, evaluate=not args.no_eval, eval_kwargs=eval_kwargs,
-                           progress=progress)
-        comparison, baseline_error = None, None
-        if baselines:
-            try:
-                results, rows = compare_methods(lm, neurons, data, config, methods=baselines,
-                                                eval_kwargs=eval_kwargs, random_seed=args.seed, before=result.before,
-                                                progress=progress)
-                comparison = [result.summary_row(), *rows]
-                random_result = next((r for r in results if r.method == "random"), None)
-                if random_result is not None and result.after is not None and random_result.after is not None:
-                    nhr = [lang for lang in languages if lang != "en"]
-                    paired = paired_refusal_difference(result.after, random_result.after, nhr)
-                    comparison[0]["vs_random_nhr_refusal"] = paired
-            except SSNError as exc:  # the neuron training is done: keep it, then report the failure
-                if isinstance(exc, Cancelled) or not main_process:
-                    raise
-                baseline_error = exc
+            study = run_study(lm, neurons, config, prompts=load_builtin(languages, n=args.n),
+                              extra_heldout=extra_heldout, progress=progress)
     finally:
         if progress is not None:
             progress.close()
     if not main_process:
         return 0
+    result, baseline_error, comparison = study.result, study.baseline_error, study.comparison()
     with writing_result_dir(out, RESULT_KIND) as tmp:  # one folder per run: delta, record, data, comparison
-        result.write_files(tmp)
-        data.save(tmp / "safety_data.json", lm)
-        if comparison:
-            atomic_write_json(tmp / "comparison.json", comparison)
+        study.write_files(tmp, lm)
     if baseline_error is not None:
         raise SSNError(f"the baselines failed: {baseline_error}. The {args.target} training itself finished and was "
                        f"saved in {out}")
