@@ -174,3 +174,35 @@ def test_validate_parts_run_only_what_was_asked(lm, found):
     assert [c.kind for c in reinforce] == ["baseline", "reinforce", "reinforce"]
     with pytest.raises(SSNError, match="validation parts"):
         plan_conditions(found, "bn", lm.sites, parts=("everything",))
+
+
+def test_reinforce_the_union_and_a_matched_random_control(lm, found):
+    """``reinforce_sets=("own", "ss_all")`` reinforces a language's own SS set and the union; ``reinforce_random``
+    adds, per set and scale, a random set of the same shape scaled the same way (disjoint from the set)."""
+    import dataclasses
+
+    from ssn_core.errors import SSNError
+    from ssn_core.validation import plan_conditions
+
+    union = found.ms["bn"] | found.ms["en"]
+    found = dataclasses.replace(found, ss={"bn": found.ms["bn"]}, ss_all=union)
+    plan, _ = plan_conditions(found, "bn", lm.sites, (2.0, 3.0), (0,), "en", parts=("reinforce",),
+                              reinforce_sets=("own", "ss_all"), reinforce_random=True)
+    keys = [c.key for c in plan]
+    assert keys == ["baseline", "reinforce_ss@2", "reinforce_random_ss@2", "reinforce_ss@3", "reinforce_random_ss@3",
+                    "reinforce_ss_all@2", "reinforce_random_ss_all@2", "reinforce_ss_all@3",
+                    "reinforce_random_ss_all@3"]
+    by_key = {c.key: c for c in plan}
+    for target, neuron_set in (("ss", found.ss["bn"]), ("ss_all", union)):
+        control = by_key[f"reinforce_random_{target}@3"]
+        assert control.scale == 3.0 and control.neurons.counts() == neuron_set.counts()
+        assert len(control.neurons & neuron_set) == 0
+        assert by_key[f"reinforce_random_{target}@2"].neurons.counts() == neuron_set.counts()
+    english, _ = plan_conditions(found, "en", lm.sites, (2.0,), (0,), "en", parts=("reinforce",),
+                                 reinforce_sets=("own", "ss_all"))
+    assert [c.key for c in english] == ["baseline", "reinforce_ss_all@2"]  # English's own set is the union: once
+    only_union, _ = plan_conditions(found, "bn", lm.sites, (2.0,), (0,), "en", parts=("reinforce",),
+                                    reinforce_sets=("ss_all",))
+    assert [c.key for c in only_union] == ["baseline", "reinforce_ss_all@2"]
+    with pytest.raises(SSNError, match="reinforced sets"):
+        plan_conditions(found, "bn", lm.sites, reinforce_sets=("everything",))

@@ -275,6 +275,12 @@ def test_validate_runs_every_condition_and_summarizes(lm, tmp_path):
                                                     "table.json"]
     assert json.loads((out / "table.json").read_text())[0]["condition"] == "baseline"
     assert "random_ms (2 seeds)" in result.format_table()
+    controlled = validate(lm, neurons, prompts, ["bn"], GenerationSettings(max_new_tokens=3), alphas=(2.0,),
+                          seeds=(0,), judge=ParityJudge(), parts=("reinforce",), reinforce_sets=("own", "ss_all"),
+                          reinforce_random=True)
+    sweep = controlled.summary["reinforce"]["bn"]
+    assert sorted(point["target"] for point in sweep) == ["random_ss", "random_ss_all", "ss", "ss_all"]
+    assert controlled.manifest["extra"]["reinforce_sets"] == ["own", "ss_all"]
     with pytest.raises(PromptSetError, match="no harmful prompts in: sw"):
         validate(lm, neurons, prompts, ["en", "sw"], GenerationSettings(max_new_tokens=2), judge=ParityJudge())
 
@@ -314,13 +320,16 @@ def test_cli_validate_and_evaluate_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     identify(lm, load_builtin(["en", "bn"], n=4), ["bn"], p=0.2, batch_size=8).save(tmp_path / "ident")
     assert main(["validate", "--model", str(path), "--device", "cpu", "--neurons", str(tmp_path / "ident"),
                  "--langs", "en,bn", "--n", "1", "--seeds", "2", "--alphas", "2", "--max-new-tokens", "3",
-                 "--stop-at-verdict", "--out", str(tmp_path / "val")]) == 0
+                 "--stop-at-verdict", "--reinforce-random", "--out", str(tmp_path / "val")]) == 0
     out = capsys.readouterr().out
     assert "suppress_ms" in out and "judge marker" in out
     table = json.loads((tmp_path / "val" / "table.json").read_text())
     assert {r["language"] for r in table} == {"en", "bn"} and all(r["n"] == 1 for r in table)
     manifest = json.loads((tmp_path / "val" / "manifest.json").read_text())
-    assert manifest["generation"]["stop_at_verdict"] is True
+    assert manifest["generation"]["stop_at_verdict"] is True and manifest["extra"]["reinforce_random"] is True
+    assert main(["validate", "--model", str(path), "--device", "cpu", "--neurons", str(tmp_path / "ident"),
+                 "--reinforce-sets", "own,everything", "--out", str(tmp_path / "bad")]) == 2
+    assert "--reinforce-sets" in capsys.readouterr().err
 
     assert main(["evaluate", "--model", str(path), "--device", "cpu", "--langs", "en,bn", "--n", "1",
                  "--max-new-tokens", "3", "--suppress", str(tmp_path / "ident" / "sets" / "ms_en.json"),

@@ -176,6 +176,11 @@ def add_validate_parser(sub) -> None:
     p.add_argument("--only", default=None, choices=("suppress", "reinforce"),
                    help="run only the suppression part (control, sets, random controls) or only the reinforcement "
                         "part (scale and additive, with over-refusal); default: both")
+    p.add_argument("--reinforce-sets", default="own",
+                   help="sets to reinforce, comma-separated: own (each language's SS set; the union where it has "
+                        "none) and/or ss_all (the union of all SS sets, in every language); default: own")
+    p.add_argument("--reinforce-random", action="store_true",
+                   help="beside each reinforced set, a matched random set scaled the same way (the control)")
     p.add_argument("--no-control", action="store_true",
                    help="skip the refusal-direction control (the identify result's direction, ablated)")
     p.add_argument("--no-over-refusal", action="store_true",
@@ -208,6 +213,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         raise SSNError(f"--betas {args.betas!r}: expected numbers separated by commas, e.g. 1,2") from None
     if any(not math.isfinite(b) for b in betas):
         raise SSNError(f"--betas {args.betas!r}: give finite numbers")
+    from ssn_core.validation import REINFORCE_SETS
+
+    reinforce_sets = [name.strip() for name in args.reinforce_sets.split(",") if name.strip()]
+    if not reinforce_sets or any(name not in REINFORCE_SETS for name in reinforce_sets):
+        raise SSNError(f"--reinforce-sets {args.reinforce_sets!r}: give some of {', '.join(REINFORCE_SETS)}")
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, system=args.system,
                                   stop_at_verdict=args.stop_at_verdict)
     settings.validate()
@@ -234,7 +244,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         result = validate(lm, neurons, prompts, languages, settings, alphas=alphas, seeds=range(args.seeds),
                           judge=judge, batch_size=args.batch_size, over_refusal=not args.no_over_refusal,
                           direction=False if args.no_control else None, betas=betas,
-                          parts=(args.only,) if args.only else ("suppress", "reinforce"), progress=progress)
+                          parts=(args.only,) if args.only else ("suppress", "reinforce"),
+                          reinforce_sets=reinforce_sets, reinforce_random=args.reinforce_random, progress=progress)
     finally:
         progress.close()
     result.manifest["heldout"] = heldout

@@ -20,7 +20,7 @@ the target lowers refusal by more than random suppression does, by more than the
 One idea per module; every name is importable from ``ssn_core.validation`` as before the split:
 
 - `conditions`: `Condition`, `random_matched` (the control), `shift_offsets`, `plan_conditions` (what one language
-  runs), `SUPPRESS_TARGETS`, `PARTS`.
+  runs), `SUPPRESS_TARGETS`, `PARTS`, `REINFORCE_SETS`.
 - `packed`: `run_packed`, the replies of every text under every condition from one stream of batched generation.
 - `stats`: `correlation`, `compare_to_control`, the rates of a condition's verdicts, the paired difference to the
   random control (`paired_control_difference`), `summarize`.
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from ssn_core.validation.conditions import (
     PARTS,
+    REINFORCE_SETS,
     SUPPRESS_TARGETS,
     Condition,
     plan_conditions,
@@ -45,6 +46,7 @@ from ssn_core.validation.stats import compare_to_control, correlation, paired_co
 
 __all__ = [
     "PARTS",
+    "REINFORCE_SETS",
     "RESULT_KIND",
     "ROW_COLUMNS",
     "SUPPRESS_TARGETS",

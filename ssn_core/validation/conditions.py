@@ -15,6 +15,7 @@ from ssn_core.sites import SiteMap
 
 SUPPRESS_TARGETS: tuple[str, ...] = ("ms", "ss", "ss_all")
 PARTS: tuple[str, ...] = ("suppress", "reinforce")
+REINFORCE_SETS: tuple[str, ...] = ("own", "ss_all")  # a language's own SS set (the union where it has none), the union
 
 
 def random_matched(neurons: NeuronSet, sites: SiteMap, seed: int, exclude: NeuronSet | None = None,
@@ -98,25 +99,36 @@ def shift_offsets(neurons: NeuronSet, activations, hr_language: str, beta: float
 def plan_conditions(neurons, language: str, sites: SiteMap, alphas: Sequence[float] = (2.0,),
                     seeds: Sequence[int] = (0, 1, 2), hr_language: str = "en",
                     direction: torch.Tensor | None = None, betas: Sequence[float] = (),
-                    parts: Sequence[str] = PARTS) -> tuple[list[Condition], list[str]]:
+                    parts: Sequence[str] = PARTS, reinforce_sets: Sequence[str] = ("own",),
+                    reinforce_random: bool = False) -> tuple[list[Condition], list[str]]:
     """The conditions run for one language, and notes on the ones skipped (empty neuron sets).
 
     ``direction``: the refusal direction, run as the positive control ``direction_refusal``. ``betas``: additive
     reinforcement ``shift_<target>`` of the same set the scale reinforcement uses (`shift_offsets`). ``parts``:
     ``suppress`` (the control, suppressed sets and their random controls) and/or ``reinforce`` (the scale and
-    additive reinforcement); the baseline is always run.
+    additive reinforcement); the baseline is always run. ``reinforce_sets``: which sets are reinforced: ``own`` (the
+    language's own SS set, or the union where it has none) and/or ``ss_all`` (the union of every language's SS set,
+    also in languages with a set of their own: their own sets can be a handful of neurons). ``reinforce_random``: each
+    reinforced set also as a matched random set scaled the same way (``reinforce_random_<target>``), the control that
+    tells a set's effect from scaling any neurons of that shape.
     """
+    unknown_sets = [name for name in reinforce_sets if name not in REINFORCE_SETS]
+    if unknown_sets or not reinforce_sets:
+        raise SSNError(f"reinforced sets must be some of {', '.join(REINFORCE_SETS)}, "
+                       f"got {', '.join(reinforce_sets) or 'none'}")
     unknown = [part for part in parts if part not in PARTS]
     if unknown or not parts:
         raise SSNError(f"validation parts must be some of {', '.join(PARTS)}, got {', '.join(parts) or 'none'}")
-    conditions, notes = _plan_all(neurons, language, sites, alphas, seeds, hr_language, direction, betas)
+    conditions, notes = _plan_all(neurons, language, sites, alphas, seeds, hr_language, direction, betas,
+                                  reinforce_sets, reinforce_random)
     keep = {"baseline"} | ({"direction", "suppress", "random"} if "suppress" in parts else set()) | (
         {"reinforce", "shift"} if "reinforce" in parts else set())
     return [c for c in conditions if c.kind in keep], notes
 
 
 def _plan_all(neurons, language: str, sites: SiteMap, alphas: Sequence[float], seeds: Sequence[int],
-              hr_language: str, direction: torch.Tensor | None, betas: Sequence[float]
+              hr_language: str, direction: torch.Tensor | None, betas: Sequence[float],
+              reinforce_sets: Sequence[str] = ("own",), reinforce_random: bool = False
               ) -> tuple[list[Condition], list[str]]:
     conditions = [Condition("baseline")]
     if direction is not None:
@@ -141,17 +153,25 @@ def _plan_all(neurons, language: str, sites: SiteMap, alphas: Sequence[float], s
             control = random_matched(neuron_set, sites, seed=seed)
             conditions.append(Condition("random", target, control, scale=0.0, seed=int(seed)))
     own_ss = neurons.ss.get(language) if language != hr_language else None
-    reinforce_target, reinforce_set = ("ss", own_ss) if own_ss is not None and len(own_ss) else ("ss_all",
-                                                                                              neurons.ss_all)
-    if reinforce_set is not None and len(reinforce_set):
+    own = ("ss", own_ss) if own_ss is not None and len(own_ss) else ("ss_all", neurons.ss_all)
+    chosen = [own] if "own" in reinforce_sets else []
+    if "ss_all" in reinforce_sets and all(target != "ss_all" for target, _ in chosen):
+        chosen.append(("ss_all", neurons.ss_all))
+    if not any(neuron_set is not None and len(neuron_set) for _, neuron_set in chosen):
+        notes.append(f"{language}: no SS-Neurons to reinforce")
+    for reinforce_target, reinforce_set in chosen:
+        if reinforce_set is None or not len(reinforce_set):
+            continue
+        control = random_matched(reinforce_set, sites, seed=int(seeds[0])) if reinforce_random else None
         for alpha in alphas:
             if alpha < 0:
                 raise SSNError(f"reinforcement scale must be >= 0, got {alpha}")
             conditions.append(Condition("reinforce", reinforce_target, reinforce_set, scale=float(alpha),
                                         alpha=float(alpha)))
+            if control is not None:
+                conditions.append(Condition("reinforce", f"random_{reinforce_target}", control, scale=float(alpha),
+                                            alpha=float(alpha)))
         for beta in betas:
             offsets = shift_offsets(reinforce_set, getattr(neurons, "activations", None), hr_language, beta)
             conditions.append(Condition("shift", reinforce_target, reinforce_set, alpha=float(beta), offsets=offsets))
-    else:
-        notes.append(f"{language}: no SS-Neurons to reinforce")
     return conditions, notes

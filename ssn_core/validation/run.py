@@ -30,7 +30,8 @@ def _offset_progress(progress: Progress | None, offset: int, total: int) -> Call
 def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: Sequence[float] = (2.0,),
              seeds: Sequence[int] = (0, 1, 2), judge=None, batch_size: int = 8, limit_per_language: int | None = None,
              hr_language: str | None = None, direction: torch.Tensor | None = None, over_refusal: bool = True,
-             betas: Sequence[float] = (), parts: Sequence[str] = PARTS, progress: Progress | None = None,
+             betas: Sequence[float] = (), parts: Sequence[str] = PARTS, reinforce_sets: Sequence[str] = ("own",),
+             reinforce_random: bool = False, progress: Progress | None = None,
              cancel: threading.Event | None = None) -> ValidationResult:
     """Run every condition on the harmful prompts of each language and compare with the random controls.
 
@@ -40,7 +41,8 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
     ``hr_language``: the high-resource language (no SS set of its own); default: the neuron result's first HR
     language, else English. ``direction`` ([hidden]): the refusal direction, run as a positive control (default:
     the neuron result's own, when it has one; ``False``: none). ``betas``: additive reinforcement strengths
-    (`shift_offsets`), beside the scale reinforcement ``alphas``.
+    (`shift_offsets`), beside the scale reinforcement ``alphas``. ``reinforce_sets`` / ``reinforce_random``: which
+    sets are reinforced, and a matched random set beside each (`plan_conditions`).
     """
     from ssn_core.judges import MarkerJudge
     from ssn_core.metrics import make_manifest
@@ -65,7 +67,8 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
         direction = None
     elif direction is None and getattr(neurons, "direction", None) is not None:
         direction = neurons.direction.unit
-    plans = {lang: plan_conditions(neurons, lang, sites, alphas, seeds, hr_language, direction, betas, parts)
+    plans = {lang: plan_conditions(neurons, lang, sites, alphas, seeds, hr_language, direction, betas, parts,
+                                   reinforce_sets=reinforce_sets, reinforce_random=reinforce_random)
              for lang in languages}
     harmless_by_language: dict[str, list] = {lang: [] for lang in languages}
     if over_refusal:
@@ -127,7 +130,7 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
         settings, [judge], lm,
         kind=RESULT_KIND, languages=languages, hr_language=hr_language,
         alphas=[float(a) for a in alphas], betas=[float(b) for b in betas], seeds=[int(s) for s in seeds],
-        parts=list(parts),
+        parts=list(parts), reinforce_sets=list(reinforce_sets), reinforce_random=bool(reinforce_random),
         batch_size=batch_size,
         prompts={"n_per_language": summary["prompts_per_language"], "data_hash": _data_hash(prompts)},
         neurons=dict(getattr(neurons, "manifest", None) or {}),
