@@ -29,7 +29,7 @@ the model's own answer; otherwise both sides are the language's openings.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -55,7 +55,7 @@ class _CarrierTape:
         self.sites = [site for site in sites if site.kind in kinds]
         self.tensors: dict[tuple[int, str], list[torch.Tensor]] = {site.key: [] for site in self.sites}
 
-    def hooks(self) -> list[tuple[NeuronSite, callable]]:
+    def hooks(self) -> list[tuple[NeuronSite, Callable]]:
         def keep(site: NeuronSite):
             def fn(carrier):
                 self.tensors[site.key].append(carrier)

@@ -38,7 +38,7 @@ import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import torch
 
@@ -215,6 +215,18 @@ def check_enough(n: int, what: str) -> None:
     if w.size > n:
         raise SSNError(f"{what}: {n}, fewer than the {w.size} processes of this launch (every process needs a share of "
                        f"the work): run at most {n} process{'es' if n != 1 else ''}, or give more {what}")
+
+
+@overload
+def run_batches(n: int, fn: Callable[[int], T], *, after: Callable[[int], None] | None = None,
+                gather: Literal[True] = True, what: str = "working") -> list[T]:
+    ...
+
+
+@overload
+def run_batches(n: int, fn: Callable[[int], T], *, after: Callable[[int], None] | None = None,
+                gather: Literal[False], what: str = "working") -> None:
+    ...
 
 
 def run_batches(n: int, fn: Callable[[int], T], *, after: Callable[[int], None] | None = None, gather: bool = True,

@@ -14,14 +14,18 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ssn_core.errors import Cancelled, PromptSetError, SSNError
 from ssn_core.interventions import Intervention, intervene
 from ssn_core.io import atomic_write_json, atomic_write_text, csv_text, writing_result_dir
+
+if TYPE_CHECKING:  # ssn_core.metrics imports pandas: only when a result is made
+    from ssn_core.metrics.rates import RateTable
 
 Progress = Callable[[int, int, str], None]
 
@@ -58,7 +62,7 @@ def condition_name(interventions: Sequence[Intervention]) -> str:
 @dataclass
 class EvalResult:
     rows: list[dict]  # one per item: ROW_COLUMNS
-    metrics: object  # ssn_core.metrics.RateTable
+    metrics: RateTable
     manifest: dict
     utility: dict = field(default_factory=dict)  # {"mgsm": {lang: {...}}, "perplexity": {lang: {...}}}
 
@@ -203,7 +207,7 @@ def evaluate(lm, prompts, languages: Sequence[str], settings=None, judge=None,
 
 
 def evaluate_utility(lm, languages: Sequence[str], *, mgsm_n: int = 0, mgsm_path: str | Path | None = None,
-                     mgsm_settings=None, perplexity_texts: dict[str, Sequence[str]] | None = None,
+                     mgsm_settings=None, perplexity_texts: Mapping[str, Sequence[str]] | None = None,
                      interventions: Sequence[Intervention] = (), batch_size: int = 8,
                      progress: Progress | None = None, cancel: threading.Event | None = None) -> dict:
     """General ability under the same interventions: MGSM accuracy (languages MGSM has) and perplexity.
@@ -230,9 +234,9 @@ def evaluate_utility(lm, languages: Sequence[str], *, mgsm_n: int = 0, mgsm_path
             if not texts:
                 result["skipped"].append(f"no harmless text for perplexity in {lang}")
                 continue
-            r = perplexity(lm, list(texts), batch_size, progress=progress, cancel=cancel)
-            result["perplexity"][lang] = {"perplexity": r.perplexity, "nll": r.nll, "n_tokens": r.n_tokens,
-                                          "n_texts": r.n_texts}
+            ppl = perplexity(lm, list(texts), batch_size, progress=progress, cancel=cancel)
+            result["perplexity"][lang] = {"perplexity": ppl.perplexity, "nll": ppl.nll, "n_tokens": ppl.n_tokens,
+                                          "n_texts": ppl.n_texts}
     return result
 
 

@@ -24,12 +24,16 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ssn_core.errors import SSNError
 from ssn_core.neurons import NeuronSet, check_neuron, format_neuron, parse_neuron, parse_neurons
 from ssn_core.sites import SiteMap
+
+if TYPE_CHECKING:  # vocab is imported when a projection is made
+    from ssn_core.vocab import VocabProjection
 from ssn_core.top_examples import (
     AGGREGATES,
     Group,
@@ -122,7 +126,7 @@ class NeuronReport:
     examples: dict[str, dict[str, list[Example]]]  # "en/harmful" -> {"top": [...], "bottom": [...]}
     groups: list[dict]  # language, label, prompts, mean, mean_max, max, min
     distribution: list[dict]  # one row per prompt: prompt_id, language, label, max, min, mean
-    vocabulary: object | None  # ssn_core.vocab.VocabProjection (None with a reason in vocabulary_note)
+    vocabulary: VocabProjection | None  # ssn_core.vocab.VocabProjection (None with a reason in vocabulary_note)
     vocabulary_note: str
     importance: list[dict]
     membership: dict[str, dict]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -159,6 +159,7 @@ def _clamp_fn(site: NeuronSite, neuron_indices: torch.Tensor, intervention: Inte
     coords = site.carrier_coords(neuron_indices)  # [n] positions in the carrier's last dim
     row_mask = _row_mask(intervention)
     value = intervention.value
+    assert value is not None  # a clamp intervention (the caller checked)
 
     def clamp_edit(carrier: torch.Tensor) -> torch.Tensor:
         _check_rows(row_mask, carrier)
@@ -219,18 +220,18 @@ def intervene(target, *interventions) -> Iterator[None]:
         yield
 
 
-def suppress(target, neurons: NeuronSet, rows=None) -> contextmanager:
+def suppress(target, neurons: NeuronSet, rows=None) -> AbstractContextManager[None]:
     """Zero the neurons (the paper's deactivation)."""
     return intervene(target, Intervention(neurons, scale=0.0, rows=rows, label="suppress"))
 
 
-def reinforce(target, neurons: NeuronSet, alpha: float = 2.0, rows=None) -> contextmanager:
+def reinforce(target, neurons: NeuronSet, alpha: float = 2.0, rows=None) -> AbstractContextManager[None]:
     """Scale the neurons by alpha (> 1 strengthens them)."""
     if finite(alpha, "the reinforcement scale alpha") < 0:
         raise SSNError(f"reinforcement scale must be >= 0, got {alpha}")
     return intervene(target, Intervention(neurons, scale=alpha, rows=rows, label=f"reinforce x{alpha:g}"))
 
 
-def clamp(target, neurons: NeuronSet, value: float, rows=None) -> contextmanager:
+def clamp(target, neurons: NeuronSet, value: float, rows=None) -> AbstractContextManager[None]:
     """Set the neurons to a fixed value."""
     return intervene(target, Intervention(neurons, value=value, rows=rows, label=f"clamp {value:g}"))

@@ -105,7 +105,8 @@ def _words(text: str) -> list[str]:
     """Lower-case words: runs of letters and combining marks (Devanagari vowel signs are marks, not letters),
     with inner apostrophes ("quelqu'un", "'n")."""
     text = unicodedata.normalize("NFC", text).casefold().replace("’", "'")
-    words, current = [], []
+    words: list[str] = []
+    current: list[str] = []
     for ch in text + " ":
         if ch.isalpha() or unicodedata.category(ch).startswith("M") or (ch == "'" and current) or ch == "'" and not current:
             current.append(ch)
@@ -208,10 +209,10 @@ def detect_language(text: str, candidates: tuple[str, ...] | None = None) -> Lan
     if not counts:
         return LanguageGuess(None, 0.0, "none", "no letters")
     letters = sum(counts.values())
-    script = max(counts, key=counts.get)
+    script = max(counts, key=counts.__getitem__)
     others = {k: v for k, v in counts.items() if k not in ("latin", "other")}
     if script == "latin" and others and max(others.values()) >= 0.25 * letters:
-        script = max(others, key=others.get)  # Latin names inside a Chinese, Arabic, ... sentence
+        script = max(others, key=others.__getitem__)  # Latin names inside a Chinese, Arabic, ... sentence
     chars = set(unicodedata.normalize("NFC", (text or "").casefold()))
     if script in ("han", "kana"):
         if counts.get("kana", 0) >= 0.05 * letters:

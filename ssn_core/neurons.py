@@ -55,7 +55,7 @@ def _whole_number(value, what: str, where: str) -> int:
     return value
 
 
-def parse_neuron_entries(entries, where: str) -> dict[Key, list[int]]:
+def parse_neuron_entries(entries, where: str) -> dict[Key, torch.Tensor]:
     """The ``neurons`` list of a JSON neuron set ({layer, kind, indices} objects) with strict types."""
     if not isinstance(entries, list):
         raise NeuronFileError(f"{where}: 'neurons' must be a list of {{layer, kind, indices}} objects")
@@ -71,7 +71,7 @@ def parse_neuron_entries(entries, where: str) -> dict[Key, list[int]]:
             raise NeuronFileError(f"{where}: indices of layer {layer} {kind} must be a list")
         indices = [_whole_number(i, "neuron index", where) for i in entry["indices"]]
         grouped.setdefault((layer, kind), []).extend(indices)
-    return grouped
+    return {key: _as_index_tensor(indices) for key, indices in grouped.items()}  # every index checked above
 
 
 def parse_meta(value, where: str) -> dict:
@@ -111,7 +111,7 @@ class NeuronSet:
         grouped: dict[Key, list[int]] = {}
         for layer, kind, index in triples:
             grouped.setdefault((int(layer), kind), []).append(int(index))
-        return cls(grouped, dict(meta or {}))
+        return cls({key: _as_index_tensor(indices) for key, indices in grouped.items()}, dict(meta or {}))
 
     def triples(self) -> Iterator[tuple[int, str, int]]:
         for (layer, kind), indices in self.neurons.items():

@@ -178,7 +178,7 @@ def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     candidates = ("model.layers", "model.language_model.layers", "language_model.model.layers", "transformer.h",
                   "gpt_neox.layers")
     for path in candidates:
-        module = model
+        module: nn.Module | None = model
         for part in path.split("."):
             module = getattr(module, part, None)
             if module is None:

@@ -119,7 +119,7 @@ def token_texts(tokenizer) -> tuple[list[str], list[str], torch.Tensor, dict[str
             scripts.append("bytes")
             continue
         counts = script_counts(text)
-        scripts.append(max(counts, key=counts.get) if counts else "none")
+        scripts.append(max(counts, key=counts.__getitem__) if counts else "none")
     codes = {name: i for i, name in enumerate(sorted(set(scripts)))}
     code_of = torch.tensor([codes[s] for s in scripts], dtype=torch.long)
     if len(_SCRIPTS) >= 2:

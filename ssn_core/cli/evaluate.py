@@ -76,7 +76,7 @@ def add_evaluate_parser(sub) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import time
-    from contextlib import nullcontext
+    from contextlib import AbstractContextManager, nullcontext
 
     from ssn_core.evaluation import RESULT_KIND, evaluate, evaluate_utility, load_prompt_spec
     from ssn_core.generation import GenerationSettings, check_prompts
@@ -119,12 +119,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     judge = judge or _judge_from_args(args)
     interventions = []
     if args.suppress:
+        assert neurons is not None  # loaded before the model
         neurons.validate(lm.sites)
         interventions.append(Intervention(neurons, scale=0.0, label=f"suppress {args.suppress}"))
     elif args.reinforce:
+        assert neurons is not None  # loaded before the model
         neurons.validate(lm.sites)
         interventions.append(Intervention(neurons, scale=args.alpha, label=f"reinforce {args.reinforce}"))
-    delta_context, condition = nullcontext(), None
+    delta_context: AbstractContextManager[None] = nullcontext()
+    condition = None
     if delta is not None:
         # Validated against the model (NeuronFileError when it belongs to another one), slices next to their modules.
         delta = NeuronDelta.load(args.delta, lm.model, lm.sites)

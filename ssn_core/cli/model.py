@@ -56,7 +56,7 @@ def add_chat_parser(sub) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from contextlib import nullcontext
+    from contextlib import AbstractContextManager, nullcontext
 
     from ssn_core.generation import GenerationSettings, check_prompts, stream_generate
     from ssn_core.interventions import reinforce, suppress
@@ -77,12 +77,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     neurons = NeuronSet.load(neuron_file) if neuron_file else None  # a bad file fails before the model loads
     lm = load_from_args(args)
     check_prompts(lm, [args.prompt], settings)
-    context = nullcontext()
+    context: AbstractContextManager[None] = nullcontext()
     if args.suppress:
+        assert neurons is not None  # loaded above
         neurons.validate(lm.sites)
         context = suppress(lm, neurons)
         print(f"[suppressing {len(neurons):,} neurons from {args.suppress}]", file=sys.stderr)
     elif args.reinforce:
+        assert neurons is not None  # loaded above
         neurons.validate(lm.sites)
         context = reinforce(lm, neurons, alpha=args.alpha)
         print(f"[reinforcing {len(neurons):,} neurons from {args.reinforce} x{args.alpha:g}]", file=sys.stderr)

@@ -8,6 +8,7 @@ import copy
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -70,7 +71,7 @@ class _Batch:
     """The rows in flight. Position p of the batch answers ``rows[p]`` (an index into the caller's list)."""
 
     rows: list[int]
-    cache: object  # the model's KV cache over ``mask``'s columns
+    cache: Any  # the model's KV cache over ``mask``'s columns
     mask: torch.Tensor  # [m, L] 1 = a real token (left padding is 0)
     positions: torch.Tensor  # [m] position id of the next token fed
     last: list[int]  # the token each row feeds next
@@ -83,7 +84,7 @@ class _Prefix:
     the same interventions: a prompt's cached keys and values do not depend on what follows them."""
 
     length: int
-    cache: object  # [groups, K, length, D] per layer
+    cache: Any  # [groups, K, length, D] per layer
     group: list[int]  # row -> its group (a row of ``cache``)
 
 
@@ -176,7 +177,8 @@ class _Decoder:
         if length < _MIN_SHARED_PREFIX:
             return None
         signatures: dict[tuple, int] = {}
-        group, representatives = [], []
+        group: list[int] = []
+        representatives: list[int] = []
         for row in range(len(prompts)):
             signature = tuple(bool(m[row]) for m in masks if m is not None)
             if signature not in signatures:

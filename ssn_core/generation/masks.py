@@ -14,7 +14,7 @@ from ssn_core.loading import LoadedModel
 
 
 def _row_masks(interventions: Sequence, n_rows: int) -> list[torch.Tensor | None]:
-    masks = []
+    masks: list[torch.Tensor | None] = []
     for intervention in interventions:
         rows = getattr(intervention, "rows", None)
         if rows is None:

@@ -247,7 +247,7 @@ class MarkerJudge(Judge):
             prompt_counts = script_counts(prompt_n)
             if not prompt_counts:
                 return True
-            expected = frozenset({max(prompt_counts, key=prompt_counts.get)})
+            expected = frozenset({max(prompt_counts, key=prompt_counts.__getitem__)})
         counts = script_counts(reply_n)
         letters = sum(counts.values())
         own = sum(counts.get(s, 0) for s in expected)

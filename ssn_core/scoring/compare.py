@@ -12,6 +12,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,7 +32,7 @@ class MethodComparison:
 
     tables: dict[str, ScoreTable]  # method -> scores (ablation: NaN outside the sample)
     sample: list[Triple]
-    agreement: object  # pandas DataFrame: method, kind, n, spearman, top_overlap
+    agreement: Any  # pandas DataFrame: method, kind, n, spearman, top_overlap
     top: float
     seconds: dict[str, float]
 

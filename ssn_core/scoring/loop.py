@@ -138,7 +138,7 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
         row_groups = [(items[i].language, items[i].label) for i in rows]
         if method == "ablation":
             values = ablation_batch(lm, batch, triples)  # [B, S]
-            results = {}
+            results: dict[tuple[int, str], torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
             for column, (layer, kind, index) in enumerate(triples):
                 dense = results.setdefault((layer, kind), torch.zeros(len(rows), sites.get(layer, kind).size))
                 dense[:, index] = values[:, column]
@@ -168,7 +168,7 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
     accumulator.all_reduce()  # the running sums of every process, added once
     means = accumulator.means(accumulator.sums)
     if method == "ablation":
-        sampled = {}
+        sampled: dict[str, torch.Tensor] = {}
         for layer, kind, index in triples:
             sampled.setdefault(kind, torch.zeros(sites.n_layers, sites.get(0, kind).size, dtype=torch.bool))[layer,
                                                                                                               index] = True

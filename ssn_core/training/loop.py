@@ -15,7 +15,7 @@ import math
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING
 
@@ -87,7 +87,7 @@ def is_main_process() -> bool:
     return distributed.is_main()
 
 
-def _train_loop(lm: LoadedModel, model: nn.Module, params: list[torch.Tensor], data: SafetyData, config: TrainConfig,
+def _train_loop(lm: LoadedModel, model: nn.Module, params: Sequence[torch.Tensor], data: SafetyData, config: TrainConfig,
                 context_factory=nullcontext, progress: TrainProgress | None = None,
                 cancel: threading.Event | None = None) -> tuple[list[float], float, float | None]:
     """AdamW over ``params`` on the reply NLL; returns (losses per step, seconds, peak memory MB)."""
@@ -104,7 +104,7 @@ def _train_loop(lm: LoadedModel, model: nn.Module, params: list[torch.Tensor], d
 
     def next_batch() -> list[tuple[list[int], int]]:
         nonlocal order
-        batch = []
+        batch: list[tuple[list[int], int]] = []
         while len(batch) < config.batch_size:
             if not order:
                 order = list(range(len(encoded)))
@@ -157,7 +157,7 @@ def _train_loop(lm: LoadedModel, model: nn.Module, params: list[torch.Tensor], d
                 for p in params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                distributed.all_reduce_gradients([p.grad for p in params])
+                distributed.all_reduce_gradients([p.grad for p in params if p.grad is not None])  # all set above
             grads = [p for p in params if p.grad is not None]
             if config.grad_clip > 0 and grads:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, config.grad_clip))

@@ -65,6 +65,7 @@ def run_train(lm: LoadedModel, neurons: NeuronSet, data: SafetyData, config: Tra
     result = train_neurons(lm, neurons, data, config, progress=progress, cancel=cancel)
     if evaluate:
         delta = result.delta
+        assert delta is not None  # train_neurons always returns its delta
         result.before = before
         result.after = evaluate_safety(lm, data, lambda: apply_delta(lm, delta), cancel=cancel, progress=progress,
                                        phase="evaluating after", **eval_kwargs)

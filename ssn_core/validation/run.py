@@ -29,7 +29,7 @@ def _offset_progress(progress: Progress | None, offset: int, total: int) -> Call
 
 def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: Sequence[float] = (2.0,),
              seeds: Sequence[int] = (0, 1, 2), judge=None, batch_size: int = 8, limit_per_language: int | None = None,
-             hr_language: str | None = None, direction: torch.Tensor | None = None, over_refusal: bool = True,
+             hr_language: str | None = None, direction: torch.Tensor | bool | None = None, over_refusal: bool = True,
              betas: Sequence[float] = (), parts: Sequence[str] = PARTS, reinforce_sets: Sequence[str] = ("own",),
              reinforce_random: bool = False, progress: Progress | None = None,
              cancel: threading.Event | None = None) -> ValidationResult:
