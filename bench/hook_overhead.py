@@ -27,14 +27,6 @@ def chat_ids(lm, text: str) -> list[int]:
     return list(lm.tokenizer(formatted, add_special_tokens=False)["input_ids"])
 
 
-def _pad_id(tokenizer) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
 def hook_overhead(ctx: BenchContext) -> BenchResult:
     interventions = require("ssn_core.interventions")
     generation = require("ssn_core.generation")
@@ -46,7 +38,7 @@ def hook_overhead(ctx: BenchContext) -> BenchResult:
     one = torch.tensor([ids], device=device)  # [1, T]
     two = one.repeat(2, 1)  # [2, T]: the A/B pair (same prompt, same settings)
     neurons = random_neuron_set(lm.sites, SS_FRACTION, seed=0)
-    pad = _pad_id(lm.tokenizer)
+    pad = require("ssn_core.scoring")._pad_id(lm.tokenizer)  # the pad id scoring batches use
 
     @torch.no_grad()
     def generate(input_ids):
