@@ -6,7 +6,7 @@ import pandas as pd
 import streamlit as st
 
 from ssn_core.evaluation import heldout_prompt_set
-from ssn_core.generation import GenerationSettings
+from ssn_core.generation import GENERATION_BATCH_SIZE, GenerationSettings
 from ssn_core.prompts import BUILTIN_LANGUAGES, PromptSet, load_builtin
 from ssn_core.validation import ValidationResult, plan_conditions, validate
 from ui import charts, jobs, neuron_sources, provenance, state
@@ -96,7 +96,7 @@ with st.form("validate_form"):
                                help="Comma-separated strengths: each SS-Neuron gets β times its mean activation on the "
                                     "high-resource language's harmful prompts added (beside the ×α scale). Empty: "
                                     "none.")
-    batch = st.slider("Batch size", 1, 64, 8, key="val_batch",
+    batch = st.slider("Batch size", 1, 64, GENERATION_BATCH_SIZE, key="val_batch",
                       help="Rows generated together (lower it if memory is short).")
     go = st.form_submit_button("Run validation", type="primary")
     speed_now = state.model_speed()

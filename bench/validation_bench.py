@@ -20,6 +20,7 @@ from bench.common import BenchContext, BenchResult, alternate, fmt_ratio, goal_t
 from bench.workloads import ROOT_DATA, bench_prompts, random_neuron_set
 
 SS_FRACTION = 0.003
+OLD_DEFAULT_BATCH = 8  # `ssn validate --batch-size` before issue 17
 
 
 def _prompts(language: str, n: int, offset: int = 0) -> list[str]:
@@ -163,6 +164,13 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
         "new_stop_at_verdict": run("new_stop_at_verdict", lambda: {
             lang: validation.run_packed(lm, t, conditions, stop_settings, batch_size, judge=judge, language=lang)
             for lang, t in texts.items()}),
+        # Each path at its own default batch size: the old CLI's 8, the new `GENERATION_BATCH_SIZE` (what a user of
+        # `ssn validate` without --batch-size gets).
+        "old_default": run("old_default", lambda: {lang: legacy.run_packed(lm, t, conditions, settings, OLD_DEFAULT_BATCH)
+                                                   for lang, t in texts.items()}),
+        "new_default": run("new_default", lambda: {lang: validation.run_packed(lm, t, conditions, settings,
+                                                                               generation.GENERATION_BATCH_SIZE)
+                                                   for lang, t in texts.items()}),
         "eval_old": run("eval_old", lambda: legacy.evaluate_replies(lm, eval_texts, settings, batch_size)),
         "eval_new": run("eval_new", lambda: generation.generate_many(lm, eval_texts, settings, batch_size=batch_size)),
     }
@@ -178,10 +186,12 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
                       on_time=lambda r, name, seconds: ctx.log(f"round {r + 1}: {name} {seconds:.1f} s"))
     ratios = {"validation_replies_per_s": paired_ratio(times["old"], times["new"]),
               "validation_stop_at_verdict": paired_ratio(times["old"], times["new_stop_at_verdict"]),
+              "validation_at_defaults": paired_ratio(times["old_default"], times["new_default"]),
               "evaluation_replies_per_s": paired_ratio(times["eval_old"], times["eval_new"])}
     agree = {"new_vs_old": _agreement(judge, texts, outputs["old"], outputs["new"]),
              "stop_at_verdict_vs_old": _agreement(judge, texts, outputs["old"], outputs["new_stop_at_verdict"],
-                                                  prefix_ok=True)}
+                                                  prefix_ok=True),
+             "defaults_new_vs_old": _agreement(judge, texts, outputs["old_default"], outputs["new_default"])}
     eval_agree = sum(a == b for a, b in zip(outputs["eval_old"], outputs["eval_new"], strict=True))
     ctx.log("profiling one old-path batch and one new-path run (en)")
     breakdown = _old_batch_breakdown(lm, texts["en"], conditions, settings, batch_size, interventions_mod)
@@ -207,11 +217,13 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
         notes=[("ratios are replies per second of the new path / the old path on the same prompts, conditions and "
                "settings (greedy); agreement compares the two runs' verdicts (label and reason) reply by reply")],
     )
-    a, s = agree["new_vs_old"], agree["stop_at_verdict_vs_old"]
+    a, s, d = agree["new_vs_old"], agree["stop_at_verdict_vs_old"], agree["defaults_new_vs_old"]
     result.summary = (
         f"validation-throughput: replies/s new/old {fmt_ratio(ratios['validation_replies_per_s'])}"
         f"{goal_text(result, 'validation_replies_per_s')}; with stop_at_verdict "
-        f"{fmt_ratio(ratios['validation_stop_at_verdict'])} | evaluation {fmt_ratio(ratios['evaluation_replies_per_s'])}"
+        f"{fmt_ratio(ratios['validation_stop_at_verdict'])}; each at its default batch "
+        f"({OLD_DEFAULT_BATCH} -> {generation.GENERATION_BATCH_SIZE}) {fmt_ratio(ratios['validation_at_defaults'])} "
+        f"(same verdicts {d['same_verdict']}/{d['replies']}) | evaluation {fmt_ratio(ratios['evaluation_replies_per_s'])}"
         f"{goal_text(result, 'evaluation_replies_per_s')} | same verdicts {a['same_verdict']}/{a['replies']} "
         f"(stop_at_verdict {s['same_verdict']}/{s['replies']}), same replies {a['same_reply']}/{a['replies']}")
     return result

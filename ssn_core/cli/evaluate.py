@@ -9,9 +9,10 @@ import math
 
 from ssn_core.cli.common import TqdmProgress, add_model_args, check_out, format_table, load_from_args
 from ssn_core.errors import Cancelled, SSNError
+from ssn_core.generation.settings import GENERATION_BATCH_SIZE
 
 
-def _add_eval_common_args(p, default_tokens: int) -> None:
+def _add_eval_common_args(p, default_tokens: int, default_batch: int = 8) -> None:
     p.add_argument("--langs", default="en,zh,bn,sw", help="languages, comma-separated (default: en,zh,bn,sw)")
     p.add_argument("--prompts", default="builtin", help="builtin | multijail:PATH_OR_HUB_ID | FILE (default: builtin; "
                    "with an identify result, the built-in items it did not use)")
@@ -19,7 +20,8 @@ def _add_eval_common_args(p, default_tokens: int) -> None:
     p.add_argument("--judge", default="marker", help="marker (default) | guard:MODEL | api:BASE_URL,MODEL "
                    "(the API key is read from $OPENAI_API_KEY)")
     p.add_argument("--max-new-tokens", type=int, default=default_tokens)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=default_batch,
+                   help=f"rows in any forward pass (default {default_batch})")
     p.add_argument("--stop-at-verdict", action="store_true",
                    help="end each reply once the judge's verdict on it can no longer change (the marker judge: a "
                         "refusal marker seen; verdicts unchanged, replies shorter, ~1.2x faster on the starter)")
@@ -170,7 +172,7 @@ def add_validate_parser(sub) -> None:
                                         "reinforce SS-Neurons")
     add_model_args(p)
     p.add_argument("--neurons", required=True, metavar="DIR", help="identify result directory (`ssn identify --out`)")
-    _add_eval_common_args(p, 48)
+    _add_eval_common_args(p, 48, GENERATION_BATCH_SIZE)  # generation only: rows are nearly free on a CPU
     p.add_argument("--seeds", type=int, default=3, help="random-control seeds 0..K-1 (default 3)")
     p.add_argument("--alphas", default="2", help="reinforcement scales, comma-separated (default 2)")
     p.add_argument("--betas", default="",

@@ -27,7 +27,7 @@ of a batched matrix product may round a row differently when the batch changes, 
 
 One idea per module; every name is importable from ``ssn_core.generation`` as before the split:
 
-- `settings`: `GenerationSettings`, `RowSampler` (one seeded generator per row).
+- `settings`: `GenerationSettings`, `RowSampler` (one seeded generator per row), `GENERATION_BATCH_SIZE`.
 - `encode`: the prompt checks (`check_prompts`, `context_length`), token ids of the prompts, replies' text.
 - `masks`: row-masked interventions re-masked to the rows in flight.
 - `decoder`: the decoding loop (`_Decoder`: prefill, step, the shared prompt prefix) and the batch's rows and cache.
@@ -46,9 +46,10 @@ from ssn_core.generation.decoder import (  # noqa: F401 - bench/validation_bench
 from ssn_core.generation.encode import check_prompts, context_length
 from ssn_core.generation.pool import RowProgress
 from ssn_core.generation.run import generate, generate_many, stream_generate
-from ssn_core.generation.settings import GenerationSettings, RowSampler
+from ssn_core.generation.settings import GENERATION_BATCH_SIZE, GenerationSettings, RowSampler
 
 __all__ = [
+    "GENERATION_BATCH_SIZE",
     "GenerationSettings",
     "RowProgress",
     "RowSampler",

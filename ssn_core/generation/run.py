@@ -14,7 +14,7 @@ from ssn_core.errors import SSNError
 from ssn_core.generation.decoder import StopFn
 from ssn_core.generation.encode import _decode, _encode, _raise_if_cancelled
 from ssn_core.generation.pool import RowProgress, _generate_rows
-from ssn_core.generation.settings import GenerationSettings
+from ssn_core.generation.settings import GENERATION_BATCH_SIZE, GenerationSettings
 from ssn_core.loading import LoadedModel
 from ssn_core.progress import current_cancel
 
@@ -37,7 +37,7 @@ def generate(lm: LoadedModel, user_texts: list[str], settings: GenerationSetting
 
 
 def generate_many(lm: LoadedModel, user_texts: Sequence[str], settings: GenerationSettings | None = None, *,
-                  batch_size: int = 8, interventions: Sequence = (), stop: StopFn | None = None,
+                  batch_size: int = GENERATION_BATCH_SIZE, interventions: Sequence = (), stop: StopFn | None = None,
                   progress: RowProgress | None = None, cancel: threading.Event | None = None) -> list[str]:
     """The reply to each user text, in input order, with at most ``batch_size`` rows in any forward pass.
 

@@ -10,6 +10,14 @@ import torch
 
 from ssn_core.errors import SSNError, finite
 
+# Rows in flight when generating many replies (validation, `generate_many`). On a CPU a decoding step streams every
+# weight whatever the rows, so rows are nearly free: on the 0.5B starter (2-core Xeon, float32) a step of 8 rows cost
+# 2.6x one row, 16 rows 3.1x, 24 rows 3.2x, 32 rows 4.0x (bench/README.md), i.e. 32 rows give ~2.5x the replies per
+# second of 8. The KV cache of 32 rows is small beside the weights (the starter: ~24 KB a token, ~0.3 GB for 32 rows of
+# 350 tokens). Forward-only batches (scoring, perplexity, margins) keep their own, smaller defaults: they run whole
+# sequences, whose activations and logits grow with the rows.
+GENERATION_BATCH_SIZE = 32
+
 
 @dataclass
 class GenerationSettings:

@@ -8,13 +8,14 @@ import threading
 from collections.abc import Callable, Sequence
 
 from ssn_core.errors import Cancelled, SSNError
+from ssn_core.generation.settings import GENERATION_BATCH_SIZE
 from ssn_core.interventions import Intervention, Shift
 from ssn_core.validation.conditions import Condition
 
 Progress = Callable[[int, int, str], None]
 
 
-def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settings, batch_size: int = 8,
+def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settings, batch_size: int = GENERATION_BATCH_SIZE,
                progress: Progress | None = None, cancel: threading.Event | None = None,
                message: str = "", *, judge=None, language: str | None = None) -> list[list[str]]:
     """Replies of every text under every condition: ``result[i][j]`` = text i under condition j.

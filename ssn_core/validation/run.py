@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ssn_core.errors import PromptSetError, SSNError
+from ssn_core.generation.settings import GENERATION_BATCH_SIZE
 from ssn_core.interventions import resolve_sites
 from ssn_core.validation.conditions import PARTS, plan_conditions
 from ssn_core.validation.packed import run_packed
@@ -28,7 +29,7 @@ def _offset_progress(progress: Progress | None, offset: int, total: int) -> Call
 
 
 def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: Sequence[float] = (2.0,),
-             seeds: Sequence[int] = (0, 1, 2), judge=None, batch_size: int = 8, limit_per_language: int | None = None,
+             seeds: Sequence[int] = (0, 1, 2), judge=None, batch_size: int = GENERATION_BATCH_SIZE, limit_per_language: int | None = None,
              hr_language: str | None = None, direction: torch.Tensor | bool | None = None, over_refusal: bool = True,
              betas: Sequence[float] = (), parts: Sequence[str] = PARTS, reinforce_sets: Sequence[str] = ("own",),
              reinforce_random: bool = False, progress: Progress | None = None,
