@@ -124,7 +124,8 @@ def hook_overhead(ctx: BenchContext) -> BenchResult:
     result.summary = (f"hook-overhead: tok/s suppressed/plain {fmt_ratio(speed)} (old path {fmt_ratio(speed_old)})"
                       f"{goal_text(result, 'suppressed_tok_s')} | A/B batched time / one stream {fmt_ratio(ab)} "
                       f"(old path {fmt_ratio(ab_old)}){goal_text(result, 'ab_batched_time')}"
-                      f" (two rows without hooks {fmt_ratio(batching)}; row-masked hooks on top {fmt_ratio(row_mask_cost)};"
+                      f" (two rows without hooks {fmt_ratio(batching)};"
+                      f" row-masked hooks on top {fmt_ratio(row_mask_cost)};"
                       f" floor: lm_head on two rows vs one {fmt_ratio(head_floor)}) | engine loop tok/s vs HF generate "
                       f"{fmt_ratio(loop_vs_hf)}")
     return result

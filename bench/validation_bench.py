@@ -211,7 +211,8 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
     result.summary = (
         f"validation-throughput: replies/s new/old {fmt_ratio(ratios['validation_replies_per_s'])}"
         f"{goal_text(result, 'validation_replies_per_s')}; with stop_at_verdict "
-        f"{fmt_ratio(ratios['validation_stop_at_verdict'])} | evaluation {fmt_ratio(ratios['evaluation_replies_per_s'])}"
+        f"{fmt_ratio(ratios['validation_stop_at_verdict'])}"
+        f" | evaluation {fmt_ratio(ratios['evaluation_replies_per_s'])}"
         f"{goal_text(result, 'evaluation_replies_per_s')} | same verdicts {a['same_verdict']}/{a['replies']} "
         f"(stop_at_verdict {s['same_verdict']}/{s['replies']}), same replies {a['same_reply']}/{a['replies']}")
     return result

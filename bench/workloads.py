@@ -30,7 +30,8 @@ def bench_prompts(count: int, languages=LANGUAGES) -> list:
         items = [SimpleNamespace(text=t, language="en", label=label, id=str(i))
                  for i, t in enumerate(_FALLBACK_TEXTS) for label in ("harmful", "harmless")]
     # Interleave languages and labels so that a small count still mixes them.
-    items.sort(key=lambda p: (int(p.id) if str(p.id).isdigit() else zlib.crc32(str(p.id).encode()), p.language, p.label))
+    items.sort(key=lambda p: (int(p.id) if str(p.id).isdigit() else zlib.crc32(str(p.id).encode()),
+                              p.language, p.label))
     out = []
     while len(out) < count:
         out.extend(items[: count - len(out)])

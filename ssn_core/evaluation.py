@@ -190,7 +190,7 @@ def evaluate(lm, prompts, languages: Sequence[str], settings=None, judge=None,
     rows = [
         {"id": p.id, "language": p.language, "label": p.label, "category": getattr(p, "category", None),
          "condition": condition, "prompt": p.text, "reply": reply, "verdict": v.label, "reason": v.reason}
-        for p, reply, v in zip(items, replies, verdicts)
+        for p, reply, v in zip(items, replies, verdicts, strict=True)
     ]
     metrics = rate_table(verdicts, [p.language for p in items], [p.label != "harmless" for p in items],
                          n_boot=n_boot)

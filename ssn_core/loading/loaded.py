@@ -140,7 +140,8 @@ class LoadedModel:
         encoded = self.tokenizer(
             prompts, return_tensors="pt", padding=True, padding_side=padding_side, add_special_tokens=add_special
         )
-        return {"input_ids": encoded["input_ids"].to(self.device), "attention_mask": encoded["attention_mask"].to(self.device)}
+        return {"input_ids": encoded["input_ids"].to(self.device),
+                "attention_mask": encoded["attention_mask"].to(self.device)}
 
     @property
     def stop_token_ids(self) -> list[int]:

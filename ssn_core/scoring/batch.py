@@ -53,7 +53,8 @@ def _token_weights(n_tokens: int, content: list[int], aggregate: str, reply_star
     return weights
 
 
-def _content_token_indices(tokenizer, text: str, span: tuple[int, int], add_special: bool) -> tuple[list[int], list[int]]:
+def _content_token_indices(tokenizer, text: str, span: tuple[int, int],
+                           add_special: bool) -> tuple[list[int], list[int]]:
     """Token ids of ``text`` and the indices of the tokens that overlap the character span."""
     start, end = span
     try:

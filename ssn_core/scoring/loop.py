@@ -102,8 +102,8 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
     if aggregate == "reply":
         missing = [p for p in items if not getattr(p, "reply", None)]
         if missing:
-            raise SSNError(f"aggregate 'reply' scores (prompt, reply) pairs, but {len(missing)} prompt(s) have no reply "
-                           f"(e.g. {missing[0].id!r}); build them with ssn_core.pairs.build_pairs")
+            raise SSNError(f"aggregate 'reply' scores (prompt, reply) pairs, but {len(missing)} prompt(s) have no "
+                           f"reply (e.g. {missing[0].id!r}); build them with ssn_core.pairs.build_pairs")
     if method == "direction" and directions is None:
         from ssn_core.direction import difference_of_means
 
@@ -170,8 +170,8 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
     if method == "ablation":
         sampled: dict[str, torch.Tensor] = {}
         for layer, kind, index in triples:
-            sampled.setdefault(kind, torch.zeros(sites.n_layers, sites.get(0, kind).size, dtype=torch.bool))[layer,
-                                                                                                              index] = True
+            mask = sampled.setdefault(kind, torch.zeros(sites.n_layers, sites.get(0, kind).size, dtype=torch.bool))
+            mask[layer, index] = True
         for per_kind in means.values():
             for kind, tensor in per_kind.items():
                 tensor[~sampled.get(kind, torch.zeros_like(tensor, dtype=torch.bool))] = math.nan

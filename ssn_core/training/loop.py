@@ -87,8 +87,8 @@ def is_main_process() -> bool:
     return distributed.is_main()
 
 
-def _train_loop(lm: LoadedModel, model: nn.Module, params: Sequence[torch.Tensor], data: SafetyData, config: TrainConfig,
-                context_factory=nullcontext, progress: TrainProgress | None = None,
+def _train_loop(lm: LoadedModel, model: nn.Module, params: Sequence[torch.Tensor], data: SafetyData,
+                config: TrainConfig, context_factory=nullcontext, progress: TrainProgress | None = None,
                 cancel: threading.Event | None = None) -> tuple[list[float], float, float | None]:
     """AdamW over ``params`` on the reply NLL; returns (losses per step, seconds, peak memory MB)."""
     config.check()

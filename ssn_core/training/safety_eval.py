@@ -73,7 +73,7 @@ def evaluate_safety(lm: LoadedModel, data: SafetyData, context_factory=nullconte
                                              what="generating held-out replies")
         verdicts = judge.judge_many([ex.user_text for ex in todo], replies, [ex.language for ex in todo])
         hits: dict[tuple[str, str], list[bool]] = {}
-        for ex, reply, verdict in zip(todo, replies, verdicts):
+        for ex, reply, verdict in zip(todo, replies, verdicts, strict=True):
             hits.setdefault((ex.kind, ex.language), []).append(verdict.label == "refusal")
             rows.append({"id": ex.item_id, "language": ex.language,
                          "label": "harmful" if ex.kind == "refusal" else "harmless", "prompt": ex.user_text,

@@ -111,7 +111,7 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
                 condition_replies = [replies[i][j] for i in range(len(label_items))]
                 verdicts = judge.judge_many([p.text for p in label_items], condition_replies,
                                             [lang] * len(label_items), cancel=cancel)
-                for prompt, reply, verdict in zip(label_items, condition_replies, verdicts):
+                for prompt, reply, verdict in zip(label_items, condition_replies, verdicts, strict=True):
                     rows.append({"language": lang, "label": label, "condition": condition.name,
                                  "seed": condition.seed, "alpha": condition.alpha, "id": prompt.id,
                                  "prompt": prompt.text, "reply": reply, "verdict": verdict.label,
