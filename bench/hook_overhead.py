@@ -34,11 +34,11 @@ def hook_overhead(ctx: BenchContext) -> BenchResult:
     cfg = ctx.config
     new_tokens = cfg.pick(4, 16, 64)
     ids = chat_ids(lm, bench_prompts(1)[0].text)
-    device = next(lm.model.parameters()).device
+    device = lm.device  # where inputs go: ssn_core._conventions.input_device
     one = torch.tensor([ids], device=device)  # [1, T]
     two = one.repeat(2, 1)  # [2, T]: the A/B pair (same prompt, same settings)
     neurons = random_neuron_set(lm.sites, SS_FRACTION, seed=0)
-    pad = require("ssn_core.scoring")._pad_id(lm.tokenizer)  # the pad id scoring batches use
+    pad = require("ssn_core._conventions").pad_id(lm)  # the pad id every engine batch uses
 
     @torch.no_grad()
     def generate(input_ids):

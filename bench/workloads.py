@@ -44,9 +44,8 @@ def scoring_batches(lm, n_prompts: int, batch_size: int, aggregate: str = "conte
     prompts = bench_prompts(n_prompts)
     encoded = [scoring.encode_prompt(lm, p.text, "chat") for p in prompts]
     encoded.sort(key=lambda e: len(e[0]))
-    pad_id = scoring._pad_id(lm.tokenizer)
-    device = next(lm.model.parameters()).device
-    return [scoring.make_batch(encoded[i:i + batch_size], aggregate, pad_id, device)
+    pad = require("ssn_core._conventions").pad_id(lm)
+    return [scoring.make_batch(encoded[i:i + batch_size], aggregate, pad, lm.device)
             for i in range(0, len(encoded), batch_size)]
 
 

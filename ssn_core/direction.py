@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssn_core.errors import Cancelled, NeuronFileError, PromptSetError, SSNError
+from ssn_core._conventions import Progress, check_cancel
+from ssn_core.errors import NeuronFileError, PromptSetError, SSNError
 from ssn_core.hooks import hook_modules
 from ssn_core.io import atomic_save_safetensors, read_safetensors
 from ssn_core.sites import SiteMap, decoder_layers
 
 FORMAT = "ssn-lab/refusal-direction"
-Progress = Callable[[int, int, str], None]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -172,8 +172,7 @@ def last_token_residuals(lm, texts: Sequence[str], *, batch_size: int = 8, syste
     total = torch.zeros(len(layers), lm.model.get_input_embeddings().weight.shape[-1], dtype=torch.float64)
 
     def run_batch(b: int) -> None:  # under a launch each process sums its share of the batches
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("finding the refusal direction was cancelled")
+        check_cancel(cancel, "finding the refusal direction was cancelled")
         start = b * batch_size
         captured: list[torch.Tensor] = [None] * len(layers)  # type: ignore[list-item]
 

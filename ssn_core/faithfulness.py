@@ -17,20 +17,20 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ssn_core.errors import Cancelled, PromptSetError, SSNError
+from ssn_core._conventions import Progress, check_cancel
+from ssn_core.errors import PromptSetError, SSNError
 from ssn_core.identify import select
 from ssn_core.interventions import Intervention, intervene
 from ssn_core.io import atomic_write_json, atomic_write_text, csv_text, writing_result_dir
 from ssn_core.scoring import ScoreTable
 from ssn_core.validation import random_matched
 
-Progress = Callable[[int, int, str], None]
 RESULT_KIND = "ssn-lab/faithfulness"
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.0003, 0.001, 0.003, 0.01, 0.03)
 COLUMNS: tuple[str, ...] = ("method", "language", "set", "p", "share", "n_neurons", "condition", "seed", "margin",
@@ -158,8 +158,7 @@ def faithfulness(lm, tables: dict[str, ScoreTable], prompts, languages: Sequence
     started = time.time()
 
     def margin(lang: str, intervention=None) -> torch.Tensor:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("the faithfulness check was cancelled; nothing was written")
+        check_cancel(cancel, "the faithfulness check was cancelled; nothing was written")
         texts = [p.text for p in by_language[lang]]
         if intervention is None:
             return refusal_margin(lm, texts, [lang] * len(texts), batch_size=batch_size)

@@ -116,14 +116,6 @@ def make_batch(encoded: Sequence[tuple], aggregate: str, pad_id: int,
     )
 
 
-def _pad_id(tokenizer) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
 def _aggregate(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Weighted mean over tokens: values [B, T, ...] -> [B, ...]; zero-weight (padding) tokens never count.
 

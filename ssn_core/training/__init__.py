@@ -51,7 +51,6 @@ from ssn_core.training.loop import (
 )
 from ssn_core.training.loss import (
     _collate,  # noqa: F401 - used by tests/test_training.py and bench/train_step.py
-    _pad_id,  # noqa: F401 - used by bench/train_step.py
     encode_example,
     reply_nll,
     response_loss,

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ssn_core._conventions import check_cancel
 from ssn_core.delta import NeuronDelta, apply_delta
 from ssn_core.errors import TrainingError
 from ssn_core.neurons import NeuronSet
 from ssn_core.sites import SiteMap
 from ssn_core.training.baselines import lora_rank_for, train_full, train_lora
 from ssn_core.training.data import SafetyData, _sites_of
-from ssn_core.training.loop import _check_cancel
 from ssn_core.training.results import SafetyEval, TrainConfig, TrainProgress, TrainResult
 from ssn_core.training.safety_eval import evaluate_safety
 from ssn_core.training.targeted import train_neurons
@@ -70,7 +70,7 @@ def compare_methods(lm: LoadedModel, neurons: NeuronSet, data: SafetyData, confi
         before = evaluate_safety(lm, data, cancel=cancel, progress=progress, phase="evaluating before", **eval_kwargs)
     results: list[TrainResult] = []
     for method in methods:
-        _check_cancel(cancel, "the comparison")
+        check_cancel(cancel, "the comparison was cancelled; nothing was written")
         if method in ("neurons", "random"):
             target = neurons if method == "neurons" else random_matched(neurons, sites, seed=random_seed)
             result = train_neurons(lm, target, data, config, method=method, progress=progress, cancel=cancel)

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from ssn_core.errors import Cancelled, SSNError
+from ssn_core._conventions import Progress, check_cancel
+from ssn_core.errors import SSNError
 from ssn_core.interventions import Intervention, Shift
 from ssn_core.validation.conditions import Condition
-
-Progress = Callable[[int, int, str], None]
 
 
 def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settings, batch_size: int = 8,
@@ -38,8 +37,7 @@ def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settin
 
     if batch_size < 1:
         raise SSNError("batch_size must be at least 1")
-    if cancel is not None and cancel.is_set():
-        raise Cancelled("validation was cancelled")
+    check_cancel(cancel, "validation was cancelled")
     pairs = [(i, j) for i in range(len(texts)) for j in range(len(conditions))]
     replies: list[list[str]] = [[""] * len(conditions) for _ in texts]
     if not pairs:
@@ -75,8 +73,7 @@ def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settin
         # Under a launch each process generates its share of the packed batches of ``batch_size`` rows (text-major,
         # as `distributed.run_batches` splits them), each batch through `generate_many`.
         def run_batch(b: int) -> list[str]:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("validation was cancelled")
+            check_cancel(cancel, "validation was cancelled")
             return replies_of(pairs[b * batch_size:(b + 1) * batch_size])
 
         def report_batches(done: int) -> None:

@@ -10,14 +10,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ssn_core._conventions import Progress
 from ssn_core.errors import PromptSetError, SSNError
 from ssn_core.interventions import resolve_sites
 from ssn_core.validation.conditions import PARTS, plan_conditions
 from ssn_core.validation.packed import run_packed
 from ssn_core.validation.result import RESULT_KIND, ValidationResult
 from ssn_core.validation.stats import _harmless_rates, _rates, summarize
-
-Progress = Callable[[int, int, str], None]
 
 
 def _offset_progress(progress: Progress | None, offset: int, total: int) -> Callable[[int, int, str], None]:
