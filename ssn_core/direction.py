@@ -115,8 +115,9 @@ class DirectionAblation:
         return self.label
 
     def module_fns(self, lm_or_model) -> list[tuple[tuple[nn.Module, str], Callable]]:
-        model = getattr(lm_or_model, "model", lm_or_model)
-        sites: SiteMap = getattr(lm_or_model, "sites", None) or _sites(model)
+        from ssn_core.interventions import resolve_model, resolve_sites
+
+        model, sites = resolve_model(lm_or_model), resolve_sites(lm_or_model)
         norm = float(self.direction.float().norm())
         if not norm > 0 or not torch.isfinite(self.direction).all():
             raise SSNError("the direction to ablate must be a finite, non-zero vector")
@@ -143,12 +144,6 @@ class DirectionAblation:
             fns.append(((sites.get(layer_index, "attn_o").module, "out"), lambda out, x: project(out)))
             fns.append(((layer, "out"), lambda out, x: project(out)))
         return fns
-
-
-def _sites(model: nn.Module) -> SiteMap:
-    from ssn_core.interventions import resolve_sites
-
-    return resolve_sites(model)
 
 
 def ablate_direction(lm, direction: torch.Tensor, rows=None):
