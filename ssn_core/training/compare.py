@@ -1,9 +1,9 @@
 """Several training methods on the same data, steps and evaluation, and the paired difference of two of them.
 
-`compare_methods` runs the neuron target, random neurons of the same shape, LoRA (matched rank and r=8) and full
+`compare_finetunes` runs the neuron target, random neurons of the same shape, LoRA (matched rank and r=8) and full
 fine-tuning, each evaluated with the same held-out evaluation, and returns the results and the comparison table.
 `paired_refusal_difference` compares two methods' held-out refusal prompt by prompt (the same prompts, so
-paired), with a bootstrap CI and a sign-flip p-value. (Not `ssn_core.scoring`'s method comparison, which compares
+paired), with a bootstrap CI and a sign-flip p-value. (Not `ssn_core.scoring.compare_methods`, which compares
 scoring methods.)
 """
 
@@ -29,7 +29,7 @@ from ssn_core.training.targeted import train_neurons
 if TYPE_CHECKING:
     from ssn_core.loading import LoadedModel
 
-METHODS: tuple[str, ...] = ("neurons", "random", "lora-match", "lora-8", "full")
+FINETUNE_METHODS: tuple[str, ...] = ("neurons", "random", "lora-match", "lora-8", "full")
 
 
 def paired_refusal_difference(a: SafetyEval, b: SafetyEval, languages: Sequence[str] | None = None) -> dict:
@@ -50,19 +50,20 @@ def paired_refusal_difference(a: SafetyEval, b: SafetyEval, languages: Sequence[
     return out
 
 
-def compare_methods(lm: LoadedModel, neurons: NeuronSet, data: SafetyData, config: TrainConfig,
-                    methods: Sequence[str] = ("neurons", "random", "lora-8"), *, eval_kwargs: dict | None = None,
-                    random_seed: int = 0, before: SafetyEval | None = None, progress: TrainProgress | None = None,
-                    cancel: threading.Event | None = None) -> tuple[list[TrainResult], list[dict]]:
+def compare_finetunes(lm: LoadedModel, neurons: NeuronSet, data: SafetyData, config: TrainConfig,
+                      methods: Sequence[str] = ("neurons", "random", "lora-8"), *, eval_kwargs: dict | None = None,
+                      random_seed: int = 0, before: SafetyEval | None = None, progress: TrainProgress | None = None,
+                      cancel: threading.Event | None = None) -> tuple[list[TrainResult], list[dict]]:
     """Run several methods on the same data, steps and evaluation; returns the results and the comparison table.
 
     ``before``: the base model's evaluation when already computed (same data and eval settings).
     """
     from ssn_core.validation import random_matched
 
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in FINETUNE_METHODS]
     if unknown:
-        raise TrainingError(f"unknown training method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise TrainingError(f"unknown training method(s) {', '.join(unknown)}; "
+                            f"choose from {', '.join(FINETUNE_METHODS)}")
     eval_kwargs = dict(eval_kwargs or {})
     eval_kwargs.setdefault("max_length", config.max_length)
     sites = _sites_of(lm)
