@@ -66,6 +66,7 @@ browser:
 	  fi; \
 	fi
 
-# ruff's rule set is its default for the pinned version in requirements.txt (pyproject.toml: line length, target).
+# ruff (pinned in requirements.txt) with the rules chosen in pyproject.toml [tool.ruff.lint]: pycodestyle, pyflakes,
+# isort, pyupgrade, bugbear, simplify; line length 120.
 lint: install
 	$(PY) -m ruff check .

@@ -102,7 +102,7 @@ with setup.form("identify_form"):
     columns = st.columns(len(groups))
     chosen: list[str] = []
     defaults = {"en", "zh", "bn", "sw"}
-    for column, (name, langs) in zip(columns, groups.items()):
+    for column, (name, langs) in zip(columns, groups.items(), strict=True):
         chosen += column.multiselect(
             f"{name.upper()} languages", langs, default=[lang for lang in langs if lang in defaults],
             format_func=lambda code: f"{code} — {language_name(code)}", key=f"nr_langs_{name}")

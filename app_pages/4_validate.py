@@ -194,7 +194,8 @@ frame = chart_frame(vres.table, "set" if provenance.validation_neurons(vres).get
 chart_languages = list(dict.fromkeys(frame["language"]))
 per_row = 2 if len(chart_languages) > 1 else 1
 for start in range(0, len(chart_languages), per_row):  # a grid of charts, each fitting its column
-    for column, language in zip(st.columns(per_row), chart_languages[start:start + per_row]):
+    # the last row can have fewer charts than columns
+    for column, language in zip(st.columns(per_row), chart_languages[start:start + per_row], strict=False):
         with column:
             st.altair_chart(charts.rates_by_condition(frame[frame["language"] == language],
                                                       title=f"{language}: refusal and attack success per condition"))

@@ -110,19 +110,20 @@ def run_step(step, settings) -> list[dict]:
     """Stream every column of the step (one batch), judge each reply, then measure its refusal margin."""
     columns = st.columns(len(step.rows))
     slots = []
-    for column, row in zip(columns, step.rows):
+    for column, row in zip(columns, step.rows, strict=True):
         column.markdown(f"**{row.label}**")
         slots.append(column.empty())
 
     def show(replies: list[str]) -> None:  # every column appears as it is written, from one batch
-        for slot, reply in zip(slots, replies):
+        for slot, reply in zip(slots, replies, strict=True):
             slot.info(reply or "…")
 
     exchange = ab.run_ab(lm, step.rows, settings, MarkerJudge(), on_update=show)
     with st.spinner("Measuring the refusal margins…"):
         return [{"key": f"{step.key}_{i}", "label": row.label, "prompt": row.prompt, "language": row.language,
                  "reply": reply, "verdict": verdict.label, "margin": ab.row_margin(lm, row)}
-                for i, (row, reply, verdict) in enumerate(zip(step.rows, exchange.replies, exchange.verdicts))]
+                for i, (row, reply, verdict) in enumerate(
+                    zip(step.rows, exchange.replies, exchange.verdicts, strict=True))]
 
 
 st.header("Guided walkthrough")
@@ -187,7 +188,7 @@ else:
             finished = done.get(step.key)
             if finished is not None and finished["signature"] == signature:
                 rows = finished["rows"]
-                for i, (column, row) in enumerate(zip(st.columns(len(rows)), rows)):
+                for i, (column, row) in enumerate(zip(st.columns(len(rows)), rows, strict=True)):
                     show_row(column, row, rows[0]["margin"], i == 0)
 
 st.header("More live demos")

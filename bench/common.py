@@ -233,7 +233,8 @@ def run_worker(module: str, args: list[str], timeout: float, in_process: bool = 
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     proc = subprocess.run(
-        [sys.executable, "-m", module, *args], check=False, capture_output=True, text=True, timeout=timeout, cwd=root, env=env
+        [sys.executable, "-m", module, *args],
+        check=False, capture_output=True, text=True, timeout=timeout, cwd=root, env=env,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:

@@ -162,7 +162,8 @@ def run_profile(config: BenchConfig, names: list[str]) -> int:
                 print(f"failed: {type(exc).__name__}: {exc}", flush=True)
                 continue
             result.details["variant"] = variant
-            result.notes.append(f"GPU profile variant {variant} ({'bfloat16' if quantization == 'none' else quantization})")
+            weights = "bfloat16" if quantization == "none" else quantization
+            result.notes.append(f"GPU profile variant {variant} ({weights})")
             elapsed = time.perf_counter() - t0
             path = write_row(ctx, result, elapsed)
             print(f"  ({elapsed:.0f} s, row appended to {path})")

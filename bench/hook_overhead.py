@@ -34,11 +34,11 @@ def hook_overhead(ctx: BenchContext) -> BenchResult:
     cfg = ctx.config
     new_tokens = cfg.pick(4, 16, 64)
     ids = chat_ids(lm, bench_prompts(1)[0].text)
-    device = next(lm.model.parameters()).device
+    device = lm.device  # where inputs go: ssn_core._conventions.input_device
     one = torch.tensor([ids], device=device)  # [1, T]
     two = one.repeat(2, 1)  # [2, T]: the A/B pair (same prompt, same settings)
     neurons = random_neuron_set(lm.sites, SS_FRACTION, seed=0)
-    pad = require("ssn_core.scoring")._pad_id(lm.tokenizer)  # the pad id scoring batches use
+    pad = require("ssn_core._conventions").pad_id(lm)  # the pad id every engine batch uses
 
     @torch.no_grad()
     def generate(input_ids):
@@ -124,7 +124,8 @@ def hook_overhead(ctx: BenchContext) -> BenchResult:
     result.summary = (f"hook-overhead: tok/s suppressed/plain {fmt_ratio(speed)} (old path {fmt_ratio(speed_old)})"
                       f"{goal_text(result, 'suppressed_tok_s')} | A/B batched time / one stream {fmt_ratio(ab)} "
                       f"(old path {fmt_ratio(ab_old)}){goal_text(result, 'ab_batched_time')}"
-                      f" (two rows without hooks {fmt_ratio(batching)}; row-masked hooks on top {fmt_ratio(row_mask_cost)};"
+                      f" (two rows without hooks {fmt_ratio(batching)};"
+                      f" row-masked hooks on top {fmt_ratio(row_mask_cost)};"
                       f" floor: lm_head on two rows vs one {fmt_ratio(head_floor)}) | engine loop tok/s vs HF generate "
                       f"{fmt_ratio(loop_vs_hf)}")
     return result

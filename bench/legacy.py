@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from ssn_core._conventions import pad_id
 from ssn_core.errors import SSNError
 from ssn_core.scoring import (
     _aggregate,
@@ -37,10 +38,9 @@ def _config(lm, settings):
     from transformers import GenerationConfig
 
     stop_ids = lm.stop_token_ids
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
     return GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=False, num_beams=1,
                             repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
-                            eos_token_id=stop_ids or None, pad_token_id=pad_id)
+                            eos_token_id=stop_ids or None, pad_token_id=pad_id(lm))
 
 
 def generate(lm, user_texts: list[str], settings) -> list[str]:

@@ -37,8 +37,10 @@ def _registry() -> dict[str, tuple[Callable[[BenchContext], BenchResult], str]]:
                                   "(goal >= 2x)")),
         "train-step": (train_step, "targeted vs LoRA vs full FT (<= 0.6x time, <= 0.5x memory, <= 1% params)"),
         "cold-start": (cold_start, "starter load: GGUF conversion vs safetensors cache"),
-        "methods-vs-forward": (methods_vs_forward, "causal methods (global, attribution, direction, margin) vs forward"),
-        "explorer-topk": (explorer_topk, "top-k examples of every neuron vs a plain forward, 128 prompts (goal <= 1.3x)"),
+        "methods-vs-forward": (methods_vs_forward,
+                               "causal methods (global, attribution, direction, margin) vs forward"),
+        "explorer-topk": (explorer_topk,
+                          "top-k examples of every neuron vs a plain forward, 128 prompts (goal <= 1.3x)"),
     }
 
 

@@ -56,7 +56,8 @@ def scoring_vs_forward(ctx: BenchContext) -> BenchResult:
     # Throughput ratio: forward time / scoring time (1.0 = scoring costs nothing on top of the forward).
     ratios = {"all_sites": paired_ratio(times["forward"], times["all"])}
     per_kind = {kind: paired_ratio(times["forward"], times[kind]) for kind in kinds}
-    old = {("all_sites" if name == "all_old" else name.removesuffix("_old")): paired_ratio(times["forward"], times[name])
+    old = {("all_sites" if name == "all_old" else name.removesuffix("_old")):
+           paired_ratio(times["forward"], times[name])
            for name in fns if name.endswith("_old")}
     if "all_sites" in old:
         ratios["all_sites_old_qk"] = old["all_sites"]

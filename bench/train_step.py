@@ -44,7 +44,7 @@ def _batch(lm, training, batch_size: int, max_length: int):
     examples = [training.TrainExample(item_id=str(i), language=p.language, kind="refusal", user_text=p.text,
                                       reply=REFUSAL) for i, p in enumerate(bench_prompts(batch_size))]
     encoded = [training.encode_example(lm, ex, max_length) for ex in examples]
-    return training._collate(encoded, training._pad_id(lm.tokenizer))
+    return training._collate(encoded, require("ssn_core._conventions").pad_id(lm))
 
 
 def _setup(method: str, lm, training):
@@ -104,7 +104,7 @@ def worker(argv: list[str] | None = None) -> None:
         print(json.dumps({"skipped": str(exc)}))
         return
     input_ids, attention, labels = _batch(lm, training, args.batch_size, args.max_length)
-    cuda = next(lm.model.parameters()).device.type == "cuda"
+    cuda = lm.device.type == "cuda"
     total_params = training._total_params(lm.model)
     rss_before = current_rss_bytes()
     if cuda:

@@ -166,8 +166,8 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
             for lang, t in texts.items()}),
         # Each path at its own default batch size: the old CLI's 8, the new `GENERATION_BATCH_SIZE` (what a user of
         # `ssn validate` without --batch-size gets).
-        "old_default": run("old_default", lambda: {lang: legacy.run_packed(lm, t, conditions, settings, OLD_DEFAULT_BATCH)
-                                                   for lang, t in texts.items()}),
+        "old_default": run("old_default", lambda: {
+            lang: legacy.run_packed(lm, t, conditions, settings, OLD_DEFAULT_BATCH) for lang, t in texts.items()}),
         "new_default": run("new_default", lambda: {lang: validation.run_packed(lm, t, conditions, settings,
                                                                                generation.GENERATION_BATCH_SIZE)
                                                    for lang, t in texts.items()}),
@@ -223,7 +223,8 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
         f"{goal_text(result, 'validation_replies_per_s')}; with stop_at_verdict "
         f"{fmt_ratio(ratios['validation_stop_at_verdict'])}; each at its default batch "
         f"({OLD_DEFAULT_BATCH} -> {generation.GENERATION_BATCH_SIZE}) {fmt_ratio(ratios['validation_at_defaults'])} "
-        f"(same verdicts {d['same_verdict']}/{d['replies']}) | evaluation {fmt_ratio(ratios['evaluation_replies_per_s'])}"
+        f"(same verdicts {d['same_verdict']}/{d['replies']})"
+        f" | evaluation {fmt_ratio(ratios['evaluation_replies_per_s'])}"
         f"{goal_text(result, 'evaluation_replies_per_s')} | same verdicts {a['same_verdict']}/{a['replies']} "
         f"(stop_at_verdict {s['same_verdict']}/{s['replies']}), same replies {a['same_reply']}/{a['replies']}")
     return result

@@ -30,7 +30,8 @@ def bench_prompts(count: int, languages=LANGUAGES) -> list:
         items = [SimpleNamespace(text=t, language="en", label=label, id=str(i))
                  for i, t in enumerate(_FALLBACK_TEXTS) for label in ("harmful", "harmless")]
     # Interleave languages and labels so that a small count still mixes them.
-    items.sort(key=lambda p: (int(p.id) if str(p.id).isdigit() else zlib.crc32(str(p.id).encode()), p.language, p.label))
+    items.sort(key=lambda p: (int(p.id) if str(p.id).isdigit() else zlib.crc32(str(p.id).encode()),
+                              p.language, p.label))
     out = []
     while len(out) < count:
         out.extend(items[: count - len(out)])
@@ -43,9 +44,8 @@ def scoring_batches(lm, n_prompts: int, batch_size: int, aggregate: str = "conte
     prompts = bench_prompts(n_prompts)
     encoded = [scoring.encode_prompt(lm, p.text, "chat") for p in prompts]
     encoded.sort(key=lambda e: len(e[0]))
-    pad_id = scoring._pad_id(lm.tokenizer)
-    device = next(lm.model.parameters()).device
-    return [scoring.make_batch(encoded[i:i + batch_size], aggregate, pad_id, device)
+    pad = require("ssn_core._conventions").pad_id(lm)
+    return [scoring.make_batch(encoded[i:i + batch_size], aggregate, pad, lm.device)
             for i in range(0, len(encoded), batch_size)]
 
 

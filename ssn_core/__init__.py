@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version string: pyproject.toml reads it (setuptools dynamic attr)
 
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {

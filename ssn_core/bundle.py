@@ -45,7 +45,8 @@ LEFT_OUT = ["scores.safetensors (the score table)", "pairs.json (the scored prom
 
 
 def bundle_root() -> Path:
-    """The folder holding one sub-folder per bundled model: ``$SSN_STARTER_NEURONS``, else ``assets/starter_neurons``."""
+    """The folder holding one sub-folder per bundled model: ``$SSN_STARTER_NEURONS``, else
+    ``assets/starter_neurons``."""
     value = os.environ.get(ROOT_ENV, "").strip()
     return Path(value).expanduser() if value else BUNDLE_ROOT
 

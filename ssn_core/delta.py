@@ -35,6 +35,7 @@ from torch import nn
 
 from ssn_core.errors import NeuronFileError, TrainingError
 from ssn_core.hooks import hook_modules
+from ssn_core.interventions import resolve_model
 from ssn_core.io import atomic_save_safetensors, read_safetensors
 from ssn_core.neurons import NeuronSet, parse_meta, parse_neuron_entries
 from ssn_core.sites import SiteMap, weight_axis
@@ -265,20 +266,16 @@ def _slice_fn(piece: SliceDelta, rows: torch.Tensor | None):
 def apply_delta(target, delta: NeuronDelta, rows: Sequence[bool] | torch.Tensor | None = None) -> Iterator[None]:
     """Add the delta to forward passes inside the block (this thread/context only); the model is untouched.
 
-    ``target`` is a LoadedModel (``.model``) or a bare model. ``rows``: optional per-batch-row mask
-    (True = tuned), so one batched generate can carry a base row and a tuned row.
+    ``target`` is a LoadedModel (``.model``) or a bare model, resolved as `intervene` resolves its target
+    (`interventions.resolve_model`). ``rows``: optional per-batch-row mask (True = tuned), so one batched generate
+    can carry a base row and a tuned row.
     """
-    model = _bare_model(target)
+    model = resolve_model(target)
     row_mask = None if rows is None else torch.as_tensor(rows, dtype=torch.bool)
     pairs = [((model.get_submodule(piece.module_name), "out"), _slice_fn(piece, row_mask))
              for piece in delta.slices.values()]
     with hook_modules(pairs):
         yield
-
-
-def _bare_model(target) -> nn.Module:
-    """The nn.Module of a LoadedModel, or the module itself (an HF CausalLM also has a ``.model`` attribute)."""
-    return target if isinstance(target, nn.Module) else target.model
 
 
 def _is_full_precision(weight: torch.Tensor) -> bool:

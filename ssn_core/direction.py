@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssn_core.errors import Cancelled, NeuronFileError, PromptSetError, SSNError
+from ssn_core._conventions import Progress, check_cancel
+from ssn_core.errors import NeuronFileError, PromptSetError, SSNError
 from ssn_core.hooks import hook_modules
 from ssn_core.io import atomic_save_safetensors, read_safetensors
 from ssn_core.sites import SiteMap, decoder_layers
 
 FORMAT = "ssn-lab/refusal-direction"
-Progress = Callable[[int, int, str], None]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -115,8 +115,9 @@ class DirectionAblation:
         return self.label
 
     def module_fns(self, lm_or_model) -> list[tuple[tuple[nn.Module, str], Callable]]:
-        model = getattr(lm_or_model, "model", lm_or_model)
-        sites: SiteMap = getattr(lm_or_model, "sites", None) or _sites(model)
+        from ssn_core.interventions import resolve_model, resolve_sites
+
+        model, sites = resolve_model(lm_or_model), resolve_sites(lm_or_model)
         norm = float(self.direction.float().norm())
         if not norm > 0 or not torch.isfinite(self.direction).all():
             raise SSNError("the direction to ablate must be a finite, non-zero vector")
@@ -145,12 +146,6 @@ class DirectionAblation:
         return fns
 
 
-def _sites(model: nn.Module) -> SiteMap:
-    from ssn_core.interventions import resolve_sites
-
-    return resolve_sites(model)
-
-
 def ablate_direction(lm, direction: torch.Tensor, rows=None):
     """Context manager: the direction projected out of the residual stream inside the block."""
     return hook_modules(DirectionAblation(direction, rows).module_fns(lm))
@@ -172,8 +167,7 @@ def last_token_residuals(lm, texts: Sequence[str], *, batch_size: int = 8, syste
     total = torch.zeros(len(layers), lm.model.get_input_embeddings().weight.shape[-1], dtype=torch.float64)
 
     def run_batch(b: int) -> None:  # under a launch each process sums its share of the batches
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("finding the refusal direction was cancelled")
+        check_cancel(cancel, "finding the refusal direction was cancelled")
         start = b * batch_size
         captured: list[torch.Tensor] = [None] * len(layers)  # type: ignore[list-item]
 

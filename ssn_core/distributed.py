@@ -31,6 +31,7 @@ With one process every function here is a no-op: `run_batches` is a plain loop a
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -255,10 +256,9 @@ def run_batches(n: int, fn: Callable[[int], T], *, after: Callable[[int], None] 
             except KeyboardInterrupt:  # every process of the launch gets the signal: nobody to tell
                 raise
             except BaseException:
-                try:
+                # DistributedError: the others are gone as well; this process's own error is the one to report
+                with contextlib.suppress(DistributedError):
                     _sync(True, what)
-                except DistributedError:
-                    pass  # the others are gone as well: this process's own error is the one to report
                 raise
             if gather:
                 mine.append((b, result))

@@ -14,20 +14,19 @@ import json
 import math
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ssn_core.errors import Cancelled, PromptSetError, SSNError
+from ssn_core._conventions import Progress, check_cancel
+from ssn_core.errors import PromptSetError, SSNError
 from ssn_core.interventions import Intervention, intervene
 from ssn_core.io import atomic_write_json, atomic_write_text, csv_text, writing_result_dir
 
 if TYPE_CHECKING:  # ssn_core.metrics imports pandas: only when a result is made
     from ssn_core.metrics.rates import RateTable
-
-Progress = Callable[[int, int, str], None]
 
 ROW_COLUMNS: tuple[str, ...] = ("id", "language", "label", "category", "condition", "prompt", "reply", "verdict",
                                 "reason")
@@ -155,8 +154,7 @@ def evaluate(lm, prompts, languages: Sequence[str], settings=None, judge=None,
 
     distributed.check_enough(len(items), "prompts to evaluate")
     total = len(items)
-    if cancel is not None and cancel.is_set():
-        raise Cancelled("evaluation was cancelled")
+    check_cancel(cancel, "evaluation was cancelled")
 
     def replies_of(chunk, report=None) -> list[str]:
         stop = None
@@ -177,8 +175,7 @@ def evaluate(lm, prompts, languages: Sequence[str], settings=None, judge=None,
             # Under a launch each process answers its share of the batches of ``batch_size`` prompts (those of
             # `distributed.map_chunks`), each batch through `generate_many` (its rows leave as they finish).
             def run_chunk(chunk) -> list[str]:
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled("evaluation was cancelled")
+                check_cancel(cancel, "evaluation was cancelled")
                 return replies_of(chunk)
 
             replies = distributed.map_chunks(items, batch_size, run_chunk, after=report, what="generating replies")
@@ -190,7 +187,7 @@ def evaluate(lm, prompts, languages: Sequence[str], settings=None, judge=None,
     rows = [
         {"id": p.id, "language": p.language, "label": p.label, "category": getattr(p, "category", None),
          "condition": condition, "prompt": p.text, "reply": reply, "verdict": v.label, "reason": v.reason}
-        for p, reply, v in zip(items, replies, verdicts)
+        for p, reply, v in zip(items, replies, verdicts, strict=True)
     ]
     metrics = rate_table(verdicts, [p.language for p in items], [p.label != "harmless" for p in items],
                          n_boot=n_boot)

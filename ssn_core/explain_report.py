@@ -151,7 +151,8 @@ def _examples_html(examples: dict[str, dict[str, list[Example]]], which: tuple[s
             for kind in which:
                 parts.append(f"<div><i>{kind}</i></div><ol>")
                 for e in per.get(kind, []):
-                    parts.append(f"<li><code>{e.value:.4g}</code> {highlight_html(e.tokens, e.activations, scale)}</li>")
+                    highlighted = highlight_html(e.tokens, e.activations, scale)
+                    parts.append(f"<li><code>{e.value:.4g}</code> {highlighted}</li>")
                 parts.append("</ol>")
             parts.append("</div>")
         parts.append("</div>")

@@ -213,8 +213,9 @@ def _set_report(collector: _Collector, examples: TopExamples, neuron_set: Neuron
     for neuron in triples:
         ms_langs = tuple(lang for lang, s in ms.items() if neuron in s)
         signature[ms_langs] = signature.get(ms_langs, 0) + 1
+        ss_langs = [lang for lang, s in ss.items() if neuron in s]
         row = {"neuron": format_neuron(neuron), "layer": neuron[0], "kind": neuron[1], "index": neuron[2],
-               "ms_languages": ", ".join(ms_langs), "ss_languages": ", ".join(l for l, s in ss.items() if neuron in s)}
+               "ms_languages": ", ".join(ms_langs), "ss_languages": ", ".join(ss_langs)}
         for group in examples.groups:
             row[f"mean {group_key(group)}"] = examples.mean(neuron, group)
         rows.append(row)

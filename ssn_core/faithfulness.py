@@ -17,20 +17,20 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ssn_core.errors import Cancelled, PromptSetError, SSNError
+from ssn_core._conventions import Progress, check_cancel
+from ssn_core.errors import PromptSetError, SSNError
 from ssn_core.identify import select
 from ssn_core.interventions import Intervention, intervene
 from ssn_core.io import atomic_write_json, atomic_write_text, csv_text, writing_result_dir
 from ssn_core.scoring import ScoreTable
 from ssn_core.validation import random_matched
 
-Progress = Callable[[int, int, str], None]
 RESULT_KIND = "ssn-lab/faithfulness"
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.0003, 0.001, 0.003, 0.01, 0.03)
 COLUMNS: tuple[str, ...] = ("method", "language", "set", "p", "share", "n_neurons", "condition", "seed", "margin",
@@ -158,8 +158,7 @@ def faithfulness(lm, tables: dict[str, ScoreTable], prompts, languages: Sequence
     started = time.time()
 
     def margin(lang: str, intervention=None) -> torch.Tensor:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("the faithfulness check was cancelled; nothing was written")
+        check_cancel(cancel, "the faithfulness check was cancelled; nothing was written")
         texts = [p.text for p in by_language[lang]]
         if intervention is None:
             return refusal_margin(lm, texts, [lang] * len(texts), batch_size=batch_size)
@@ -223,12 +222,13 @@ def faithfulness(lm, tables: dict[str, ScoreTable], prompts, languages: Sequence
                     rates: list[float | None] = [None] * (1 + len(controls))
                     if any(math.isclose(p, g) for g in generate_at):
                         conditions = [Condition("suppress", which, neurons, scale=0.0)] + [
-                            Condition("random", which, c, scale=0.0, seed=int(s)) for c, s in zip(controls, seeds)]
+                            Condition("random", which, c, scale=0.0, seed=int(s))
+                            for c, s in zip(controls, seeds, strict=True)]
                         rates, replies = refusal_rates(lang, conditions)
                         _keep_replies(reply_rows, lang, name, p, conditions, by_language[lang], replies)
                     rows.append(_row(name, lang, which, p, share, len(neurons), "target", None, baseline_margin[lang],
                                      target_margin, rates[0], baseline_refusal.get(lang)))
-                    for seed, m, rate in zip(seeds, random_margins, rates[1:]):
+                    for seed, m, rate in zip(seeds, random_margins, rates[1:], strict=True):
                         rows.append(_row(name, lang, which, p, share, len(neurons), "random", int(seed),
                                          baseline_margin[lang], m, rate, baseline_refusal.get(lang)))
                 if progress is not None:
@@ -236,7 +236,8 @@ def faithfulness(lm, tables: dict[str, ScoreTable], prompts, languages: Sequence
     from ssn_core.metrics import make_manifest
 
     manifest = make_manifest(settings, [judge], lm, kind="ssn-lab/faithfulness", methods=list(tables),
-                             tables={name: {"method": t.method, "aggregate": t.aggregate} for name, t in tables.items()},
+                             tables={name: {"method": t.method, "aggregate": t.aggregate}
+                                     for name, t in tables.items()},
                              languages=list(languages), hr=list(hr), fractions=[float(f) for f in fractions],
                              ranking=ranking, seeds=[int(s) for s in seeds],
                              generate_at=[float(g) for g in generate_at],
@@ -255,9 +256,10 @@ def _direction_intervention(direction: torch.Tensor):
 def _row(method, language, which, p, share, n_neurons, condition, seed, base_margin, margins, refusal, base_refusal):
     mean_margin = float(margins.mean()) if isinstance(margins, torch.Tensor) else float(margins)
     base = float(base_margin.mean()) if isinstance(base_margin, torch.Tensor) else float(base_margin)
+    refusal_drop = None if refusal is None or base_refusal is None else base_refusal - refusal
     return {"method": method, "language": language, "set": which, "p": p, "share": share, "n_neurons": n_neurons,
             "condition": condition, "seed": seed, "margin": mean_margin, "margin_drop": base - mean_margin,
-            "refusal": refusal, "refusal_drop": None if refusal is None or base_refusal is None else base_refusal - refusal,
+            "refusal": refusal, "refusal_drop": refusal_drop,
             "n": int(margins.numel()) if isinstance(margins, torch.Tensor) else None}
 
 

@@ -198,8 +198,8 @@ def _activate(entries: list[tuple[nn.Module, str, Callable, bool]]) -> Iterator[
 
 def active_hook_count(model: nn.Module) -> int:
     """Our forward wrappers plus PyTorch forward hooks currently anywhere in the model (0 when nothing is active)."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + isinstance(m.__dict__.get("forward"), _ForwardWrapper)
-               for m in model.modules())
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
+               + isinstance(m.__dict__.get("forward"), _ForwardWrapper) for m in model.modules())
 
 
 def bind_context(fn: Callable) -> Callable:

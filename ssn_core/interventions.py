@@ -107,6 +107,17 @@ def resolve_sites(target) -> SiteMap:
     raise TypeError(f"expected a LoadedModel, SiteMap or model, got {type(target).__name__}")
 
 
+def resolve_model(target) -> nn.Module:
+    """The model of a LoadedModel (its ``.model``), or a bare model itself: a bare model is never unwrapped, since an
+    HF CausalLM also has a ``.model`` attribute (its decoder without the LM head)."""
+    if isinstance(target, nn.Module):
+        return target
+    model = getattr(target, "model", None)
+    if isinstance(model, nn.Module):
+        return model
+    raise TypeError(f"expected a LoadedModel or model, got {type(target).__name__}")
+
+
 def _check_rows(row_mask: torch.Tensor | None, carrier: torch.Tensor) -> None:
     if row_mask is not None and row_mask.numel() != carrier.shape[0]:
         raise SSNError(f"the intervention's row mask has {row_mask.numel()} rows but the batch has {carrier.shape[0]}")

@@ -14,6 +14,7 @@ New files and folders get the modes the user's umask gives (tempfile alone would
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
 import io
@@ -212,7 +213,8 @@ def check_out_dir(path: str | os.PathLike, kind: str) -> Path:
         cwd = Path.cwd().resolve()
     except OSError:
         cwd = None
-    if cwd is not None and os.path.exists(absolute) and (absolute.resolve() == cwd or absolute.resolve() in cwd.parents):
+    if cwd is not None and os.path.exists(absolute) and (
+            absolute.resolve() == cwd or absolute.resolve() in cwd.parents):
         raise SSNError(f"refusing to write the {what} into {out}: it is the current folder or one of its parents, and "
                        f"SSN Lab replaces its output folder as a whole; give a new folder such as "
                        f"runs/{what.split()[0]}")
@@ -281,10 +283,8 @@ def deferred_interrupts() -> Iterator[None]:
     received: list[tuple[int, Any]] = []
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
+        with contextlib.suppress(ValueError, OSError):  # not settable here
             previous[sig] = signal.signal(sig, lambda signum, frame: received.append((signum, frame)))
-        except (ValueError, OSError):  # not settable here
-            pass
     try:
         yield
     finally:
@@ -383,7 +383,8 @@ def not_a_file_message(path: Path, what: str, hint_names: Sequence[str] = ()) ->
     return f"{what} file not found: {path}"
 
 
-def read_safetensors(path: str | os.PathLike, expected_format: str, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def read_safetensors(path: str | os.PathLike, expected_format: str,
+                     what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """(header metadata, tensors) of an SSN Lab safetensors file, never unpickling anything.
 
     Raises NeuronFileError with a one-line reason when the file is missing, unreadable, or not ``expected_format``

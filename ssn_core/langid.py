@@ -108,7 +108,7 @@ def _words(text: str) -> list[str]:
     words: list[str] = []
     current: list[str] = []
     for ch in text + " ":
-        if ch.isalpha() or unicodedata.category(ch).startswith("M") or (ch == "'" and current) or ch == "'" and not current:
+        if ch.isalpha() or unicodedata.category(ch).startswith("M") or ch == "'":
             current.append(ch)
         else:
             if current:

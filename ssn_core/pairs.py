@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ssn_core.errors import Cancelled, PromptSetError
+from ssn_core._conventions import Progress, check_cancel
+from ssn_core.errors import PromptSetError
 from ssn_core.io import read_json
 
 FORMAT = "ssn-lab/pairs"
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,7 @@ def own_replies(lm, texts: Sequence[str], *, max_new_tokens: int = 48, batch_siz
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
 
     def run_chunk(chunk) -> list[str]:  # under a launch each process answers its share of the batches
-        if cancel is not None and cancel.is_set():
-            raise Cancelled(f"generating {what} was cancelled; nothing was written")
+        check_cancel(cancel, f"generating {what} was cancelled; nothing was written")
         return generate(lm, list(chunk), settings)
 
     def report(done: int, total: int) -> None:

@@ -123,8 +123,10 @@ class PhaseClock:
             # A phase whose first report already counts items began when the one before it last reported.
             if done == 0:
                 start = now
+            elif previous is not None:
+                start = previous.last_update
             else:
-                start = previous.last_update if previous is not None else self.started
+                start = self.started
             phase = PhaseRecord(name, started=start, counted_from=start)
             self.phases.append(phase)
         elif done < phase.done or (total != phase.total and phase.done == 0):

@@ -99,7 +99,8 @@ def intervention_record(intervention=None, description: str = "", delta=None) ->
                 "neurons": intervention.neurons.to_json_dict()}
     return {"kind": "neurons", "description": description or intervention.describe(),
             "set_hash": neuron_set_hash(intervention.neurons), "size": len(intervention.neurons),
-            "scale": float(intervention.scale), "value": None if intervention.value is None else float(intervention.value),
+            "scale": float(intervention.scale),
+            "value": None if intervention.value is None else float(intervention.value),
             "rows": None if rows is None else [bool(r) for r in torch.as_tensor(rows).tolist()],
             "label": intervention.label, "neurons": intervention.neurons.to_json_dict()}
 
@@ -267,7 +268,8 @@ def replay(lm, record: dict) -> Replay:
     if recorded.get("dtype") and recorded["dtype"] != current["dtype"]:
         notes.append(f"the record used {recorded['dtype']} weights, this model is {current['dtype']}")
     versions, now = record.get("versions") or {}, _versions()
-    changed = [f"{k} {versions[k]} → {now[k]}" for k in ("torch", "transformers") if versions.get(k) not in (None, now[k])]
+    changed = [f"{k} {versions[k]} → {now[k]}" for k in ("torch", "transformers")
+               if versions.get(k) not in (None, now[k])]
     if changed:
         notes.append("library versions differ (" + ", ".join(changed) + "): greedy replies can change with them")
     with intervene(lm, *([intervention] if intervention is not None else [])):

@@ -20,18 +20,18 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ssn_core.errors import Cancelled, PromptSetError, SSNError
+from ssn_core._conventions import Progress, check_cancel
+from ssn_core.errors import PromptSetError, SSNError
 
 OPENINGS_PATH = Path(__file__).resolve().parent.parent / "assets" / "refusals" / "openings.json"
 DEFAULT_MAX_TOKENS = 4
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -164,8 +164,7 @@ def refusal_margin(lm, texts: Sequence[str], languages: Sequence[str], *, openin
     from ssn_core import distributed
 
     def run_batch(b: int) -> torch.Tensor:  # under a launch each process scores its share of the batches
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("the refusal score was cancelled")
+        check_cancel(cancel, "the refusal score was cancelled")
         start, stop = b * batch_size, (b + 1) * batch_size
         batch_openings = [r + c for r, c in zip(ref_lists[start:stop], comp_lists[start:stop], strict=True)]
         with torch.no_grad():

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ssn_core._conventions import input_device
+
 # Extra forward passes per prompt for scoring a site kind with the impact method (bench/README.md,
 # scoring-vs-forward per kind on the starter: mlp / attn_v / attn_o ride on the forward, q ≈ 3.2×, k ≈ 4.1×).
 SCORING_EXTRA_FORWARDS: dict[str, float] = {"mlp": 0.05, "attn_v": 0.05, "attn_o": 0.05, "attn_q": 2.2,
@@ -53,7 +55,7 @@ def measure_speed(lm, batch: int = 2, prompt_tokens: int = 24, new_tokens: int =
 
     started = time.perf_counter()
     model = lm.model
-    device = next(model.parameters()).device
+    device = input_device(model)
     vocab = int(getattr(model.config, "vocab_size", 0) or len(lm.tokenizer))
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(3, max(4, min(vocab, 1000)), (batch, prompt_tokens), generator=generator).to(device)  # [B, T]

@@ -18,21 +18,21 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ssn_core.errors import Cancelled, SSNError
+from ssn_core._conventions import Progress, check_cancel, input_device, pad_id
+from ssn_core.errors import SSNError
 from ssn_core.hooks import hook_sites
 from ssn_core.neurons import NeuronSet, format_neuron
-from ssn_core.scoring import _aggregate, _forward, _pad_id, encode_prompt, make_batch
+from ssn_core.scoring import _aggregate, _forward, encode_prompt, make_batch
 from ssn_core.sites import NeuronSite, SiteMap
 
 Triple = tuple[int, str, int]
 Group = tuple[str, str]  # (language, label)
 SiteKey = tuple[int, str]
-Progress = Callable[[int, int, str], None]
 AGGREGATES: tuple[str, ...] = ("content", "all")
 
 
@@ -260,10 +260,10 @@ def plan_batches(lm, items: list, groups: list[Group], aggregate: str = "content
     encoded = [encode_prompt(lm, p.text, template) for p in items]
     order = sorted(range(len(items)), key=lambda i: (group_order[(items[i].language, items[i].label)],
                                                      len(encoded[i][0])))
-    pad_id = _pad_id(lm.tokenizer)
-    device = next(lm.model.parameters()).device
+    pad = pad_id(lm)
+    device = input_device(lm.model)
     return [(order[start:start + batch_size],
-             make_batch([encoded[i] for i in order[start:start + batch_size]], aggregate, pad_id, device))
+             make_batch([encoded[i] for i in order[start:start + batch_size]], aggregate, pad, device))
             for start in range(0, len(items), batch_size)]
 
 
@@ -280,8 +280,7 @@ def _stream(lm, items: list, collector: _Collector, aggregate: str, template: st
         progress(0, total, f"collecting activations of {total} prompts")
     with hook_sites([(site, collector.hook(site, stop_after)) for site in hooked]):
         for rows, batch in batches:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("collecting examples was cancelled; nothing was written")
+            check_cancel(cancel, "collecting examples was cancelled; nothing was written")
             row_group = [(items[i].language, items[i].label) for i in rows]
             row_groups = []
             for group in dict.fromkeys(row_group):

@@ -160,7 +160,10 @@ def vocabulary_projection(lm, neuron: Triple, top: int = 20, languages: Sequence
             wanted.setdefault(row["script"], [])
     by_script = {}
     for script, script_languages in wanted.items():
-        members = (code_of == codes[script]).nonzero().flatten() if script in codes else torch.empty(0, dtype=torch.long)
+        if script in codes:
+            members = (code_of == codes[script]).nonzero().flatten()
+        else:
+            members = torch.empty(0, dtype=torch.long)
         if members.numel() == 0:
             by_script[script] = {"languages": script_languages, "tokens": 0, "promoted": [], "suppressed": []}
             continue

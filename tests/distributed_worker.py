@@ -64,7 +64,8 @@ def run_engine() -> dict:
     out: dict = {}
     found = identify(lm, prompts, ["zh"], hr=("en",), method="impact", aggregate="content", kinds=SITES, p=0.1,
                      batch_size=2, find_direction=True, activation_means=True, progress=progress)
-    out["impact"] = {"scores": _tensors(found.scores), "counts": sorted([*k, v] for k, v in found.scores.counts.items()),
+    out["impact"] = {"scores": _tensors(found.scores),
+                     "counts": sorted([*k, v] for k, v in found.scores.counts.items()),
                      "sets": _sets(found), "direction": found.direction.directions.tolist(),
                      "layer": found.direction.layer, "activations": _tensors(found.activations),
                      "processes": found.manifest["processes"]}

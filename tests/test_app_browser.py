@@ -134,7 +134,8 @@ def wait_text(driver, text: str, timeout: float = 60) -> None:
         WebDriverWait(driver, timeout, poll_frequency=0.25).until(lambda d: text in _text(d))
     except TimeoutException:
         shot(driver, f"FAILED-waiting-for-{text[:20].replace(' ', '_').replace('/', '_')}")
-        raise AssertionError(f"{text!r} did not appear within {timeout} s; page says:\n{_text(driver)[:3000]}")
+        raise AssertionError(
+            f"{text!r} did not appear within {timeout} s; page says:\n{_text(driver)[:3000]}") from None
 
 
 def wait_idle(driver, timeout: float = 60) -> None:
@@ -305,7 +306,8 @@ def test_guided_learn_walkthrough(bundled_server, browser):
                 lambda d, n=shown: len(d.find_elements(By.CSS_SELECTOR, '[data-testid="stMetric"]')) >= n)
         except TimeoutException:
             shot(browser, f"FAILED-learn-step-{number}")
-            raise AssertionError(f"step {number} showed no refusal margins; page says:\n{_text(browser)[:3000]}")
+            raise AssertionError(
+                f"step {number} showed no refusal margins; page says:\n{_text(browser)[:3000]}") from None
         wait_idle(browser)
         assert "Traceback" not in _text(browser)
         headers = [h for h in browser.find_elements(By.CSS_SELECTOR, "h3") if h.text.startswith(f"Step {number} ")]

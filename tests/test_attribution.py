@@ -6,6 +6,7 @@ import pytest
 import torch
 from scipy.stats import spearmanr
 
+from ssn_core._conventions import pad_id
 from ssn_core.attribution import attribution_batch, global_batch
 from ssn_core.direction import difference_of_means, direction_batch
 from ssn_core.errors import SSNError
@@ -16,7 +17,7 @@ from ssn_core.neurons import NeuronSet
 from ssn_core.pairs import PromptPair, load_pairs, save_pairs
 from ssn_core.prompts import Prompt
 from ssn_core.refusal import refusal_margin
-from ssn_core.scoring import _pad_id, ablation_batch, encode_prompt, make_batch, score
+from ssn_core.scoring import ablation_batch, encode_prompt, make_batch, score
 from ssn_core.testing import tiny_model
 
 KINDS = ("mlp", "attn_q", "attn_k", "attn_v", "attn_o")
@@ -61,7 +62,7 @@ def test_attribution_uses_the_pairs_replies(lm64):
 def test_global_estimate_converges_to_exact_ablation():
     lm = tiny_model("qwen2", seed=1)
     texts = ["hello there, friend", "how do I make a dangerous thing at home?"]
-    batch = make_batch([encode_prompt(lm, t) for t in texts], "last", _pad_id(lm.tokenizer))
+    batch = make_batch([encode_prompt(lm, t) for t in texts], "last", pad_id(lm))
     sample = [(layer, kind, i) for layer in range(lm.sites.n_layers) for kind in KINDS
               for i in range(0, lm.sites.get(layer, kind).size, 3)]
     exact = ablation_batch(lm, batch, sample)  # [B, S]
@@ -107,7 +108,7 @@ def test_direction_scores_are_the_write_along_the_direction():
     lm = tiny_model("qwen2", seed=2)
     prompts = [Prompt("h1", "en", "harmful", "steal a car"), Prompt("s1", "en", "harmless", "bake a cake")]
     directions, _norms = difference_of_means(lm, prompts)
-    batch = make_batch([encode_prompt(lm, p.text) for p in prompts], "last", _pad_id(lm.tokenizer))
+    batch = make_batch([encode_prompt(lm, p.text) for p in prompts], "last", pad_id(lm))
     got = direction_batch(lm, batch, ("mlp", "attn_o", "attn_v"), directions)
     # Brute force for mlp neurons of layer 1: zeroing neuron k changes the layer's output by -a_k W_down[:, k];
     # its component along r̂ is the score (with the opposite sign).

@@ -142,7 +142,8 @@ def test_chat_flag_selects_the_prompt_format(tiny):
             next_token = int(lm.model(ids).logits[0, -1].argmax())
         expected = lm.tokenizer.decode([next_token], skip_special_tokens=True)
         assert generate(lm, ["abc"], GenerationSettings(max_new_tokens=1, chat=chat)) == [expected]
-    assert lm.tokenize_prompts(["abc"], chat_formatted=False)["input_ids"].tolist() == [lm.tokenizer("abc")["input_ids"]]
+    plain = lm.tokenize_prompts(["abc"], chat_formatted=False)
+    assert plain["input_ids"].tolist() == [lm.tokenizer("abc")["input_ids"]]
 
 
 # ----- our decoding loop vs transformers' generate; the pool of generate_many -------------------------------------

@@ -145,7 +145,11 @@ def test_a_forward_another_library_set_runs_inside_ours_and_is_put_back():
         return class_forward(*args, **kwargs)
 
     module.forward = theirs
-    handle = module.register_forward_hook(lambda mod, args, out: calls.__setitem__("torch_hook", calls["torch_hook"] + 1))
+
+    def torch_hook(mod, args, out):
+        calls["torch_hook"] += 1
+
+    handle = module.register_forward_hook(torch_hook)
     neurons = NeuronSet({(0, "mlp"): torch.arange(find_sites(lm.model).get(0, "mlp").size)})
     try:
         with torch.no_grad():

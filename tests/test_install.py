@@ -40,7 +40,7 @@ def _python_block(markdown: str, heading: str) -> str:
 def test_ssn_command_and_readme_example_work_from_another_folder(tmp_path, tiny_dir):
     project = tmp_path / "project"
     project.mkdir()
-    for name in ("pyproject.toml", "README.md", "LICENSE"):
+    for name in ("pyproject.toml", "requirements.txt", "README.md", "LICENSE"):  # pyproject reads requirements.txt
         shutil.copy2(ROOT / name, project / name)
     shutil.copytree(ROOT / "ssn_core", project / "ssn_core", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(ROOT / "assets", project / "assets")

@@ -47,7 +47,8 @@ def test_unsure_is_none():
 
 def test_builtin_prompts_all_detected():
     for name in ("harmful", "harmless"):
-        for line in (ROOT / "assets" / "prompts" / "builtin" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines():
+        path = ROOT / "assets" / "prompts" / "builtin" / f"{name}.jsonl"
+        for line in path.read_text(encoding="utf-8").splitlines():
             row = json.loads(line)
             for lang in BUILTIN_LANGUAGES:
                 assert detect_language(row[lang]).code == lang, (lang, row[lang])

@@ -87,9 +87,11 @@ def test_the_closed_forms_read_bitsandbytes_own_dequantization(models):
     full = models["none"].model.model.layers[1].mlp.down_proj.weight.detach()
     four = models["4bit-nf4"].model.model.layers[1].mlp.down_proj
     eight = models["8bit"].model.model.layers[1].mlp.down_proj
-    assert quantization_of(four) == "4bit" and quantization_of(eight) == "8bit" and quantization_of(torch.nn.Linear(2, 2)) is None
+    assert quantization_of(four) == "4bit" and quantization_of(eight) == "8bit"
+    assert quantization_of(torch.nn.Linear(2, 2)) is None
     dense4 = dense_weight(four)
-    torch.testing.assert_close(dense4, bnb_functional.dequantize_4bit(four.weight.data, four.weight.quant_state).float())
+    expected4 = bnb_functional.dequantize_4bit(four.weight.data, four.weight.quant_state).float()
+    torch.testing.assert_close(dense4, expected4)
     dense8 = dense_weight(eight)
     assert dense4.shape == dense8.shape == full.shape
     # quantization error: NF4 keeps ~1/8 of the scale, int8 ~1/127 per row

@@ -31,7 +31,7 @@ def test_cached_opening_logprobs_equal_full_sequences(family):
     openings = [["no way", "sure thing ok"], ["nope", "yes", "fine then"]]
     with torch.no_grad():
         got = opening_logprobs(lm, texts, openings, max_tokens=4)
-        for b, (text, texts_b) in enumerate(zip(texts, openings)):
+        for b, (text, texts_b) in enumerate(zip(texts, openings, strict=True)):
             prompt_ids = lm.tokenize_prompts([lm.format_chat(text)])["input_ids"][0].tolist()
             for j, opening in enumerate(texts_b):
                 ids = lm.tokenizer(opening, add_special_tokens=False)["input_ids"][:4]

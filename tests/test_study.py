@@ -11,7 +11,7 @@ from ssn_core.hooks import active_hook_count
 from ssn_core.neurons import NeuronSet
 from ssn_core.prompts import load_builtin
 from ssn_core.testing import tiny_model
-from ssn_core.training import BASELINES, METHODS, SafetyData, StudyConfig, TrainConfig, run_study, run_train
+from ssn_core.training import BASELINES, FINETUNE_METHODS, SafetyData, StudyConfig, TrainConfig, run_study, run_train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models run faster on one thread
 
@@ -97,20 +97,20 @@ def test_a_failing_baseline_keeps_the_training_and_a_cancel_is_raised(monkeypatc
     def fail(*args, **kwargs):
         raise TrainingError("full fine-tuning needs a full-precision model")
 
-    monkeypatch.setattr(study_module, "compare_methods", fail)
+    monkeypatch.setattr(study_module, "compare_finetunes", fail)
     study = run_study(lm, NEURONS, _config(baselines=("full",), evaluate=False), prompts=prompts)
     assert "full-precision" in str(study.baseline_error) and study.result.delta is not None and not study.baselines
 
     def cancelled(*args, **kwargs):
         raise Cancelled("cancelled")
 
-    monkeypatch.setattr(study_module, "compare_methods", cancelled)
+    monkeypatch.setattr(study_module, "compare_finetunes", cancelled)
     with pytest.raises(Cancelled):
         run_study(lm, NEURONS, _config(baselines=("random",), evaluate=False), prompts=prompts)
 
 
 def test_bad_settings_fail_before_any_work():
-    assert set(BASELINES) == set(METHODS) - {"neurons"}  # every training method is a baseline but the target
+    assert set(BASELINES) == set(FINETUNE_METHODS) - {"neurons"}  # every training method is a baseline but the target
     lm = tiny_model("qwen2")
     prompts = load_builtin(LANGUAGES, n=3)
     with pytest.raises(TrainingError, match="unknown baseline.*lora-99; choose from random, lora-8, lora-match, full"):

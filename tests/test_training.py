@@ -141,8 +141,8 @@ def test_bnb_4bit_base_trains_with_deltas(tmp_path):
         tmp_path / "m", device_map="cpu", attn_implementation="eager",
         quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
     assert type(quantized.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
-    lm = finish_loaded(quantized, tiny_tokenizer(), name="tiny-4bit", source="tiny", spec=ModelSpec("tiny", device_map="cpu"),
-                       device="cpu", loaded_from="memory", load_seconds=0.0)
+    lm = finish_loaded(quantized, tiny_tokenizer(), name="tiny-4bit", source="tiny",
+                       spec=ModelSpec("tiny", device_map="cpu"), device="cpu", loaded_from="memory", load_seconds=0.0)
     result = train_neurons(lm, NEURONS, _toy_data(), TrainConfig(steps=4, lr=1e-2, batch_size=2, max_length=64))
     assert all(torch.isfinite(torch.tensor(result.losses))) and result.delta.norm() > 0
     ids = token_ids()

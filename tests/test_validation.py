@@ -226,12 +226,13 @@ def test_run_packed_ends_replies_whose_verdict_is_settled_only_when_asked(lm):
     assert judge.calls == []
     cut = run_packed(lm, texts, conditions, GenerationSettings(max_new_tokens=12, stop_at_verdict=True),
                      batch_size=4, judge=judge, language="en")
-    for i, text in enumerate(texts):
+    for i in range(len(texts)):
         for j in range(len(conditions)):
             assert full[i][j].startswith(cut[i][j])
             assert cut[i][j] == full[i][j] or 5 <= len(cut[i][j]) <= 6  # ends at the token that settles
     assert {prompt for prompt, _ in judge.calls} == set(texts) and {lang for _, lang in judge.calls} == {"en"}
-    assert any(c != f for row_c, row_f in zip(cut, full) for c, f in zip(row_c, row_f))  # some really were cut
+    assert any(c != f for row_c, row_f in zip(cut, full, strict=True)
+               for c, f in zip(row_c, row_f, strict=True))  # some really were cut
     with intervene(lm, Intervention(BIG_MLP, scale=0.0)):  # the suppressed rows are the suppressed condition's
         assert [full[i][1] for i in range(len(texts))] == generate(lm, texts, GenerationSettings(max_new_tokens=12))
 

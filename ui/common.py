@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import tempfile
@@ -124,10 +125,8 @@ def load_upload(fn: Callable[..., Any], uploaded, *args, **kwargs) -> Any:
         raise
     finally:
         path.unlink(missing_ok=True)
-        try:
+        with contextlib.suppress(OSError):
             path.parent.rmdir()
-        except OSError:
-            pass
 
 
 def existing_folder(text: str, what: str = "folder") -> Path:

@@ -22,8 +22,10 @@ def _legend() -> alt.Legend:
 
 
 # ----- activations ----------------------------------------------------------------------------------------
-def distribution_chart(distribution: list[dict], groups: list[dict], value: str = "max",
-                       title: str = "Peak activation of every prompt (ticks) and the mean per group (bars)") -> alt.Chart:
+def distribution_chart(
+    distribution: list[dict], groups: list[dict], value: str = "max",
+    title: str = "Peak activation of every prompt (ticks) and the mean per group (bars)",
+) -> alt.Chart:
     """Per language, harmful and harmless side by side: one tick per prompt, a bar for the group's mean."""
     prompts = pd.DataFrame(distribution)
     means = pd.DataFrame(groups).rename(columns={"mean_max": "max_mean", "mean": "mean_mean"})

@@ -66,4 +66,5 @@ def validation_neurons(vres) -> dict:
 
 def train_settings(settings: Mapping) -> dict[str, str]:
     """The Fine-tune form's settings of a run (lists as 'a, b')."""
-    return {name: (_langs(value) if isinstance(value, list | tuple) else str(value)) for name, value in settings.items()}
+    return {name: (_langs(value) if isinstance(value, list | tuple) else str(value))
+            for name, value in settings.items()}

@@ -276,9 +276,9 @@ PERSISTED_WIDGETS: tuple[str, ...] = (
 )
 # ... of which these depend on the loaded model (its layers and sites, its results): dropped with the model.
 MODEL_DEPENDENT_WIDGETS: tuple[str, ...] = (
-    "nr_kinds", "nr_focus", "nr_table_set", "nr_abl_lang", "nr_dose_langs", "chat_source", "chat_layers", "chat_kinds", "val_source",
-    "val_langs", "ft_target", "ft_languages", "learn_source", "learn_language", "learn_prompt", "learn_walk_source",
-    "learn_walk_language", "ex_neuron",
+    "nr_kinds", "nr_focus", "nr_table_set", "nr_abl_lang", "nr_dose_langs", "chat_source", "chat_layers", "chat_kinds",
+    "val_source", "val_langs", "ft_target", "ft_languages", "learn_source", "learn_language", "learn_prompt",
+    "learn_walk_source", "learn_walk_language", "ex_neuron",
     "ex_set_source",
 )
 

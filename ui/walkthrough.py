@@ -156,8 +156,8 @@ def _prompt(config: WalkthroughConfig, key: str, language: str) -> tuple[str, st
         return config.low_resource_prompt, lang
     text = builtin_prompt(config.prompt_id, lang)
     if text is None:
-        raise SSNError(f"the built-in prompts have no item {config.prompt_id} in {lang}; set low_resource_prompt or the "
-                       f"step's prompt in {CONFIG_FILE}")
+        raise SSNError(f"the built-in prompts have no item {config.prompt_id} in {lang}; set low_resource_prompt or "
+                       f"the step's prompt in {CONFIG_FILE}")
     return text, lang
 
 

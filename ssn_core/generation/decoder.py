@@ -12,17 +12,13 @@ from typing import Any
 
 import torch
 
+from ssn_core._conventions import pad_id
 from ssn_core.generation.encode import _decode
 from ssn_core.generation.masks import _applied
 from ssn_core.generation.settings import GenerationSettings, RowSampler
 from ssn_core.loading import LoadedModel
 
 StopFn = Callable[[int, str], bool]  # (row index in user_texts, the reply so far) -> True: end this reply now
-
-
-def _pad_id(lm: LoadedModel) -> int:
-    stop_ids = lm.stop_token_ids
-    return lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
 
 
 def _forward_names(model) -> tuple[str, bool]:
@@ -111,7 +107,7 @@ class _Decoder:
         self.lm, self.model = lm, lm.model
         self.stop_ids = lm.stop_token_ids
         self.stop_set = set(self.stop_ids)
-        self.pad_id = _pad_id(lm)
+        self.pad_id = pad_id(lm)
         self.max_new = settings.max_new_tokens
         self.sampler = (RowSampler(n_rows, settings.seed, settings.temperature, settings.top_p)
                         if settings.do_sample else None)

@@ -3,14 +3,9 @@ context), its token ids (chat-formatted unless ``settings.chat`` is False), and 
 
 from __future__ import annotations
 
-from ssn_core.errors import Cancelled, SSNError
+from ssn_core.errors import SSNError
 from ssn_core.generation.settings import GenerationSettings
 from ssn_core.loading import LoadedModel
-
-
-def _raise_if_cancelled(cancel) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled("generation was cancelled")
 
 
 def context_length(lm: LoadedModel) -> int | None:

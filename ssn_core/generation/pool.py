@@ -8,8 +8,8 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 
+from ssn_core._conventions import check_cancel
 from ssn_core.generation.decoder import StopFn, _Batch, _Decoder, _keep_rows, _merge, _plain_cache
-from ssn_core.generation.encode import _raise_if_cancelled
 from ssn_core.generation.masks import _applied, _row_masks
 from ssn_core.generation.settings import GenerationSettings
 from ssn_core.loading import LoadedModel
@@ -51,7 +51,7 @@ def _generate_rows(lm: LoadedModel, prompts: list[list[int]], settings: Generati
     prefix = None if fixed else decoder.shared_prefix(lm, prompts, interventions, masks)
 
     def halted() -> bool:
-        _raise_if_cancelled(cancel)
+        check_cancel(cancel, "generation was cancelled")
         return halt is not None and halt.is_set()
 
     while not halted():

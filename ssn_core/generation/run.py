@@ -10,9 +10,10 @@ from contextvars import copy_context
 
 import torch
 
+from ssn_core._conventions import check_cancel
 from ssn_core.errors import SSNError
 from ssn_core.generation.decoder import StopFn
-from ssn_core.generation.encode import _decode, _encode, _raise_if_cancelled
+from ssn_core.generation.encode import _decode, _encode
 from ssn_core.generation.pool import RowProgress, _generate_rows
 from ssn_core.generation.settings import GENERATION_BATCH_SIZE, GenerationSettings
 from ssn_core.loading import LoadedModel
@@ -29,7 +30,7 @@ def generate(lm: LoadedModel, user_texts: list[str], settings: GenerationSetting
     if not user_texts:
         return []
     cancel = current_cancel()
-    _raise_if_cancelled(cancel)
+    check_cancel(cancel, "generation was cancelled")
     prompts = _encode(lm, user_texts, settings)
     with torch.no_grad():
         tokens = _generate_rows(lm, prompts, settings, batch_size=len(prompts), fixed=True, cancel=cancel)
@@ -56,7 +57,7 @@ def generate_many(lm: LoadedModel, user_texts: Sequence[str], settings: Generati
     if not texts:
         return []
     stop_events = _AnyEvent([e for e in (cancel, current_cancel()) if e is not None])
-    _raise_if_cancelled(stop_events)
+    check_cancel(stop_events, "generation was cancelled")
     prompts = _encode(lm, texts, settings)
     with torch.no_grad():
         tokens = _generate_rows(lm, prompts, settings, batch_size=batch_size, interventions=interventions,
@@ -65,7 +66,7 @@ def generate_many(lm: LoadedModel, user_texts: Sequence[str], settings: Generati
 
 
 class _AnyEvent:
-    """Set when any of several events is set (all that `_raise_if_cancelled` asks of an event)."""
+    """Set when any of several events is set (all that `check_cancel` asks of an event)."""
 
     def __init__(self, events: list[threading.Event]):
         self.events = events
@@ -87,7 +88,7 @@ def stream_generate(
     if not user_texts:
         return
     cancel = current_cancel()
-    _raise_if_cancelled(cancel)
+    check_cancel(cancel, "generation was cancelled")
     prompts = _encode(lm, user_texts, settings)
     stop_ids = lm.stop_token_ids
     events: queue.Queue = queue.Queue()
@@ -111,7 +112,7 @@ def stream_generate(
             if kind == "error":
                 raise payload
             if kind == "done":
-                _raise_if_cancelled(cancel)
+                check_cancel(cancel, "generation was cancelled")
                 yield [_decode(lm, row, stop_ids) for row in payload]
                 return
             # Hold back a trailing partial UTF-8 character ("\ufffd") until its other bytes arrive.

@@ -84,10 +84,7 @@ def identify(lm, prompts, languages, hr=("en",), method: str | None = None, p: f
                 raise SSNError(f"language {lang} has no {label} prompts; MS-Neurons contrast harmful with harmless "
                                "prompts of the same language")
     chosen = [x for x in items if x.language in all_languages]
-    if hasattr(prompts, "select"):
-        data_hash = prompts.select(all_languages).content_hash()
-    else:
-        data_hash = None
+    data_hash = prompts.select(all_languages).content_hash() if hasattr(prompts, "select") else None
     start = time.perf_counter()
     if pairs is None and (aggregate == "reply" or (method == "attribution" and own_replies)):
         from ssn_core.pairs import build_pairs

@@ -4,17 +4,16 @@ judges' verdicts (raw agreement and Cohen's kappa)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from ssn_core.errors import Cancelled, JudgeError
+from ssn_core._conventions import Progress, check_cancel
+from ssn_core.errors import JudgeError
 
 REFUSAL = "refusal"
 COMPLIANCE = "compliance"
 OFF_TARGET = "off_target"
 LABELS: tuple[str, ...] = (REFUSAL, COMPLIANCE, OFF_TARGET)
-
-Progress = Callable[[int, int, str], None]
 
 
 @dataclass(frozen=True)
@@ -53,8 +52,7 @@ class Judge:
         languages = _check_lengths(prompts, replies, languages)
         verdicts = []
         for i, (prompt, reply, lang) in enumerate(zip(prompts, replies, languages, strict=True)):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("judging was cancelled")
+            check_cancel(cancel, "judging was cancelled")
             verdicts.append(self.judge(prompt, reply, lang))
             if progress is not None:
                 progress(i + 1, len(prompts), f"{self.name}: judged {i + 1}/{len(prompts)}")

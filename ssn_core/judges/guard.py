@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 from jinja2 import TemplateError
 
-from ssn_core.errors import Cancelled, JudgeError
+from ssn_core._conventions import check_cancel, pad_id
+from ssn_core.errors import JudgeError
 from ssn_core.judges.base import COMPLIANCE, OFF_TARGET, REFUSAL, Judge, Progress, Verdict, _check_lengths
 from ssn_core.judges.marker import MarkerJudge
 from ssn_core.judges.prompt import JUDGE_PROMPT_VERSION, JUDGE_SYSTEM_PROMPT, _judge_prompt, parse_one_word_label
@@ -29,11 +30,10 @@ def _generate_raw(lm, texts: list[str], max_new_tokens: int) -> list[str]:
 
     inputs = lm.tokenize_prompts(texts, chat_formatted=True, padding_side="left")  # [B, T], no second BOS
     stop_ids = lm.stop_token_ids
-    pad_id = lm.tokenizer.pad_token_id if lm.tokenizer.pad_token_id is not None else (stop_ids or [0])[0]
     # Neutral values for every field a model's own generation_config could set (sampling, penalties).
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
                               no_repeat_ngram_size=0, min_new_tokens=0, eos_token_id=stop_ids or None,
-                              pad_token_id=pad_id)
+                              pad_token_id=pad_id(lm))
     with torch.no_grad():
         sequences = lm.model.generate(**inputs, generation_config=config)  # [B, T + new]
     outputs = []
@@ -127,8 +127,7 @@ class GuardModelJudge(Judge):
                     continue
             todo.append(i)
         for start in range(0, len(todo), self.batch_size):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("judging was cancelled")
+            check_cancel(cancel, "judging was cancelled")
             batch = todo[start:start + self.batch_size]
             texts = [self.build_input(prompts[i], replies[i], languages[i]) for i in batch]
             outputs = _generate_raw(self.lm, texts, self.max_new_tokens)

@@ -108,11 +108,15 @@ def inspect_gguf(path: str | os.PathLike) -> GgufInfo:
             try:
                 block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
             except (ValueError, KeyError):
-                raise ModelLoadError(f"{path}: unknown GGUF tensor type {ggml_type} (file newer than the gguf package?)")
+                raise ModelLoadError(
+                    f"{path}: unknown GGUF tensor type {ggml_type} (file newer than the gguf package?)"
+                ) from None
             n_elements += count
             end = max(end, data_start + offset + count // block * type_size)
     except (struct.error, IndexError, OverflowError, MemoryError):
-        raise ModelLoadError(f"{path} is cut short or corrupt: its GGUF header is incomplete (truncated download?)")
+        raise ModelLoadError(
+            f"{path} is cut short or corrupt: its GGUF header is incomplete (truncated download?)"
+        ) from None
     finally:
         buf.close()
     if file_size < end:
@@ -122,7 +126,9 @@ def inspect_gguf(path: str | os.PathLike) -> GgufInfo:
     return GgufInfo(version, str(metadata.get("general.architecture", "")), len(tensors), n_elements, end, file_size)
 
 
-_GGUF_ARCH_TO_MODEL_TYPE = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text", "gptneox": "gpt_neox"}
+_GGUF_ARCH_TO_MODEL_TYPE = {
+    "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gemma3": "gemma3_text", "gptneox": "gpt_neox",
+}
 
 
 def _clear_gguf_quantization(model) -> None:

@@ -181,7 +181,8 @@ def _summarize(lm_model, tokenizer, *, name: str, source: str, spec: ModelSpec, 
         n_kv_heads=int(getattr(text, "num_key_value_heads", None) or n_heads),
         head_dim=int(getattr(text, "head_dim", None) or (hidden // n_heads if n_heads else 0)),
         dtype=str(lm_model.dtype).removeprefix("torch."),
-        device_map=device if device != "auto" else "auto (" + ", ".join(sorted({str(p.device) for p in lm_model.parameters()})) + ")",
+        device_map=(device if device != "auto"
+                    else "auto (" + ", ".join(sorted({str(p.device) for p in lm_model.parameters()})) + ")"),
         quantization=spec.quantization,
         has_chat_template=has_template,
         chat_template_fallback=not has_template,
@@ -238,7 +239,8 @@ def load_model(spec: ModelSpec | str, progress: Progress | None = None, **overri
         gguf_path = path
     if gguf_path is not None:
         if not gguf_path.is_file():
-            raise ModelLoadError(f"GGUF file not found: {gguf_path} (downloading GGUF files from the hub is not supported)")
+            raise ModelLoadError(
+                f"GGUF file not found: {gguf_path} (downloading GGUF files from the hub is not supported)")
         return _load_gguf_file(spec, gguf_path, device, start)
 
     if path.is_dir():

@@ -13,6 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ssn_core._conventions import input_device
 from ssn_core.errors import ModelLoadError
 
 if TYPE_CHECKING:
@@ -49,8 +50,8 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        """Where inputs go (the embedding's device under a multi-device map)."""
-        return self.model.device
+        """Where inputs go (the embedding's device under a multi-device map): `input_device` of the model."""
+        return input_device(self.model)
 
     @property
     def has_chat_template(self) -> bool:
@@ -140,7 +141,8 @@ class LoadedModel:
         encoded = self.tokenizer(
             prompts, return_tensors="pt", padding=True, padding_side=padding_side, add_special_tokens=add_special
         )
-        return {"input_ids": encoded["input_ids"].to(self.device), "attention_mask": encoded["attention_mask"].to(self.device)}
+        return {"input_ids": encoded["input_ids"].to(self.device),
+                "attention_mask": encoded["attention_mask"].to(self.device)}
 
     @property
     def stop_token_ids(self) -> list[int]:

@@ -90,7 +90,8 @@ def _check_memory(n_params: int | None, dtype: str, quantization: str, device: s
         raise ModelLoadError(
             f"not enough memory: this model ({n_params / 1e9:.2f} B parameters in {dtype}"
             f"{'' if quantization == 'none' else ', ' + quantization}) needs about {need / 2**30:.1f} GiB but only "
-            f"{available / 2**30:.1f} GiB is free on {device}. Use a smaller model, --dtype bfloat16, or --quant 4bit-nf4."
+            f"{available / 2**30:.1f} GiB is free on {device}. "
+            "Use a smaller model, --dtype bfloat16, or --quant 4bit-nf4."
         )
 
 

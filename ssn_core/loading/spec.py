@@ -7,13 +7,11 @@ Kept apart from the loaders so that the CLI and the app can build their option l
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ssn_core._conventions import Progress  # noqa: F401 - re-exported: ssn_core.loading.Progress
 from ssn_core.errors import ModelLoadError
-
-Progress = Callable[[int, int, str], None]
 
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS: tuple[str, ...] = ("none", "8bit", "4bit-nf4", "4bit-fp4")

@@ -82,7 +82,8 @@ def starter_dir(starter: StarterModel, root: Path | None = None) -> Path:
 def get_starter(name: str) -> StarterModel:
     key = name.removeprefix("starter:")
     if key not in STARTERS:
-        raise ModelLoadError(f"unknown starter model {name!r}; available: {', '.join('starter:' + k for k in STARTERS)}")
+        available = ", ".join("starter:" + k for k in STARTERS)
+        raise ModelLoadError(f"unknown starter model {name!r}; available: {available}")
     return STARTERS[key]
 
 

@@ -6,19 +6,16 @@ from __future__ import annotations
 import re
 import threading
 import unicodedata
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from ssn_core import distributed
-from ssn_core.errors import Cancelled, PromptSetError, SSNError
+from ssn_core._conventions import Progress, check_cancel
+from ssn_core.errors import PromptSetError, SSNError
 from ssn_core.metrics.manifest import _settings_dict
 from ssn_core.metrics.rates import Rate
-
-Progress = Callable[[int, int, str], None]
-
 
 MGSM_LANGUAGES: tuple[str, ...] = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
 MGSM_HUB_ID = "juletxara/mgsm"
@@ -188,8 +185,7 @@ def mgsm_accuracy(lm, lang: str, n: int | None = None, settings=None, *, path_or
     items = load_mgsm(lang, path_or_dir, n)
 
     def run_chunk(chunk) -> list[str]:  # under a launch each process answers its share of the batches
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("MGSM evaluation was cancelled")
+        check_cancel(cancel, "MGSM evaluation was cancelled")
         return generate(lm, [template.format(question=it.question) for it in chunk], settings)
 
     def report(done: int, total: int) -> None:

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ssn_core import distributed
-from ssn_core.errors import Cancelled, SSNError
-
-Progress = Callable[[int, int, str], None]
+from ssn_core._conventions import Progress, check_cancel, input_device, pad_id
+from ssn_core.errors import SSNError
 
 
 @dataclass(frozen=True)
@@ -49,19 +48,18 @@ def perplexity(lm, texts: Sequence[str | tuple[str, str]], batch_size: int = 8, 
     if batch_size < 1:
         raise SSNError("batch_size must be at least 1")
     tokenizer, model = lm.tokenizer, lm.model
-    device = getattr(lm, "device", None) or next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    device = input_device(model)
+    pad = pad_id(lm)
     encoded = [_encode_for_ppl(tokenizer, t, max_length) for t in texts]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))  # similar lengths share a batch
 
     def run_batch(b: int) -> list[list[float]]:  # [nll, tokens] per scored row; a launch's processes share batches
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("perplexity was cancelled")
+        check_cancel(cancel, "perplexity was cancelled")
         batch = [encoded[i] for i in order[b * batch_size:(b + 1) * batch_size]]
         width = max(len(ids) for ids, _ in batch)
         if width < 2:
             return []
-        input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # [B, T]
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # [B, T]
         attention_mask = torch.zeros((len(batch), width), dtype=torch.long)  # [B, T]
         for row, (ids, _) in enumerate(batch):
             input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)

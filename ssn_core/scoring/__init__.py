@@ -69,12 +69,11 @@ from ssn_core.scoring.attention import (  # noqa: F401 - bench/legacy.py
     _take_rows,
     _weighted_rows,
 )
-from ssn_core.scoring.batch import (  # noqa: F401 - _aggregate, _pad_id: top_examples, direction, tests, bench
+from ssn_core.scoring.batch import (  # noqa: F401 - _aggregate: top_examples, direction, tests, bench
     AGGREGATES,
     TEMPLATES,
     EncodedBatch,
     _aggregate,
-    _pad_id,
     encode_prompt,
     make_batch,
 )

@@ -94,7 +94,8 @@ def _take_rows(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tens
     """x[b, index[b], ...] along ``dim`` (index [B, R])."""
     shape = [1] * x.dim()
     shape[0], shape[dim] = index.shape
-    expanded = index.view(shape).expand(*[r if i == dim else s for i, (s, r) in enumerate(zip(x.shape, shape))])
+    sizes = [r if i == dim else s for i, (s, r) in enumerate(zip(x.shape, shape, strict=True))]
+    expanded = index.view(shape).expand(*sizes)
     return torch.gather(x, dim, expanded)
 
 

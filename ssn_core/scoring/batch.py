@@ -53,7 +53,8 @@ def _token_weights(n_tokens: int, content: list[int], aggregate: str, reply_star
     return weights
 
 
-def _content_token_indices(tokenizer, text: str, span: tuple[int, int], add_special: bool) -> tuple[list[int], list[int]]:
+def _content_token_indices(tokenizer, text: str, span: tuple[int, int],
+                           add_special: bool) -> tuple[list[int], list[int]]:
     """Token ids of ``text`` and the indices of the tokens that overlap the character span."""
     start, end = span
     try:
@@ -113,14 +114,6 @@ def make_batch(encoded: Sequence[tuple], aggregate: str, pad_id: int,
         position_ids=position_ids.to(device),
         weights=torch.tensor(weight_rows, dtype=torch.float32, device=device),
     )
-
-
-def _pad_id(tokenizer) -> int:
-    for name in ("pad_token_id", "eos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            return value
-    return 0
 
 
 def _aggregate(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Every fast method and exact ablation score the same sampled neurons on the same prompts; per kind, the Spearman
 rank correlation and the top-fraction overlap say how far the fast ranking can be trusted. (Not
-`ssn_core.training.compare_methods`, which compares fine-tuning methods.)
+`ssn_core.training.compare_finetunes`, which compares fine-tuning methods.)
 """
 
 from __future__ import annotations

@@ -10,20 +10,18 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from ssn_core import distributed
-from ssn_core.errors import Cancelled, SSNError
+from ssn_core._conventions import Progress, check_cancel, input_device, pad_id
+from ssn_core.errors import SSNError
 from ssn_core.scoring.ablation import Triple, ablation_batch, sample_neurons
-from ssn_core.scoring.batch import AGGREGATES, _pad_id, encode_prompt, make_batch
+from ssn_core.scoring.batch import AGGREGATES, encode_prompt, make_batch
 from ssn_core.scoring.forward import _check_kinds, score_batch
 from ssn_core.scoring.table import METHODS, Group, ScoreTable
 from ssn_core.sites import SITE_KINDS, SiteMap
-
-Progress = Callable[[int, int, str], None]
 
 
 class _Accumulator:
@@ -65,13 +63,6 @@ class _Accumulator:
                 store.items() if self.counts[g] > 0}
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
-
-
 def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds: Sequence[str] = SITE_KINDS,
           batch_size: int = 8, template: str = "chat", sample: Sequence[Triple] | int | None = None, seed: int = 0,
           projections: int = 8, directions: torch.Tensor | None = None,
@@ -102,15 +93,15 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
     if aggregate == "reply":
         missing = [p for p in items if not getattr(p, "reply", None)]
         if missing:
-            raise SSNError(f"aggregate 'reply' scores (prompt, reply) pairs, but {len(missing)} prompt(s) have no reply "
-                           f"(e.g. {missing[0].id!r}); build them with ssn_core.pairs.build_pairs")
+            raise SSNError(f"aggregate 'reply' scores (prompt, reply) pairs, but {len(missing)} prompt(s) have no "
+                           f"reply (e.g. {missing[0].id!r}); build them with ssn_core.pairs.build_pairs")
     if method == "direction" and directions is None:
         from ssn_core.direction import difference_of_means
 
         directions, _ = difference_of_means(lm, items, batch_size=batch_size, cancel=cancel)
     groups = list(dict.fromkeys((p.language, p.label) for p in items))
-    device = _model_device(lm.model)
-    pad_id = _pad_id(lm.tokenizer)
+    device = input_device(lm.model)
+    pad = pad_id(lm)
     if method == "ablation":
         if sample is None:
             raise SSNError("ablation scores one neuron at a time: give a sample (neuron triples or a count per site)")
@@ -130,11 +121,10 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
         progress(0, total, f"scoring {total} prompts ({method})")
 
     def run_batch(b: int) -> None:  # batch b of the one-process order; under a launch each process runs its share
-        if cancel is not None and cancel.is_set():
-            raise Cancelled("scoring was cancelled; nothing was written")
+        check_cancel(cancel, "scoring was cancelled; nothing was written")
         start = b * batch_size
         rows = order[start:start + batch_size]
-        batch = make_batch([encoded[i] for i in rows], aggregate, pad_id, device)
+        batch = make_batch([encoded[i] for i in rows], aggregate, pad, device)
         row_groups = [(items[i].language, items[i].label) for i in rows]
         if method == "ablation":
             values = ablation_batch(lm, batch, triples)  # [B, S]
@@ -170,8 +160,8 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
     if method == "ablation":
         sampled: dict[str, torch.Tensor] = {}
         for layer, kind, index in triples:
-            sampled.setdefault(kind, torch.zeros(sites.n_layers, sites.get(0, kind).size, dtype=torch.bool))[layer,
-                                                                                                              index] = True
+            mask = sampled.setdefault(kind, torch.zeros(sites.n_layers, sites.get(0, kind).size, dtype=torch.bool))
+            mask[layer, index] = True
         for per_kind in means.values():
             for kind, tensor in per_kind.items():
                 tensor[~sampled.get(kind, torch.zeros_like(tensor, dtype=torch.bool))] = math.nan

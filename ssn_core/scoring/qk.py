@@ -244,7 +244,8 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
             for start in range(0, D, chunk):
                 end = min(start + chunk, D)
                 if pairs is not None:
-                    shift = torch.matmul(row_factors[:, :, :, start:end], key_factors[:, :, :, start:end])  # [B,K,G,c,R,S]
+                    # [B,K,G,c,R,S]
+                    shift = torch.matmul(row_factors[:, :, :, start:end], key_factors[:, :, :, start:end])
                     p_mod = _shifted_softmax(base[:, :, :, None], shift, geo, bias[:, None, None])
                 else:
                     keep = 1.0 - eye[start:end]  # [c, D]
@@ -291,7 +292,8 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
                 vf_k_flat = vf_k.reshape(B, K, G * S, -1)  # [B,K,G*S,r]
                 for start in range(0, D, chunk):
                     end, c = min(start + chunk, D), min(start + chunk, D) - start
-                    shift = torch.matmul(row_factors[:, :, start:end], key_factors[:, :, start:end]).view(B, K, c, R, G, S)
+                    shift = torch.matmul(row_factors[:, :, start:end], key_factors[:, :, start:end])
+                    shift = shift.view(B, K, c, R, G, S)
                     p_mod = _shifted_softmax(base_k, shift, geo, bias_k).sub_(probs_k)
                     delta = torch.matmul(p_mod.view(B, K, c * R, G * S), vf_k_flat).norm(dim=-1).view(B, K, c, R)
                     scores[:, :, start:end] = _aggregate(delta.permute(0, 3, 1, 2), row_weights)

@@ -17,7 +17,7 @@ One idea per module; every name is importable from ``ssn_core.training`` as befo
 - `safety_eval`: held-out refusal / over-refusal and reply NLLs of one model state (`evaluate_safety`).
 - `targeted`: the neuron deltas (`train_neurons`, `run_train`).
 - `baselines`: LoRA through PEFT and full fine-tuning (`train_lora`, `train_full`).
-- `compare`: every method on the same data and evaluation (`compare_methods`), `paired_refusal_difference`.
+- `compare`: every method on the same data and evaluation (`compare_finetunes`), `paired_refusal_difference`.
 - `targets`: which neurons to train (`resolve_target`) and how the sets move after training (`ss_shift`).
 - `study`: the whole fine-tune study the app and ``ssn train`` run (`run_study`, `StudyConfig`, `StudyResult`): data,
   the neuron target with its evaluation, the baselines (LoRA on a private copy of a shared model).
@@ -37,7 +37,7 @@ from ssn_core.training.baselines import (
     train_full,
     train_lora,
 )
-from ssn_core.training.compare import METHODS, compare_methods, paired_refusal_difference
+from ssn_core.training.compare import FINETUNE_METHODS, compare_finetunes, paired_refusal_difference
 from ssn_core.training.data import (
     SAFETY_DATA_FORMAT,
     SafetyData,
@@ -51,7 +51,6 @@ from ssn_core.training.loop import (
 )
 from ssn_core.training.loss import (
     _collate,  # noqa: F401 - used by tests/test_training.py and bench/train_step.py
-    _pad_id,  # noqa: F401 - used by bench/train_step.py
     encode_example,
     reply_nll,
     response_loss,
@@ -64,7 +63,7 @@ from ssn_core.training.targets import SSShift, load_delta_for, resolve_target, s
 
 __all__ = [
     "BASELINES",
-    "METHODS",
+    "FINETUNE_METHODS",
     "RESULT_KIND",
     "SAFETY_DATA_FORMAT",
     "SSShift",
@@ -77,7 +76,7 @@ __all__ = [
     "TrainProgress",
     "TrainResult",
     "build_safety_data",
-    "compare_methods",
+    "compare_finetunes",
     "encode_example",
     "evaluate_safety",
     "is_main_process",

@@ -1,9 +1,9 @@
 """Several training methods on the same data, steps and evaluation, and the paired difference of two of them.
 
-`compare_methods` runs the neuron target, random neurons of the same shape, LoRA (matched rank and r=8) and full
+`compare_finetunes` runs the neuron target, random neurons of the same shape, LoRA (matched rank and r=8) and full
 fine-tuning, each evaluated with the same held-out evaluation, and returns the results and the comparison table.
 `paired_refusal_difference` compares two methods' held-out refusal prompt by prompt (the same prompts, so
-paired), with a bootstrap CI and a sign-flip p-value. (Not `ssn_core.scoring`'s method comparison, which compares
+paired), with a bootstrap CI and a sign-flip p-value. (Not `ssn_core.scoring.compare_methods`, which compares
 scoring methods.)
 """
 
@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from ssn_core._conventions import check_cancel
 from ssn_core.delta import NeuronDelta, apply_delta
 from ssn_core.errors import TrainingError
 from ssn_core.neurons import NeuronSet
 from ssn_core.sites import SiteMap
 from ssn_core.training.baselines import lora_rank_for, train_full, train_lora
 from ssn_core.training.data import SafetyData, _sites_of
-from ssn_core.training.loop import _check_cancel
 from ssn_core.training.results import SafetyEval, TrainConfig, TrainProgress, TrainResult
 from ssn_core.training.safety_eval import evaluate_safety
 from ssn_core.training.targeted import train_neurons
@@ -29,7 +29,7 @@ from ssn_core.training.targeted import train_neurons
 if TYPE_CHECKING:
     from ssn_core.loading import LoadedModel
 
-METHODS: tuple[str, ...] = ("neurons", "random", "lora-match", "lora-8", "full")
+FINETUNE_METHODS: tuple[str, ...] = ("neurons", "random", "lora-match", "lora-8", "full")
 
 
 def paired_refusal_difference(a: SafetyEval, b: SafetyEval, languages: Sequence[str] | None = None) -> dict:
@@ -50,19 +50,20 @@ def paired_refusal_difference(a: SafetyEval, b: SafetyEval, languages: Sequence[
     return out
 
 
-def compare_methods(lm: LoadedModel, neurons: NeuronSet, data: SafetyData, config: TrainConfig,
-                    methods: Sequence[str] = ("neurons", "random", "lora-8"), *, eval_kwargs: dict | None = None,
-                    random_seed: int = 0, before: SafetyEval | None = None, progress: TrainProgress | None = None,
-                    cancel: threading.Event | None = None) -> tuple[list[TrainResult], list[dict]]:
+def compare_finetunes(lm: LoadedModel, neurons: NeuronSet, data: SafetyData, config: TrainConfig,
+                      methods: Sequence[str] = ("neurons", "random", "lora-8"), *, eval_kwargs: dict | None = None,
+                      random_seed: int = 0, before: SafetyEval | None = None, progress: TrainProgress | None = None,
+                      cancel: threading.Event | None = None) -> tuple[list[TrainResult], list[dict]]:
     """Run several methods on the same data, steps and evaluation; returns the results and the comparison table.
 
     ``before``: the base model's evaluation when already computed (same data and eval settings).
     """
     from ssn_core.validation import random_matched
 
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in FINETUNE_METHODS]
     if unknown:
-        raise TrainingError(f"unknown training method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+        raise TrainingError(f"unknown training method(s) {', '.join(unknown)}; "
+                            f"choose from {', '.join(FINETUNE_METHODS)}")
     eval_kwargs = dict(eval_kwargs or {})
     eval_kwargs.setdefault("max_length", config.max_length)
     sites = _sites_of(lm)
@@ -70,7 +71,7 @@ def compare_methods(lm: LoadedModel, neurons: NeuronSet, data: SafetyData, confi
         before = evaluate_safety(lm, data, cancel=cancel, progress=progress, phase="evaluating before", **eval_kwargs)
     results: list[TrainResult] = []
     for method in methods:
-        _check_cancel(cancel, "the comparison")
+        check_cancel(cancel, "the comparison was cancelled; nothing was written")
         if method in ("neurons", "random"):
             target = neurons if method == "neurons" else random_matched(neurons, sites, seed=random_seed)
             result = train_neurons(lm, target, data, config, method=method, progress=progress, cancel=cancel)

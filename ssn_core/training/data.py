@@ -102,7 +102,8 @@ class SafetyData:
             raise PromptSetError(f"{path} has no training examples")
         leaked = {ex.item_id for ex in train} & set(heldout_ids)
         if leaked:
-            raise PromptSetError(f"{path}: {len(leaked)} held-out item id(s) also appear in train (e.g. {min(leaked)!r})")
+            raise PromptSetError(
+                f"{path}: {len(leaked)} held-out item id(s) also appear in train (e.g. {min(leaked)!r})")
         return cls(train=train, heldout=heldout, languages=languages, heldout_ids=heldout_ids, data_hash=data_hash)
 
 
@@ -173,7 +174,7 @@ def build_safety_data(lm: LoadedModel, prompts, languages: Sequence[str], *, hel
         replies = own_replies(lm, [p.text for p in harmless], max_new_tokens=retain_max_new_tokens,
                               batch_size=batch_size, progress=retain_progress, cancel=cancel, what="retain replies")
         examples += [TrainExample(p.id, p.language, "retain", p.text, reply.strip() or ".")
-                     for p, reply in zip(harmless, replies)]
+                     for p, reply in zip(harmless, replies, strict=True)]
     train = [ex for ex in examples if ex.item_id in train_ids]
     heldout = [ex for ex in examples if ex.item_id in held_ids]
     for p in extra_heldout or ():

@@ -23,18 +23,14 @@ import torch
 from torch import nn
 
 from ssn_core import distributed
-from ssn_core.errors import Cancelled, TrainingError
+from ssn_core._conventions import check_cancel, input_device, pad_id
+from ssn_core.errors import TrainingError
 from ssn_core.training.data import SafetyData
-from ssn_core.training.loss import _collate, _input_device, _pad_id, encode_example, response_loss
+from ssn_core.training.loss import _collate, encode_example, response_loss
 from ssn_core.training.results import TrainConfig, TrainProgress
 
 if TYPE_CHECKING:
     from ssn_core.loading import LoadedModel
-
-
-def _check_cancel(cancel: threading.Event | None, what: str) -> None:
-    if cancel is not None and cancel.is_set():
-        raise Cancelled(f"{what} was cancelled; nothing was written")
 
 
 @contextmanager
@@ -87,8 +83,8 @@ def is_main_process() -> bool:
     return distributed.is_main()
 
 
-def _train_loop(lm: LoadedModel, model: nn.Module, params: Sequence[torch.Tensor], data: SafetyData, config: TrainConfig,
-                context_factory=nullcontext, progress: TrainProgress | None = None,
+def _train_loop(lm: LoadedModel, model: nn.Module, params: Sequence[torch.Tensor], data: SafetyData,
+                config: TrainConfig, context_factory=nullcontext, progress: TrainProgress | None = None,
                 cancel: threading.Event | None = None) -> tuple[list[float], float, float | None]:
     """AdamW over ``params`` on the reply NLL; returns (losses per step, seconds, peak memory MB)."""
     config.check()
@@ -96,7 +92,7 @@ def _train_loop(lm: LoadedModel, model: nn.Module, params: Sequence[torch.Tensor
     if world > config.batch_size:
         raise TrainingError(f"each of the {world} processes trains on a share of every batch, so the batch size "
                             f"({config.batch_size}) must be at least the number of processes")
-    pad = _pad_id(lm.tokenizer)
+    pad = pad_id(lm)
     encoded = [encode_example(lm, ex, config.max_length) for ex in data.train]
     total = config.total_steps(len(encoded))
     generator = random.Random(config.seed)
@@ -120,13 +116,13 @@ def _train_loop(lm: LoadedModel, model: nn.Module, params: Sequence[torch.Tensor
         return config.lr
 
     losses: list[float] = []
-    device = _input_device(model)
+    device = input_device(model)
     started = time.perf_counter()
     if progress is not None:
         progress(0, total, {"phase": "train"})
     with _PeakMemory(device) as memory:
         for step in range(total):
-            _check_cancel(cancel, "training")
+            check_cancel(cancel, "training was cancelled; nothing was written")
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step)
             optimizer.zero_grad(set_to_none=True)

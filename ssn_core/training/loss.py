@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssn_core import distributed
+from ssn_core._conventions import input_device, pad_id
 from ssn_core.pairs import render_pair
 from ssn_core.training.data import TrainExample
 
@@ -50,12 +51,6 @@ def _collate(encoded: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.T
     return input_ids, attention, labels
 
 
-def _pad_id(tokenizer) -> int:
-    if tokenizer.pad_token_id is not None:
-        return int(tokenizer.pad_token_id)
-    return int(tokenizer.eos_token_id or 0)
-
-
 def response_loss(model: nn.Module, input_ids: torch.Tensor, attention: torch.Tensor, labels: torch.Tensor
                   ) -> tuple[torch.Tensor, int]:
     """Mean next-token NLL over the reply tokens of a batch, and how many tokens it covers.
@@ -64,7 +59,7 @@ def response_loss(model: nn.Module, input_ids: torch.Tensor, attention: torch.Te
     prompt positions' logits would be thrown away, and for a 150k-word vocabulary they are a large share of the
     step's time and memory.
     """
-    device = _input_device(model)
+    device = input_device(model)
     scored = (labels[:, 1:] != -100).any(0).nonzero()  # positions t whose next token is scored
     first = int(scored[0]) if len(scored) else 0
     inputs = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
@@ -80,25 +75,18 @@ def response_loss(model: nn.Module, input_ids: torch.Tensor, attention: torch.Te
     return loss, n_tokens
 
 
-def _input_device(model: nn.Module) -> torch.device:
-    try:
-        return model.get_input_embeddings().weight.device
-    except (AttributeError, NotImplementedError):
-        return next(model.parameters()).device
-
-
 def reply_nll(lm: LoadedModel, examples: Sequence[TrainExample], context_factory=nullcontext, max_length: int = 256,
               batch_size: int = 8) -> dict[str, float]:
     """Per-language mean NLL (nats/token) of the examples' replies, under the given context (e.g. a delta)."""
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    pad = _pad_id(lm.tokenizer)
+    pad = pad_id(lm)
     encoded = [(ex.language, encode_example(lm, ex, max_length)) for ex in examples]
 
     def run_chunk(chunk) -> list[list]:  # [language, nll, tokens] per row; a launch's processes share the batches
         input_ids, attention, labels = _collate([e for _, e in chunk], pad)
-        logits = lm.model(input_ids=input_ids.to(_input_device(lm.model)),
-                          attention_mask=attention.to(_input_device(lm.model))).logits
+        logits = lm.model(input_ids=input_ids.to(input_device(lm.model)),
+                          attention_mask=attention.to(input_device(lm.model))).logits
         rows = []
         for row, (lang, _) in enumerate(chunk):
             target = labels[row, 1:].to(logits.device)

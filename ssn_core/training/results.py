@@ -116,7 +116,8 @@ class TrainResult:
     def summary_row(self) -> dict:
         """One row of the comparison table."""
         row = {"method": self.method, "trainable_params": self.trainable_params,
-               "trainable_share": float(f"{self.trainable_share:.4g}"), "seconds_per_step": round(self.seconds_per_step, 3),
+               "trainable_share": float(f"{self.trainable_share:.4g}"),
+               "seconds_per_step": round(self.seconds_per_step, 3),
                "peak_memory_mb": None if self.peak_memory_mb is None else round(self.peak_memory_mb, 1),
                "final_loss": round(self.losses[-1], 4) if self.losses else None}
         if self.before is not None and self.after is not None:

@@ -12,8 +12,8 @@ from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
 from ssn_core import distributed
+from ssn_core._conventions import check_cancel
 from ssn_core.training.data import SafetyData, TrainExample
-from ssn_core.training.loop import _check_cancel
 from ssn_core.training.loss import reply_nll
 from ssn_core.training.results import SafetyEval, TrainProgress
 
@@ -61,7 +61,7 @@ def evaluate_safety(lm: LoadedModel, data: SafetyData, context_factory=nullconte
         todo = harmful + harmless
 
         def run_chunk(chunk) -> list[str]:  # under a launch each process answers its share of the batches
-            _check_cancel(cancel, "evaluation")
+            check_cancel(cancel, "evaluation was cancelled; nothing was written")
             return generate(lm, [ex.user_text for ex in chunk], settings)
 
         def report(done: int, total: int) -> None:
@@ -73,7 +73,7 @@ def evaluate_safety(lm: LoadedModel, data: SafetyData, context_factory=nullconte
                                              what="generating held-out replies")
         verdicts = judge.judge_many([ex.user_text for ex in todo], replies, [ex.language for ex in todo])
         hits: dict[tuple[str, str], list[bool]] = {}
-        for ex, reply, verdict in zip(todo, replies, verdicts):
+        for ex, reply, verdict in zip(todo, replies, verdicts, strict=True):
             hits.setdefault((ex.kind, ex.language), []).append(verdict.label == "refusal")
             rows.append({"id": ex.item_id, "language": ex.language,
                          "label": "harmful" if ex.kind == "refusal" else "harmless", "prompt": ex.user_text,

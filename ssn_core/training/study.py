@@ -2,7 +2,7 @@
 
 `run_study` is the whole run that the Fine-tune page and ``ssn train`` share: build the parallel safety data (or
 take data saved by an earlier run), train the neuron deltas with the held-out evaluation before and after
-(`run_train`), then train the chosen baselines on the same data, steps and evaluation (`compare_methods`).
+(`run_train`), then train the chosen baselines on the same data, steps and evaluation (`compare_finetunes`).
 
 The loaded model is never modified. Neuron deltas and random-neuron deltas are hooks, full fine-tuning trains a deep
 copy, but PEFT wraps the model's modules in place while a LoRA baseline runs: on a model that others share (the
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from ssn_core.errors import Cancelled, SSNError, TrainingError
 from ssn_core.neurons import NeuronSet
-from ssn_core.training.compare import compare_methods, paired_refusal_difference
+from ssn_core.training.compare import compare_finetunes, paired_refusal_difference
 from ssn_core.training.data import SafetyData, build_safety_data
 from ssn_core.training.loop import is_main_process
 from ssn_core.training.results import TrainConfig, TrainProgress, TrainResult
@@ -36,7 +36,8 @@ from ssn_core.training.targeted import run_train
 if TYPE_CHECKING:
     from ssn_core.loading import LoadedModel
 
-BASELINES: tuple[str, ...] = ("random", "lora-8", "lora-match", "full")  # the methods of METHODS beside "neurons"
+# The methods of FINETUNE_METHODS beside "neurons".
+BASELINES: tuple[str, ...] = ("random", "lora-8", "lora-match", "full")
 
 
 @dataclass
@@ -158,9 +159,9 @@ def _run_baselines(lm: LoadedModel, neurons: NeuronSet, data: SafetyData, config
     lora = any(b.startswith("lora") for b in config.baselines)
     own = dataclasses.replace(lm, model=copy.deepcopy(lm.model)) if lora and config.private_copy_for_lora else lm
     try:
-        results, _ = compare_methods(own, neurons, data, config.train, methods=tuple(config.baselines),
-                                     eval_kwargs=config.eval_kwargs(), random_seed=config.train.seed,
-                                     before=result.before, progress=progress, cancel=cancel)
+        results, _ = compare_finetunes(own, neurons, data, config.train, methods=tuple(config.baselines),
+                                       eval_kwargs=config.eval_kwargs(), random_seed=config.train.seed,
+                                       before=result.before, progress=progress, cancel=cancel)
     finally:
         del own
     return results

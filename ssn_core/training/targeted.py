@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ssn_core._conventions import check_cancel
 from ssn_core.delta import NeuronDelta, apply_delta, neuron_set_hash
 from ssn_core.errors import TrainingError
 from ssn_core.neurons import NeuronSet
 from ssn_core.training.data import SafetyData, _model_name, _sites_of
-from ssn_core.training.loop import _check_cancel, _frozen, _total_params, _train_loop
+from ssn_core.training.loop import _frozen, _total_params, _train_loop
 from ssn_core.training.results import TrainConfig, TrainProgress, TrainResult
 from ssn_core.training.safety_eval import evaluate_safety
 
@@ -69,7 +70,7 @@ def run_train(lm: LoadedModel, neurons: NeuronSet, data: SafetyData, config: Tra
         result.before = before
         result.after = evaluate_safety(lm, data, lambda: apply_delta(lm, delta), cancel=cancel, progress=progress,
                                        phase="evaluating after", **eval_kwargs)
-    _check_cancel(cancel, "training")
+    check_cancel(cancel, "training was cancelled; nothing was written")
     if out_dir is not None:
         result.save(out_dir)
     return result

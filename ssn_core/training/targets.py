@@ -63,7 +63,8 @@ def resolve_target(target: str, sites: SiteMap, *, identify_dir: str | Path | No
 
     def pick(table: dict, lang: str, what: str) -> NeuronSet:
         if lang not in table:
-            raise TrainingError(f"the identify results have no {what} for {lang!r} (they have: {', '.join(sorted(table))})")
+            raise TrainingError(
+                f"the identify results have no {what} for {lang!r} (they have: {', '.join(sorted(table))})")
         return table[lang]
 
     if name == "ss":
@@ -73,7 +74,8 @@ def resolve_target(target: str, sites: SiteMap, *, identify_dir: str | Path | No
     elif name in ("ms-hr", "ms:hr"):
         hr = [lang for lang in (getattr(result, "hr", ()) or ("en",)) if lang in ms]
         if not hr:
-            raise TrainingError(f"the identify results in {identify_dir} have no MS-Neurons of a high-resource language")
+            raise TrainingError(
+                f"the identify results in {identify_dir} have no MS-Neurons of a high-resource language")
         neurons = NeuronSet({}, {})
         for lang in hr:
             neurons = neurons | ms[lang]

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from ssn_core.errors import Cancelled, SSNError
+from ssn_core._conventions import Progress, check_cancel
+from ssn_core.errors import SSNError
 from ssn_core.generation.settings import GENERATION_BATCH_SIZE
 from ssn_core.interventions import Intervention, Shift
 from ssn_core.validation.conditions import Condition
 
-Progress = Callable[[int, int, str], None]
 
-
-def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settings, batch_size: int = GENERATION_BATCH_SIZE,
-               progress: Progress | None = None, cancel: threading.Event | None = None,
-               message: str = "", *, judge=None, language: str | None = None) -> list[list[str]]:
+def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settings,
+               batch_size: int = GENERATION_BATCH_SIZE, progress: Progress | None = None,
+               cancel: threading.Event | None = None, message: str = "", *, judge=None,
+               language: str | None = None) -> list[list[str]]:
     """Replies of every text under every condition: ``result[i][j]`` = text i under condition j.
 
     Every (text, condition) pair is one row of `ssn_core.generation.generate_many`, with at most ``batch_size`` rows
@@ -39,8 +39,7 @@ def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settin
 
     if batch_size < 1:
         raise SSNError("batch_size must be at least 1")
-    if cancel is not None and cancel.is_set():
-        raise Cancelled("validation was cancelled")
+    check_cancel(cancel, "validation was cancelled")
     pairs = [(i, j) for i in range(len(texts)) for j in range(len(conditions))]
     replies: list[list[str]] = [[""] * len(conditions) for _ in texts]
     if not pairs:
@@ -76,8 +75,7 @@ def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settin
         # Under a launch each process generates its share of the packed batches of ``batch_size`` rows (text-major,
         # as `distributed.run_batches` splits them), each batch through `generate_many`.
         def run_batch(b: int) -> list[str]:
-            if cancel is not None and cancel.is_set():
-                raise Cancelled("validation was cancelled")
+            check_cancel(cancel, "validation was cancelled")
             return replies_of(pairs[b * batch_size:(b + 1) * batch_size])
 
         def report_batches(done: int) -> None:

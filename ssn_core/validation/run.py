@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ssn_core._conventions import Progress
 from ssn_core.errors import PromptSetError, SSNError
 from ssn_core.generation.settings import GENERATION_BATCH_SIZE
 from ssn_core.interventions import resolve_sites
@@ -17,8 +18,6 @@ from ssn_core.validation.conditions import PARTS, plan_conditions
 from ssn_core.validation.packed import run_packed
 from ssn_core.validation.result import RESULT_KIND, ValidationResult
 from ssn_core.validation.stats import _harmless_rates, _rates, summarize
-
-Progress = Callable[[int, int, str], None]
 
 
 def _offset_progress(progress: Progress | None, offset: int, total: int) -> Callable[[int, int, str], None]:
@@ -29,7 +28,8 @@ def _offset_progress(progress: Progress | None, offset: int, total: int) -> Call
 
 
 def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: Sequence[float] = (2.0,),
-             seeds: Sequence[int] = (0, 1, 2), judge=None, batch_size: int = GENERATION_BATCH_SIZE, limit_per_language: int | None = None,
+             seeds: Sequence[int] = (0, 1, 2), judge=None, batch_size: int = GENERATION_BATCH_SIZE,
+             limit_per_language: int | None = None,
              hr_language: str | None = None, direction: torch.Tensor | bool | None = None, over_refusal: bool = True,
              betas: Sequence[float] = (), parts: Sequence[str] = PARTS, reinforce_sets: Sequence[str] = ("own",),
              reinforce_random: bool = False, progress: Progress | None = None,
@@ -112,7 +112,7 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
                 condition_replies = [replies[i][j] for i in range(len(label_items))]
                 verdicts = judge.judge_many([p.text for p in label_items], condition_replies,
                                             [lang] * len(label_items), cancel=cancel)
-                for prompt, reply, verdict in zip(label_items, condition_replies, verdicts):
+                for prompt, reply, verdict in zip(label_items, condition_replies, verdicts, strict=True):
                     rows.append({"language": lang, "label": label, "condition": condition.name,
                                  "seed": condition.seed, "alpha": condition.alpha, "id": prompt.id,
                                  "prompt": prompt.text, "reply": reply, "verdict": verdict.label,

@@ -28,7 +28,7 @@ def _ranks(values: Sequence[float]) -> list[float]:
 
 def _pearson(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys))
+    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
     sxx = sum((x - mx) ** 2 for x in xs)
     syy = sum((y - my) ** 2 for y in ys)
     if sxx == 0 or syy == 0:
