@@ -30,6 +30,7 @@ the model's own answer; otherwise both sides are the language's openings.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -38,10 +39,13 @@ from ssn_core.errors import SSNError
 from ssn_core.hooks import hook_modules, hook_sites
 from ssn_core.sites import NeuronSite, SiteMap
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
 Results = dict[tuple[int, str], torch.Tensor]
 
 
-def _input_embeddings(model: nn.Module) -> nn.Module:
+def _input_embeddings(model: PreTrainedModel) -> nn.Module:
     try:
         return model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
@@ -67,7 +71,7 @@ class _CarrierTape:
         return [t for per_site in self.tensors.values() for t in per_site]
 
 
-def _graph_inputs(model: nn.Module):
+def _graph_inputs(model: PreTrainedModel):
     """A hook on the input embeddings that makes the forward pass differentiable even when the weights are frozen."""
     def make_leaf(out, x):
         return out.detach().requires_grad_(True)

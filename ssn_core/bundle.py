@@ -68,7 +68,9 @@ def _hr_harmful_activations(result: IdentifyResult) -> ScoreTable | None:
     """Only the signed mean activations of the HR language's harmful prompts (the additive reinforcement's input)."""
     table = result.activations
     hr = (result.hr or ("en",))[0]
-    signed = (table.signed or {}).get((hr, "harmful")) if table is not None else None
+    if table is None:
+        return None
+    signed = (table.signed or {}).get((hr, "harmful"))
     if signed is None:
         return None
     counts = {(hr, "harmful"): table.counts.get((hr, "harmful"), 0)}

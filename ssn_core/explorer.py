@@ -267,7 +267,7 @@ def explain(lm, prompts, neurons: Sequence[Triple] = (), neuron_set: NeuronSet |
     from ssn_core.vocab import vocabulary_projection
 
     sites: SiteMap = lm.sites
-    neurons = list(dict.fromkeys(check_neuron(sites, tuple(n)) for n in neurons))
+    neurons = list(dict.fromkeys(check_neuron(sites, (layer, kind, index)) for layer, kind, index in neurons))
     if not neurons and neuron_set is None:
         raise SSNError("nothing to explain: give a neuron (such as L2.mlp.3814) or a neuron set")
     if neuron_set is not None:
@@ -301,8 +301,8 @@ def explain(lm, prompts, neurons: Sequence[Triple] = (), neuron_set: NeuronSet |
     if neuron_set is not None:
         set_report = _set_report(collector, examples, neuron_set, set_name, result, tables, items,
                                  _examples(collector, "set", items, lm, template, aggregate, pieces))
-    summary = getattr(lm, "summary", None)
-    meta = {"model_name": getattr(summary, "name", None), "model_source": getattr(summary, "source", None),
+    model_summary = getattr(lm, "summary", None)
+    meta = {"model_name": getattr(model_summary, "name", None), "model_source": getattr(model_summary, "source", None),
             "model_fingerprint": sites.fingerprint(), **sites.shape_signature(),
             "prompt_source": getattr(prompts, "source", None), "prompts": len(items),
             "prompt_counts": {group_key(g): n for g, n in collector.counts.items()}, "k": k, "aggregate": aggregate,

@@ -184,13 +184,13 @@ def faithfulness(lm, tables: dict[str, ScoreTable], prompts, languages: Sequence
             conditions = [Condition("baseline")]
             if direction is not None:
                 conditions.append(Condition("direction", "refusal", direction=direction))
-            rates, replies = refusal_rates(lang, conditions)
-            baseline_refusal[lang] = rates[0]
+            base_rates, replies = refusal_rates(lang, conditions)
+            baseline_refusal[lang] = base_rates[0]
             _keep_replies(reply_rows, lang, "baseline", None, conditions, by_language[lang], replies)
             if direction is not None:
                 control_margin = margin(lang, _direction_intervention(direction))
                 rows.append(_row("control", lang, "direction", None, None, 0, "direction", None, baseline_margin[lang],
-                                 control_margin, rates[1], baseline_refusal[lang]))
+                                 control_margin, base_rates[1], baseline_refusal[lang]))
     elif direction is not None:
         for lang in languages:
             rows.append(_row("control", lang, "direction", None, None, 0, "direction", None, baseline_margin[lang],
@@ -220,7 +220,7 @@ def faithfulness(lm, tables: dict[str, ScoreTable], prompts, languages: Sequence
                     controls = [random_matched(neurons, sites, seed=int(seed)) for seed in seeds]
                     target_margin = margin(lang, Intervention(neurons, scale=0.0))
                     random_margins = [margin(lang, Intervention(c, scale=0.0)) for c in controls]
-                    rates: list[float | None] = [None] * (1 + len(controls))
+                    rates: Sequence[float | None] = [None] * (1 + len(controls))
                     if any(math.isclose(p, g) for g in generate_at):
                         conditions = [Condition("suppress", which, neurons, scale=0.0)] + [
                             Condition("random", which, c, scale=0.0, seed=int(s)) for c, s in zip(controls, seeds)]

@@ -24,7 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -289,7 +289,7 @@ _BUILDERS = {
 
 def find_sites(model: nn.Module) -> SiteMap:
     """Map every neuron site of a supported causal LM."""
-    config = model.config
+    config: Any = model.config  # a transformers config (torch types it as Tensor | Module)
     model_type = getattr(config, "model_type", "unknown")
     family = SUPPORTED_FAMILIES.get(model_type)
     if family is None:

@@ -26,7 +26,7 @@ import torch
 from ssn_core.errors import Cancelled, SSNError
 from ssn_core.hooks import hook_sites
 from ssn_core.neurons import NeuronSet, format_neuron
-from ssn_core.scoring import _aggregate, _forward, _pad_id, encode_prompt, make_batch
+from ssn_core.scoring import EncodedBatch, _aggregate, _forward, _pad_id, encode_prompt, make_batch
 from ssn_core.sites import NeuronSite, SiteMap
 
 Triple = tuple[int, str, int]
@@ -178,6 +178,7 @@ class _Collector:
 
         def fn(carrier: torch.Tensor) -> None:
             batch = self.batch
+            assert batch is not None, "the site hooks run inside _stream, which sets the batch"
             values = site.read(carrier)[:, batch.window]  # [B, W, N]
             if key in self.select:
                 values = values.index_select(-1, self.select[key].to(values.device))  # [B, W, M]
@@ -208,9 +209,10 @@ class _Collector:
     def after_batch(self, prompt_index: list[int], row_group: list[Group]) -> None:
         """Per-prompt statistics and token keepers of the explained neurons and of the set (CPU, small)."""
         batch = self.batch
+        assert batch is not None, "called by _stream after each batch"
         keep = ~batch.pad[..., 0].cpu()  # [B, W]
         weights = batch.weights.float().cpu()
-        signals = {neuron: tokens for neuron, tokens in batch.tokens.items()}
+        signals: dict[Triple | str, torch.Tensor] = {neuron: tokens for neuron, tokens in batch.tokens.items()}
         if batch.set_sum is not None:
             signals["set"] = batch.set_sum.float().cpu() / max(self.set_size, 1)
         for signal, tokens in signals.items():  # tokens [B, W]
@@ -249,7 +251,7 @@ def _tracked_sites(sites: SiteMap, neurons: NeuronSet | None, kinds: Sequence[st
 
 
 def plan_batches(lm, items: list, groups: list[Group], aggregate: str = "content", template: str = "chat",
-                 batch_size: int = 8) -> list[tuple[list[int], object]]:
+                 batch_size: int = 8) -> list[tuple[list[int], EncodedBatch]]:
     """[(prompt indices, EncodedBatch)]: the batches a collection runs, by group and then by length (a batch mostly
     holds one group, so one merge per site, and little padding)."""
     if aggregate not in AGGREGATES:

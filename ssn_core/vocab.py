@@ -19,12 +19,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ssn_core.errors import SSNError
 from ssn_core.sites import SiteMap
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 Triple = tuple[int, str, int]
 
@@ -81,7 +85,7 @@ def final_norm(model: nn.Module) -> nn.Module:
     raise SSNError("could not find the model's final norm, so the vocabulary projection is not available")
 
 
-def unembedding(model: nn.Module) -> torch.Tensor:
+def unembedding(model: PreTrainedModel) -> torch.Tensor:
     """W_U [V, hidden] (the output embedding; tied models share it with the input embedding)."""
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
@@ -169,5 +173,6 @@ def vocabulary_projection(lm, neuron: Triple, top: int = 20, languages: Sequence
         by_script[script] = {"languages": script_languages, "tokens": int(members.numel()),
                              "promoted": _rows(members[values.topk(n).indices], logits, texts, scripts),
                              "suppressed": _rows(members[(-values).topk(n).indices], logits, texts, scripts)}
-    return VocabProjection(neuron=tuple(neuron), direction=how, promoted=promoted, suppressed=suppressed,
+    layer, kind, index = neuron
+    return VocabProjection(neuron=(layer, kind, index), direction=how, promoted=promoted, suppressed=suppressed,
                            by_script=by_script), ""

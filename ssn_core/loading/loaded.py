@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ssn_core.errors import ModelLoadError
 
@@ -102,7 +102,8 @@ class LoadedModel:
 
     def _apply_template(self, messages: list[dict]) -> str:
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            # tokenize=False returns the text (transformers types every form the call can return)
+            return cast(str, self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         except Exception as exc:  # jinja errors, templates without a system role, ...
             raise ModelLoadError(f"the model's chat template failed on this conversation: {exc}") from exc
 

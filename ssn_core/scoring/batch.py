@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import torch
 
@@ -69,6 +70,13 @@ def _content_token_indices(tokenizer, text: str, span: tuple[int, int], add_spec
         return ids, list(range(min(n_before, len(ids)), min(n_through, len(ids))))
 
 
+@overload
+def encode_prompt(lm, text: str, template: str = "chat", reply: None = None) -> tuple[list[int], list[int]]: ...
+@overload
+def encode_prompt(lm, text: str, template: str = "chat", *, reply: str) -> tuple[list[int], list[int], int]: ...
+@overload
+def encode_prompt(lm, text: str, template: str = "chat", reply: str | None = None
+                  ) -> tuple[list[int], list[int]] | tuple[list[int], list[int], int]: ...
 def encode_prompt(lm, text: str, template: str = "chat", reply: str | None = None
                   ) -> tuple[list[int], list[int]] | tuple[list[int], list[int], int]:
     """(token ids, indices of the user-content tokens) for one prompt; with a ``reply``, the reply's tokens are

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -55,7 +55,9 @@ class MethodComparison:
 def _mean_over_groups(table: ScoreTable, kind: str) -> torch.Tensor:
     """Prompt-weighted mean score over all (language, label) groups: [L, N]."""
     total = sum(table.counts[g] for g in table.groups)
-    return sum(per_kind[kind] * table.counts[g] for g, per_kind in table.groups.items()) / max(total, 1)
+    # a score table has at least one group, so the sum is a tensor (never the empty sum's 0)
+    weighted = cast(torch.Tensor, sum(per_kind[kind] * table.counts[g] for g, per_kind in table.groups.items()))
+    return weighted / max(total, 1)
 
 
 def parse_method_spec(spec: str) -> tuple[str, int]:

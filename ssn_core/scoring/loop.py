@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +24,8 @@ from ssn_core.scoring.table import METHODS, Group, ScoreTable
 from ssn_core.sites import SITE_KINDS, SiteMap
 
 Progress = Callable[[int, int, str], None]
+# One batch's values per (layer, kind): [B, N], or (magnitude, signed) for ``activation``.
+BatchResults = Mapping[tuple[int, str], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 
 
 class _Accumulator:
@@ -37,11 +39,12 @@ class _Accumulator:
                         for g in groups} if signed else None)
         self.counts = {g: 0 for g in groups}
 
-    def add(self, row_groups: Sequence[Group], results: dict) -> None:
+    def add(self, row_groups: Sequence[Group], results: BatchResults) -> None:
         for group in dict.fromkeys(row_groups):
             rows = torch.tensor([i for i, g in enumerate(row_groups) if g == group])
             for (layer, kind), value in results.items():
                 if isinstance(value, tuple):
+                    assert self.signed is not None, "(magnitude, signed) results need the signed sums"
                     magnitude, signed = value
                     self.sums[group][kind][layer] += magnitude.index_select(0, rows.to(magnitude.device)).sum(0).cpu()
                     self.signed[group][kind][layer] += signed.index_select(0, rows.to(signed.device)).sum(0).cpu()
@@ -136,12 +139,14 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
         rows = order[start:start + batch_size]
         batch = make_batch([encoded[i] for i in rows], aggregate, pad_id, device)
         row_groups = [(items[i].language, items[i].label) for i in rows]
+        results: BatchResults
         if method == "ablation":
             values = ablation_batch(lm, batch, triples)  # [B, S]
-            results: dict[tuple[int, str], torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
+            dense_results: dict[tuple[int, str], torch.Tensor] = {}
             for column, (layer, kind, index) in enumerate(triples):
-                dense = results.setdefault((layer, kind), torch.zeros(len(rows), sites.get(layer, kind).size))
+                dense = dense_results.setdefault((layer, kind), torch.zeros(len(rows), sites.get(layer, kind).size))
                 dense[:, index] = values[:, column]
+            results = dense_results
         elif method == "global":
             from ssn_core.attribution import global_batch
 
@@ -153,6 +158,7 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
         elif method == "direction":
             from ssn_core.direction import direction_batch
 
+            assert directions is not None, "set above: the difference of means when none was given"
             results = direction_batch(lm, batch, kinds, directions)
         else:
             results = score_batch(lm, batch, method, kinds)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -81,8 +81,9 @@ def response_loss(model: nn.Module, input_ids: torch.Tensor, attention: torch.Te
 
 
 def _input_device(model: nn.Module) -> torch.device:
+    hf_model: Any = model  # a transformers model, maybe PEFT-wrapped: methods torch's Module type does not know
     try:
-        return model.get_input_embeddings().weight.device
+        return hf_model.get_input_embeddings().weight.device
     except (AttributeError, NotImplementedError):
         return next(model.parameters()).device
 
