@@ -33,6 +33,7 @@ from ssn_core.neurons import NeuronSet, check_neuron, format_neuron, parse_neuro
 from ssn_core.sites import SiteMap
 
 if TYPE_CHECKING:  # vocab is imported when a projection is made
+    from ssn_core.loading import LoadedModel
     from ssn_core.vocab import VocabProjection
 from ssn_core.top_examples import (
     AGGREGATES,
@@ -186,7 +187,7 @@ def _group_rows(records: torch.Tensor, items: list, groups: list[Group]) -> tupl
     return summary, distribution
 
 
-def _examples(collector: _Collector, signal, items: list, lm, template: str, aggregate: str,
+def _examples(collector: _Collector, signal, items: list, lm: LoadedModel, template: str, aggregate: str,
               pieces: dict[int, list[str]]) -> dict[str, dict[str, list[Example]]]:
     out: dict[str, dict[str, list[Example]]] = {}
     for group in collector.groups:
@@ -254,10 +255,11 @@ def _by_kind(neuron_set: NeuronSet) -> dict[str, list[tuple[int, torch.Tensor]]]
     return out
 
 
-def explain(lm, prompts, neurons: Sequence[Triple] = (), neuron_set: NeuronSet | None = None, *, result=None,
-            tables: Sequence = (), languages: Sequence[str] | None = None, k: int = 5, top_tokens: int = 20,
-            aggregate: str = "content", template: str = "chat", batch_size: int = 8, set_name: str = "set",
-            progress: Progress | None = None, cancel: threading.Event | None = None) -> Explanation:
+def explain(lm: LoadedModel, prompts, neurons: Sequence[Triple] = (), neuron_set: NeuronSet | None = None, *,
+            result=None, tables: Sequence = (), languages: Sequence[str] | None = None, k: int = 5,
+            top_tokens: int = 20, aggregate: str = "content", template: str = "chat", batch_size: int = 8,
+            set_name: str = "set", progress: Progress | None = None,
+            cancel: threading.Event | None = None) -> Explanation:
     """Everything the explorer shows for ``neurons`` (and a summary of ``neuron_set``), from one streaming pass.
 
     ``result``: an `IdentifyResult` (MS / SS membership, and its score table); ``tables``: more `ScoreTable`s

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -29,6 +30,9 @@ from ssn_core.interventions import Intervention, intervene
 from ssn_core.io import atomic_write_json, atomic_write_text, csv_text, writing_result_dir
 from ssn_core.scoring import ScoreTable
 from ssn_core.validation import random_matched
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 Progress = Callable[[int, int, str], None]
 RESULT_KIND = "ssn-lab/faithfulness"
@@ -120,8 +124,9 @@ def _minus(a, b):
     return None if a is None or b is None else a - b
 
 
-def faithfulness(lm, tables: dict[str, ScoreTable], prompts, languages: Sequence[str], *, hr: Sequence[str] = ("en",),
-                 fractions: Sequence[float] = DEFAULT_FRACTIONS, ranking: str | dict[str, str] = "per-site",
+def faithfulness(lm: LoadedModel, tables: dict[str, ScoreTable], prompts, languages: Sequence[str], *,
+                 hr: Sequence[str] = ("en",), fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                 ranking: str | dict[str, str] = "per-site",
                  seeds: Sequence[int] = (0,), generate_at: Sequence[float] = (), settings=None, judge=None,
                  direction: torch.Tensor | None = None, sets: Sequence[str] = ("ms", "ss"),
                  limit_per_language: int | None = None, batch_size: int = 8, progress: Progress | None = None,

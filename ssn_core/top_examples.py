@@ -20,6 +20,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -28,6 +29,9 @@ from ssn_core.hooks import hook_sites
 from ssn_core.neurons import NeuronSet, format_neuron
 from ssn_core.scoring import EncodedBatch, _aggregate, _forward, _pad_id, encode_prompt, make_batch
 from ssn_core.sites import NeuronSite, SiteMap
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 Triple = tuple[int, str, int]
 Group = tuple[str, str]  # (language, label)
@@ -250,7 +254,7 @@ def _tracked_sites(sites: SiteMap, neurons: NeuronSet | None, kinds: Sequence[st
     return {site.key: None for site in sites if site.kind in kinds}
 
 
-def plan_batches(lm, items: list, groups: list[Group], aggregate: str = "content", template: str = "chat",
+def plan_batches(lm: LoadedModel, items: list, groups: list[Group], aggregate: str = "content", template: str = "chat",
                  batch_size: int = 8) -> list[tuple[list[int], EncodedBatch]]:
     """[(prompt indices, EncodedBatch)]: the batches a collection runs, by group and then by length (a batch mostly
     holds one group, so one merge per site, and little padding)."""
@@ -269,7 +273,7 @@ def plan_batches(lm, items: list, groups: list[Group], aggregate: str = "content
             for start in range(0, len(items), batch_size)]
 
 
-def _stream(lm, items: list, collector: _Collector, aggregate: str, template: str, batch_size: int,
+def _stream(lm: LoadedModel, items: list, collector: _Collector, aggregate: str, template: str, batch_size: int,
             stop_early: bool, progress: Progress | None, cancel: threading.Event | None) -> None:
     sites: SiteMap = lm.sites
     batches = plan_batches(lm, items, collector.groups, aggregate, template, batch_size)
@@ -320,7 +324,7 @@ def _check_k(k: int) -> int:
     return k
 
 
-def collect_top_examples(lm, prompts, k: int = 5, neurons: NeuronSet | None = None,
+def collect_top_examples(lm: LoadedModel, prompts, k: int = 5, neurons: NeuronSet | None = None,
                          kinds: Sequence[str] | None = None, aggregate: str = "content", template: str = "chat",
                          batch_size: int = 8, progress: Progress | None = None,
                          cancel: threading.Event | None = None) -> TopExamples:
@@ -339,7 +343,7 @@ def collect_top_examples(lm, prompts, k: int = 5, neurons: NeuronSet | None = No
 # ---------------------------------------------------------------------------------------------------
 # Tokens as text
 # ---------------------------------------------------------------------------------------------------
-def token_pieces(lm, text: str, template: str = "chat", aggregate: str = "content") -> list[str]:
+def token_pieces(lm: LoadedModel, text: str, template: str = "chat", aggregate: str = "content") -> list[str]:
     """The text of each token that counts (the positions the per-token activations refer to), in order.
 
     Tokens are cut from the formatted prompt by their character offsets, so the pieces join to the text; a
@@ -354,7 +358,7 @@ def token_pieces(lm, text: str, template: str = "chat", aggregate: str = "conten
         if list(encoded["input_ids"]) != list(ids):
             raise ValueError("different tokenization")
     except (NotImplementedError, KeyError, TypeError, ValueError):
-        return [lm.tokenizer.decode([ids[i]]) for i in positions]
+        return [cast(str, lm.tokenizer.decode([ids[i]])) for i in positions]  # one sequence: one string
     pieces, cursor = [], 0
     for i in positions:
         start, end = offsets[i]

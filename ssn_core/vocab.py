@@ -30,6 +30,8 @@ from ssn_core.sites import SiteMap
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
+    from ssn_core.loading import LoadedModel
+
 Triple = tuple[int, str, int]
 
 
@@ -52,7 +54,7 @@ def _weight_out_in(module: nn.Module) -> torch.Tensor:
     return weight(module)
 
 
-def output_direction(lm, neuron: Triple) -> tuple[torch.Tensor | None, str]:
+def output_direction(lm: LoadedModel, neuron: Triple) -> tuple[torch.Tensor | None, str]:
     """(direction [hidden] float32, description), or (None, why there is none)."""
     layer, kind, index = neuron
     sites: SiteMap = lm.sites
@@ -95,7 +97,7 @@ def unembedding(model: PreTrainedModel) -> torch.Tensor:
 
 
 @torch.no_grad()
-def project_direction(lm, direction: torch.Tensor) -> torch.Tensor:
+def project_direction(lm: LoadedModel, direction: torch.Tensor) -> torch.Tensor:
     """logits [V] float32 on the CPU: W_U (norm(d) - norm(0))."""
     norm = final_norm(lm.model)
     w_u = unembedding(lm.model)
@@ -137,7 +139,7 @@ def _rows(order: torch.Tensor, logits: torch.Tensor, texts: list[str], scripts: 
             for i in order.tolist()]
 
 
-def vocabulary_projection(lm, neuron: Triple, top: int = 20, languages: Sequence[str] = ()
+def vocabulary_projection(lm: LoadedModel, neuron: Triple, top: int = 20, languages: Sequence[str] = ()
                           ) -> tuple[VocabProjection | None, str]:
     """(projection, "") or (None, why not): the ``top`` promoted and suppressed tokens, overall and per script of
     ``languages`` (and of the scripts among the overall top tokens)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import platform
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,6 +18,9 @@ from ssn_core.identify.selection import RANKINGS, _check_p, select
 from ssn_core.scoring import AGGREGATES, METHODS, Progress, score
 from ssn_core.sites import SITE_KINDS, SiteMap
 
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
+
 
 def _versions() -> dict:
     import transformers
@@ -27,7 +31,7 @@ def _versions() -> dict:
             "python": platform.python_version()}
 
 
-def identify(lm, prompts, languages, hr=("en",), method: str | None = None, p: float | None = None,
+def identify(lm: LoadedModel, prompts, languages, hr=("en",), method: str | None = None, p: float | None = None,
              aggregate: str | None = None, kinds=None, batch_size: int = 8, ranking: str | None = None,
              template: str = "chat", sample=None, seed: int = 0, pairs=None, own_replies: bool | None = None,
              find_direction: bool = False, projections: int = 8, activation_means: bool = False,

@@ -17,10 +17,13 @@ from ssn_core.errors import ModelLoadError
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
     from ssn_core.loading.spec import ModelSummary
     from ssn_core.sites import SiteMap
+
+    class CausalLM(PreTrainedModel, GenerationMixin):
+        """What ``AutoModelForCausalLM`` loads: a transformers model that also generates (a type, never built)."""
 
 FALLBACK_CHAT_TEMPLATE = "User: {user}\nAssistant:"
 _SPAN_SENTINEL = "\u2063SSN-USER-TEXT\u2063"  # invisible separator: never in real prompts
@@ -30,7 +33,7 @@ _SPAN_SENTINEL = "\u2063SSN-USER-TEXT\u2063"  # invisible separator: never in re
 class LoadedModel:
     """A model ready for analysis: never modified in place (interventions are context-scoped hooks)."""
 
-    model: PreTrainedModel
+    model: CausalLM
     tokenizer: PreTrainedTokenizerBase
     summary: ModelSummary
     _sites: SiteMap | None = field(default=None, init=False, repr=False)

@@ -7,12 +7,16 @@ import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ssn_core import distributed
 from ssn_core.errors import Cancelled, SSNError
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 Progress = Callable[[int, int, str], None]
 
@@ -39,7 +43,7 @@ def _encode_for_ppl(tokenizer, item: str | tuple[str, str], max_length: int) -> 
     return ids[:max_length], first
 
 
-def perplexity(lm, texts: Sequence[str | tuple[str, str]], batch_size: int = 8, *, max_length: int = 1024,
+def perplexity(lm: LoadedModel, texts: Sequence[str | tuple[str, str]], batch_size: int = 8, *, max_length: int = 1024,
                progress: Progress | None = None, cancel: threading.Event | None = None) -> PerplexityResult:
     """Token-weighted perplexity of `texts` (raw text, no chat template).
 
@@ -95,7 +99,7 @@ def perplexity(lm, texts: Sequence[str | tuple[str, str]], batch_size: int = 8, 
     return PerplexityResult(nll=nll, perplexity=math.exp(nll), n_tokens=total_tokens, n_texts=len(texts))
 
 
-def perplexity_by_language(lm, texts_by_language: Mapping[str, Sequence[str | tuple[str, str]]],
+def perplexity_by_language(lm: LoadedModel, texts_by_language: Mapping[str, Sequence[str | tuple[str, str]]],
                            batch_size: int = 8, **kwargs) -> dict[str, PerplexityResult]:
     """`perplexity` of each language's texts."""
     return {lang: perplexity(lm, texts, batch_size, **kwargs) for lang, texts in texts_by_language.items()}

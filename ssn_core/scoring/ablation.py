@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,9 @@ from ssn_core.neurons import NeuronSet
 from ssn_core.scoring.batch import EncodedBatch, _aggregate
 from ssn_core.scoring.forward import _forward
 from ssn_core.sites import SITE_KINDS, SiteMap
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 Triple = tuple[int, str, int]
 
@@ -43,7 +47,7 @@ def sample_neurons(sites: SiteMap, kinds: Sequence[str], count: int, seed: int =
 
 
 @torch.no_grad()
-def ablation_batch(lm, batch: EncodedBatch, neurons: Sequence[Triple], chunk: int = 8) -> torch.Tensor:
+def ablation_batch(lm: LoadedModel, batch: EncodedBatch, neurons: Sequence[Triple], chunk: int = 8) -> torch.Tensor:
     """Exact effect of zeroing each neuron on the final hidden states: [B, len(neurons)].
 
     Per token: ‖h_final(suppressed) - h_final(baseline)‖, aggregated with the batch weights (with

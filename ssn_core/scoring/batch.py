@@ -11,11 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
 import torch
 
 from ssn_core.errors import SSNError
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 AGGREGATES: tuple[str, ...] = ("content", "last", "all", "reply")
 TEMPLATES: tuple[str, ...] = ("chat", "raw")
@@ -71,13 +74,15 @@ def _content_token_indices(tokenizer, text: str, span: tuple[int, int], add_spec
 
 
 @overload
-def encode_prompt(lm, text: str, template: str = "chat", reply: None = None) -> tuple[list[int], list[int]]: ...
+def encode_prompt(lm: LoadedModel, text: str, template: str = "chat", reply: None = None
+                  ) -> tuple[list[int], list[int]]: ...
 @overload
-def encode_prompt(lm, text: str, template: str = "chat", *, reply: str) -> tuple[list[int], list[int], int]: ...
+def encode_prompt(lm: LoadedModel, text: str, template: str = "chat", *, reply: str
+                  ) -> tuple[list[int], list[int], int]: ...
 @overload
-def encode_prompt(lm, text: str, template: str = "chat", reply: str | None = None
+def encode_prompt(lm: LoadedModel, text: str, template: str = "chat", reply: str | None = None
                   ) -> tuple[list[int], list[int]] | tuple[list[int], list[int], int]: ...
-def encode_prompt(lm, text: str, template: str = "chat", reply: str | None = None
+def encode_prompt(lm: LoadedModel, text: str, template: str = "chat", reply: str | None = None
                   ) -> tuple[list[int], list[int]] | tuple[list[int], list[int], int]:
     """(token ids, indices of the user-content tokens) for one prompt; with a ``reply``, the reply's tokens are
     appended as the chat template renders an assistant turn and the index of its first token comes third."""

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -22,6 +22,9 @@ from ssn_core.scoring.forward import _check_kinds
 from ssn_core.scoring.loop import Progress, score
 from ssn_core.scoring.table import METHODS, ScoreTable
 from ssn_core.sites import SITE_KINDS, SiteMap
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 COMPARISON_KIND = "ssn-lab/method-comparison"  # manifest kind of an `ssn compare-methods --out` folder
 
@@ -77,7 +80,7 @@ def parse_method_spec(spec: str) -> tuple[str, int]:
     return name, projections
 
 
-def compare_methods(lm, prompts, sample: Sequence[Triple] | int = 64, methods: Sequence[str] = ("impact",
+def compare_methods(lm: LoadedModel, prompts, sample: Sequence[Triple] | int = 64, methods: Sequence[str] = ("impact",
                     "activation"), aggregate: str = "content", kinds: Sequence[str] = SITE_KINDS,
                     batch_size: int = 8, template: str = "chat", top: float = 0.1, seed: int = 0,
                     progress: Progress | None = None, cancel: threading.Event | None = None) -> MethodComparison:

@@ -10,6 +10,7 @@ scores are layer-local) is shared by ablation, `ssn_core.attribution`, `ssn_core
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -21,6 +22,9 @@ from ssn_core.scoring.batch import EncodedBatch, _aggregate
 from ssn_core.scoring.constants import _constants, _LayerAttention, _ModelConstants
 from ssn_core.scoring.qk import _qk_impact
 from ssn_core.sites import SITE_KINDS, NeuronSite, SiteMap
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 
 def _check_kinds(kinds: Iterable[str], sites: SiteMap) -> tuple[str, ...]:
@@ -56,7 +60,7 @@ def _rope_tables(consts: _ModelConstants, geo: _LayerAttention, batch: EncodedBa
 
 
 @torch.no_grad()
-def score_batch(lm, batch: EncodedBatch, method: str = "impact", kinds: Sequence[str] = SITE_KINDS,
+def score_batch(lm: LoadedModel, batch: EncodedBatch, method: str = "impact", kinds: Sequence[str] = SITE_KINDS,
                 layers: Iterable[int] | None = None) -> dict[tuple[int, str], torch.Tensor | tuple]:
     """Per-prompt scores [B, N] for every (layer, kind) from one forward pass.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -22,6 +23,9 @@ from ssn_core.scoring.batch import AGGREGATES, _pad_id, encode_prompt, make_batc
 from ssn_core.scoring.forward import _check_kinds, score_batch
 from ssn_core.scoring.table import METHODS, Group, ScoreTable
 from ssn_core.sites import SITE_KINDS, SiteMap
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 Progress = Callable[[int, int, str], None]
 # One batch's values per (layer, kind): [B, N], or (magnitude, signed) for ``activation``.
@@ -75,7 +79,8 @@ def _model_device(model: nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds: Sequence[str] = SITE_KINDS,
+def score(lm: LoadedModel, prompts, method: str = "impact", aggregate: str = "content",
+          kinds: Sequence[str] = SITE_KINDS,
           batch_size: int = 8, template: str = "chat", sample: Sequence[Triple] | int | None = None, seed: int = 0,
           projections: int = 8, directions: torch.Tensor | None = None,
           progress: Progress | None = None, cancel: threading.Event | None = None) -> ScoreTable:

@@ -15,11 +15,13 @@ from ssn_core.validation.conditions import Condition
 
 if TYPE_CHECKING:
     from ssn_core.direction import DirectionAblation
+    from ssn_core.loading import LoadedModel
 
 Progress = Callable[[int, int, str], None]
 
 
-def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settings, batch_size: int = GENERATION_BATCH_SIZE,
+def run_packed(lm: LoadedModel, texts: Sequence[str], conditions: Sequence[Condition], settings,
+               batch_size: int = GENERATION_BATCH_SIZE,
                progress: Progress | None = None, cancel: threading.Event | None = None,
                message: str = "", *, judge=None, language: str | None = None) -> list[list[str]]:
     """Replies of every text under every condition: ``result[i][j]`` = text i under condition j.

@@ -7,7 +7,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Literal, cast
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 
@@ -19,6 +19,9 @@ from ssn_core.validation.packed import run_packed
 from ssn_core.validation.result import RESULT_KIND, ValidationResult
 from ssn_core.validation.stats import _harmless_rates, _rates, summarize
 
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
+
 Progress = Callable[[int, int, str], None]
 
 
@@ -29,7 +32,7 @@ def _offset_progress(progress: Progress | None, offset: int, total: int) -> Call
     return report
 
 
-def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: Sequence[float] = (2.0,),
+def validate(lm: LoadedModel, neurons, prompts, languages: Sequence[str], settings, alphas: Sequence[float] = (2.0,),
              seeds: Sequence[int] = (0, 1, 2), judge=None, batch_size: int = GENERATION_BATCH_SIZE, limit_per_language: int | None = None,
              hr_language: str | None = None, direction: torch.Tensor | Literal[False] | None = None,
              over_refusal: bool = True,
