@@ -38,7 +38,7 @@ from torch import nn
 
 from ssn_core.errors import SSNError
 from ssn_core.hooks import hook_modules, hook_sites
-from ssn_core.sites import NeuronSite, SiteMap
+from ssn_core.sites import NeuronSite, SiteKind, SiteMap
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -101,7 +101,7 @@ def _contributions(tape: _CarrierTape, grads: Sequence[torch.Tensor], reduce) ->
     return results
 
 
-def attribution_batch(lm: LoadedModel, items: Sequence, kinds: Sequence[str], *, openings=None,
+def attribution_batch(lm: LoadedModel, items: Sequence, kinds: Sequence[SiteKind], *, openings=None,
                       max_tokens: int | None = None, system: str | None = None) -> Results:
     """Refusal attribution per prompt and neuron: {(layer, kind): [B, N]} (signed; see the module docstring)."""
     from ssn_core.refusal import DEFAULT_MAX_TOKENS, load_openings, margins_from_logprobs, opening_logprobs
@@ -138,7 +138,8 @@ def attribution_batch(lm: LoadedModel, items: Sequence, kinds: Sequence[str], *,
     return _contributions(tape, grads, reduce)
 
 
-def global_batch(lm: LoadedModel, batch, kinds: Sequence[str], *, projections: int = 8, seed: int = 0) -> Results:
+def global_batch(lm: LoadedModel, batch, kinds: Sequence[SiteKind], *, projections: int = 8, seed: int = 0
+                 ) -> Results:
     """Estimated ΔLLM per prompt and neuron, {(layer, kind): [B, N]}, from ``projections`` backward passes."""
     from ssn_core.scoring import _forward
 

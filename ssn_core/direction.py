@@ -33,7 +33,7 @@ from torch import nn
 from ssn_core.errors import Cancelled, NeuronFileError, PromptSetError, SSNError
 from ssn_core.hooks import hook_modules
 from ssn_core.io import atomic_save_safetensors, read_safetensors
-from ssn_core.sites import SiteMap, decoder_layers
+from ssn_core.sites import SiteKind, SiteMap, decoder_layers
 
 if TYPE_CHECKING:
     from ssn_core.loading import LoadedModel
@@ -272,7 +272,7 @@ def difference_of_means(lm: LoadedModel, prompts, *, batch_size: int = 8, system
 
 
 @torch.no_grad()
-def direction_batch(lm: LoadedModel, batch, kinds: Sequence[str], directions: torch.Tensor
+def direction_batch(lm: LoadedModel, batch, kinds: Sequence[SiteKind], directions: torch.Tensor
                     ) -> dict[tuple[int, str], torch.Tensor]:
     """Each neuron's write along its layer's refusal direction, per prompt: {(layer, kind): [B, N]} (signed).
 

@@ -34,6 +34,7 @@ from ssn_core.sites import SiteMap
 
 if TYPE_CHECKING:  # vocab is imported when a projection is made
     from ssn_core.loading import LoadedModel
+    from ssn_core.scoring import Aggregate
     from ssn_core.vocab import VocabProjection
 from ssn_core.top_examples import (
     AGGREGATES,
@@ -187,7 +188,7 @@ def _group_rows(records: torch.Tensor, items: list, groups: list[Group]) -> tupl
     return summary, distribution
 
 
-def _examples(collector: _Collector, signal, items: list, lm: LoadedModel, template: str, aggregate: str,
+def _examples(collector: _Collector, signal, items: list, lm: LoadedModel, template: str, aggregate: Aggregate,
               pieces: dict[int, list[str]]) -> dict[str, dict[str, list[Example]]]:
     out: dict[str, dict[str, list[Example]]] = {}
     for group in collector.groups:
@@ -257,7 +258,7 @@ def _by_kind(neuron_set: NeuronSet) -> dict[str, list[tuple[int, torch.Tensor]]]
 
 def explain(lm: LoadedModel, prompts, neurons: Sequence[Triple] = (), neuron_set: NeuronSet | None = None, *,
             result=None, tables: Sequence = (), languages: Sequence[str] | None = None, k: int = 5,
-            top_tokens: int = 20, aggregate: str = "content", template: str = "chat", batch_size: int = 8,
+            top_tokens: int = 20, aggregate: Aggregate = "content", template: str = "chat", batch_size: int = 8,
             set_name: str = "set", progress: Progress | None = None,
             cancel: threading.Event | None = None) -> Explanation:
     """Everything the explorer shows for ``neurons`` (and a summary of ``neuron_set``), from one streaming pass.

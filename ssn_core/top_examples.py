@@ -27,8 +27,8 @@ import torch
 from ssn_core.errors import Cancelled, SSNError
 from ssn_core.hooks import hook_sites
 from ssn_core.neurons import NeuronSet, format_neuron
-from ssn_core.scoring import EncodedBatch, _aggregate, _forward, _pad_id, encode_prompt, make_batch
-from ssn_core.sites import NeuronSite, SiteMap
+from ssn_core.scoring import Aggregate, EncodedBatch, _aggregate, _forward, _pad_id, encode_prompt, make_batch
+from ssn_core.sites import NeuronSite, SiteKind, SiteMap
 
 if TYPE_CHECKING:
     from ssn_core.loading import LoadedModel
@@ -114,7 +114,7 @@ class TopExamples:
     """
 
     k: int
-    aggregate: str
+    aggregate: Aggregate
     prompts: list
     groups: list[Group]
     tracked: dict[SiteKey, torch.Tensor]
@@ -230,7 +230,7 @@ class _Collector:
         for group in dict.fromkeys(row_group):
             self.counts[group] += sum(g == group for g in row_group)
 
-    def result(self, prompts: list, aggregate: str) -> TopExamples:
+    def result(self, prompts: list, aggregate: Aggregate) -> TopExamples:
         def done(store):
             return {g: {key: (t.values.cpu(), t.index.cpu()) for key, t in per.items()} for g, per in store.items()
                     if per}
@@ -254,8 +254,8 @@ def _tracked_sites(sites: SiteMap, neurons: NeuronSet | None, kinds: Sequence[st
     return {site.key: None for site in sites if site.kind in kinds}
 
 
-def plan_batches(lm: LoadedModel, items: list, groups: list[Group], aggregate: str = "content", template: str = "chat",
-                 batch_size: int = 8) -> list[tuple[list[int], EncodedBatch]]:
+def plan_batches(lm: LoadedModel, items: list, groups: list[Group], aggregate: Aggregate = "content",
+                 template: str = "chat", batch_size: int = 8) -> list[tuple[list[int], EncodedBatch]]:
     """[(prompt indices, EncodedBatch)]: the batches a collection runs, by group and then by length (a batch mostly
     holds one group, so one merge per site, and little padding)."""
     if aggregate not in AGGREGATES:
@@ -273,7 +273,7 @@ def plan_batches(lm: LoadedModel, items: list, groups: list[Group], aggregate: s
             for start in range(0, len(items), batch_size)]
 
 
-def _stream(lm: LoadedModel, items: list, collector: _Collector, aggregate: str, template: str, batch_size: int,
+def _stream(lm: LoadedModel, items: list, collector: _Collector, aggregate: Aggregate, template: str, batch_size: int,
             stop_early: bool, progress: Progress | None, cancel: threading.Event | None) -> None:
     sites: SiteMap = lm.sites
     batches = plan_batches(lm, items, collector.groups, aggregate, template, batch_size)
@@ -325,8 +325,8 @@ def _check_k(k: int) -> int:
 
 
 def collect_top_examples(lm: LoadedModel, prompts, k: int = 5, neurons: NeuronSet | None = None,
-                         kinds: Sequence[str] | None = None, aggregate: str = "content", template: str = "chat",
-                         batch_size: int = 8, progress: Progress | None = None,
+                         kinds: Sequence[SiteKind] | None = None, aggregate: Aggregate = "content",
+                         template: str = "chat", batch_size: int = 8, progress: Progress | None = None,
                          cancel: threading.Event | None = None) -> TopExamples:
     """Top-k / bottom-k prompts per (language, label) of every neuron (of ``kinds``), or of ``neurons`` only."""
     items = _items(prompts)
@@ -343,7 +343,7 @@ def collect_top_examples(lm: LoadedModel, prompts, k: int = 5, neurons: NeuronSe
 # ---------------------------------------------------------------------------------------------------
 # Tokens as text
 # ---------------------------------------------------------------------------------------------------
-def token_pieces(lm: LoadedModel, text: str, template: str = "chat", aggregate: str = "content") -> list[str]:
+def token_pieces(lm: LoadedModel, text: str, template: str = "chat", aggregate: Aggregate = "content") -> list[str]:
     """The text of each token that counts (the positions the per-token activations refer to), in order.
 
     Tokens are cut from the formatted prompt by their character offsets, so the pieces join to the text; a

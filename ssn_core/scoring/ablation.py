@@ -18,7 +18,7 @@ from ssn_core.interventions import Intervention, intervene
 from ssn_core.neurons import NeuronSet
 from ssn_core.scoring.batch import EncodedBatch, _aggregate
 from ssn_core.scoring.forward import _forward
-from ssn_core.sites import SITE_KINDS, SiteMap
+from ssn_core.sites import SITE_KINDS, SiteKind, SiteMap
 
 if TYPE_CHECKING:
     from ssn_core.loading import LoadedModel
@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 Triple = tuple[int, str, int]
 
 
-def sample_neurons(sites: SiteMap, kinds: Sequence[str], count: int, seed: int = 0, per: str = "site") -> list[Triple]:
+def sample_neurons(sites: SiteMap, kinds: Sequence[SiteKind], count: int, seed: int = 0, per: str = "site"
+                   ) -> list[Triple]:
     """Random neurons, reproducibly: ``count`` from every (layer, kind) site (``per="site"``), or ``count``
     per kind spread uniformly over all layers (``per="kind"``, what `compare-methods` uses)."""
     if count < 1:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, overload
+from typing import TYPE_CHECKING, Literal, get_args, overload
 
 import torch
 
@@ -20,7 +20,8 @@ from ssn_core.errors import SSNError
 if TYPE_CHECKING:
     from ssn_core.loading import LoadedModel
 
-AGGREGATES: tuple[str, ...] = ("content", "last", "all", "reply")
+Aggregate = Literal["content", "last", "all", "reply"]
+AGGREGATES: tuple[Aggregate, ...] = get_args(Aggregate)
 TEMPLATES: tuple[str, ...] = ("chat", "raw")
 
 
@@ -32,7 +33,8 @@ class EncodedBatch:
     weights: torch.Tensor  # [B, T] float32, rows sum to 1: how each token counts in the prompt's score
 
 
-def _token_weights(n_tokens: int, content: list[int], aggregate: str, reply_start: int | None = None) -> list[float]:
+def _token_weights(n_tokens: int, content: list[int], aggregate: Aggregate, reply_start: int | None = None
+                   ) -> list[float]:
     """How each token counts in a prompt's score (rows sum to 1).
 
     With a teacher-forced reply appended (``reply_start`` = index of its first token), ``last`` is still the last
@@ -103,7 +105,7 @@ def encode_prompt(lm: LoadedModel, text: str, template: str = "chat", reply: str
     return ids + reply_ids, content, len(ids)
 
 
-def make_batch(encoded: Sequence[tuple], aggregate: str, pad_id: int,
+def make_batch(encoded: Sequence[tuple], aggregate: Aggregate, pad_id: int,
                device: torch.device | str = "cpu") -> EncodedBatch:
     """Left-pad encoded prompts ((ids, content) or (ids, content, reply_start)) into one batch with per-token
     aggregation weights."""

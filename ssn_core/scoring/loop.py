@@ -19,10 +19,10 @@ from torch import nn
 from ssn_core import distributed
 from ssn_core.errors import Cancelled, SSNError
 from ssn_core.scoring.ablation import Triple, ablation_batch, sample_neurons
-from ssn_core.scoring.batch import AGGREGATES, _pad_id, encode_prompt, make_batch
+from ssn_core.scoring.batch import AGGREGATES, Aggregate, _pad_id, encode_prompt, make_batch
 from ssn_core.scoring.forward import _check_kinds, score_batch
-from ssn_core.scoring.table import METHODS, Group, ScoreTable
-from ssn_core.sites import SITE_KINDS, SiteMap
+from ssn_core.scoring.table import METHODS, Group, ScoreTable, ScoringMethod
+from ssn_core.sites import SITE_KINDS, SiteKind, SiteMap
 
 if TYPE_CHECKING:
     from ssn_core.loading import LoadedModel
@@ -79,9 +79,9 @@ def _model_device(model: nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-def score(lm: LoadedModel, prompts, method: str = "impact", aggregate: str = "content",
-          kinds: Sequence[str] = SITE_KINDS,
-          batch_size: int = 8, template: str = "chat", sample: Sequence[Triple] | int | None = None, seed: int = 0,
+def score(lm: LoadedModel, prompts, method: ScoringMethod = "impact", aggregate: Aggregate = "content",
+          kinds: Sequence[SiteKind] = SITE_KINDS, batch_size: int = 8, template: str = "chat",
+          sample: Sequence[Triple] | int | None = None, seed: int = 0,
           projections: int = 8, directions: torch.Tensor | None = None,
           progress: Progress | None = None, cancel: threading.Event | None = None) -> ScoreTable:
     """Mean importance per neuron for every (language, label) group of ``prompts``.
