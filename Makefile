@@ -1,7 +1,7 @@
 # SSN Lab. Two commands:
 #   make run    set up .venv with SSN Lab installed in it (first time), prepare the starter model (first time), start
 #               the app on 127.0.0.1:8501
-#   make test   same set-up, then lint (ruff), then run the test suite
+#   make test   same set-up, then lint (ruff, then mypy over ssn_core), then run the test suite
 # GPU users: choose the torch build, e.g.  make run TORCH_SPEC="torch==2.13.0 --index-url <pytorch CUDA wheel index>"
 
 PYTHON ?= python3
@@ -21,7 +21,7 @@ run: starter
 	$(PY) -m streamlit run app.py --server.address 127.0.0.1 --server.headless true --browser.gatherUsageStats false
 
 # Tests never reach the Hugging Face hub. Lint runs first (make processes prerequisites in order), so CI fails fast
-# on a ruff finding before the starter model is prepared.
+# on a ruff or mypy finding before the starter model is prepared.
 test: export HF_HUB_OFFLINE := 1
 test: lint starter browser
 	$(PY) -m pytest -q
@@ -67,6 +67,8 @@ browser:
 	fi
 
 # ruff (pinned in requirements.txt) with the rules chosen in pyproject.toml [tool.ruff.lint]: pycodestyle, pyflakes,
-# isort, pyupgrade, bugbear, simplify; line length 120.
+# isort, pyupgrade, bugbear, simplify; line length 120. Then mypy over the engine package (pyproject.toml [tool.mypy]:
+# files = ssn_core; pinned too).
 lint: install
 	$(PY) -m ruff check .
+	$(PY) -m mypy

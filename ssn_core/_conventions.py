@@ -11,27 +11,33 @@ Importing this module is cheap (no torch), like ``import ssn_core``.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ssn_core.errors import Cancelled
 
 if TYPE_CHECKING:
-    import threading
-
     import torch
     from torch import nn
+
+    from ssn_core.loading import LoadedModel
 
 # progress(done, total, message): ``done`` of ``total`` units (batches, prompts, replies) and what is being done.
 Progress = Callable[[int, int, str], None]
 
 
-def check_cancel(cancel: threading.Event | None, message: str) -> None:
+class CancelEvent(Protocol):
+    """What a long job asks of its cancel event: a `threading.Event`, or anything with ``is_set()``."""
+
+    def is_set(self) -> bool: ...
+
+
+def check_cancel(cancel: CancelEvent | None, message: str) -> None:
     """Raise `Cancelled(message)` when ``cancel`` (an event, or anything with ``is_set()``) is set; None never is."""
     if cancel is not None and cancel.is_set():
         raise Cancelled(message)
 
 
-def pad_id(lm) -> int:
+def pad_id(lm: LoadedModel) -> int:
     """The token id that pads a batch of ``lm`` (a LoadedModel): the tokenizer's pad token, else the first token
     that ends a reply (``lm.stop_token_ids``: the generation config's eos, then the tokenizer's), else 0.
 
@@ -47,8 +53,9 @@ def pad_id(lm) -> int:
 def input_device(model: nn.Module) -> torch.device:
     """Where the inputs of ``model`` go: its input embedding's device (the first layer's under a multi-device map),
     else its first parameter's, else the CPU (a model without parameters)."""
+    hf_model: Any = model  # a transformers model (maybe PEFT-wrapped): torch's Module type does not know its methods
     try:
-        return model.get_input_embeddings().weight.device
+        return hf_model.get_input_embeddings().weight.device
     except (AttributeError, NotImplementedError):
         pass
     try:

@@ -84,7 +84,7 @@ def applied(lm: LoadedModel, rows: Sequence[ABRow]) -> Iterator[None]:
     """Every row's edit on its own batch row (row i of the batch = ``rows[i]``), for one batched generation."""
     n_rows = len(rows)
     interventions = [on_row(row.edit, i, n_rows) for i, row in enumerate(rows)
-                     if not edits_nothing(row.edit) and not isinstance(row.edit, NeuronDelta)]
+                     if row.edit is not None and not edits_nothing(row.edit) and not isinstance(row.edit, NeuronDelta)]
     deltas = [(row.edit, [j == i for j in range(n_rows)]) for i, row in enumerate(rows)
               if isinstance(row.edit, NeuronDelta)]
     with ExitStack() as stack:

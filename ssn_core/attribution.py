@@ -30,18 +30,25 @@ the model's own answer; otherwise both sides are the language's openings.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ssn_core.errors import SSNError
 from ssn_core.hooks import hook_modules, hook_sites
-from ssn_core.sites import NeuronSite, SiteMap
+from ssn_core.sites import NeuronSite, SiteKind, SiteMap
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from ssn_core.loading import LoadedModel
 
 Results = dict[tuple[int, str], torch.Tensor]
 
 
-def _input_embeddings(model: nn.Module) -> nn.Module:
+def _input_embeddings(model: PreTrainedModel) -> nn.Module:
     try:
         return model.get_input_embeddings()
     except (AttributeError, NotImplementedError):
@@ -67,7 +74,7 @@ class _CarrierTape:
         return [t for per_site in self.tensors.values() for t in per_site]
 
 
-def _graph_inputs(model: nn.Module):
+def _graph_inputs(model: PreTrainedModel) -> AbstractContextManager[int]:
     """A hook on the input embeddings that makes the forward pass differentiable even when the weights are frozen."""
     def make_leaf(out, x):
         return out.detach().requires_grad_(True)
@@ -94,8 +101,8 @@ def _contributions(tape: _CarrierTape, grads: Sequence[torch.Tensor], reduce) ->
     return results
 
 
-def attribution_batch(lm, items: Sequence, kinds: Sequence[str], *, openings=None, max_tokens: int | None = None,
-                      system: str | None = None) -> Results:
+def attribution_batch(lm: LoadedModel, items: Sequence, kinds: Sequence[SiteKind], *, openings=None,
+                      max_tokens: int | None = None, system: str | None = None) -> Results:
     """Refusal attribution per prompt and neuron: {(layer, kind): [B, N]} (signed; see the module docstring)."""
     from ssn_core.refusal import DEFAULT_MAX_TOKENS, load_openings, margins_from_logprobs, opening_logprobs
 
@@ -131,7 +138,8 @@ def attribution_batch(lm, items: Sequence, kinds: Sequence[str], *, openings=Non
     return _contributions(tape, grads, reduce)
 
 
-def global_batch(lm, batch, kinds: Sequence[str], *, projections: int = 8, seed: int = 0) -> Results:
+def global_batch(lm: LoadedModel, batch, kinds: Sequence[SiteKind], *, projections: int = 8, seed: int = 0
+                 ) -> Results:
     """Estimated ΔLLM per prompt and neuron, {(layer, kind): [B, N]}, from ``projections`` backward passes."""
     from ssn_core.scoring import _forward
 

@@ -28,11 +28,15 @@ import os
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ssn_core.errors import NeuronFileError, SSNError
 from ssn_core.identify import MANIFEST_FORMAT, IdentifyResult
 from ssn_core.io import read_manifest, writing_result_dir
 from ssn_core.scoring import ScoreTable
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 BUNDLE_ROOT = Path(__file__).resolve().parent.parent / "assets" / "starter_neurons"
 ROOT_ENV = "SSN_STARTER_NEURONS"  # another folder of bundles (tests, or a lab's own)
@@ -69,7 +73,9 @@ def _hr_harmful_activations(result: IdentifyResult) -> ScoreTable | None:
     """Only the signed mean activations of the HR language's harmful prompts (the additive reinforcement's input)."""
     table = result.activations
     hr = (result.hr or ("en",))[0]
-    signed = (table.signed or {}).get((hr, "harmful")) if table is not None else None
+    if table is None:
+        return None
+    signed = (table.signed or {}).get((hr, "harmful"))
     if signed is None:
         return None
     counts = {(hr, "harmful"): table.counts.get((hr, "harmful"), 0)}
@@ -159,11 +165,11 @@ def bundle_size(folder: str | os.PathLike) -> int:
 # Finding and loading the bundle of a loaded model
 
 
-def _model_identity(lm) -> tuple[str | None, str]:
+def _model_identity(lm: LoadedModel) -> tuple[str | None, str]:
     return getattr(getattr(lm, "summary", None), "source", None), lm.sites.fingerprint()
 
 
-def bundle_problem(folder: str | os.PathLike, lm) -> str | None:
+def bundle_problem(folder: str | os.PathLike, lm: LoadedModel) -> str | None:
     """Why the bundle in ``folder`` is not for ``lm`` (None when its model source and fingerprint match)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -180,7 +186,7 @@ def bundle_problem(folder: str | os.PathLike, lm) -> str | None:
     return None
 
 
-def find_bundle(lm, root: str | os.PathLike | None = None) -> Path | None:
+def find_bundle(lm: LoadedModel, root: str | os.PathLike | None = None) -> Path | None:
     """The bundle folder under ``root`` (default `bundle_root`) made on ``lm``: same source and fingerprint; None when
     there is none (no asset folder, or no bundle for this model)."""
     root = Path(root) if root is not None else bundle_root()
@@ -193,7 +199,7 @@ def find_bundle(lm, root: str | os.PathLike | None = None) -> Path | None:
     return next((folder for folder in folders if bundle_problem(folder, lm) is None), None)
 
 
-def load_bundle(folder: str | os.PathLike, lm) -> IdentifyResult:
+def load_bundle(folder: str | os.PathLike, lm: LoadedModel) -> IdentifyResult:
     """The bundle in ``folder`` as an `IdentifyResult` (``scores`` None), checked against the loaded model."""
     problem = bundle_problem(folder, lm)
     if problem is not None:

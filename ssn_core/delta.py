@@ -29,6 +29,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -46,10 +47,12 @@ DELTA_VERSION = 1
 
 def module_dims(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear-like module: nn.Linear, bitsandbytes Linear4bit/8bitLt, Conv1D."""
+    # torch types a module's attributes as Tensor | Module; these are a weight tensor and two ints.
     if type(module).__name__ == "Conv1D":  # GPT-2: weight [in, out]
-        return int(module.weight.shape[0]), int(module.weight.shape[1])
+        weight = cast(torch.Tensor, module.weight)
+        return int(weight.shape[0]), int(weight.shape[1])
     if hasattr(module, "in_features") and hasattr(module, "out_features"):
-        return int(module.in_features), int(module.out_features)
+        return int(cast(int, module.in_features)), int(cast(int, module.out_features))
     raise TrainingError(f"cannot train slices of a {type(module).__name__} module (not a linear layer)")
 
 
@@ -292,7 +295,7 @@ def merge_delta(model: nn.Module, delta: NeuronDelta) -> None:
     """
     for piece in delta.slices.values():
         module = model.get_submodule(piece.module_name)
-        weight = module.weight
+        weight = cast(torch.Tensor, module.weight)
         if not _is_full_precision(weight):
             raise TrainingError(
                 f"cannot merge into {piece.module_name}: its weight is {type(weight).__name__} ({weight.dtype}); "

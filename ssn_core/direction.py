@@ -22,8 +22,10 @@ import json
 import math
 import threading
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -32,7 +34,10 @@ from ssn_core._conventions import Progress, check_cancel
 from ssn_core.errors import NeuronFileError, PromptSetError, SSNError
 from ssn_core.hooks import hook_modules
 from ssn_core.io import atomic_save_safetensors, read_safetensors
-from ssn_core.sites import SiteMap, decoder_layers
+from ssn_core.sites import SiteKind, SiteMap, decoder_layers
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 FORMAT = "ssn-lab/refusal-direction"
 
@@ -146,7 +151,7 @@ class DirectionAblation:
         return fns
 
 
-def ablate_direction(lm, direction: torch.Tensor, rows=None):
+def ablate_direction(lm: LoadedModel, direction: torch.Tensor, rows=None) -> AbstractContextManager[int]:
     """Context manager: the direction projected out of the residual stream inside the block."""
     return hook_modules(DirectionAblation(direction, rows).module_fns(lm))
 
@@ -156,7 +161,7 @@ def ablate_direction(lm, direction: torch.Tensor, rows=None):
 
 
 @torch.no_grad()
-def last_token_residuals(lm, texts: Sequence[str], *, batch_size: int = 8, system: str | None = None,
+def last_token_residuals(lm: LoadedModel, texts: Sequence[str], *, batch_size: int = 8, system: str | None = None,
                          cancel: threading.Event | None = None) -> torch.Tensor:
     """Sum over ``texts`` of each layer's output at the last prompt token: [L, hidden] float64."""
     from ssn_core import distributed
@@ -164,7 +169,8 @@ def last_token_residuals(lm, texts: Sequence[str], *, batch_size: int = 8, syste
     layers = decoder_layers(lm.model)
     if not texts:
         raise PromptSetError("no prompts to compute residual means on")
-    total = torch.zeros(len(layers), lm.model.get_input_embeddings().weight.shape[-1], dtype=torch.float64)
+    embedding = cast(torch.Tensor, lm.model.get_input_embeddings().weight)  # torch types it as Tensor | Module
+    total = torch.zeros(len(layers), embedding.shape[-1], dtype=torch.float64)
 
     def run_batch(b: int) -> None:  # under a launch each process sums its share of the batches
         check_cancel(cancel, "finding the refusal direction was cancelled")
@@ -187,7 +193,7 @@ def last_token_residuals(lm, texts: Sequence[str], *, batch_size: int = 8, syste
     return total
 
 
-def find_refusal_direction(lm, prompts, languages: Sequence[str] | None = None, *, candidate_layers=None,
+def find_refusal_direction(lm: LoadedModel, prompts, languages: Sequence[str] | None = None, *, candidate_layers=None,
                            select_n: int = 8, batch_size: int = 8, system: str | None = None,
                            progress: Progress | None = None, cancel: threading.Event | None = None
                            ) -> RefusalDirection:
@@ -240,7 +246,7 @@ def find_refusal_direction(lm, prompts, languages: Sequence[str] | None = None, 
     return RefusalDirection(directions=directions, norms=norms, layer=int(best), selection=selection, meta=meta)
 
 
-def difference_of_means(lm, prompts, *, batch_size: int = 8, system: str | None = None,
+def difference_of_means(lm: LoadedModel, prompts, *, batch_size: int = 8, system: str | None = None,
                         cancel: threading.Event | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(unit directions [L, hidden], norms [L]): harmful minus harmless mean at the last prompt token, per layer."""
     items = list(getattr(prompts, "prompts", prompts))
@@ -260,7 +266,8 @@ def difference_of_means(lm, prompts, *, batch_size: int = 8, system: str | None 
 
 
 @torch.no_grad()
-def direction_batch(lm, batch, kinds: Sequence[str], directions: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
+def direction_batch(lm: LoadedModel, batch, kinds: Sequence[SiteKind], directions: torch.Tensor
+                    ) -> dict[tuple[int, str], torch.Tensor]:
     """Each neuron's write along its layer's refusal direction, per prompt: {(layer, kind): [B, N]} (signed).
 
     mlp neuron k of layer l writes a_tk · W_down[:, k] into the residual stream, so its write along r̂_l is

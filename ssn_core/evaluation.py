@@ -26,6 +26,7 @@ from ssn_core.interventions import Intervention, intervene
 from ssn_core.io import atomic_write_json, atomic_write_text, csv_text, writing_result_dir
 
 if TYPE_CHECKING:  # ssn_core.metrics imports pandas: only when a result is made
+    from ssn_core.loading import LoadedModel
     from ssn_core.metrics.rates import RateTable
 
 ROW_COLUMNS: tuple[str, ...] = ("id", "language", "label", "category", "condition", "prompt", "reply", "verdict",
@@ -124,7 +125,7 @@ def select_prompts(prompts, languages: Sequence[str], label: str | None = None,
     return [p for lang in languages for p in by_language[lang]]
 
 
-def evaluate(lm, prompts, languages: Sequence[str], settings=None, judge=None,
+def evaluate(lm: LoadedModel, prompts, languages: Sequence[str], settings=None, judge=None,
              interventions: Sequence[Intervention] = (), batch_size: int = 8, limit_per_language: int | None = None,
              label: str | None = None, condition: str | None = None, progress: Progress | None = None,
              cancel: threading.Event | None = None, n_boot: int = 1000) -> EvalResult:
@@ -203,7 +204,7 @@ def evaluate(lm, prompts, languages: Sequence[str], settings=None, judge=None,
     return EvalResult(rows=rows, metrics=metrics, manifest=manifest)
 
 
-def evaluate_utility(lm, languages: Sequence[str], *, mgsm_n: int = 0, mgsm_path: str | Path | None = None,
+def evaluate_utility(lm: LoadedModel, languages: Sequence[str], *, mgsm_n: int = 0, mgsm_path: str | Path | None = None,
                      mgsm_settings=None, perplexity_texts: Mapping[str, Sequence[str]] | None = None,
                      interventions: Sequence[Intervention] = (), batch_size: int = 8,
                      progress: Progress | None = None, cancel: threading.Event | None = None) -> dict:

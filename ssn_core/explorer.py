@@ -33,6 +33,8 @@ from ssn_core.neurons import NeuronSet, check_neuron, format_neuron, parse_neuro
 from ssn_core.sites import SiteMap
 
 if TYPE_CHECKING:  # vocab is imported when a projection is made
+    from ssn_core.loading import LoadedModel
+    from ssn_core.scoring import Aggregate
     from ssn_core.vocab import VocabProjection
 from ssn_core.top_examples import (
     AGGREGATES,
@@ -186,7 +188,7 @@ def _group_rows(records: torch.Tensor, items: list, groups: list[Group]) -> tupl
     return summary, distribution
 
 
-def _examples(collector: _Collector, signal, items: list, lm, template: str, aggregate: str,
+def _examples(collector: _Collector, signal, items: list, lm: LoadedModel, template: str, aggregate: Aggregate,
               pieces: dict[int, list[str]]) -> dict[str, dict[str, list[Example]]]:
     out: dict[str, dict[str, list[Example]]] = {}
     for group in collector.groups:
@@ -255,10 +257,11 @@ def _by_kind(neuron_set: NeuronSet) -> dict[str, list[tuple[int, torch.Tensor]]]
     return out
 
 
-def explain(lm, prompts, neurons: Sequence[Triple] = (), neuron_set: NeuronSet | None = None, *, result=None,
-            tables: Sequence = (), languages: Sequence[str] | None = None, k: int = 5, top_tokens: int = 20,
-            aggregate: str = "content", template: str = "chat", batch_size: int = 8, set_name: str = "set",
-            progress: Progress | None = None, cancel: threading.Event | None = None) -> Explanation:
+def explain(lm: LoadedModel, prompts, neurons: Sequence[Triple] = (), neuron_set: NeuronSet | None = None, *,
+            result=None, tables: Sequence = (), languages: Sequence[str] | None = None, k: int = 5,
+            top_tokens: int = 20, aggregate: Aggregate = "content", template: str = "chat", batch_size: int = 8,
+            set_name: str = "set", progress: Progress | None = None,
+            cancel: threading.Event | None = None) -> Explanation:
     """Everything the explorer shows for ``neurons`` (and a summary of ``neuron_set``), from one streaming pass.
 
     ``result``: an `IdentifyResult` (MS / SS membership, and its score table); ``tables``: more `ScoreTable`s
@@ -268,7 +271,7 @@ def explain(lm, prompts, neurons: Sequence[Triple] = (), neuron_set: NeuronSet |
     from ssn_core.vocab import vocabulary_projection
 
     sites: SiteMap = lm.sites
-    neurons = list(dict.fromkeys(check_neuron(sites, tuple(n)) for n in neurons))
+    neurons = list(dict.fromkeys(check_neuron(sites, (layer, kind, index)) for layer, kind, index in neurons))
     if not neurons and neuron_set is None:
         raise SSNError("nothing to explain: give a neuron (such as L2.mlp.3814) or a neuron set")
     if neuron_set is not None:
@@ -302,8 +305,8 @@ def explain(lm, prompts, neurons: Sequence[Triple] = (), neuron_set: NeuronSet |
     if neuron_set is not None:
         set_report = _set_report(collector, examples, neuron_set, set_name, result, tables, items,
                                  _examples(collector, "set", items, lm, template, aggregate, pieces))
-    summary = getattr(lm, "summary", None)
-    meta = {"model_name": getattr(summary, "name", None), "model_source": getattr(summary, "source", None),
+    model_summary = getattr(lm, "summary", None)
+    meta = {"model_name": getattr(model_summary, "name", None), "model_source": getattr(model_summary, "source", None),
             "model_fingerprint": sites.fingerprint(), **sites.shape_signature(),
             "prompt_source": getattr(prompts, "source", None), "prompts": len(items),
             "prompt_counts": {group_key(g): n for g, n in collector.counts.items()}, "k": k, "aggregate": aggregate,

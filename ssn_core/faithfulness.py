@@ -20,6 +20,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +31,9 @@ from ssn_core.interventions import Intervention, intervene
 from ssn_core.io import atomic_write_json, atomic_write_text, csv_text, writing_result_dir
 from ssn_core.scoring import ScoreTable
 from ssn_core.validation import random_matched
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 RESULT_KIND = "ssn-lab/faithfulness"
 DEFAULT_FRACTIONS: tuple[float, ...] = (0.0003, 0.001, 0.003, 0.01, 0.03)
@@ -120,8 +124,9 @@ def _minus(a, b):
     return None if a is None or b is None else a - b
 
 
-def faithfulness(lm, tables: dict[str, ScoreTable], prompts, languages: Sequence[str], *, hr: Sequence[str] = ("en",),
-                 fractions: Sequence[float] = DEFAULT_FRACTIONS, ranking: str | dict[str, str] = "per-site",
+def faithfulness(lm: LoadedModel, tables: dict[str, ScoreTable], prompts, languages: Sequence[str], *,
+                 hr: Sequence[str] = ("en",), fractions: Sequence[float] = DEFAULT_FRACTIONS,
+                 ranking: str | dict[str, str] = "per-site",
                  seeds: Sequence[int] = (0,), generate_at: Sequence[float] = (), settings=None, judge=None,
                  direction: torch.Tensor | None = None, sets: Sequence[str] = ("ms", "ss"),
                  limit_per_language: int | None = None, batch_size: int = 8, progress: Progress | None = None,
@@ -183,13 +188,13 @@ def faithfulness(lm, tables: dict[str, ScoreTable], prompts, languages: Sequence
             conditions = [Condition("baseline")]
             if direction is not None:
                 conditions.append(Condition("direction", "refusal", direction=direction))
-            rates, replies = refusal_rates(lang, conditions)
-            baseline_refusal[lang] = rates[0]
+            base_rates, replies = refusal_rates(lang, conditions)
+            baseline_refusal[lang] = base_rates[0]
             _keep_replies(reply_rows, lang, "baseline", None, conditions, by_language[lang], replies)
             if direction is not None:
                 control_margin = margin(lang, _direction_intervention(direction))
                 rows.append(_row("control", lang, "direction", None, None, 0, "direction", None, baseline_margin[lang],
-                                 control_margin, rates[1], baseline_refusal[lang]))
+                                 control_margin, base_rates[1], baseline_refusal[lang]))
     elif direction is not None:
         for lang in languages:
             rows.append(_row("control", lang, "direction", None, None, 0, "direction", None, baseline_margin[lang],
@@ -219,7 +224,7 @@ def faithfulness(lm, tables: dict[str, ScoreTable], prompts, languages: Sequence
                     controls = [random_matched(neurons, sites, seed=int(seed)) for seed in seeds]
                     target_margin = margin(lang, Intervention(neurons, scale=0.0))
                     random_margins = [margin(lang, Intervention(c, scale=0.0)) for c in controls]
-                    rates: list[float | None] = [None] * (1 + len(controls))
+                    rates: Sequence[float | None] = [None] * (1 + len(controls))
                     if any(math.isclose(p, g) for g in generate_at):
                         conditions = [Condition("suppress", which, neurons, scale=0.0)] + [
                             Condition("random", which, c, scale=0.0, seed=int(s))

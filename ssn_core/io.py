@@ -231,7 +231,7 @@ def check_out_dir(path: str | os.PathLike, kind: str) -> Path:
         if entries:
             manifest = read_manifest(out)
             found = result_kind(manifest)
-            if found != kind:
+            if manifest is None or found != kind:
                 why = (f"it is an SSN Lab {describe_kind(found)}" if found else
                        "it has no SSN Lab manifest.json" if manifest is None else "its manifest.json names no kind")
                 raise SSNError(f"{out} is not empty and is not an earlier {what} ({why}); SSN Lab only replaces its "
@@ -281,15 +281,15 @@ def deferred_interrupts() -> Iterator[None]:
         yield
         return
     received: list[tuple[int, Any]] = []
-    previous = {}
+    previous: dict[int, Callable[..., Any] | int | None] = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(ValueError, OSError):  # not settable here
             previous[sig] = signal.signal(sig, lambda signum, frame: received.append((signum, frame)))
     try:
         yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        for number, handler in previous.items():
+            signal.signal(number, handler)
         for signum, frame in received[:1]:
             handler = previous.get(signum)
             if callable(handler):

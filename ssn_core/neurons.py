@@ -288,7 +288,7 @@ class NeuronSet:
     @classmethod
     def _load_safetensors(cls, path: Path) -> NeuronSet:
         header, tensors = read_safetensors(path, "ssn-lab/neuron-set", "neuron set")
-        grouped = {}
+        grouped: dict[tuple[int, str], torch.Tensor] = {}
         for name, tensor in tensors.items():
             layer, _, kind = name.partition(".")
             if not layer.isdigit() or tensor.dtype not in (torch.int64, torch.int32) or kind not in SITE_KINDS:

@@ -18,10 +18,14 @@ import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ssn_core._conventions import Progress, check_cancel
 from ssn_core.errors import PromptSetError
 from ssn_core.io import read_json
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 FORMAT = "ssn-lab/pairs"
 
@@ -44,7 +48,7 @@ def pick_template(options: Sequence[str], seed: int, *parts: str) -> str:
     return options[int.from_bytes(digest[:8], "little") % len(options)]
 
 
-def render_pair(lm, user_text: str, reply: str) -> tuple[str, str]:
+def render_pair(lm: LoadedModel, user_text: str, reply: str) -> tuple[str, str]:
     """(prompt, completion) text: the reply as the chat template renders an assistant turn (end-of-turn included)."""
     prompt = lm.format_chat(user_text)
     tokenizer = lm.tokenizer
@@ -60,7 +64,7 @@ def render_pair(lm, user_text: str, reply: str) -> tuple[str, str]:
     return prompt, " " + reply + (tokenizer.eos_token or "")
 
 
-def completion_text(lm, user_text: str, reply: str, prompt: str | None = None) -> str:
+def completion_text(lm: LoadedModel, user_text: str, reply: str, prompt: str | None = None) -> str:
     """The text that follows ``prompt`` when the model answers ``reply`` (raw prompts: a space, reply, eos)."""
     if prompt is None:
         return " " + reply + (lm.tokenizer.eos_token or "")
@@ -68,7 +72,7 @@ def completion_text(lm, user_text: str, reply: str, prompt: str | None = None) -
     return completion if rendered_prompt == prompt else " " + reply + (lm.tokenizer.eos_token or "")
 
 
-def own_replies(lm, texts: Sequence[str], *, max_new_tokens: int = 48, batch_size: int = 8,
+def own_replies(lm: LoadedModel, texts: Sequence[str], *, max_new_tokens: int = 48, batch_size: int = 8,
                 progress: Progress | None = None, cancel: threading.Event | None = None,
                 what: str = "replies") -> list[str]:
     """The base model's greedy reply to every text (call it with no intervention or delta active)."""
@@ -88,8 +92,9 @@ def own_replies(lm, texts: Sequence[str], *, max_new_tokens: int = 48, batch_siz
     return distributed.map_chunks(list(texts), batch_size, run_chunk, after=report, what=f"generating {what}")
 
 
-def build_pairs(lm, prompts, *, judge=None, own_refusals: bool = True, max_new_tokens: int = 48, seed: int = 0,
-                batch_size: int = 8, templates: dict[str, list[str]] | None = None, progress: Progress | None = None,
+def build_pairs(lm: LoadedModel, prompts, *, judge=None, own_refusals: bool = True, max_new_tokens: int = 48,
+                seed: int = 0, batch_size: int = 8, templates: dict[str, list[str]] | None = None,
+                progress: Progress | None = None,
                 cancel: threading.Event | None = None) -> list[PromptPair]:
     """Harmless -> the model's own answer; harmful -> its own refusal, or a template refusal where it does not refuse.
 
@@ -126,7 +131,8 @@ def build_pairs(lm, prompts, *, judge=None, own_refusals: bool = True, max_new_t
     return pairs
 
 
-def save_pairs(path: str | Path, pairs: Sequence[PromptPair], lm=None, meta: dict | None = None) -> Path:
+def save_pairs(path: str | Path, pairs: Sequence[PromptPair], lm: LoadedModel | None = None,
+               meta: dict | None = None) -> Path:
     """Write pairs as JSON (atomically), with the model whose own replies they hold."""
     from ssn_core.io import atomic_write_json
 

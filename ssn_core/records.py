@@ -25,12 +25,16 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ssn_core.errors import NeuronFileError, SSNError
 from ssn_core.io import read_json
 from ssn_core.neurons import NeuronSet, parse_meta, parse_neuron_entries
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 RECORD_FORMAT = "ssn-lab/ab-exchange"
 RECORD_VERSION = 1
@@ -61,7 +65,7 @@ def weights_digest(model: torch.nn.Module, samples: int = 2048) -> str:
     return value
 
 
-def model_identity(lm) -> dict:
+def model_identity(lm: LoadedModel) -> dict:
     summary = getattr(lm, "summary", None)
     return {"name": getattr(summary, "name", None), "source": getattr(summary, "source", None),
             "model_type": lm.sites.model_type, "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
@@ -105,8 +109,8 @@ def intervention_record(intervention=None, description: str = "", delta=None) ->
             "label": intervention.label, "neurons": intervention.neurons.to_json_dict()}
 
 
-def make_record(lm, prompt: str, reply_a: str, reply_b: str, settings, intervention: dict, verdicts: dict | None = None,
-                judge: dict | None = None, stopped: bool = False) -> dict:
+def make_record(lm: LoadedModel, prompt: str, reply_a: str, reply_b: str, settings, intervention: dict,
+                verdicts: dict | None = None, judge: dict | None = None, stopped: bool = False) -> dict:
     """The JSON record of one A/B turn (``intervention`` from `intervention_record`)."""
     return {"format": RECORD_FORMAT, "version": RECORD_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -248,7 +252,7 @@ class Replay:
         return self.same("a") and self.same("b")
 
 
-def replay(lm, record: dict) -> Replay:
+def replay(lm: LoadedModel, record: dict) -> Replay:
     """Regenerate both columns of a record on ``lm`` (one batch, the recorded row mask) and compare."""
     from ssn_core.generation import check_prompts, generate
     from ssn_core.interventions import intervene

@@ -23,12 +23,16 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from ssn_core._conventions import Progress, check_cancel
 from ssn_core.errors import PromptSetError, SSNError
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 OPENINGS_PATH = Path(__file__).resolve().parent.parent / "assets" / "refusals" / "openings.json"
 DEFAULT_MAX_TOKENS = 4
@@ -86,7 +90,7 @@ def _opening_ids(tokenizer, text: str, max_tokens: int) -> list[int]:
     return ids
 
 
-def opening_logprobs(lm, prompt_texts: Sequence[str], openings: Sequence[Sequence[str]], *,
+def opening_logprobs(lm: LoadedModel, prompt_texts: Sequence[str], openings: Sequence[Sequence[str]], *,
                      max_tokens: int = DEFAULT_MAX_TOKENS, system: str | None = None) -> list[torch.Tensor]:
     """log p(opening | prompt) for every opening of every prompt: one [n_i] tensor per prompt (summed over tokens).
 
@@ -143,7 +147,7 @@ def margins_from_logprobs(logprobs: Sequence[torch.Tensor], n_refusal: Sequence[
                                                                                      strict=True)])
 
 
-def refusal_margin(lm, texts: Sequence[str], languages: Sequence[str], *, openings: Openings | None = None,
+def refusal_margin(lm: LoadedModel, texts: Sequence[str], languages: Sequence[str], *, openings: Openings | None = None,
                    refusals: Sequence[Sequence[str]] | None = None, compliances: Sequence[Sequence[str]] | None = None,
                    max_tokens: int = DEFAULT_MAX_TOKENS, batch_size: int = 8, system: str | None = None,
                    progress: Progress | None = None, cancel: threading.Event | None = None) -> torch.Tensor:

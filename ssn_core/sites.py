@@ -24,14 +24,15 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
 from ssn_core.errors import UnsupportedArchitectureError
 
-SITE_KINDS: tuple[str, ...] = ("mlp", "attn_q", "attn_k", "attn_v", "attn_o")
+SiteKind = Literal["mlp", "attn_q", "attn_k", "attn_v", "attn_o"]
+SITE_KINDS: tuple[SiteKind, ...] = get_args(SiteKind)  # in this order everywhere (tables, files, the pages)
 
 # model_type -> family with the same module layout.
 _LLAMA_LIKE = ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "gemma3_text")
@@ -60,7 +61,7 @@ class OwnedSlice:
 @dataclass(eq=False)
 class NeuronSite:
     layer: int
-    kind: str
+    kind: SiteKind
     module_name: str  # full dotted name of the carrier module inside the model
     module: nn.Module = field(repr=False)
     where: Literal["in", "out"]  # carrier = module input or module output
@@ -128,7 +129,7 @@ class SiteMap:
         return len(self.sites)
 
     @property
-    def kinds(self) -> tuple[str, ...]:
+    def kinds(self) -> tuple[SiteKind, ...]:
         return tuple(k for k in SITE_KINDS if any(key[1] == k for key in self.sites))
 
     def sizes(self) -> dict[str, int]:
@@ -289,7 +290,7 @@ _BUILDERS = {
 
 def find_sites(model: nn.Module) -> SiteMap:
     """Map every neuron site of a supported causal LM."""
-    config = model.config
+    config: Any = model.config  # a transformers config (torch types it as Tensor | Module)
     model_type = getattr(config, "model_type", "unknown")
     family = SUPPORTED_FAMILIES.get(model_type)
     if family is None:

@@ -15,10 +15,14 @@ import math
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from ssn_core._conventions import input_device
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 # Extra forward passes per prompt for scoring a site kind with the impact method (bench/README.md,
 # scoring-vs-forward per kind on the starter: mlp / attn_v / attn_o ride on the forward, q ≈ 3.2×, k ≈ 4.1×).
@@ -45,7 +49,7 @@ class ModelSpeed:
                 f"{self.decode_tokens_per_s:,.1f} generated tokens/s at batch {self.batch}")
 
 
-def measure_speed(lm, batch: int = 2, prompt_tokens: int = 24, new_tokens: int = 4) -> ModelSpeed:
+def measure_speed(lm: LoadedModel, batch: int = 2, prompt_tokens: int = 24, new_tokens: int = 4) -> ModelSpeed:
     """Time one forward pass of ``batch`` × ``prompt_tokens`` and ``new_tokens`` greedy decoding steps.
 
     Uses the model's own forward with its KV cache; a warm-up step first (lazy initialisation would otherwise

@@ -20,6 +20,7 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -27,8 +28,11 @@ from ssn_core._conventions import Progress, check_cancel, input_device, pad_id
 from ssn_core.errors import SSNError
 from ssn_core.hooks import hook_sites
 from ssn_core.neurons import NeuronSet, format_neuron
-from ssn_core.scoring import _aggregate, _forward, encode_prompt, make_batch
-from ssn_core.sites import NeuronSite, SiteMap
+from ssn_core.scoring import Aggregate, EncodedBatch, _aggregate, _forward, encode_prompt, make_batch
+from ssn_core.sites import NeuronSite, SiteKind, SiteMap
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 Triple = tuple[int, str, int]
 Group = tuple[str, str]  # (language, label)
@@ -110,7 +114,7 @@ class TopExamples:
     """
 
     k: int
-    aggregate: str
+    aggregate: Aggregate
     prompts: list
     groups: list[Group]
     tracked: dict[SiteKey, torch.Tensor]
@@ -178,6 +182,7 @@ class _Collector:
 
         def fn(carrier: torch.Tensor) -> None:
             batch = self.batch
+            assert batch is not None, "the site hooks run inside _stream, which sets the batch"
             values = site.read(carrier)[:, batch.window]  # [B, W, N]
             if key in self.select:
                 values = values.index_select(-1, self.select[key].to(values.device))  # [B, W, M]
@@ -208,9 +213,10 @@ class _Collector:
     def after_batch(self, prompt_index: list[int], row_group: list[Group]) -> None:
         """Per-prompt statistics and token keepers of the explained neurons and of the set (CPU, small)."""
         batch = self.batch
+        assert batch is not None, "called by _stream after each batch"
         keep = ~batch.pad[..., 0].cpu()  # [B, W]
         weights = batch.weights.float().cpu()
-        signals = {neuron: tokens for neuron, tokens in batch.tokens.items()}
+        signals: dict[Triple | str, torch.Tensor] = {neuron: tokens for neuron, tokens in batch.tokens.items()}
         if batch.set_sum is not None:
             signals["set"] = batch.set_sum.float().cpu() / max(self.set_size, 1)
         for signal, tokens in signals.items():  # tokens [B, W]
@@ -224,7 +230,7 @@ class _Collector:
         for group in dict.fromkeys(row_group):
             self.counts[group] += sum(g == group for g in row_group)
 
-    def result(self, prompts: list, aggregate: str) -> TopExamples:
+    def result(self, prompts: list, aggregate: Aggregate) -> TopExamples:
         def done(store):
             return {g: {key: (t.values.cpu(), t.index.cpu()) for key, t in per.items()} for g, per in store.items()
                     if per}
@@ -248,8 +254,8 @@ def _tracked_sites(sites: SiteMap, neurons: NeuronSet | None, kinds: Sequence[st
     return {site.key: None for site in sites if site.kind in kinds}
 
 
-def plan_batches(lm, items: list, groups: list[Group], aggregate: str = "content", template: str = "chat",
-                 batch_size: int = 8) -> list[tuple[list[int], object]]:
+def plan_batches(lm: LoadedModel, items: list, groups: list[Group], aggregate: Aggregate = "content",
+                 template: str = "chat", batch_size: int = 8) -> list[tuple[list[int], EncodedBatch]]:
     """[(prompt indices, EncodedBatch)]: the batches a collection runs, by group and then by length (a batch mostly
     holds one group, so one merge per site, and little padding)."""
     if aggregate not in AGGREGATES:
@@ -267,7 +273,7 @@ def plan_batches(lm, items: list, groups: list[Group], aggregate: str = "content
             for start in range(0, len(items), batch_size)]
 
 
-def _stream(lm, items: list, collector: _Collector, aggregate: str, template: str, batch_size: int,
+def _stream(lm: LoadedModel, items: list, collector: _Collector, aggregate: Aggregate, template: str, batch_size: int,
             stop_early: bool, progress: Progress | None, cancel: threading.Event | None) -> None:
     sites: SiteMap = lm.sites
     batches = plan_batches(lm, items, collector.groups, aggregate, template, batch_size)
@@ -317,9 +323,9 @@ def _check_k(k: int) -> int:
     return k
 
 
-def collect_top_examples(lm, prompts, k: int = 5, neurons: NeuronSet | None = None,
-                         kinds: Sequence[str] | None = None, aggregate: str = "content", template: str = "chat",
-                         batch_size: int = 8, progress: Progress | None = None,
+def collect_top_examples(lm: LoadedModel, prompts, k: int = 5, neurons: NeuronSet | None = None,
+                         kinds: Sequence[SiteKind] | None = None, aggregate: Aggregate = "content",
+                         template: str = "chat", batch_size: int = 8, progress: Progress | None = None,
                          cancel: threading.Event | None = None) -> TopExamples:
     """Top-k / bottom-k prompts per (language, label) of every neuron (of ``kinds``), or of ``neurons`` only."""
     items = _items(prompts)
@@ -336,7 +342,7 @@ def collect_top_examples(lm, prompts, k: int = 5, neurons: NeuronSet | None = No
 # ---------------------------------------------------------------------------------------------------
 # Tokens as text
 # ---------------------------------------------------------------------------------------------------
-def token_pieces(lm, text: str, template: str = "chat", aggregate: str = "content") -> list[str]:
+def token_pieces(lm: LoadedModel, text: str, template: str = "chat", aggregate: Aggregate = "content") -> list[str]:
     """The text of each token that counts (the positions the per-token activations refer to), in order.
 
     Tokens are cut from the formatted prompt by their character offsets, so the pieces join to the text; a
@@ -351,7 +357,7 @@ def token_pieces(lm, text: str, template: str = "chat", aggregate: str = "conten
         if list(encoded["input_ids"]) != list(ids):
             raise ValueError("different tokenization")
     except (NotImplementedError, KeyError, TypeError, ValueError):
-        return [lm.tokenizer.decode([ids[i]]) for i in positions]
+        return [cast(str, lm.tokenizer.decode([ids[i]])) for i in positions]  # one sequence: one string
     pieces, cursor = [], 0
     for i in positions:
         start, end = offsets[i]

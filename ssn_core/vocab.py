@@ -19,12 +19,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ssn_core.errors import SSNError
 from ssn_core.sites import SiteMap
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+    from ssn_core.loading import LoadedModel
 
 Triple = tuple[int, str, int]
 
@@ -48,7 +54,7 @@ def _weight_out_in(module: nn.Module) -> torch.Tensor:
     return weight(module)
 
 
-def output_direction(lm, neuron: Triple) -> tuple[torch.Tensor | None, str]:
+def output_direction(lm: LoadedModel, neuron: Triple) -> tuple[torch.Tensor | None, str]:
     """(direction [hidden] float32, description), or (None, why there is none)."""
     layer, kind, index = neuron
     sites: SiteMap = lm.sites
@@ -81,7 +87,7 @@ def final_norm(model: nn.Module) -> nn.Module:
     raise SSNError("could not find the model's final norm, so the vocabulary projection is not available")
 
 
-def unembedding(model: nn.Module) -> torch.Tensor:
+def unembedding(model: PreTrainedModel) -> torch.Tensor:
     """W_U [V, hidden] (the output embedding; tied models share it with the input embedding)."""
     head = model.get_output_embeddings()
     weight = getattr(head, "weight", None)
@@ -91,7 +97,7 @@ def unembedding(model: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def project_direction(lm, direction: torch.Tensor) -> torch.Tensor:
+def project_direction(lm: LoadedModel, direction: torch.Tensor) -> torch.Tensor:
     """logits [V] float32 on the CPU: W_U (norm(d) - norm(0))."""
     norm = final_norm(lm.model)
     w_u = unembedding(lm.model)
@@ -133,7 +139,7 @@ def _rows(order: torch.Tensor, logits: torch.Tensor, texts: list[str], scripts: 
             for i in order.tolist()]
 
 
-def vocabulary_projection(lm, neuron: Triple, top: int = 20, languages: Sequence[str] = ()
+def vocabulary_projection(lm: LoadedModel, neuron: Triple, top: int = 20, languages: Sequence[str] = ()
                           ) -> tuple[VocabProjection | None, str]:
     """(projection, "") or (None, why not): the ``top`` promoted and suppressed tokens, overall and per script of
     ``languages`` (and of the scripts among the overall top tokens)."""
@@ -172,5 +178,6 @@ def vocabulary_projection(lm, neuron: Triple, top: int = 20, languages: Sequence
         by_script[script] = {"languages": script_languages, "tokens": int(members.numel()),
                              "promoted": _rows(members[values.topk(n).indices], logits, texts, scripts),
                              "suppressed": _rows(members[(-values).topk(n).indices], logits, texts, scripts)}
-    return VocabProjection(neuron=tuple(neuron), direction=how, promoted=promoted, suppressed=suppressed,
+    layer, kind, index = neuron
+    return VocabProjection(neuron=(layer, kind, index), direction=how, promoted=promoted, suppressed=suppressed,
                            by_script=by_script), ""

@@ -7,6 +7,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 
 def finite_float(text: str) -> float:
@@ -62,7 +66,7 @@ class TqdmProgress:
     """
 
     def __init__(self) -> None:
-        self.bar = None
+        self.bar: tqdm | None = None
         self.phase: str | None = None
         self.bars_opened = 0
 

@@ -328,12 +328,14 @@ def cmd_faithfulness(args: argparse.Namespace) -> int:
     lm = load_from_args(args)
     results = [IdentifyResult.load(d, sites=lm.sites) for d in args.neurons]
     tables, rankings = {}, {}
-    for directory, result in zip(args.neurons, results, strict=True):
-        recipe = (result.manifest.get("recipe") or {}).get("name")
-        name = recipe or f"{result.scores.method}:{result.scores.aggregate}"
+    for directory, found in zip(args.neurons, results, strict=True):
+        scores = found.scores
+        assert scores is not None, "checked on the first load above"
+        recipe = (found.manifest.get("recipe") or {}).get("name")
+        name = recipe or f"{scores.method}:{scores.aggregate}"
         name = name if name not in tables else f"{name} ({directory})"
-        tables[name] = result.scores
-        rankings[name] = result.manifest.get("ranking", "per-site")
+        tables[name] = scores
+        rankings[name] = found.manifest.get("ranking", "per-site")
     direction = next((r.direction.unit for r in results if r.direction is not None), None)
     judge = judge or _judge_from_args(args)
     progress = TqdmProgress()

@@ -46,7 +46,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from ssn_core.identify import IdentifyResult
     from ssn_core.neurons import NeuronSet
     from ssn_core.prompts import parse_languages
-    from ssn_core.scoring import ScoreTable, score
+    from ssn_core.scoring import SITE_KINDS, ScoreTable, score
 
     neurons = parse_neurons(",".join(args.neuron))
     if not neurons and not args.set:
@@ -87,7 +87,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     result, neuron_set, set_name, tables = read_files(lm.sites)
     have = {t.method for t in tables} | ({result.scores.method} if result is not None and result.scores is not None
                                          else set())
-    kinds = sorted({kind for _, kind, _ in neurons} | set(neuron_set.counts_per_kind() if neuron_set else ()))
+    wanted = {kind for _, kind, _ in neurons} | set(neuron_set.counts_per_kind() if neuron_set else ())
+    kinds = [kind for kind in SITE_KINDS if kind in wanted]  # both were checked against the model's sites
     progress = TqdmProgress()
     try:
         for method in methods:

@@ -5,6 +5,7 @@ MS-/SS-Neurons (`ssn_core.identify`), checking the fast scores against exact abl
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, cast
 
 from ssn_core.cli.common import (
     TqdmProgress,
@@ -15,6 +16,9 @@ from ssn_core.cli.common import (
     load_from_args,
 )
 from ssn_core.errors import SSNError
+
+if TYPE_CHECKING:  # ssn_core.sites imports torch: `ssn --help` stays fast
+    from ssn_core.sites import SiteKind
 
 _ALL_SITES = "mlp,attn_q,attn_k,attn_v,attn_o"
 RECIPE_NAMES = ("default", "paper", "plnd", "last", "direction")  # = ssn_core.identify.RECIPES (a test checks)
@@ -47,14 +51,14 @@ def _check_contrast(prompts, languages: list[str]) -> None:
                                "prompts of the same language")
 
 
-def _sites_arg(value: str) -> tuple[str, ...]:
+def _sites_arg(value: str) -> tuple[SiteKind, ...]:
     kinds = tuple(k.strip() for k in value.split(",") if k.strip())
     if not kinds:
         raise SSNError("--sites is empty; give some of " + _ALL_SITES)
     unknown = [k for k in kinds if k not in _ALL_SITES.split(",")]
     if unknown:
         raise SSNError(f"unknown site kind {unknown[0]!r} in --sites; expected some of {_ALL_SITES}")
-    return kinds
+    return cast("tuple[SiteKind, ...]", kinds)  # every one is a site kind (_ALL_SITES)
 
 
 def add_identify_parser(sub) -> None:

@@ -53,7 +53,7 @@ class _TrainProgress(TqdmProgress):
         return ("step" if phase == "training" else "item"), False
 
     def _postfix(self, message) -> None:
-        if isinstance(message, dict) and "loss" in message:
+        if isinstance(message, dict) and "loss" in message and self.bar is not None:
             self.bar.set_postfix(loss=f"{message['loss']:.4f}", refresh=False)
 
 

@@ -37,9 +37,10 @@ def _plain_cache(cache) -> bool:
     except ImportError:
         return False
     layers = getattr(cache, "layers", None)
-    return (isinstance(cache, DynamicCache) and bool(layers)
-            and all(type(layer) is DynamicLayer and isinstance(layer.keys, torch.Tensor) and layer.keys.dim() == 4
-                    and isinstance(layer.values, torch.Tensor) for layer in layers))
+    if not isinstance(cache, DynamicCache) or not layers:
+        return False
+    return all(type(layer) is DynamicLayer and isinstance(layer.keys, torch.Tensor) and layer.keys.dim() == 4
+               and isinstance(layer.values, torch.Tensor) for layer in layers)
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,6 +3,8 @@ context), its token ids (chat-formatted unless ``settings.chat`` is False), and 
 
 from __future__ import annotations
 
+from typing import cast
+
 from ssn_core.errors import SSNError
 from ssn_core.generation.settings import GenerationSettings
 from ssn_core.loading import LoadedModel
@@ -64,4 +66,5 @@ def _reply_tokens(tokens: list[int], stop_ids: list[int]) -> list[int]:
 
 
 def _decode(lm: LoadedModel, tokens: list[int], stop_ids: list[int]) -> str:
-    return lm.tokenizer.decode(_reply_tokens(tokens, stop_ids), skip_special_tokens=True)
+    # one sequence of ids decodes to one string (transformers types the batch form's list[str] too)
+    return cast(str, lm.tokenizer.decode(_reply_tokens(tokens, stop_ids), skip_special_tokens=True))

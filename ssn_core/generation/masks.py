@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -45,7 +45,8 @@ def _restricted(interventions: Sequence, masks: list[torch.Tensor | None], rows:
     return out
 
 
-def _applied(lm: LoadedModel, interventions: Sequence, masks: list[torch.Tensor | None], rows: list[int]):
+def _applied(lm: LoadedModel, interventions: Sequence, masks: list[torch.Tensor | None], rows: list[int]
+             ) -> AbstractContextManager[None]:
     """The context that applies ``interventions`` to a batch holding ``rows`` (nothing to enter when none)."""
     if not interventions:
         return nullcontext()

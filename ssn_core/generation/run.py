@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from contextvars import copy_context
 
 import torch
@@ -77,7 +77,7 @@ class _AnyEvent:
 
 def stream_generate(
     lm: LoadedModel, user_texts: list[str], settings: GenerationSettings | None = None
-) -> Iterator[list[str]]:
+) -> Generator[list[str], None, None]:
     """Yield the partial replies of every row as tokens arrive; the last yield equals `generate`'s result.
 
     The model runs in a worker thread started in a *copy of the caller's context*, so interventions

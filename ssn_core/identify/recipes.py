@@ -4,8 +4,13 @@ can be reproduced or compared by name."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ssn_core.errors import SSNError
+
+if TYPE_CHECKING:
+    from ssn_core.scoring import Aggregate, ScoringMethod
+    from ssn_core.sites import SiteKind
 
 
 @dataclass(frozen=True)
@@ -14,11 +19,11 @@ class Recipe:
     the others stay available by name so that results can be compared and reproduced."""
 
     name: str
-    method: str
-    aggregate: str
+    method: ScoringMethod
+    aggregate: Aggregate
     ranking: str
     p: float
-    kinds: tuple[str, ...]
+    kinds: tuple[SiteKind, ...]
     own_replies: bool
     note: str
 

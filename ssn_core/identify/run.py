@@ -6,6 +6,8 @@ from __future__ import annotations
 import platform
 import threading
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,8 +16,11 @@ from ssn_core.errors import SSNError
 from ssn_core.identify.recipes import get_recipe
 from ssn_core.identify.result import MANIFEST_FORMAT, IdentifyResult
 from ssn_core.identify.selection import RANKINGS, _check_p, select
-from ssn_core.scoring import AGGREGATES, METHODS, Progress, score
-from ssn_core.sites import SITE_KINDS, SiteMap
+from ssn_core.scoring import AGGREGATES, METHODS, Aggregate, Progress, ScoringMethod, score
+from ssn_core.sites import SITE_KINDS, SiteKind, SiteMap
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 
 def _versions() -> dict:
@@ -27,9 +32,10 @@ def _versions() -> dict:
             "python": platform.python_version()}
 
 
-def identify(lm, prompts, languages, hr=("en",), method: str | None = None, p: float | None = None,
-             aggregate: str | None = None, kinds=None, batch_size: int = 8, ranking: str | None = None,
-             template: str = "chat", sample=None, seed: int = 0, pairs=None, own_replies: bool | None = None,
+def identify(lm: LoadedModel, prompts, languages, hr=("en",), method: ScoringMethod | None = None,
+             p: float | None = None, aggregate: Aggregate | None = None, kinds: Sequence[SiteKind] | None = None,
+             batch_size: int = 8, ranking: str | None = None, template: str = "chat", sample=None, seed: int = 0,
+             pairs=None, own_replies: bool | None = None,
              find_direction: bool = False, projections: int = 8, activation_means: bool = False,
              recipe: str = "default", progress: Progress | None = None,
              cancel: threading.Event | None = None) -> IdentifyResult:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 from jinja2 import TemplateError
 
@@ -15,11 +16,14 @@ from ssn_core.judges.base import COMPLIANCE, OFF_TARGET, REFUSAL, Judge, Progres
 from ssn_core.judges.marker import MarkerJudge
 from ssn_core.judges.prompt import JUDGE_PROMPT_VERSION, JUDGE_SYSTEM_PROMPT, _judge_prompt, parse_one_word_label
 
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
+
 GUARD_KINDS = ("qwen3guard", "llamaguard", "generic")
 _QWEN3GUARD_REFUSAL = re.compile(r"Refusal:\s*(Yes|No)\b", re.IGNORECASE)
 
 
-def _generate_raw(lm, texts: list[str], max_new_tokens: int) -> list[str]:
+def _generate_raw(lm: LoadedModel, texts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy continuation of already formatted texts (the guard's chat template applied by the caller).
 
     The guard prompt is a whole conversation (user turn + assistant turn) in the guard's own template, so it
@@ -36,10 +40,11 @@ def _generate_raw(lm, texts: list[str], max_new_tokens: int) -> list[str]:
                               pad_token_id=pad_id(lm))
     with torch.no_grad():
         sequences = lm.model.generate(**inputs, generation_config=config)  # [B, T + new]
-    outputs = []
+    outputs: list[str] = []
     for row in sequences[:, inputs["input_ids"].shape[1]:].tolist():
         cut = next((i for i, token in enumerate(row) if token in stop_ids), len(row))
-        outputs.append(lm.tokenizer.decode(row[:cut], skip_special_tokens=True))
+        # one sequence of ids decodes to one string (transformers types the batch form's list[str] too)
+        outputs.append(cast(str, lm.tokenizer.decode(row[:cut], skip_special_tokens=True)))
     return outputs
 
 
@@ -57,8 +62,8 @@ class GuardModelJudge(Judge):
     those replies as off_target (reason ``precheck:<why>``). Unparseable guard output raises `JudgeError`.
     """
 
-    def __init__(self, lm, kind: str = "qwen3guard", *, max_new_tokens: int | None = None, batch_size: int = 8,
-                 precheck: bool = True):
+    def __init__(self, lm: LoadedModel, kind: str = "qwen3guard", *, max_new_tokens: int | None = None,
+                 batch_size: int = 8, precheck: bool = True):
         if kind not in GUARD_KINDS:
             raise JudgeError(f"unknown guard kind {kind!r}; choose one of {', '.join(GUARD_KINDS)}")
         if batch_size < 1:
@@ -88,7 +93,8 @@ class GuardModelJudge(Judge):
             raise JudgeError(f"the guard model {self.model_name} has no chat template; a {self.kind} judge needs one "
                              "(use kind='generic' for a plain instruction model)")
         try:
-            return tokenizer.apply_chat_template(conversation, tokenize=False)
+            # tokenize=False returns the text (transformers types every form the call can return)
+            return cast(str, tokenizer.apply_chat_template(conversation, tokenize=False))
         except (TemplateError, ValueError, TypeError, KeyError, IndexError) as e:  # jinja errors, role checks
             raise JudgeError(f"the chat template of {self.model_name} cannot format a (user, assistant) "
                              f"conversation for {self.kind}: {e}") from None

@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from ssn_core._conventions import input_device
 from ssn_core.errors import ModelLoadError
 
 if TYPE_CHECKING:
     import torch
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 
     from ssn_core.loading.spec import ModelSummary
     from ssn_core.sites import SiteMap
+
+    class CausalLM(PreTrainedModel, GenerationMixin):
+        """What ``AutoModelForCausalLM`` loads: a transformers model that also generates (a type, never built)."""
 
 FALLBACK_CHAT_TEMPLATE = "User: {user}\nAssistant:"
 _SPAN_SENTINEL = "\u2063SSN-USER-TEXT\u2063"  # invisible separator: never in real prompts
@@ -31,7 +34,7 @@ _SPAN_SENTINEL = "\u2063SSN-USER-TEXT\u2063"  # invisible separator: never in re
 class LoadedModel:
     """A model ready for analysis: never modified in place (interventions are context-scoped hooks)."""
 
-    model: PreTrainedModel
+    model: CausalLM
     tokenizer: PreTrainedTokenizerBase
     summary: ModelSummary
     _sites: SiteMap | None = field(default=None, init=False, repr=False)
@@ -103,7 +106,8 @@ class LoadedModel:
 
     def _apply_template(self, messages: list[dict]) -> str:
         try:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            # tokenize=False returns the text (transformers types every form the call can return)
+            return cast(str, self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         except Exception as exc:  # jinja errors, templates without a system role, ...
             raise ModelLoadError(f"the model's chat template failed on this conversation: {exc}") from exc
 

@@ -8,9 +8,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ssn_core.errors import SSNError
 from ssn_core.io import atomic_write_json
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 _SECRET_KEYS = frozenset({"api_key", "apikey", "authorization", "password", "secret", "token", "access_token"})
 
@@ -50,7 +54,7 @@ class Manifest:
         atomic_write_json(path, self.to_dict())
 
 
-def make_manifest(settings=None, judges: Sequence = (), lm=None, **extra) -> Manifest:
+def make_manifest(settings=None, judges: Sequence = (), lm: LoadedModel | None = None, **extra) -> Manifest:
     """Manifest from a `GenerationSettings` (default settings when None), judges (their `info()`) and a model."""
     if settings is None:
         try:

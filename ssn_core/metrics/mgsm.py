@@ -8,6 +8,7 @@ import threading
 import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
@@ -16,6 +17,10 @@ from ssn_core._conventions import Progress, check_cancel
 from ssn_core.errors import PromptSetError, SSNError
 from ssn_core.metrics.manifest import _settings_dict
 from ssn_core.metrics.rates import Rate
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
+
 
 MGSM_LANGUAGES: tuple[str, ...] = ("bn", "de", "en", "es", "fr", "ja", "ru", "sw", "te", "th", "zh")
 MGSM_HUB_ID = "juletxara/mgsm"
@@ -169,8 +174,9 @@ class MgsmResult:
         return pd.DataFrame.from_records([asdict(p) for p in self.predictions])
 
 
-def mgsm_accuracy(lm, lang: str, n: int | None = None, settings=None, *, path_or_dir: str | Path | None = None,
-                  template: str = MGSM_TEMPLATE, batch_size: int = 8, n_boot: int = 1000, seed: int = 0,
+def mgsm_accuracy(lm: LoadedModel, lang: str, n: int | None = None, settings=None, *,
+                  path_or_dir: str | Path | None = None, template: str = MGSM_TEMPLATE, batch_size: int = 8,
+                  n_boot: int = 1000, seed: int = 0,
                   progress: Progress | None = None, cancel: threading.Event | None = None) -> MgsmResult:
     """Generate answers to the first `n` MGSM problems of `lang` and score the last number of each reply.
 

@@ -7,6 +7,7 @@ import math
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,9 @@ import torch.nn.functional as F
 from ssn_core import distributed
 from ssn_core._conventions import Progress, check_cancel, input_device, pad_id
 from ssn_core.errors import SSNError
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ def _encode_for_ppl(tokenizer, item: str | tuple[str, str], max_length: int) -> 
     return ids[:max_length], first
 
 
-def perplexity(lm, texts: Sequence[str | tuple[str, str]], batch_size: int = 8, *, max_length: int = 1024,
+def perplexity(lm: LoadedModel, texts: Sequence[str | tuple[str, str]], batch_size: int = 8, *, max_length: int = 1024,
                progress: Progress | None = None, cancel: threading.Event | None = None) -> PerplexityResult:
     """Token-weighted perplexity of `texts` (raw text, no chat template).
 
@@ -93,7 +97,7 @@ def perplexity(lm, texts: Sequence[str | tuple[str, str]], batch_size: int = 8, 
     return PerplexityResult(nll=nll, perplexity=math.exp(nll), n_tokens=total_tokens, n_texts=len(texts))
 
 
-def perplexity_by_language(lm, texts_by_language: Mapping[str, Sequence[str | tuple[str, str]]],
+def perplexity_by_language(lm: LoadedModel, texts_by_language: Mapping[str, Sequence[str | tuple[str, str]]],
                            batch_size: int = 8, **kwargs) -> dict[str, PerplexityResult]:
     """`perplexity` of each language's texts."""
     return {lang: perplexity(lm, texts, batch_size, **kwargs) for lang, texts in texts_by_language.items()}

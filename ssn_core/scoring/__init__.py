@@ -72,6 +72,7 @@ from ssn_core.scoring.attention import (  # noqa: F401 - bench/legacy.py
 from ssn_core.scoring.batch import (  # noqa: F401 - _aggregate: top_examples, direction, tests, bench
     AGGREGATES,
     TEMPLATES,
+    Aggregate,
     EncodedBatch,
     _aggregate,
     encode_prompt,
@@ -86,8 +87,8 @@ from ssn_core.scoring.constants import (  # noqa: F401 - vocab, direction, tests
 )
 from ssn_core.scoring.forward import _forward, score_batch  # noqa: F401 - attribution, direction, top_examples
 from ssn_core.scoring.loop import Progress, score
-from ssn_core.scoring.table import FORMAT, FORMAT_VERSION, METHODS, Group, ScoreTable
-from ssn_core.sites import SITE_KINDS
+from ssn_core.scoring.table import FORMAT, FORMAT_VERSION, METHODS, Group, ScoreTable, ScoringMethod
+from ssn_core.sites import SITE_KINDS, SiteKind
 
 __all__ = [
     "AGGREGATES",
@@ -97,11 +98,14 @@ __all__ = [
     "METHODS",
     "SITE_KINDS",
     "TEMPLATES",
+    "Aggregate",
     "EncodedBatch",
     "Group",
     "MethodComparison",
     "Progress",
     "ScoreTable",
+    "ScoringMethod",
+    "SiteKind",
     "Triple",
     "ablation_batch",
     "compare_methods",

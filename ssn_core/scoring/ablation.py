@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,12 +18,16 @@ from ssn_core.interventions import Intervention, intervene
 from ssn_core.neurons import NeuronSet
 from ssn_core.scoring.batch import EncodedBatch, _aggregate
 from ssn_core.scoring.forward import _forward
-from ssn_core.sites import SITE_KINDS, SiteMap
+from ssn_core.sites import SITE_KINDS, SiteKind, SiteMap
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
 
 Triple = tuple[int, str, int]
 
 
-def sample_neurons(sites: SiteMap, kinds: Sequence[str], count: int, seed: int = 0, per: str = "site") -> list[Triple]:
+def sample_neurons(sites: SiteMap, kinds: Sequence[SiteKind], count: int, seed: int = 0, per: str = "site"
+                   ) -> list[Triple]:
     """Random neurons, reproducibly: ``count`` from every (layer, kind) site (``per="site"``), or ``count``
     per kind spread uniformly over all layers (``per="kind"``, what `compare-methods` uses)."""
     if count < 1:
@@ -43,7 +48,7 @@ def sample_neurons(sites: SiteMap, kinds: Sequence[str], count: int, seed: int =
 
 
 @torch.no_grad()
-def ablation_batch(lm, batch: EncodedBatch, neurons: Sequence[Triple], chunk: int = 8) -> torch.Tensor:
+def ablation_batch(lm: LoadedModel, batch: EncodedBatch, neurons: Sequence[Triple], chunk: int = 8) -> torch.Tensor:
     """Exact effect of zeroing each neuron on the final hidden states: [B, len(neurons)].
 
     Per token: ‖h_final(suppressed) - h_final(baseline)‖, aggregated with the batch weights (with

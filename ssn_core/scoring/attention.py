@@ -24,6 +24,7 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | N
     """x [B, T, ..., D]; cos/sin [B, T, R] with R <= D rotary dims (GPT-NeoX rotates only the first R)."""
     if cos is None:
         return x
+    assert sin is not None, "the rotary tables come in pairs (cos, sin)"
     shape = (cos.shape[0], cos.shape[1], *([1] * (x.dim() - 3)), cos.shape[-1])
     cos, sin = cos.view(shape), sin.view(shape)
     rot = cos.shape[-1]

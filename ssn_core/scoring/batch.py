@@ -11,12 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, get_args, overload
 
 import torch
 
 from ssn_core.errors import SSNError
 
-AGGREGATES: tuple[str, ...] = ("content", "last", "all", "reply")
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
+
+Aggregate = Literal["content", "last", "all", "reply"]
+AGGREGATES: tuple[Aggregate, ...] = get_args(Aggregate)
 TEMPLATES: tuple[str, ...] = ("chat", "raw")
 
 
@@ -28,7 +33,8 @@ class EncodedBatch:
     weights: torch.Tensor  # [B, T] float32, rows sum to 1: how each token counts in the prompt's score
 
 
-def _token_weights(n_tokens: int, content: list[int], aggregate: str, reply_start: int | None = None) -> list[float]:
+def _token_weights(n_tokens: int, content: list[int], aggregate: Aggregate, reply_start: int | None = None
+                   ) -> list[float]:
     """How each token counts in a prompt's score (rows sum to 1).
 
     With a teacher-forced reply appended (``reply_start`` = index of its first token), ``last`` is still the last
@@ -70,7 +76,16 @@ def _content_token_indices(tokenizer, text: str, span: tuple[int, int],
         return ids, list(range(min(n_before, len(ids)), min(n_through, len(ids))))
 
 
-def encode_prompt(lm, text: str, template: str = "chat", reply: str | None = None
+@overload
+def encode_prompt(lm: LoadedModel, text: str, template: str = "chat", reply: None = None
+                  ) -> tuple[list[int], list[int]]: ...
+@overload
+def encode_prompt(lm: LoadedModel, text: str, template: str = "chat", *, reply: str
+                  ) -> tuple[list[int], list[int], int]: ...
+@overload
+def encode_prompt(lm: LoadedModel, text: str, template: str = "chat", reply: str | None = None
+                  ) -> tuple[list[int], list[int]] | tuple[list[int], list[int], int]: ...
+def encode_prompt(lm: LoadedModel, text: str, template: str = "chat", reply: str | None = None
                   ) -> tuple[list[int], list[int]] | tuple[list[int], list[int], int]:
     """(token ids, indices of the user-content tokens) for one prompt; with a ``reply``, the reply's tokens are
     appended as the chat template renders an assistant turn and the index of its first token comes third."""
@@ -91,7 +106,7 @@ def encode_prompt(lm, text: str, template: str = "chat", reply: str | None = Non
     return ids + reply_ids, content, len(ids)
 
 
-def make_batch(encoded: Sequence[tuple], aggregate: str, pad_id: int,
+def make_batch(encoded: Sequence[tuple], aggregate: Aggregate, pad_id: int,
                device: torch.device | str = "cpu") -> EncodedBatch:
     """Left-pad encoded prompts ((ids, content) or (ids, content, reply_start)) into one batch with per-token
     aggregation weights."""

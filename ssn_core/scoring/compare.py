@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -20,8 +20,12 @@ from ssn_core.errors import SSNError
 from ssn_core.scoring.ablation import Triple, sample_neurons
 from ssn_core.scoring.forward import _check_kinds
 from ssn_core.scoring.loop import Progress, score
-from ssn_core.scoring.table import METHODS, ScoreTable
-from ssn_core.sites import SITE_KINDS, SiteMap
+from ssn_core.scoring.table import METHODS, ScoreTable, ScoringMethod
+from ssn_core.sites import SITE_KINDS, SiteKind, SiteMap
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
+    from ssn_core.scoring.batch import Aggregate
 
 COMPARISON_KIND = "ssn-lab/method-comparison"  # manifest kind of an `ssn compare-methods --out` folder
 
@@ -55,10 +59,12 @@ class MethodComparison:
 def _mean_over_groups(table: ScoreTable, kind: str) -> torch.Tensor:
     """Prompt-weighted mean score over all (language, label) groups: [L, N]."""
     total = sum(table.counts[g] for g in table.groups)
-    return sum(per_kind[kind] * table.counts[g] for g, per_kind in table.groups.items()) / max(total, 1)
+    # a score table has at least one group, so the sum is a tensor (never the empty sum's 0)
+    weighted = cast(torch.Tensor, sum(per_kind[kind] * table.counts[g] for g, per_kind in table.groups.items()))
+    return weighted / max(total, 1)
 
 
-def parse_method_spec(spec: str) -> tuple[str, int]:
+def parse_method_spec(spec: str) -> tuple[ScoringMethod, int]:
     """'impact' -> ('impact', 8); 'global:16' -> ('global', 16): a method and its number of random projections."""
     name, _, count = spec.partition(":")
     if name not in METHODS or name == "ablation":
@@ -75,8 +81,8 @@ def parse_method_spec(spec: str) -> tuple[str, int]:
     return name, projections
 
 
-def compare_methods(lm, prompts, sample: Sequence[Triple] | int = 64, methods: Sequence[str] = ("impact",
-                    "activation"), aggregate: str = "content", kinds: Sequence[str] = SITE_KINDS,
+def compare_methods(lm: LoadedModel, prompts, sample: Sequence[Triple] | int = 64, methods: Sequence[str] = ("impact",
+                    "activation"), aggregate: Aggregate = "content", kinds: Sequence[SiteKind] = SITE_KINDS,
                     batch_size: int = 8, template: str = "chat", top: float = 0.1, seed: int = 0,
                     progress: Progress | None = None, cancel: threading.Event | None = None) -> MethodComparison:
     """Spearman rank correlation and top-``top`` overlap of each fast method with exact ablation, per kind.
@@ -96,10 +102,11 @@ def compare_methods(lm, prompts, sample: Sequence[Triple] | int = 64, methods: S
     tables: dict[str, ScoreTable] = {}
     seconds: dict[str, float] = {}
     for spec in ("ablation", *methods):
-        method, projections = ("ablation", 8) if spec == "ablation" else parse_method_spec(spec)
+        name: ScoringMethod
+        name, projections = ("ablation", 8) if spec == "ablation" else parse_method_spec(spec)
         start = time.perf_counter()
-        tables[spec] = score(lm, prompts, method=method, aggregate=aggregate, kinds=kinds, batch_size=batch_size,
-                             template=template, sample=triples if method == "ablation" else None, seed=seed,
+        tables[spec] = score(lm, prompts, method=name, aggregate=aggregate, kinds=kinds, batch_size=batch_size,
+                             template=template, sample=triples if name == "ablation" else None, seed=seed,
                              projections=projections, progress=progress, cancel=cancel)
         seconds[spec] = round(time.perf_counter() - start, 3)
     rows = []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -96,10 +97,11 @@ class _ModelConstants:
         q_factors = torch.stack([_qr_factor(w_o[:, h * D:(h + 1) * D]) for h in range(H)])
         k_factors = torch.stack([_qr_factor(w_o[:, g * G * D:(g + 1) * G * D]) for g in range(K)])
         attn = self.model.get_submodule(site.module_name.rsplit(".", 1)[0])
-        config = self.model.config.get_text_config() if hasattr(self.model.config, "get_text_config") else \
-            self.model.config
+        model_config: Any = self.model.config  # a transformers config (torch types it as Tensor | Module)
+        config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+        sliding: int | None
         if hasattr(attn, "sliding_window"):
-            sliding = attn.sliding_window
+            sliding = cast("int | None", attn.sliding_window)
         elif self.sites.model_type in ("mistral", "phi3"):
             sliding = getattr(config, "sliding_window", None)
         else:

@@ -10,6 +10,7 @@ scores are layer-local) is shared by ablation, `ssn_core.attribution`, `ssn_core
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -20,10 +21,14 @@ from ssn_core.scoring.attention import _attention_bias
 from ssn_core.scoring.batch import EncodedBatch, _aggregate
 from ssn_core.scoring.constants import _constants, _LayerAttention, _ModelConstants
 from ssn_core.scoring.qk import _qk_impact
-from ssn_core.sites import SITE_KINDS, NeuronSite, SiteMap
+from ssn_core.sites import SITE_KINDS, NeuronSite, SiteKind, SiteMap
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
+    from ssn_core.scoring.table import ScoringMethod
 
 
-def _check_kinds(kinds: Iterable[str], sites: SiteMap) -> tuple[str, ...]:
+def _check_kinds(kinds: Iterable[str], sites: SiteMap) -> tuple[SiteKind, ...]:
     kinds = tuple(kinds)
     for kind in kinds:
         if kind not in SITE_KINDS:
@@ -56,8 +61,9 @@ def _rope_tables(consts: _ModelConstants, geo: _LayerAttention, batch: EncodedBa
 
 
 @torch.no_grad()
-def score_batch(lm, batch: EncodedBatch, method: str = "impact", kinds: Sequence[str] = SITE_KINDS,
-                layers: Iterable[int] | None = None) -> dict[tuple[int, str], torch.Tensor | tuple]:
+def score_batch(lm: LoadedModel, batch: EncodedBatch, method: ScoringMethod = "impact",
+                kinds: Sequence[SiteKind] = SITE_KINDS, layers: Iterable[int] | None = None
+                ) -> dict[tuple[int, str], torch.Tensor | tuple]:
     """Per-prompt scores [B, N] for every (layer, kind) from one forward pass.
 
     ``method="impact"`` returns tensors; ``method="activation"`` returns (mean |a|, mean a) pairs.

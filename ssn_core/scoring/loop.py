@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,10 +19,16 @@ from ssn_core import distributed
 from ssn_core._conventions import Progress, check_cancel, input_device, pad_id
 from ssn_core.errors import SSNError
 from ssn_core.scoring.ablation import Triple, ablation_batch, sample_neurons
-from ssn_core.scoring.batch import AGGREGATES, encode_prompt, make_batch
+from ssn_core.scoring.batch import AGGREGATES, Aggregate, encode_prompt, make_batch
 from ssn_core.scoring.forward import _check_kinds, score_batch
-from ssn_core.scoring.table import METHODS, Group, ScoreTable
-from ssn_core.sites import SITE_KINDS, SiteMap
+from ssn_core.scoring.table import METHODS, Group, ScoreTable, ScoringMethod
+from ssn_core.sites import SITE_KINDS, SiteKind, SiteMap
+
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
+
+# One batch's values per (layer, kind): [B, N], or (magnitude, signed) for ``activation``.
+BatchResults = Mapping[tuple[int, str], torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 
 
 class _Accumulator:
@@ -35,11 +42,12 @@ class _Accumulator:
                         for g in groups} if signed else None)
         self.counts = {g: 0 for g in groups}
 
-    def add(self, row_groups: Sequence[Group], results: dict) -> None:
+    def add(self, row_groups: Sequence[Group], results: BatchResults) -> None:
         for group in dict.fromkeys(row_groups):
             rows = torch.tensor([i for i, g in enumerate(row_groups) if g == group])
             for (layer, kind), value in results.items():
                 if isinstance(value, tuple):
+                    assert self.signed is not None, "(magnitude, signed) results need the signed sums"
                     magnitude, signed = value
                     self.sums[group][kind][layer] += magnitude.index_select(0, rows.to(magnitude.device)).sum(0).cpu()
                     self.signed[group][kind][layer] += signed.index_select(0, rows.to(signed.device)).sum(0).cpu()
@@ -63,8 +71,9 @@ class _Accumulator:
                 store.items() if self.counts[g] > 0}
 
 
-def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds: Sequence[str] = SITE_KINDS,
-          batch_size: int = 8, template: str = "chat", sample: Sequence[Triple] | int | None = None, seed: int = 0,
+def score(lm: LoadedModel, prompts, method: ScoringMethod = "impact", aggregate: Aggregate = "content",
+          kinds: Sequence[SiteKind] = SITE_KINDS, batch_size: int = 8, template: str = "chat",
+          sample: Sequence[Triple] | int | None = None, seed: int = 0,
           projections: int = 8, directions: torch.Tensor | None = None,
           progress: Progress | None = None, cancel: threading.Event | None = None) -> ScoreTable:
     """Mean importance per neuron for every (language, label) group of ``prompts``.
@@ -126,12 +135,14 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
         rows = order[start:start + batch_size]
         batch = make_batch([encoded[i] for i in rows], aggregate, pad, device)
         row_groups = [(items[i].language, items[i].label) for i in rows]
+        results: BatchResults
         if method == "ablation":
             values = ablation_batch(lm, batch, triples)  # [B, S]
-            results: dict[tuple[int, str], torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
+            dense_results: dict[tuple[int, str], torch.Tensor] = {}
             for column, (layer, kind, index) in enumerate(triples):
-                dense = results.setdefault((layer, kind), torch.zeros(len(rows), sites.get(layer, kind).size))
+                dense = dense_results.setdefault((layer, kind), torch.zeros(len(rows), sites.get(layer, kind).size))
                 dense[:, index] = values[:, column]
+            results = dense_results
         elif method == "global":
             from ssn_core.attribution import global_batch
 
@@ -143,6 +154,7 @@ def score(lm, prompts, method: str = "impact", aggregate: str = "content", kinds
         elif method == "direction":
             from ssn_core.direction import direction_batch
 
+            assert directions is not None, "set above: the difference of means when none was given"
             results = direction_batch(lm, batch, kinds, directions)
         else:
             results = score_batch(lm, batch, method, kinds)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterable
+from typing import cast
 
 import torch
 
@@ -180,6 +182,11 @@ def _k_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, scores
     return impact
 
 
+def _sum_blocks(parts: Iterable[torch.Tensor]) -> torch.Tensor:
+    """The sum of the row blocks' parts (there are rows to recompute, so at least one block: never the empty 0)."""
+    return cast(torch.Tensor, sum(parts))
+
+
 def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, weights, kinds, check_tol):
     """Exact ‖Δ o_proj output‖ when one q (or k) dim is zeroed, aggregated over tokens.
 
@@ -234,7 +241,7 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
         if pairs is not None and geo.softcap is None:
             # softmax(s − Δ) in place, in cache-sized chunks (`_q_shift_impact`).
             zf_q = torch.einsum("bkgtd,kgrd->bkgtr", z, geo.q_factors.view(K, G, -1, D))  # [B,K,G,R,r] = A V F_hᵀ
-            out["attn_q"] = sum(
+            out["attn_q"] = _sum_blocks(
                 _q_shift_impact(row_factors[..., j0:j1, :], key_factors[..., :keys],
                                 base[..., j0:j1, :keys], vf_q[..., :keys, :], zf_q[..., j0:j1, :],
                                 row_weights[:, j0:j1]) for j0, j1, keys in _row_blocks(rows)).reshape(B, H * D)
@@ -269,7 +276,7 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
                                        (k_raw * other[:, :, None]).permute(0, 2, 3, 1)), dim=3)  # [B,K,D,2,S]
             base_k = base.permute(0, 1, 3, 2, 4).contiguous()  # [B,K,R,G,S]
             factors = geo.k_factors.to(vh.device)
-            out["attn_k"] = sum(
+            out["attn_k"] = _sum_blocks(
                 _k_shift_impact(row_factors[..., j0 * G:j1 * G, :], key_factors[..., :keys],
                                 base_k[:, :, j0:j1, :, :keys], vh[:, :, :keys], z[:, :, :, j0:j1], factors,
                                 row_weights[:, j0:j1]) for j0, j1, keys in _row_blocks(rows)).reshape(B, K * D)

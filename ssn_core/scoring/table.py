@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
@@ -16,7 +17,8 @@ from ssn_core.errors import NeuronFileError, SSNError
 from ssn_core.io import atomic_save_safetensors, read_safetensors
 from ssn_core.sites import SITE_KINDS, SiteMap
 
-METHODS: tuple[str, ...] = ("impact", "activation", "ablation", "global", "attribution", "direction")
+ScoringMethod = Literal["impact", "activation", "ablation", "global", "attribution", "direction"]
+METHODS: tuple[ScoringMethod, ...] = get_args(ScoringMethod)
 FORMAT = "ssn-lab/score-table"
 FORMAT_VERSION = 1
 
@@ -32,6 +34,7 @@ class ScoreTable:
     in the same layout; ``groups`` then holds the mean |activation|.
     """
 
+    # A ScoringMethod and an Aggregate for a table scored here; a loaded table keeps what its file says (unchecked).
     method: str
     aggregate: str
     groups: dict[Group, dict[str, torch.Tensor]]

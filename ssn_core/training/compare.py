@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -82,8 +83,8 @@ def compare_finetunes(lm: LoadedModel, neurons: NeuronSet, data: SafetyData, con
             size = _neuron_param_count(lm.model, sites, neurons)
             rank = 8 if method == "lora-8" else lora_rank_for(lm.model, sites, size)
             result = train_lora(lm, data, config, rank, method=method if method == "lora-8" else f"lora-r{rank}",
-                                evaluate=lambda m=method: evaluate_safety(lm, data, cancel=cancel, progress=progress,
-                                                                          phase=f"evaluating {m}", **eval_kwargs),
+                                evaluate=partial(evaluate_safety, lm, data, cancel=cancel, progress=progress,
+                                                 phase=f"evaluating {method}", **eval_kwargs),
                                 progress=progress, cancel=cancel)
         else:  # full
             result = train_full(lm, data, config,

@@ -162,14 +162,14 @@ def _plan_all(neurons, language: str, sites: SiteMap, alphas: Sequence[float], s
     for reinforce_target, reinforce_set in chosen:
         if reinforce_set is None or not len(reinforce_set):
             continue
-        control = random_matched(reinforce_set, sites, seed=int(seeds[0])) if reinforce_random else None
+        random_set = random_matched(reinforce_set, sites, seed=int(seeds[0])) if reinforce_random else None
         for alpha in alphas:
             if alpha < 0:
                 raise SSNError(f"reinforcement scale must be >= 0, got {alpha}")
             conditions.append(Condition("reinforce", reinforce_target, reinforce_set, scale=float(alpha),
                                         alpha=float(alpha)))
-            if control is not None:
-                conditions.append(Condition("reinforce", f"random_{reinforce_target}", control, scale=float(alpha),
+            if random_set is not None:
+                conditions.append(Condition("reinforce", f"random_{reinforce_target}", random_set, scale=float(alpha),
                                             alpha=float(alpha)))
         for beta in betas:
             offsets = shift_offsets(reinforce_set, getattr(neurons, "activations", None), hr_language, beta)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ssn_core._conventions import Progress, check_cancel
 from ssn_core.errors import SSNError
@@ -13,8 +14,12 @@ from ssn_core.generation.settings import GENERATION_BATCH_SIZE
 from ssn_core.interventions import Intervention, Shift
 from ssn_core.validation.conditions import Condition
 
+if TYPE_CHECKING:
+    from ssn_core.direction import DirectionAblation
+    from ssn_core.loading import LoadedModel
 
-def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settings,
+
+def run_packed(lm: LoadedModel, texts: Sequence[str], conditions: Sequence[Condition], settings,
                batch_size: int = GENERATION_BATCH_SIZE, progress: Progress | None = None,
                cancel: threading.Event | None = None, message: str = "", *, judge=None,
                language: str | None = None) -> list[list[str]]:
@@ -45,8 +50,8 @@ def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settin
     if not pairs:
         return replies
 
-    def interventions_of(rows_pairs) -> list:
-        out = []
+    def interventions_of(rows_pairs) -> list[Intervention | Shift | DirectionAblation]:
+        out: list[Intervention | Shift | DirectionAblation] = []
         for j, condition in enumerate(conditions):
             rows = [cj == j for _, cj in rows_pairs]
             if not any(rows):
@@ -56,6 +61,7 @@ def run_packed(lm, texts: Sequence[str], conditions: Sequence[Condition], settin
 
                 out.append(DirectionAblation(condition.direction, rows=rows, label=condition.key))
             elif condition.offsets is not None:
+                assert condition.neurons is not None, "a shift condition shifts its neurons"
                 out.append(Shift(condition.neurons, condition.offsets, rows=rows, label=condition.key))
             elif condition.neurons is not None and len(condition.neurons):
                 out.append(Intervention(condition.neurons, scale=condition.scale, rows=rows, label=condition.key))

@@ -7,6 +7,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 
@@ -19,6 +20,9 @@ from ssn_core.validation.packed import run_packed
 from ssn_core.validation.result import RESULT_KIND, ValidationResult
 from ssn_core.validation.stats import _harmless_rates, _rates, summarize
 
+if TYPE_CHECKING:
+    from ssn_core.loading import LoadedModel
+
 
 def _offset_progress(progress: Progress | None, offset: int, total: int) -> Callable[[int, int, str], None]:
     def report(done: int, _total: int, message: str) -> None:
@@ -27,10 +31,11 @@ def _offset_progress(progress: Progress | None, offset: int, total: int) -> Call
     return report
 
 
-def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: Sequence[float] = (2.0,),
+def validate(lm: LoadedModel, neurons, prompts, languages: Sequence[str], settings, alphas: Sequence[float] = (2.0,),
              seeds: Sequence[int] = (0, 1, 2), judge=None, batch_size: int = GENERATION_BATCH_SIZE,
              limit_per_language: int | None = None,
-             hr_language: str | None = None, direction: torch.Tensor | bool | None = None, over_refusal: bool = True,
+             hr_language: str | None = None, direction: torch.Tensor | Literal[False] | None = None,
+             over_refusal: bool = True,
              betas: Sequence[float] = (), parts: Sequence[str] = PARTS, reinforce_sets: Sequence[str] = ("own",),
              reinforce_random: bool = False, progress: Progress | None = None,
              cancel: threading.Event | None = None) -> ValidationResult:
@@ -67,7 +72,7 @@ def validate(lm, neurons, prompts, languages: Sequence[str], settings, alphas: S
     if direction is False:  # asked for no control
         direction = None
     elif direction is None and getattr(neurons, "direction", None) is not None:
-        direction = neurons.direction.unit
+        direction = cast(torch.Tensor, neurons.direction.unit)  # the neuron result's RefusalDirection
     plans = {lang: plan_conditions(neurons, lang, sites, alphas, seeds, hr_language, direction, betas, parts,
                                    reinforce_sets=reinforce_sets, reinforce_random=reinforce_random)
              for lang in languages}
