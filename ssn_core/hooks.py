@@ -6,13 +6,12 @@ passes made inside the ``with`` block. ``fn`` may return a replacement tensor (s
 
 Why it is built this way:
 
-- *Reversible.* A wrapper of a module's ``forward`` (an instance attribute, not a PyTorch hook:
-  cheaper per call, see `_ForwardWrapper`) is installed only while some context needs it and is
+- *Reversible.* A PyTorch hook is registered on a module only while some context needs it and is
   removed when the last one exits, also on exceptions and KeyboardInterrupt. After all contexts
-  have exited, the model has no SSN wrappers left: the cached model is never left modified.
+  have exited, the model has no SSN hooks left: the cached model is never left modified.
 - *Isolated between threads.* The app serves several browser sessions from one cached model, and
-  the A/B chat generates in worker threads. Each registration is tagged with an id, and the module's
-  wrapper only calls the functions whose id is active in the *current* `contextvars` context. A thread
+  the A/B chat generates in worker threads. Each registration is tagged with an id, and the module
+  hook only calls the functions whose id is active in the *current* `contextvars` context. A thread
   that did not enter the context (another user's session) passes through the hook untouched. A
   worker thread that should see the caller's hooks must run in a copy of the caller's context:
   wrap its target with `bind_context`.
@@ -40,13 +39,19 @@ _REGISTRY_LOCK = threading.Lock()
 
 
 class _ModuleDispatcher:
-    """The fns registered on one (module, "in" | "out"); calls those active in the caller's context."""
+    """One PyTorch hook per (module, in|out); calls the registered fns active in the caller's context."""
 
-    def __init__(self) -> None:
+    def __init__(self, module: nn.Module, where: str):
         self.fns: dict[int, list[tuple[Callable, bool]]] = {}  # hook id -> [(fn, wants_module_input)]
+        if where == "in":
+            self.handle = module.register_forward_pre_hook(self._pre_hook)
+        else:
+            self.handle = module.register_forward_hook(self._post_hook)
 
-    def apply(self, carrier: torch.Tensor, module_input: torch.Tensor | None,
-              active: frozenset[int]) -> torch.Tensor | None:
+    def _apply(self, carrier: torch.Tensor, module_input: torch.Tensor | None) -> torch.Tensor | None:
+        active = _ACTIVE_IDS.get()
+        if not active:
+            return None
         changed = False
         for hook_id, fns in list(self.fns.items()):
             if hook_id not in active:
@@ -57,57 +62,23 @@ class _ModuleDispatcher:
                     carrier, changed = result, True
         return carrier if changed else None
 
+    def _pre_hook(self, module, args):
+        if not args:
+            return None
+        new_input = self._apply(args[0], None)
+        return None if new_input is None else (new_input, *args[1:])
 
-class _ForwardWrapper:
-    """The module's instance ``forward`` while some dispatcher on it has fns: the "in" fns edit its first
-    positional input, then the module runs, then the "out" fns edit its output.
-
-    A wrapper of ``forward`` rather than PyTorch forward hooks, because a module with hooks takes
-    ``Module._call_impl``'s slow path: on the starter's 120 sites that alone cost ~4% of a decoding step
-    (bench `hook-overhead`), about twice the wrapper's cost. An instance ``forward`` another library set
-    before us (accelerate's dispatch does this) is called inside and put back when we leave.
-    """
-
-    def __init__(self, module: nn.Module):
-        self.module = module
-        self.previous = module.__dict__.get("forward")  # an instance forward set before us, or None
-        self.inner = module.forward
-        self.on_input: _ModuleDispatcher | None = None
-        self.on_output: _ModuleDispatcher | None = None
-        module.forward = self  # an instance attribute: Module.__call__ calls it like the class's forward
-
-    def __call__(self, *args, **kwargs):
-        active = _ACTIVE_IDS.get()
-        if not active:
-            return self.inner(*args, **kwargs)
-        if self.on_input is not None and args:
-            new_input = self.on_input.apply(args[0], None, active)
-            if new_input is not None:
-                args = (new_input, *args[1:])
-        output = self.inner(*args, **kwargs)
-        if self.on_output is None:
-            return output
-        module_input = args[0] if args else None  # the input the module actually saw (after any "in" fns)
+    def _post_hook(self, module, args, output):
+        # args[0] is the input the module actually saw (after any "in" hooks on the same module).
+        module_input = args[0] if args else None
         if isinstance(output, tuple):  # not expected for linear layers, but be safe
-            new_first = self.on_output.apply(output[0], module_input, active)
-            return output if new_first is None else (new_first, *output[1:])
-        new_output = self.on_output.apply(output, module_input, active)
-        return output if new_output is None else new_output
-
-    def remove(self) -> None:
-        if self.module.__dict__.get("forward") is self:
-            if self.previous is None:
-                del self.module.forward
-            else:
-                self.module.forward = self.previous
-        else:  # something wrapped the module after us: stay in its chain, passing everything through
-            self.on_input = self.on_output = None
+            new_first = self._apply(output[0], module_input)
+            return None if new_first is None else (new_first, *output[1:])
+        return self._apply(output, module_input)
 
 
-# (id(module), where) -> dispatcher; id(module) -> the wrapper that calls that module's dispatchers. The wrapper
-# keeps its module alive while installed.
+# (id(module), where) -> dispatcher. Modules are kept alive by the dispatcher's hook handle.
 _DISPATCHERS: dict[tuple[int, str], _ModuleDispatcher] = {}
-_WRAPPERS: dict[int, _ForwardWrapper] = {}
 
 
 def _register(hook_id: int, entries: list[tuple[nn.Module, str, Callable, bool]]) -> None:
@@ -116,14 +87,7 @@ def _register(hook_id: int, entries: list[tuple[nn.Module, str, Callable, bool]]
             key = (id(module), where)
             dispatcher = _DISPATCHERS.get(key)
             if dispatcher is None:
-                dispatcher = _DISPATCHERS[key] = _ModuleDispatcher()
-                wrapper = _WRAPPERS.get(id(module))
-                if wrapper is None:
-                    wrapper = _WRAPPERS[id(module)] = _ForwardWrapper(module)
-                if where == "in":
-                    wrapper.on_input = dispatcher
-                else:
-                    wrapper.on_output = dispatcher
+                dispatcher = _DISPATCHERS[key] = _ModuleDispatcher(module, where)
             dispatcher.fns.setdefault(hook_id, []).append((fn, wants_input))
 
 
@@ -132,18 +96,9 @@ def _unregister(hook_id: int) -> None:
         for key in list(_DISPATCHERS):
             dispatcher = _DISPATCHERS[key]
             dispatcher.fns.pop(hook_id, None)
-            if dispatcher.fns:
-                continue
-            del _DISPATCHERS[key]
-            module_id, where = key
-            wrapper = _WRAPPERS[module_id]
-            if where == "in":
-                wrapper.on_input = None
-            else:
-                wrapper.on_output = None
-            if wrapper.on_input is None and wrapper.on_output is None:
-                wrapper.remove()
-                del _WRAPPERS[module_id]
+            if not dispatcher.fns:
+                dispatcher.handle.remove()
+                del _DISPATCHERS[key]
 
 
 @contextmanager
@@ -197,9 +152,8 @@ def _activate(entries: list[tuple[nn.Module, str, Callable, bool]]) -> Iterator[
 
 
 def active_hook_count(model: nn.Module) -> int:
-    """Our forward wrappers plus PyTorch forward hooks currently anywhere in the model (0 when nothing is active)."""
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks)
-               + isinstance(m.__dict__.get("forward"), _ForwardWrapper) for m in model.modules())
+    """PyTorch forward hooks currently registered anywhere in the model (0 when nothing is active)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def bind_context(fn: Callable) -> Callable:
