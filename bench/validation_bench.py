@@ -20,7 +20,7 @@ from bench.common import BenchContext, BenchResult, alternate, fmt_ratio, goal_t
 from bench.workloads import ROOT_DATA, bench_prompts, random_neuron_set
 
 SS_FRACTION = 0.003
-OLD_DEFAULT_BATCH = 8  # `ssn validate --batch-size` before issue 17
+OLD_DEFAULT_BATCH = 8  # `ssn validate` and `ssn evaluate`: --batch-size before GENERATION_BATCH_SIZE
 
 
 def _prompts(language: str, n: int, offset: int = 0) -> list[str]:
@@ -173,6 +173,10 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
                                                    for lang, t in texts.items()}),
         "eval_old": run("eval_old", lambda: legacy.evaluate_replies(lm, eval_texts, settings, batch_size)),
         "eval_new": run("eval_new", lambda: generation.generate_many(lm, eval_texts, settings, batch_size=batch_size)),
+        "eval_old_default": run("eval_old_default", lambda: legacy.evaluate_replies(lm, eval_texts, settings,
+                                                                                    OLD_DEFAULT_BATCH)),
+        "eval_new_default": run("eval_new_default", lambda: generation.generate_many(
+            lm, eval_texts, settings, batch_size=generation.GENERATION_BATCH_SIZE)),
     }
     # Warm-up on one short row each (first-call costs), then every path in alternating rounds.
     warm_settings = generation.GenerationSettings(max_new_tokens=2)
@@ -187,12 +191,15 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
     ratios = {"validation_replies_per_s": paired_ratio(times["old"], times["new"]),
               "validation_stop_at_verdict": paired_ratio(times["old"], times["new_stop_at_verdict"]),
               "validation_at_defaults": paired_ratio(times["old_default"], times["new_default"]),
-              "evaluation_replies_per_s": paired_ratio(times["eval_old"], times["eval_new"])}
+              "evaluation_replies_per_s": paired_ratio(times["eval_old"], times["eval_new"]),
+              "evaluation_at_defaults": paired_ratio(times["eval_old_default"], times["eval_new_default"])}
     agree = {"new_vs_old": _agreement(judge, texts, outputs["old"], outputs["new"]),
              "stop_at_verdict_vs_old": _agreement(judge, texts, outputs["old"], outputs["new_stop_at_verdict"],
                                                   prefix_ok=True),
              "defaults_new_vs_old": _agreement(judge, texts, outputs["old_default"], outputs["new_default"])}
     eval_agree = sum(a == b for a, b in zip(outputs["eval_old"], outputs["eval_new"], strict=True))
+    eval_default_agree = sum(a == b for a, b in zip(outputs["eval_old_default"], outputs["eval_new_default"],
+                                                    strict=True))
     ctx.log("profiling one old-path batch and one new-path run (en)")
     breakdown = _old_batch_breakdown(lm, texts["en"], conditions, settings, batch_size, interventions_mod)
     with _count_forwards(generation) as new_stats:
@@ -210,6 +217,7 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
         details={"replies": n_replies, "eval_replies": len(eval_texts), "conditions": [c.key for c in conditions],
                  "languages": list(languages), "agreement": agree,
                  "eval_same_reply": f"{eval_agree}/{len(eval_texts)}",
+                 "eval_defaults_same_reply": f"{eval_default_agree}/{len(eval_texts)}",
                  "replies_per_s": {k: (n_replies if not k.startswith("eval") else len(eval_texts)) / median(v)
                                    for k, v in times.items()},
                  "old_batch_breakdown": breakdown, "new_run_breakdown_en": new_stats,
@@ -225,7 +233,9 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
         f"({OLD_DEFAULT_BATCH} -> {generation.GENERATION_BATCH_SIZE}) {fmt_ratio(ratios['validation_at_defaults'])} "
         f"(same verdicts {d['same_verdict']}/{d['replies']})"
         f" | evaluation {fmt_ratio(ratios['evaluation_replies_per_s'])}"
-        f"{goal_text(result, 'evaluation_replies_per_s')} | same verdicts {a['same_verdict']}/{a['replies']} "
+        f"{goal_text(result, 'evaluation_replies_per_s')}; each at its default batch "
+        f"{fmt_ratio(ratios['evaluation_at_defaults'])} (same replies {eval_default_agree}/{len(eval_texts)})"
+        f" | same verdicts {a['same_verdict']}/{a['replies']} "
         f"(stop_at_verdict {s['same_verdict']}/{s['replies']}), same replies {a['same_reply']}/{a['replies']}")
     return result
 

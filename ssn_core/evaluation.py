@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from ssn_core._conventions import Progress, check_cancel
 from ssn_core.errors import PromptSetError, SSNError
+from ssn_core.generation.settings import GENERATION_BATCH_SIZE
 from ssn_core.interventions import Intervention, intervene
 from ssn_core.io import atomic_write_json, atomic_write_text, csv_text, writing_result_dir
 
@@ -126,8 +127,9 @@ def select_prompts(prompts, languages: Sequence[str], label: str | None = None,
 
 
 def evaluate(lm: LoadedModel, prompts, languages: Sequence[str], settings=None, judge=None,
-             interventions: Sequence[Intervention] = (), batch_size: int = 8, limit_per_language: int | None = None,
-             label: str | None = None, condition: str | None = None, progress: Progress | None = None,
+             interventions: Sequence[Intervention] = (), batch_size: int = GENERATION_BATCH_SIZE,
+             limit_per_language: int | None = None, label: str | None = None, condition: str | None = None,
+             progress: Progress | None = None,
              cancel: threading.Event | None = None, n_boot: int = 1000) -> EvalResult:
     """Generate a reply to each selected prompt, judge it, and compute per-language safety rates.
 

@@ -62,3 +62,32 @@ def test_bad_model_path_exits_2_with_message_and_no_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: no such file or directory")
     assert "Traceback" not in result.stderr and result.stdout == ""
+
+
+def test_evaluate_batch_size_default_is_per_use(tiny_dir, tmp_path, monkeypatch):
+    """Without --batch-size, replies are generated GENERATION_BATCH_SIZE rows at a time and MGSM / perplexity run
+    UTILITY_BATCH_SIZE sequences at a time; --batch-size sets both."""
+    import ssn_core.evaluation as evaluation
+    from ssn_core.cli.evaluate import UTILITY_BATCH_SIZE
+    from ssn_core.generation import GENERATION_BATCH_SIZE
+
+    seen: list[tuple[str, int]] = []
+    real_evaluate, real_utility = evaluation.evaluate, evaluation.evaluate_utility
+
+    def spy_evaluate(*args, **kwargs):
+        seen.append(("replies", kwargs["batch_size"]))
+        return real_evaluate(*args, **kwargs)
+
+    def spy_utility(*args, **kwargs):
+        seen.append(("utility", kwargs["batch_size"]))
+        return real_utility(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "evaluate", spy_evaluate)
+    monkeypatch.setattr(evaluation, "evaluate_utility", spy_utility)
+    model = ["--model", str(tiny_dir("qwen2")), "--device", "cpu"]
+    common = ["--langs", "en", "--n", "1", "--max-new-tokens", "2", "--ppl", "1"]
+    assert main(["evaluate", *model, *common, "--out", str(tmp_path / "a")]) == 0
+    assert main(["evaluate", *model, *common, "--batch-size", "3", "--out", str(tmp_path / "b")]) == 0
+    assert seen == [("replies", GENERATION_BATCH_SIZE), ("utility", UTILITY_BATCH_SIZE), ("replies", 3),
+                    ("utility", 3)]
+    assert GENERATION_BATCH_SIZE != UTILITY_BATCH_SIZE

@@ -11,8 +11,11 @@ from ssn_core.cli.common import TqdmProgress, add_model_args, check_out, format_
 from ssn_core.errors import Cancelled, SSNError
 from ssn_core.generation.settings import GENERATION_BATCH_SIZE
 
+UTILITY_BATCH_SIZE = 8  # MGSM and perplexity: whole sequences (perplexity keeps every position's logits)
 
-def _add_eval_common_args(p, default_tokens: int, default_batch: int = 8) -> None:
+
+def _add_eval_common_args(p, default_tokens: int, default_batch: int | None = 8,
+                          batch_help: str | None = None) -> None:
     p.add_argument("--langs", default="en,zh,bn,sw", help="languages, comma-separated (default: en,zh,bn,sw)")
     p.add_argument("--prompts", default="builtin", help="builtin | multijail:PATH_OR_HUB_ID | FILE (default: builtin; "
                    "with an identify result, the built-in items it did not use)")
@@ -21,7 +24,7 @@ def _add_eval_common_args(p, default_tokens: int, default_batch: int = 8) -> Non
                    "(the API key is read from $OPENAI_API_KEY)")
     p.add_argument("--max-new-tokens", type=int, default=default_tokens)
     p.add_argument("--batch-size", type=int, default=default_batch,
-                   help=f"rows in any forward pass (default {default_batch})")
+                   help=batch_help or f"rows in any forward pass (default {default_batch})")
     p.add_argument("--stop-at-verdict", action="store_true",
                    help="end each reply once the judge's verdict on it can no longer change (the marker judge: a "
                         "refusal marker seen; verdicts unchanged, replies shorter, ~1.2x faster on the starter)")
@@ -58,7 +61,8 @@ def _early_judge(args: argparse.Namespace):
 def add_evaluate_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="generate replies, judge them, and report per-language ASR / refusal rates")
     add_model_args(p)
-    _add_eval_common_args(p, 128)
+    _add_eval_common_args(p, 128, None, f"rows in any forward pass (default: {GENERATION_BATCH_SIZE} generating "
+                          f"replies, rows being nearly free on a CPU; {UTILITY_BATCH_SIZE} for MGSM and perplexity)")
     p.add_argument("--label", default="all", choices=("all", "harmful", "harmless"),
                    help="which prompts to use (harmless prompts give the over-refusal rate; default: all)")
     group = p.add_mutually_exclusive_group()
@@ -141,7 +145,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         with delta_context:
             result = evaluate(lm, prompts, languages, settings, judge=judge, interventions=interventions,
-                              batch_size=args.batch_size, label=label, condition=condition, progress=progress)
+                              batch_size=GENERATION_BATCH_SIZE if args.batch_size is None else args.batch_size,
+                              label=label, condition=condition, progress=progress)
             if args.mgsm or args.ppl:
                 ppl_langs = [lang for lang in languages if lang in BUILTIN_LANGUAGES] if args.ppl else []
                 ppl_texts = ({lang: [p.text for p in load_builtin([lang], n=args.ppl, label="harmless")]
@@ -149,7 +154,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                 try:
                     result.utility = evaluate_utility(
                         lm, languages, mgsm_n=args.mgsm, mgsm_path=args.mgsm_path, mgsm_settings=mgsm_settings,
-                        perplexity_texts=ppl_texts, interventions=interventions, batch_size=args.batch_size,
+                        perplexity_texts=ppl_texts, interventions=interventions,
+                        batch_size=UTILITY_BATCH_SIZE if args.batch_size is None else args.batch_size,
                         progress=progress)
                 except SSNError as exc:  # the safety replies are done: save them, then report the failure
                     if isinstance(exc, Cancelled):
