@@ -209,6 +209,51 @@ def test_generate_many_rows_equal_each_row_alone(tiny, family, system):
     assert active_hook_count(lm.model) == 0
 
 
+def test_length_groups_cut_where_padding_would_grow():
+    from ssn_core.generation import pool
+
+    lengths = [10, 116, 100, 54, 52, 46, 43, 39, 39, 34, 33, 25, 23, 22, 21]
+    groups = pool._length_groups(list(range(1, len(lengths))), lengths)
+    assert [[lengths[r] for r in g] for g in groups] == [[116, 100, 54], [52, 46, 43, 39, 39, 34, 33],
+                                                         [25, 23, 22, 21]]
+    assert pool._length_groups([3, 4], [0, 0, 0, 50, 50]) == [[3, 4]]  # same lengths: one forward
+    assert pool._length_groups([], []) == [[]]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2", "gemma3_text"])  # plain cache; learned positions; sliding layers
+def test_rows_prefilled_in_length_groups_equal_each_row_alone(tiny, family, monkeypatch):
+    """Prompts of very different lengths joining at once are prefilled in several forwards (less left padding) and
+    merged into one batch; with an intervention on some rows and a shared system prompt every reply still equals
+    that row generated alone."""
+    from ssn_core.generation import decoder, pool
+
+    monkeypatch.setattr(pool, "_PREFILL_GROUP_TOKENS", 8)  # tiny prompts: groups of a few byte tokens
+    prefills = []
+    real_prefill = decoder._Decoder.prefill
+
+    def counting_prefill(self, rows, prompts, prefix=None):
+        prefills.append(len(rows))
+        return real_prefill(self, rows, prompts, prefix)
+
+    monkeypatch.setattr(decoder._Decoder, "prefill", counting_prefill)
+    lm = tiny(family, seed=SEED)
+    neurons = _all_mlp(lm)
+    texts = ["a much longer prompt, so the others get left padding, and then some more words", "hi", "q",
+             "one more prompt of medium length", "x y z", "tell me something longer than that"]
+    rows = [i % 2 == 0 for i in range(len(texts))]
+    settings = GenerationSettings(max_new_tokens=6, system="You are a careful assistant.")
+    got = generate_many(lm, texts, settings, batch_size=len(texts), interventions=[Intervention(neurons, rows=rows)])
+    pool_prefills = list(prefills)
+    expected = []
+    for text, masked in zip(texts, rows, strict=True):
+        with intervene(lm, *([Intervention(neurons)] if masked else [])):
+            expected.append(generate(lm, [text], settings)[0])
+    assert got == expected
+    plain = family != "gemma3_text"  # sliding-window layers: caches are not merged, so one prefill
+    assert (len(pool_prefills) > 1) == plain and sum(pool_prefills) == len(texts)
+    assert active_hook_count(lm.model) == 0
+
+
 def test_generate_many_checks_masks_progress_and_cancel(tiny):
     lm = tiny(seed=SEED)
     neurons = _all_mlp(lm)
