@@ -40,20 +40,42 @@ class ModelSpeed:
     decode_tokens_per_s: float  # generated tokens per second, counted over all rows of a batch
     batch: int  # the batch size the rates were measured at
     seconds: float  # how long the measurement took
+    wide_batch: int = 0  # a second, wider batch the decoding step was timed at (0: none)
+    wide_step_ratio: float | None = None  # a decoding step of wide_batch rows / one of batch rows
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def step_seconds(self, rows: int) -> float:
+        """One decoding step of a batch of ``rows``.
+
+        Between and beyond the two measured batches the cost is interpolated in log(rows): a step streams every
+        weight whatever the rows, so on a CPU it grows far slower than the rows (the starter on two cores: 96, 234,
+        272, 321 ms for 2, 8, 16, 32 rows; this model gives 96, 234, 303, 372) and on a GPU hardly at all. Without
+        the wider measurement, linearly in the rows (an upper end).
+        """
+        one_step = self.batch / self.decode_tokens_per_s  # a step of `batch` rows
+        if rows <= self.batch:
+            return one_step
+        if self.wide_step_ratio is None or self.wide_batch <= self.batch:
+            return one_step * rows / self.batch
+        growth = max(self.wide_step_ratio - 1.0, 0.0) / math.log2(self.wide_batch / self.batch)
+        return one_step * (1.0 + growth * math.log2(rows / self.batch))
+
     def describe(self) -> str:
+        wide = (f"; a step of {self.wide_batch} rows costs {self.wide_step_ratio:.1f}× one of {self.batch}"
+                if self.wide_step_ratio is not None else "")
         return (f"measured here: {self.prefill_tokens_per_s:,.0f} prompt tokens/s, "
-                f"{self.decode_tokens_per_s:,.1f} generated tokens/s at batch {self.batch}")
+                f"{self.decode_tokens_per_s:,.1f} generated tokens/s at batch {self.batch}{wide}")
 
 
-def measure_speed(lm: LoadedModel, batch: int = 2, prompt_tokens: int = 24, new_tokens: int = 4) -> ModelSpeed:
-    """Time one forward pass of ``batch`` × ``prompt_tokens`` and ``new_tokens`` greedy decoding steps.
+def measure_speed(lm: LoadedModel, batch: int = 2, prompt_tokens: int = 24, new_tokens: int = 4,
+                  wide_batch: int = 8) -> ModelSpeed:
+    """Time one forward pass of ``batch`` × ``prompt_tokens`` and ``new_tokens`` greedy decoding steps, then the
+    decoding steps of ``wide_batch`` rows (how a step's cost grows with the rows; 0: not measured).
 
     Uses the model's own forward with its KV cache; a warm-up step first (lazy initialisation would otherwise
-    count). Takes about a second on a 0.5B model on two CPU cores.
+    count). Takes about three seconds on a 0.5B model on two CPU cores.
     """
     from transformers import GenerationConfig
 
@@ -62,38 +84,47 @@ def measure_speed(lm: LoadedModel, batch: int = 2, prompt_tokens: int = 24, new_
     device = input_device(model)
     vocab = int(getattr(model.config, "vocab_size", 0) or len(lm.tokenizer))
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, max(4, min(vocab, 1000)), (batch, prompt_tokens), generator=generator).to(device)  # [B, T]
-    attention = torch.ones_like(ids)
+    rows = max(batch, wide_batch)
+    ids = torch.randint(3, max(4, min(vocab, 1000)), (rows, prompt_tokens), generator=generator).to(device)  # [B, T]
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
                               pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
-        model(input_ids=ids[:, :4], attention_mask=attention[:, :4])  # warm-up
-        t0 = time.perf_counter()
-        model(input_ids=ids, attention_mask=attention)
-        prefill = max(time.perf_counter() - t0, 1e-6)
-        t0 = time.perf_counter()
-        out = model.generate(input_ids=ids, attention_mask=attention, generation_config=config)  # [B, T + new]
-        total = max(time.perf_counter() - t0, 1e-6)
-    generated = (out.shape[1] - prompt_tokens) * batch
-    decode = max(total - prefill, 1e-6)
+        model(input_ids=ids[:1, :4], attention_mask=torch.ones_like(ids[:1, :4]))  # warm-up
+        prefill, decode, steps = _timed(model, ids[:batch], config)
+        wide = _timed(model, ids[:wide_batch], config) if wide_batch > batch else None
+    ratio = None if wide is None else (wide[1] / max(wide[2], 1)) / (decode / max(steps, 1))
     return ModelSpeed(prefill_tokens_per_s=batch * prompt_tokens / prefill,
-                      decode_tokens_per_s=max(generated, 1) / decode, batch=batch,
-                      seconds=round(time.perf_counter() - started, 3))
+                      decode_tokens_per_s=max(steps * batch, 1) / decode, batch=batch,
+                      seconds=round(time.perf_counter() - started, 3),
+                      wide_batch=wide_batch if wide is not None else 0, wide_step_ratio=ratio)
+
+
+def _timed(model, ids: torch.Tensor, config) -> tuple[float, float, int]:
+    """(prefill seconds, decoding seconds, decoding steps) of ``ids`` [B, T]: one forward, then greedy `generate`
+    (which runs the prefill again: its decoding time is the difference)."""
+    attention = torch.ones_like(ids)
+    t0 = time.perf_counter()
+    model(input_ids=ids, attention_mask=attention)
+    prefill = max(time.perf_counter() - t0, 1e-6)
+    t0 = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=attention, generation_config=config)  # [B, T + new]
+    total = max(time.perf_counter() - t0, 1e-6)
+    return prefill, max(total - prefill, 1e-6), out.shape[1] - ids.shape[1]
 
 
 def generation_seconds(speed: ModelSpeed, rows: int, max_new_tokens: int, batch_size: int = 8,
                        prompt_tokens: int = DEFAULT_PROMPT_TOKENS) -> float:
     """Generating ``rows`` replies of up to ``max_new_tokens``, ``batch_size`` rows at a time.
 
-    Decoding cost grows with the rows of a batch; measured at ``speed.batch`` rows, it is scaled linearly
-    (an upper end: small batches on a CPU share some of the work).
+    A decoding step's cost grows with the rows of a batch as `ModelSpeed.step_seconds` says (measured at two batch
+    sizes, interpolated).
     """
     if rows <= 0:
         return 0.0
     batches = math.ceil(rows / max(batch_size, 1))
     per_batch_rows = min(rows, batch_size)
     prefill = per_batch_rows * prompt_tokens / speed.prefill_tokens_per_s
-    step = max(per_batch_rows, speed.batch) / speed.decode_tokens_per_s  # one decoding step of the whole batch
+    step = speed.step_seconds(per_batch_rows)  # one decoding step of the whole batch
     return batches * (prefill + max_new_tokens * step)
 
 

@@ -11,7 +11,27 @@ from ssn_core.testing import tiny_model
 def test_measure_speed_on_a_tiny_model():
     measured = speed.measure_speed(tiny_model("qwen2"))
     assert measured.prefill_tokens_per_s > 0 and measured.decode_tokens_per_s > 0 and measured.batch == 2
-    assert "tokens/s" in measured.describe()
+    assert measured.wide_batch == 8 and measured.wide_step_ratio is not None and measured.wide_step_ratio > 0
+    assert "tokens/s" in measured.describe() and "a step of 8 rows" in measured.describe()
+    assert speed.measure_speed(tiny_model("qwen2"), wide_batch=0).wide_step_ratio is None
+
+
+def test_a_step_grows_with_the_rows_as_measured_at_two_batches():
+    """The starter on two CPU cores: a step of 2 rows 96 ms, of 8 rows 234 ms (bench/README.md); 16 and 32 rows
+    measured 272 and 321 ms, which the log interpolation puts at 303 and 372 ms (the linear rule: 768 and 1536)."""
+    measured = speed.ModelSpeed(prefill_tokens_per_s=300.0, decode_tokens_per_s=2 / 0.096, batch=2, seconds=1.0,
+                                wide_batch=8, wide_step_ratio=0.234 / 0.096)
+    assert measured.step_seconds(1) == pytest.approx(0.096)
+    assert measured.step_seconds(8) == pytest.approx(0.234)
+    assert measured.step_seconds(16) == pytest.approx(0.303, abs=0.001)
+    assert measured.step_seconds(32) == pytest.approx(0.372, abs=0.001)
+    linear = speed.ModelSpeed(prefill_tokens_per_s=300.0, decode_tokens_per_s=2 / 0.096, batch=2, seconds=1.0)
+    assert linear.step_seconds(32) == pytest.approx(0.096 * 16)
+    flat = speed.ModelSpeed(prefill_tokens_per_s=300.0, decode_tokens_per_s=2 / 0.01, batch=2, seconds=1.0,
+                            wide_batch=8, wide_step_ratio=0.9)  # a GPU: no slower with more rows
+    assert flat.step_seconds(64) == pytest.approx(0.01)
+    rows_32 = speed.generation_seconds(measured, 64, 32, 32)
+    assert rows_32 == pytest.approx(2 * (32 * 40 / 300 + 32 * measured.step_seconds(32)))
 
 
 def test_estimates_scale_with_the_work_and_the_speed():

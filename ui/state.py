@@ -124,7 +124,7 @@ def model_speed():
     if key is None:
         return None
     try:
-        with st.spinner("Measuring this model's speed (once, about a second)…"):
+        with st.spinner("Measuring this model's speed (once, a few seconds)…"):
             return _speed_cached(*_args(key))
     except Exception:  # noqa: BLE001 - a hint is a convenience; the page works without it
         return None
