@@ -13,6 +13,7 @@ from ssn_core.generation.decoder import StopFn, _Batch, _Decoder, _keep_rows, _m
 from ssn_core.generation.masks import _applied, _row_masks
 from ssn_core.generation.settings import GenerationSettings
 from ssn_core.loading import LoadedModel
+from ssn_core.packed import pack_rows, packed_linears
 
 RowProgress = Callable[[int, int], None]  # (replies finished, replies in all)
 
@@ -81,38 +82,40 @@ def _generate_rows(lm: LoadedModel, prompts: list[list[int]], settings: Generati
         check_cancel(cancel, "generation was cancelled")
         return halt is not None and halt.is_set()
 
-    while not halted():
-        if batch is not None and any(batch.done) and not fixed:
-            keep = [p for p, d in enumerate(batch.done) if not d]
-            if not keep:
-                batch = None
-            elif hasattr(batch.cache, "batch_select_indices"):
-                _keep_rows(batch, keep)
-        if waiting and (batch is None or (not fixed and len(batch.rows) < capacity and _plain_cache(batch.cache))):
-            room = capacity - (0 if batch is None else len(batch.rows))
-            chunk = [waiting.popleft() for _ in range(min(room, len(waiting)))]
-            for group in _length_groups(chunk, own_tokens) if mergeable else [chunk]:
-                with _applied(lm, interventions, masks, group):
-                    new = decoder.prefill(group, prompts, prefix)
-                batch = new if batch is None else _merge(batch, new)
-                mergeable = mergeable or (not fixed and _plain_cache(batch.cache))
-            if on_step is not None:
-                on_step(decoder.tokens)
-            continue
-        if batch is None or all(batch.done):
-            if not waiting:
-                break
-            continue
-        if fixed or not hasattr(batch.cache, "batch_select_indices"):
-            leave_at = len(batch.rows)  # this cache cannot drop rows: run the batch to its end
-        else:
-            refill = bool(waiting) and _plain_cache(batch.cache)
-            leave_at = max(1, int(len(batch.rows) * (_LEAVE_SHARE if refill else _LEAVE_SHARE_LAST)))
-        with _applied(lm, interventions, masks, batch.rows):
-            while not all(batch.done) and not halted():
-                decoder.step(batch)
+    # Decoding steps of this many rows run MKL's packed products (CPU, float32; see ssn_core.packed).
+    with packed_linears(lm.model, pack_rows(min(capacity, n), settings.max_new_tokens)):
+        while not halted():
+            if batch is not None and any(batch.done) and not fixed:
+                keep = [p for p, d in enumerate(batch.done) if not d]
+                if not keep:
+                    batch = None
+                elif hasattr(batch.cache, "batch_select_indices"):
+                    _keep_rows(batch, keep)
+            if waiting and (batch is None or (not fixed and len(batch.rows) < capacity and _plain_cache(batch.cache))):
+                room = capacity - (0 if batch is None else len(batch.rows))
+                chunk = [waiting.popleft() for _ in range(min(room, len(waiting)))]
+                for group in _length_groups(chunk, own_tokens) if mergeable else [chunk]:
+                    with _applied(lm, interventions, masks, group):
+                        new = decoder.prefill(group, prompts, prefix)
+                    batch = new if batch is None else _merge(batch, new)
+                    mergeable = mergeable or (not fixed and _plain_cache(batch.cache))
                 if on_step is not None:
                     on_step(decoder.tokens)
-                if sum(batch.done) >= leave_at:
+                continue
+            if batch is None or all(batch.done):
+                if not waiting:
                     break
+                continue
+            if fixed or not hasattr(batch.cache, "batch_select_indices"):
+                leave_at = len(batch.rows)  # this cache cannot drop rows: run the batch to its end
+            else:
+                refill = bool(waiting) and _plain_cache(batch.cache)
+                leave_at = max(1, int(len(batch.rows) * (_LEAVE_SHARE if refill else _LEAVE_SHARE_LAST)))
+            with _applied(lm, interventions, masks, batch.rows):
+                while not all(batch.done) and not halted():
+                    decoder.step(batch)
+                    if on_step is not None:
+                        on_step(decoder.tokens)
+                    if sum(batch.done) >= leave_at:
+                        break
     return decoder.tokens

@@ -1,0 +1,213 @@
+"""MKL's packed matrix product for the linear layers of a batch's decoding steps on the CPU.
+
+Why: a decoding step sends a few rows (one new token per reply) through every weight matrix, and on the CPU 87% of
+a 16-row step is `aten::mm` (bench/README.md, issue 17). MKL's kernel for a short, wide product reads the weight in
+its stored layout. MKL can also reorder a weight once into the layout its kernel reads (``cblas_sgemm_pack``). PyTorch
+exposes that as ``torch.ops.mkl._mkl_reorder_linear_weight`` / ``_mkl_linear``; Inductor's CPU freezing uses the
+same two ops. On the starter each later product is then 1.5-2× faster for 8-32 rows, and a whole 16-row step is
+1.5× faster (`python -m bench --only validation-throughput`).
+
+How it is used: `packed_linears(model, rows)` around a generation packs every float32 ``nn.Linear`` weight for
+products of ``rows`` rows. Inside it, in the current contextvars context only (as for hooks.py's hooks), a layer
+whose input has between ``rows / 4`` and ``rows`` rows runs the packed product. Its input is padded with zero rows
+up to ``rows``, because a packed weight serves only the row count it was packed for. Any other call runs
+``nn.Linear.forward`` unchanged: a prefill's many rows, autograd, another thread, a layer whose weight changed in
+place since it was packed (its tensor version moved). A layer keeps its forward hooks; only the kernel under its
+forward changes.
+
+What changes in the results: float rounding only. A packed product differs from ``F.linear`` by about 1e-6
+relative, as ``F.linear``'s own rows differ between batch sizes. Under greedy decoding that can flip a near-tie,
+and so can a change of batch. A packed row does not depend on the other rows of its product (padding included);
+tests check this bit for bit.
+
+The cost: a packed copy of every weight for the context's duration (the starter: about 2 GB, 0.3-0.5 s to
+pack). It is skipped where that memory is not available, where the MKL ops are missing (non-x86 builds) or fail a
+self-test, and when ``SSN_PACKED_LINEAR=0`` is set in the environment.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Outside this band of rows a step is better served by F.linear: at 1-2 rows MKL's plain kernel is already
+# memory-bound and cheaper than a padded packed product, and from 64 rows packing gained 1.05× on the starter.
+MIN_PACK_ROWS = 4
+MAX_PACK_ROWS = 32
+_MEMORY_MARGIN_BYTES = 1 << 30  # free memory to leave after the packed copies are made
+
+_ENV_SWITCH = "SSN_PACKED_LINEAR"
+
+
+@dataclass
+class _PackedWeight:
+    """One layer's weight reordered for products of ``rows`` rows (valid while the weight tensor is unchanged)."""
+
+    weight: torch.Tensor  # the module's weight, as packed  [out, in]
+    version: int  # its tensor version then; an in-place edit moves it
+    packed: torch.Tensor  # MKL's opaque packed layout
+    rows: int  # the product's row count (inputs are padded up to it)
+    min_rows: int  # fewer rows than this: F.linear is cheaper than the padded product
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        flat = x.reshape(rows, x.shape[-1])  # [rows, in]
+        if rows < self.rows:
+            flat = torch.cat([flat, flat.new_zeros(self.rows - rows, flat.shape[1])])  # [self.rows, in]
+        out = torch.ops.mkl._mkl_linear(flat, self.packed, self.weight, bias, self.rows)  # [self.rows, out]
+        return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
+
+
+# The packed weights active in the current context (thread / task): id(module) -> its packed weight.
+_ACTIVE: ContextVar[dict[int, _PackedWeight] | None] = ContextVar("ssn_packed_linears", default=None)
+_INSTALLED: dict[int, tuple[nn.Module, int]] = {}  # id(module) -> (module, contexts using its dispatch)
+_LOCK = threading.Lock()
+
+
+def _dispatch(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """The forward of a layer while some context packs it: the packed product when this context's call qualifies."""
+    active = _ACTIVE.get()
+    packed = active.get(id(module)) if active else None
+    if (packed is not None and module.weight is packed.weight and module.weight._version == packed.version
+            and not torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu"
+            and packed.min_rows <= x.numel() // max(x.shape[-1], 1) <= packed.rows):
+        return packed.linear(x, module.bias)
+    return nn.Linear.forward(module, x)
+
+
+@functools.cache
+def kernel_available() -> bool:
+    """Whether this torch build has MKL's packed ops and they agree with F.linear (checked once per process)."""
+    mkl = getattr(torch.ops, "mkl", None)
+    if not torch.backends.mkl.is_available() or mkl is None:
+        return False
+    try:
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.randn(24, 40, generator=generator)  # [out, in]
+        bias = torch.randn(24, generator=generator)
+        x = torch.randn(8, 40, generator=generator)  # [rows, in]
+        packed = _PackedWeight(weight, weight._version, mkl._mkl_reorder_linear_weight(weight, 8), 8, 1)
+        return bool(torch.allclose(packed.linear(x, bias), F.linear(x, weight, bias), rtol=1e-4, atol=1e-5)
+                    and torch.equal(packed.linear(x[:3], bias), packed.linear(x, bias)[:3]))
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return False
+
+
+def _enabled_by_environment() -> bool:
+    return os.environ.get(_ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def packable_layers(model: nn.Module) -> list[nn.Linear]:
+    """The layers `packed_linears` would pack: plain float32 ``nn.Linear`` on the CPU, whose forward nobody else
+    replaced (accelerate's offloading and quantized layers keep theirs)."""
+    layers = []
+    for module in model.modules():
+        if type(module) is not nn.Linear:
+            continue
+        weight = module.weight
+        if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
+            continue
+        forward = module.__dict__.get("forward")
+        if forward is not None and getattr(forward, "__func__", None) is not _dispatch:
+            continue
+        layers.append(module)
+    return layers
+
+
+def pack_rows(rows_in_flight: int, max_new_tokens: int) -> int | None:
+    """The row count to pack for when a generation keeps ``rows_in_flight`` rows for up to ``max_new_tokens`` steps,
+    or None when packing would not pay (too few or too many rows, or too few steps to repay 0.3-0.5 s of packing)."""
+    if max_new_tokens < 8 or not MIN_PACK_ROWS <= rows_in_flight <= MAX_PACK_ROWS:
+        return None
+    return rows_in_flight
+
+
+@contextmanager
+def packed_linears(model: nn.Module, rows: int | None) -> Iterator[int]:
+    """Decoding steps of up to ``rows`` rows inside the block use packed weights (see the module docstring).
+
+    Yields how many layers were packed: 0 when ``rows`` is None, the kernel or the memory is missing, it is switched
+    off, or an enclosing block of this context already packs. Always restores every layer's forward on exit.
+    """
+    if rows is None or _ACTIVE.get() is not None or not _enabled_by_environment() or not kernel_available():
+        yield 0
+        return
+    layers = packable_layers(model)
+    needed = sum(layer.weight.numel() * 4 for layer in layers)
+    available = _available_memory_bytes()
+    if not layers or (available is not None and available < needed + _MEMORY_MARGIN_BYTES):
+        yield 0
+        return
+    min_rows = max(MIN_PACK_ROWS, -(-rows // 4))
+    try:
+        with torch.no_grad():
+            packs = {id(layer): _PackedWeight(layer.weight, layer.weight._version,
+                                              torch.ops.mkl._mkl_reorder_linear_weight(layer.weight.detach(), rows),
+                                              rows, min_rows)
+                     for layer in layers}
+    except (RuntimeError, MemoryError):  # packing is an optimisation: without the memory, run unpacked
+        packs = {}
+    if not packs:
+        yield 0
+        return
+    token = None
+    try:
+        _install(layers)
+        token = _ACTIVE.set(packs)
+        yield len(packs)
+    finally:
+        if token is not None:
+            _ACTIVE.reset(token)
+        _uninstall(layers)
+
+
+def _install(layers: list[nn.Linear]) -> None:
+    with _LOCK:
+        for layer in layers:
+            entry = _INSTALLED.get(id(layer))
+            if entry is None:
+                layer.forward = types.MethodType(_dispatch, layer)  # type: ignore[method-assign]
+                _INSTALLED[id(layer)] = (layer, 1)
+            else:
+                _INSTALLED[id(layer)] = (layer, entry[1] + 1)
+
+
+def _uninstall(layers: list[nn.Linear]) -> None:
+    with _LOCK:
+        for layer in layers:
+            entry = _INSTALLED.get(id(layer))
+            if entry is None:
+                continue
+            if entry[1] > 1:
+                _INSTALLED[id(layer)] = (layer, entry[1] - 1)
+            else:
+                del _INSTALLED[id(layer)]
+                layer.__dict__.pop("forward", None)
+
+
+def packed_layer_count(model: nn.Module) -> int:
+    """Layers of ``model`` whose forward is currently the packed dispatch (0 once every context has exited)."""
+    return sum(1 for module in model.modules()
+               if getattr(module.__dict__.get("forward"), "__func__", None) is _dispatch)
