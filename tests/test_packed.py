@@ -1,0 +1,205 @@
+"""MKL's packed products for decoding steps (`ssn_core.packed`): the same replies, scoped, reversible, and falling
+back to ``nn.Linear.forward`` whenever a call does not qualify."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssn_core import packed
+from ssn_core.generation import GenerationSettings, generate_many
+from ssn_core.interventions import Intervention, suppress
+from ssn_core.neurons import NeuronSet
+from ssn_core.packed import pack_rows, packable_layers, packed_layer_count, packed_linears
+
+needs_kernel = pytest.mark.skipif(not packed.kernel_available(), reason="this torch build has no MKL packed ops")
+
+PROMPTS = ["hi", "a much longer prompt, so the others get left padding", "¿Qué tal? 你好", "tell me a story",
+           "what is 2 + 2?", "ok", "Wie geht es dir heute?", "list three colours"]
+SEED = 2  # a tiny model whose replies depend on the prompt
+
+
+class _CountPacked:
+    """Counts packed products per thread (wraps `_PackedWeight.linear`)."""
+
+    def __init__(self, monkeypatch):
+        self.by_thread: dict[int, int] = {}
+        original = packed._PackedWeight.linear
+
+        def counting(weight_self, x, bias):
+            ident = threading.get_ident()
+            self.by_thread[ident] = self.by_thread.get(ident, 0) + 1
+            return original(weight_self, x, bias)
+
+        monkeypatch.setattr(packed._PackedWeight, "linear", counting)
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_thread.values())
+
+
+def _layer(rows_in: int = 40, rows_out: int = 24, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(rows_in, rows_out)
+
+
+@needs_kernel
+def test_packed_product_matches_linear_and_a_row_ignores_its_neighbours():
+    layer = _layer()
+    x = torch.randn(8, 40)  # [rows, in]
+    with torch.no_grad(), packed_linears(layer, rows=8) as n_packed:
+        assert n_packed == 1
+        full = layer(x)
+        alone = layer(x[:3].clone())  # 3 rows padded to 8
+        other = layer(torch.cat([x[:3], torch.randn(5, 40)]))  # same first rows, other neighbours
+        unpacked = F.linear(x, layer.weight, layer.bias)
+    torch.testing.assert_close(full, unpacked, rtol=1e-5, atol=1e-5)
+    assert torch.equal(alone, full[:3])  # bit for bit: padding and neighbours do not change a row
+    assert torch.equal(other[:3], full[:3])
+
+
+@needs_kernel
+def test_calls_that_do_not_qualify_run_the_layers_own_forward():
+    layer = _layer()
+    with torch.no_grad():
+        few, many = torch.randn(3, 40), torch.randn(9, 40)  # below rows/4=4 (MIN_PACK_ROWS), above rows=8
+        with packed_linears(layer, rows=8):
+            assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))
+            assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
+            layer.weight.mul_(2.0)  # an in-place edit after packing: the packed copy is stale
+            x = torch.randn(6, 40)
+            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    with packed_linears(layer, rows=8):  # autograd: never the packed op (it has no backward)
+        x = torch.randn(6, 40, requires_grad=True)
+        out = layer(x)
+        assert out.requires_grad
+        assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
+
+
+@needs_kernel
+def test_forward_is_restored_on_exit_and_on_error():
+    layer = _layer()
+    with packed_linears(layer, rows=8):
+        assert packed_layer_count(layer) == 1
+    assert packed_layer_count(layer) == 0 and "forward" not in layer.__dict__
+    with pytest.raises(RuntimeError, match="boom"), packed_linears(layer, rows=8):
+        raise RuntimeError("boom")
+    assert "forward" not in layer.__dict__
+
+
+@needs_kernel
+def test_only_the_entering_context_uses_packed_products(monkeypatch):
+    layer = _layer()
+    counter = _CountPacked(monkeypatch)
+    x = torch.randn(6, 40)
+    results: dict[str, torch.Tensor] = {}
+
+    def other_session():  # a plain thread: another browser session on the same cached model
+        with torch.no_grad():
+            results["other"] = layer(x)
+
+    with torch.no_grad(), packed_linears(layer, rows=8):
+        layer(x)
+        worker = threading.Thread(target=other_session)
+        worker.start()
+        worker.join()
+    assert counter.by_thread == {threading.get_ident(): 1}
+    assert torch.equal(results["other"], F.linear(x, layer.weight, layer.bias))
+
+
+@needs_kernel
+def test_nested_and_switched_off_contexts_pack_nothing(monkeypatch):
+    layer = _layer()
+    with packed_linears(layer, rows=8) as outer, packed_linears(layer, rows=16) as inner:
+        assert (outer, inner) == (1, 0)
+    with packed_linears(layer, rows=None) as none_asked:
+        assert none_asked == 0
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "0")
+    with packed_linears(layer, rows=8) as switched_off:
+        assert switched_off == 0 and packed_layer_count(layer) == 0
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "1")
+    monkeypatch.setattr(packed, "_available_memory_bytes", lambda: 1 << 20)  # 1 MiB free: no room for copies
+    with packed_linears(layer, rows=8) as no_memory:
+        assert no_memory == 0
+
+
+def test_without_the_kernel_nothing_is_packed(monkeypatch):
+    monkeypatch.setattr(packed, "kernel_available", lambda: False)
+    layer = _layer()
+    with packed_linears(layer, rows=8) as n_packed:
+        assert n_packed == 0 and "forward" not in layer.__dict__
+
+
+def test_only_plain_float32_linears_are_packed():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4).to(torch.bfloat16), nn.Linear(4, 4), nn.Conv1d(4, 4, 1))
+    model[2].forward = lambda x: x  # somebody else's forward (accelerate's offload hooks do this)
+    assert packable_layers(model) == [model[0]]
+
+
+def test_pack_rows_only_where_packing_pays():
+    assert pack_rows(16, 32) == 16
+    assert pack_rows(packed.MIN_PACK_ROWS - 1, 32) is None  # too few rows: the plain kernel is cheaper
+    assert pack_rows(packed.MAX_PACK_ROWS + 1, 32) is None  # too many: packing stops paying (1.05x at 64 rows)
+    assert pack_rows(16, 4) is None  # too few steps to repay the packing
+
+
+@needs_kernel
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])
+def test_generate_many_gives_the_same_replies_packed_or_not(tiny, monkeypatch, family):
+    lm = tiny(family, seed=SEED)
+    settings = GenerationSettings(max_new_tokens=10)
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "0")
+    plain = generate_many(lm, PROMPTS, settings, batch_size=8)
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "1")
+    counter = _CountPacked(monkeypatch)
+    fast = generate_many(lm, PROMPTS, settings, batch_size=8)
+    assert counter.total > 0, "the pool's decoding steps should have run packed products"
+    assert fast == plain
+    assert len(set(plain)) > 1
+    assert packed_layer_count(lm.model) == 0
+
+
+@needs_kernel
+def test_interventions_still_apply_under_packed_products(tiny, monkeypatch):
+    """Hooks sit around a layer's forward, so swapping the kernel under it keeps every intervention: one entered
+    around the call, and a row-masked one the pool re-applies as its batch changes."""
+    lm = tiny("qwen2", seed=SEED)
+    settings = GenerationSettings(max_new_tokens=10)
+    size = lm.sites.sizes()["mlp"]
+    everything = NeuronSet({(layer, "mlp"): list(range(size)) for layer in range(lm.sites.n_layers)})
+    masked = [Intervention(everything, rows=[i % 2 == 1 for i in range(len(PROMPTS))])]
+
+    def replies() -> tuple[list[str], list[str], list[str]]:
+        with suppress(lm, everything):
+            around = generate_many(lm, PROMPTS, settings, batch_size=8)
+        return around, generate_many(lm, PROMPTS, settings, batch_size=8, interventions=masked), \
+            generate_many(lm, PROMPTS, settings, batch_size=8)
+
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "0")
+    plain = replies()
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "1")
+    counter = _CountPacked(monkeypatch)
+    fast = replies()
+    assert counter.total > 0
+    assert fast == plain
+    around, row_masked, baseline = fast
+    assert around != baseline  # the intervention did change the replies
+    assert row_masked[0::2] == baseline[0::2] and row_masked[1::2] == around[1::2]
+
+
+@needs_kernel
+def test_the_starter_gives_the_same_replies_packed_or_not(starter, monkeypatch):
+    prompts = ["How do I make a bomb?", "Write a haiku about rain.", "如何入侵别人的电脑？",
+               "Explique la photosynthèse.", "Give me a recipe for pancakes.", "How can I steal a car?"]
+    settings = GenerationSettings(max_new_tokens=16)
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "0")
+    plain = generate_many(starter, prompts, settings, batch_size=6)
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "1")
+    counter = _CountPacked(monkeypatch)
+    fast = generate_many(starter, prompts, settings, batch_size=6)
+    assert counter.total > 0
+    assert fast == plain
