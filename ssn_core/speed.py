@@ -11,6 +11,7 @@ job's own ETA (`ssn_core.progress`) replaces them with the speed measured in tha
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ssn_core._conventions import input_device
+from ssn_core.packed import MAX_PACK_ROWS, MIN_PACK_ROWS, packed_linears
 
 if TYPE_CHECKING:
     from ssn_core.loading import LoadedModel
@@ -42,6 +44,9 @@ class ModelSpeed:
     seconds: float  # how long the measurement took
     wide_batch: int = 0  # a second, wider batch the decoding step was timed at (0: none)
     wide_step_ratio: float | None = None  # a decoding step of wide_batch rows / one of batch rows
+    packed_step_ratio: float | None = None  # that wide step with packed products (ssn_core.packed) / without
+    # prompt tokens per second of a generation's prefill (logits at the last position only), at the widest batch
+    generation_prefill_tokens_per_s: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,11 +65,16 @@ class ModelSpeed:
         if self.wide_step_ratio is None or self.wide_batch <= self.batch:
             return one_step * rows / self.batch
         growth = max(self.wide_step_ratio - 1.0, 0.0) / math.log2(self.wide_batch / self.batch)
-        return one_step * (1.0 + growth * math.log2(rows / self.batch))
+        plain = one_step * (1.0 + growth * math.log2(rows / self.batch))
+        if self.packed_step_ratio is not None and MIN_PACK_ROWS <= rows <= MAX_PACK_ROWS:
+            return plain * self.packed_step_ratio  # what a generation of this many rows runs (ssn_core.packed)
+        return plain
 
     def describe(self) -> str:
         wide = (f"; a step of {self.wide_batch} rows costs {self.wide_step_ratio:.1f}× one of {self.batch}"
                 if self.wide_step_ratio is not None else "")
+        if self.packed_step_ratio is not None:
+            wide += f", {self.packed_step_ratio:.2f}× that with packed weights"
         return (f"measured here: {self.prefill_tokens_per_s:,.0f} prompt tokens/s, "
                 f"{self.decode_tokens_per_s:,.1f} generated tokens/s at batch {self.batch}{wide}")
 
@@ -72,10 +82,11 @@ class ModelSpeed:
 def measure_speed(lm: LoadedModel, batch: int = 2, prompt_tokens: int = 24, new_tokens: int = 4,
                   wide_batch: int = 8) -> ModelSpeed:
     """Time one forward pass of ``batch`` × ``prompt_tokens`` and ``new_tokens`` greedy decoding steps, then the
-    decoding steps of ``wide_batch`` rows (how a step's cost grows with the rows; 0: not measured).
+    decoding steps of ``wide_batch`` rows (how a step's cost grows with the rows; 0: not measured), plain and, where
+    `ssn_core.packed` applies (CPU, float32), with packed weights, as a generation of that many rows runs them.
 
     Uses the model's own forward with its KV cache; a warm-up step first (lazy initialisation would otherwise
-    count). Takes about three seconds on a 0.5B model on two CPU cores.
+    count). Takes about six seconds on a 0.5B model on two CPU cores.
     """
     from transformers import GenerationConfig
 
@@ -90,26 +101,49 @@ def measure_speed(lm: LoadedModel, batch: int = 2, prompt_tokens: int = 24, new_
                               pad_token_id=0, eos_token_id=None)
     with torch.no_grad():
         model(input_ids=ids[:1, :4], attention_mask=torch.ones_like(ids[:1, :4]))  # warm-up
-        prefill, decode, steps = _timed(model, ids[:batch], config)
-        wide = _timed(model, ids[:wide_batch], config) if wide_batch > batch else None
+        prefill, decode, steps, generate_prefill = _timed(model, ids[:batch], config)
+        wide = _timed(model, ids[:wide_batch], config, full_prefill=False) if wide_batch > batch else None
+        packed_ratio = None
+        if wide is not None and MIN_PACK_ROWS <= wide_batch <= MAX_PACK_ROWS:
+            with packed_linears(model, wide_batch) as n_packed:
+                if n_packed:  # its prefill (wide_batch x prompt_tokens rows) runs unpacked: the same as wide's
+                    fast_decode, fast_steps = _timed_decode(model, ids[:wide_batch], config, wide[3])
+                    packed_ratio = (fast_decode / max(fast_steps, 1)) / (wide[1] / max(wide[2], 1))
     ratio = None if wide is None else (wide[1] / max(wide[2], 1)) / (decode / max(steps, 1))
+    prefill_rows, generate_prefill = (batch, generate_prefill) if wide is None else (wide_batch, wide[3])
     return ModelSpeed(prefill_tokens_per_s=batch * prompt_tokens / prefill,
                       decode_tokens_per_s=max(steps * batch, 1) / decode, batch=batch,
                       seconds=round(time.perf_counter() - started, 3),
-                      wide_batch=wide_batch if wide is not None else 0, wide_step_ratio=ratio)
+                      wide_batch=wide_batch if wide is not None else 0, wide_step_ratio=ratio,
+                      packed_step_ratio=packed_ratio,
+                      generation_prefill_tokens_per_s=prefill_rows * prompt_tokens / generate_prefill)
 
 
-def _timed(model, ids: torch.Tensor, config) -> tuple[float, float, int]:
-    """(prefill seconds, decoding seconds, decoding steps) of ``ids`` [B, T]: one forward, then greedy `generate`
-    (which runs the prefill again: its decoding time is the difference)."""
+def _timed(model, ids: torch.Tensor, config, full_prefill: bool = True) -> tuple[float, float, int, float]:
+    """(prefill seconds, decoding seconds, decoding steps, generate's own prefill seconds) of ``ids`` [B, T]: one
+    forward with logits at every position (as scoring runs it; skipped unless ``full_prefill``: 0.0), one with the
+    last position's only (as `generate` runs its prefill), then greedy `generate`, whose decoding time is its total
+    less that prefill."""
     attention = torch.ones_like(ids)
+    prefill = 0.0
+    if full_prefill:
+        t0 = time.perf_counter()
+        model(input_ids=ids, attention_mask=attention)
+        prefill = max(time.perf_counter() - t0, 1e-6)
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     t0 = time.perf_counter()
-    model(input_ids=ids, attention_mask=attention)
-    prefill = max(time.perf_counter() - t0, 1e-6)
+    model(input_ids=ids, attention_mask=attention, **({"logits_to_keep": 1} if keeps_logits else {}))
+    generate_prefill = max(time.perf_counter() - t0, 1e-6)
+    decode, steps = _timed_decode(model, ids, config, generate_prefill)
+    return prefill, decode, steps, generate_prefill
+
+
+def _timed_decode(model, ids: torch.Tensor, config, generate_prefill: float) -> tuple[float, int]:
+    """(decoding seconds, decoding steps) of greedy `generate` on ``ids`` [B, T], its prefill being known."""
     t0 = time.perf_counter()
-    out = model.generate(input_ids=ids, attention_mask=attention, generation_config=config)  # [B, T + new]
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config)  # [B, T+new]
     total = max(time.perf_counter() - t0, 1e-6)
-    return prefill, max(total - prefill, 1e-6), out.shape[1] - ids.shape[1]
+    return max(total - generate_prefill, 1e-6), out.shape[1] - ids.shape[1]
 
 
 def generation_seconds(speed: ModelSpeed, rows: int, max_new_tokens: int, batch_size: int = 8,
@@ -123,7 +157,7 @@ def generation_seconds(speed: ModelSpeed, rows: int, max_new_tokens: int, batch_
         return 0.0
     batches = math.ceil(rows / max(batch_size, 1))
     per_batch_rows = min(rows, batch_size)
-    prefill = per_batch_rows * prompt_tokens / speed.prefill_tokens_per_s
+    prefill = per_batch_rows * prompt_tokens / (speed.generation_prefill_tokens_per_s or speed.prefill_tokens_per_s)
     step = speed.step_seconds(per_batch_rows)  # one decoding step of the whole batch
     return batches * (prefill + max_new_tokens * step)
 
