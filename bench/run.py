@@ -24,6 +24,7 @@ def _registry() -> dict[str, tuple[Callable[[BenchContext], BenchResult], str]]:
     from bench.memory import scoring_memory
     from bench.methods_bench import methods_vs_forward
     from bench.scoring_bench import scoring_vs_ablation, scoring_vs_forward, scoring_vs_peer
+    from bench.step_cost import step_cost
     from bench.train_step import train_step
     from bench.validation_bench import validation_throughput
 
@@ -35,6 +36,7 @@ def _registry() -> dict[str, tuple[Callable[[BenchContext], BenchResult], str]]:
         "hook-overhead": (hook_overhead, "generation with a 0.3% suppression set; A/B batched (>= 0.97x, <= 1.3x)"),
         "validation-throughput": (validation_throughput, ("validation/evaluation replies per second, new vs old path "
                                   "(goal >= 2x)")),
+        "step-cost": (step_cost, "a decoding step's cost by rows in flight, plain vs packed weights"),
         "train-step": (train_step, "targeted vs LoRA vs full FT (<= 0.6x time, <= 0.5x memory, <= 1% params)"),
         "cold-start": (cold_start, "starter load: GGUF conversion vs safetensors cache"),
         "methods-vs-forward": (methods_vs_forward,

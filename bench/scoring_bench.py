@@ -145,7 +145,21 @@ def _nnsight_runner(lm, batches):
     except ImportError as exc:
         return None, f"nnsight is not installed ({exc})"
     sites = _site_list(lm)
+    before = {id(m) for m in lm.model.modules() if "forward" in m.__dict__}
     wrapped = NNsight(lm.model)
+    # NNsight replaces every module's forward for good; keep its replacements only while its own runs go, so that
+    # ours (and every later benchmark on the shared model) runs the model's own forwards.
+    patched = [(m, m.__dict__["forward"]) for m in lm.model.modules()
+               if "forward" in m.__dict__ and id(m) not in before]
+
+    def attached(on: bool) -> None:
+        for module, forward in patched:
+            if on:
+                module.forward = forward
+            else:
+                module.__dict__.pop("forward", None)
+
+    attached(False)
 
     def envoy(site):
         module = wrapped
@@ -154,6 +168,13 @@ def _nnsight_runner(lm, batches):
         return module.input if site.where == "in" else module.output
 
     def run():
+        attached(True)
+        try:
+            return _trace_all()
+        finally:
+            attached(False)
+
+    def _trace_all():
         results = []
         for batch in batches:
             saved = []

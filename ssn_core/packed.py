@@ -160,7 +160,7 @@ def packed_linears(model: nn.Module, rows: int | None) -> Iterator[int]:
     if not layers or (available is not None and available < needed + _MEMORY_MARGIN_BYTES):
         yield 0
         return
-    min_rows = max(MIN_PACK_ROWS, -(-rows // 4))
+    min_rows = min(rows, max(MIN_PACK_ROWS, -(-rows // 4)))  # `pack_rows` keeps the pool's rows to 4-32
     try:
         with torch.no_grad():
             packs = {id(layer): _PackedWeight(layer.weight, layer.weight._version,
