@@ -1,14 +1,12 @@
-"""What one decoding step costs by rows in flight, plain and with packed weights (`ssn_core.packed`).
+"""What one decoding step costs by rows in flight, plain and with packed weights (`ssn_core.packed_linear`).
 
 A step is one forward of one new token per row over a KV cache of ``cache_tokens`` prompt tokens (random ids),
-logits at the last position only, as the pool's decoder runs it. Each row count is timed plain and inside
-``packed_linears(model, rows)`` (the pool packs for its rows in flight), alternating, the fastest of the rounds.
-The packed step's greedy tokens are compared with the plain step's.
+logits at the last position only, as the pool's decoder runs it (the cache is cropped back after each step). Each
+row count is timed plain and inside ``packed_linears(model, rows)`` (the pool packs for its rows in flight),
+alternating, the fastest of the rounds. The packed step's greedy tokens are compared with the plain step's.
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 
@@ -16,16 +14,19 @@ from bench.common import BenchContext, BenchResult, alternate, fmt_ratio, goal_t
 
 
 def _step_fn(model, cache, next_ids):
+    """One decoding step over ``cache``, which is cropped back after it (so every call sees the same cache length and
+    pays what a real step pays: the new key and value appended to every layer's cache)."""
     def step():
         with torch.no_grad():
-            return model(input_ids=next_ids, past_key_values=copy.deepcopy(cache), use_cache=True,
-                         logits_to_keep=1).logits[:, -1]  # [rows, V]
+            logits = model(input_ids=next_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        cache.crop(-1)
+        return logits[:, -1]  # [rows, V]
 
     return step
 
 
 def step_cost(ctx: BenchContext) -> BenchResult:
-    packed = require("ssn_core.packed")
+    packed = require("ssn_core.packed_linear")
     lm, cfg = ctx.lm, ctx.config
     model = lm.model
     row_counts = cfg.pick([1, 4], [1, 2, 4, 8, 16, 32, 64], [1, 2, 4, 8, 16, 24, 32, 48, 64])
@@ -80,7 +81,7 @@ def step_cost(ctx: BenchContext) -> BenchResult:
 
 def _outside(step):
     """``step`` run with packing switched off for the call (the same process, the same cache copy)."""
-    packed = require("ssn_core.packed")
+    packed = require("ssn_core.packed_linear")
 
     def plain():
         token = packed._ACTIVE.set(None)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ssn_core._conventions import input_device
-from ssn_core.packed import MAX_PACK_ROWS, MIN_PACK_ROWS, packed_linears
+from ssn_core.packed_linear import MAX_PACK_ROWS, MIN_PACK_ROWS, packed_linears
 
 if TYPE_CHECKING:
     from ssn_core.loading import LoadedModel
@@ -44,7 +44,7 @@ class ModelSpeed:
     seconds: float  # how long the measurement took
     wide_batch: int = 0  # a second, wider batch the decoding step was timed at (0: none)
     wide_step_ratio: float | None = None  # a decoding step of wide_batch rows / one of batch rows
-    packed_step_ratio: float | None = None  # that wide step with packed products (ssn_core.packed) / without
+    packed_step_ratio: float | None = None  # that wide step with packed products (ssn_core.packed_linear) / without
     # prompt tokens per second of a generation's prefill (logits at the last position only), at the widest batch
     generation_prefill_tokens_per_s: float | None = None
 
@@ -67,7 +67,7 @@ class ModelSpeed:
         growth = max(self.wide_step_ratio - 1.0, 0.0) / math.log2(self.wide_batch / self.batch)
         plain = one_step * (1.0 + growth * math.log2(rows / self.batch))
         if self.packed_step_ratio is not None and MIN_PACK_ROWS <= rows <= MAX_PACK_ROWS:
-            return plain * self.packed_step_ratio  # what a generation of this many rows runs (ssn_core.packed)
+            return plain * self.packed_step_ratio  # what a generation of this many rows runs (ssn_core.packed_linear)
         return plain
 
     def describe(self) -> str:
@@ -83,7 +83,7 @@ def measure_speed(lm: LoadedModel, batch: int = 2, prompt_tokens: int = 24, new_
                   wide_batch: int = 8) -> ModelSpeed:
     """Time one forward pass of ``batch`` × ``prompt_tokens`` and ``new_tokens`` greedy decoding steps, then the
     decoding steps of ``wide_batch`` rows (how a step's cost grows with the rows; 0: not measured), plain and, where
-    `ssn_core.packed` applies (CPU, float32), with packed weights, as a generation of that many rows runs them.
+    `ssn_core.packed_linear` applies (CPU, float32), with packed weights, as a generation of that many rows runs them.
 
     Uses the model's own forward with its KV cache; a warm-up step first (lazy initialisation would otherwise
     count). Takes about six seconds on a 0.5B model on two CPU cores.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ssn_core import packed, speed
+from ssn_core import packed_linear, speed
 from ssn_core.testing import tiny_model
 
 
@@ -15,21 +15,21 @@ def test_measure_speed_on_a_tiny_model():
     assert measured.generation_prefill_tokens_per_s is not None and measured.generation_prefill_tokens_per_s > 0
     assert "tokens/s" in measured.describe() and "a step of 8 rows" in measured.describe()
     assert speed.measure_speed(tiny_model("qwen2"), wide_batch=0).wide_step_ratio is None
-    if packed.kernel_available():  # the wide step is timed again as a generation of 8 rows runs it: packed
+    if packed_linear.kernel_available():  # the wide step is timed again as a generation of 8 rows runs it: packed
         assert measured.packed_step_ratio is not None and measured.packed_step_ratio > 0
         assert "packed weights" in measured.describe()
 
 
 def test_steps_a_generation_runs_packed_are_estimated_at_the_packed_cost():
-    """The starter: a step of 8 rows 234 ms, 147 ms packed (0.63×); packing covers 4-32 rows (ssn_core.packed)."""
+    """The starter: a step of 8 rows 234 ms, 147 ms packed (0.63×); `ssn_core.packed_linear` covers 4-32 rows."""
     plain = speed.ModelSpeed(prefill_tokens_per_s=300.0, decode_tokens_per_s=2 / 0.096, batch=2, seconds=1.0,
                              wide_batch=8, wide_step_ratio=0.234 / 0.096)
     fast = speed.ModelSpeed(prefill_tokens_per_s=300.0, decode_tokens_per_s=2 / 0.096, batch=2, seconds=1.0,
                             wide_batch=8, wide_step_ratio=0.234 / 0.096, packed_step_ratio=0.147 / 0.234)
     assert fast.step_seconds(8) == pytest.approx(0.147)
     assert fast.step_seconds(16) == pytest.approx(plain.step_seconds(16) * 0.147 / 0.234)
-    assert fast.step_seconds(2) == plain.step_seconds(2)  # below packed.MIN_PACK_ROWS: unpacked
-    assert fast.step_seconds(64) == plain.step_seconds(64)  # above packed.MAX_PACK_ROWS: unpacked
+    assert fast.step_seconds(2) == plain.step_seconds(2)  # below packed_linear.MIN_PACK_ROWS: unpacked
+    assert fast.step_seconds(64) == plain.step_seconds(64)  # above packed_linear.MAX_PACK_ROWS: unpacked
 
 
 def test_a_step_grows_with_the_rows_as_measured_at_two_batches():

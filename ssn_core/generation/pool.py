@@ -13,7 +13,7 @@ from ssn_core.generation.decoder import StopFn, _Batch, _Decoder, _keep_rows, _m
 from ssn_core.generation.masks import _applied, _row_masks
 from ssn_core.generation.settings import GenerationSettings
 from ssn_core.loading import LoadedModel
-from ssn_core.packed import pack_rows, packed_linears
+from ssn_core.packed_linear import pack_rows, packed_linears
 
 RowProgress = Callable[[int, int], None]  # (replies finished, replies in all)
 
@@ -82,7 +82,7 @@ def _generate_rows(lm: LoadedModel, prompts: list[list[int]], settings: Generati
         check_cancel(cancel, "generation was cancelled")
         return halt is not None and halt.is_set()
 
-    # Decoding steps of this many rows run MKL's packed products (CPU, float32; see ssn_core.packed).
+    # Decoding steps of this many rows run MKL's packed products (CPU, float32; see ssn_core.packed_linear).
     with packed_linears(lm.model, pack_rows(min(capacity, n), settings.max_new_tokens)):
         while not halted():
             if batch is not None and any(batch.done) and not fixed:

@@ -1,5 +1,5 @@
-"""MKL's packed products for decoding steps (`ssn_core.packed`): the same replies, scoped, reversible, and falling
-back to ``nn.Linear.forward`` whenever a call does not qualify."""
+"""MKL's packed products for decoding steps (`ssn_core.packed_linear`): the same replies, scoped, reversible, and
+falling back to ``nn.Linear.forward`` whenever a call does not qualify."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssn_core import packed
+from ssn_core import packed_linear as packed
 from ssn_core.generation import GenerationSettings, generate_many
 from ssn_core.interventions import Intervention, suppress
 from ssn_core.neurons import NeuronSet
-from ssn_core.packed import pack_rows, packable_layers, packed_layer_count, packed_linears
+from ssn_core.packed_linear import pack_rows, packable_layers, packed_layer_count, packed_linears
 
 needs_kernel = pytest.mark.skipif(not packed.kernel_available(), reason="this torch build has no MKL packed ops")
 
