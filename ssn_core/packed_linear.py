@@ -107,6 +107,12 @@ def _enabled_by_environment() -> bool:
     return os.environ.get(_ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def enabled() -> bool:
+    """Whether generations in this process may run packed products (the kernel works and ``SSN_PACKED_LINEAR`` does
+    not switch it off); run manifests record it beside the library versions, since it changes float rounding."""
+    return _enabled_by_environment() and kernel_available()
+
+
 def _available_memory_bytes() -> int | None:
     """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
     try:
@@ -151,7 +157,7 @@ def packed_linears(model: nn.Module, rows: int | None) -> Iterator[int]:
     Yields how many layers were packed: 0 when ``rows`` is None, the kernel or the memory is missing, it is switched
     off, or an enclosing block of this context already packs. Always restores every layer's forward on exit.
     """
-    if rows is None or _ACTIVE.get() is not None or not _enabled_by_environment() or not kernel_available():
+    if rows is None or _ACTIVE.get() is not None or not enabled():
         yield 0
         return
     layers = packable_layers(model)

@@ -310,6 +310,7 @@ def test_manifest_records_settings_and_judges(tmp_path, tiny_lm):
     assert d["judges"][0]["name"] == "marker" and d["judges"][0]["version"].startswith("markers-")
     assert d["extra"]["run"] == "test" and d["extra"]["api_key"] == "***"
     assert d["model"]["chat_template_sha256"] is None or len(d["model"]["chat_template_sha256"]) == 16
+    assert d["versions"]["torch"] == torch.__version__ and isinstance(d["versions"]["packed_linear"], bool)
     path = tmp_path / "out" / "manifest.json"
     manifest.save(path)
     assert json.loads(path.read_text(encoding="utf-8")) == d

@@ -127,6 +127,15 @@ def test_nested_and_switched_off_contexts_pack_nothing(monkeypatch):
         assert no_memory == 0
 
 
+def test_manifests_record_whether_packed_products_may_run(monkeypatch):
+    from ssn_core.identify.run import _versions
+
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "0")
+    assert _versions()["packed_linear"] is False
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "1")
+    assert _versions()["packed_linear"] is packed.kernel_available()
+
+
 def test_without_the_kernel_nothing_is_packed(monkeypatch):
     monkeypatch.setattr(packed, "kernel_available", lambda: False)
     layer = _layer()

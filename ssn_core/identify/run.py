@@ -27,9 +27,10 @@ def _versions() -> dict:
     import transformers
 
     from ssn_core import __version__ as ssn_version
+    from ssn_core import packed_linear
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "ssn_core": ssn_version,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "packed_linear": packed_linear.enabled()}
 
 
 def identify(lm: LoadedModel, prompts, languages, hr=("en",), method: ScoringMethod | None = None,

@@ -37,15 +37,25 @@ def _redact(obj):
     return obj
 
 
+def _library_versions() -> dict:
+    """torch, transformers, ssn_core and Python versions, and whether packed products may run (greedy replies can
+    change with any of them)."""
+    from ssn_core.identify.run import _versions
+
+    return _versions()
+
+
 @dataclass
 class Manifest:
-    """What produced a set of results: generation settings, chat template, judges, model (never secrets)."""
+    """What produced a set of results: generation settings, chat template, judges, model, library versions (never
+    secrets)."""
 
     generation: dict
     judges: list[dict] = field(default_factory=list)
     model: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    versions: dict = field(default_factory=_library_versions)
 
     def to_dict(self) -> dict:
         return _redact(asdict(self))
