@@ -173,6 +173,23 @@ def test_generate_many_gives_the_same_replies_packed_or_not(tiny, monkeypatch, f
 
 
 @needs_kernel
+def test_a_generation_that_fails_mid_way_leaves_no_layer_packed(tiny, monkeypatch):
+    lm = tiny("qwen2", seed=SEED)
+    counter = _CountPacked(monkeypatch)
+    steps = [0]
+
+    def stop(_row: int, _reply: str) -> bool:
+        steps[0] += 1
+        if steps[0] > 2 * len(PROMPTS):  # past the first decoding step: the weights are packed by now
+            raise RuntimeError("judge failed")
+        return False
+
+    with pytest.raises(RuntimeError, match="judge failed"):
+        generate_many(lm, PROMPTS, GenerationSettings(max_new_tokens=10), batch_size=8, stop=stop)
+    assert counter.total > 0 and packed_layer_count(lm.model) == 0
+
+
+@needs_kernel
 def test_interventions_still_apply_under_packed_products(tiny, monkeypatch):
     """Hooks sit around a layer's forward, so swapping the kernel under it keeps every intervention: one entered
     around the call, and a row-masked one the pool re-applies as its batch changes."""
