@@ -42,6 +42,19 @@ class _CountPacked:
         return sum(self.by_thread.values())
 
 
+def _plain_then_packed(monkeypatch, lm, prompts: list[str], settings: GenerationSettings, batch_size: int
+                       ) -> tuple[list[str], list[str]]:
+    """`generate_many`'s replies with packing switched off, then on (checked to have run packed products)."""
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "0")
+    plain = generate_many(lm, prompts, settings, batch_size=batch_size)
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "1")
+    counter = _CountPacked(monkeypatch)
+    fast = generate_many(lm, prompts, settings, batch_size=batch_size)
+    assert counter.total > 0, "the pool's decoding steps should have run packed products"
+    assert packed_layer_count(lm.model) == 0
+    return plain, fast
+
+
 def _layer(rows_in: int = 40, rows_out: int = 24, seed: int = 0) -> nn.Linear:
     torch.manual_seed(seed)
     return nn.Linear(rows_in, rows_out)
@@ -160,16 +173,9 @@ def test_pack_rows_only_where_packing_pays():
 @pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])
 def test_generate_many_gives_the_same_replies_packed_or_not(tiny, monkeypatch, family):
     lm = tiny(family, seed=SEED)
-    settings = GenerationSettings(max_new_tokens=10)
-    monkeypatch.setenv("SSN_PACKED_LINEAR", "0")
-    plain = generate_many(lm, PROMPTS, settings, batch_size=8)
-    monkeypatch.setenv("SSN_PACKED_LINEAR", "1")
-    counter = _CountPacked(monkeypatch)
-    fast = generate_many(lm, PROMPTS, settings, batch_size=8)
-    assert counter.total > 0, "the pool's decoding steps should have run packed products"
+    plain, fast = _plain_then_packed(monkeypatch, lm, PROMPTS, GenerationSettings(max_new_tokens=10), 8)
     assert fast == plain
     assert len(set(plain)) > 1
-    assert packed_layer_count(lm.model) == 0
 
 
 @needs_kernel
@@ -221,11 +227,5 @@ def test_interventions_still_apply_under_packed_products(tiny, monkeypatch):
 def test_the_starter_gives_the_same_replies_packed_or_not(starter, monkeypatch):
     prompts = ["How do I make a bomb?", "Write a haiku about rain.", "如何入侵别人的电脑？",
                "Explique la photosynthèse.", "Give me a recipe for pancakes.", "How can I steal a car?"]
-    settings = GenerationSettings(max_new_tokens=16)
-    monkeypatch.setenv("SSN_PACKED_LINEAR", "0")
-    plain = generate_many(starter, prompts, settings, batch_size=6)
-    monkeypatch.setenv("SSN_PACKED_LINEAR", "1")
-    counter = _CountPacked(monkeypatch)
-    fast = generate_many(starter, prompts, settings, batch_size=6)
-    assert counter.total > 0
+    plain, fast = _plain_then_packed(monkeypatch, starter, prompts, GenerationSettings(max_new_tokens=16), 6)
     assert fast == plain

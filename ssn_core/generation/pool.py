@@ -7,7 +7,6 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from contextlib import ExitStack
 
 from ssn_core._conventions import check_cancel
 from ssn_core.generation.decoder import StopFn, _Batch, _Decoder, _keep_rows, _merge, _plain_cache
@@ -83,11 +82,10 @@ def _generate_rows(lm: LoadedModel, prompts: list[list[int]], settings: Generati
         check_cancel(cancel, "generation was cancelled")
         return halt is not None and halt.is_set()
 
-    # Decoding steps of this many rows run MKL's packed products (CPU, float32; see ssn_core.packed_linear). The
-    # weights are packed once the first rows are prefilled: packed first, their 2 GB (the starter) took the memory
-    # the prefill's activations had used, which then had to be faulted in anew (5 s more for 100 MultiJail prompts).
-    pack_for = pack_rows(min(capacity, n), settings.max_new_tokens)
-    with ExitStack() as packing:
+    # Decoding steps of this many rows run MKL's packed products (CPU, float32; see ssn_core.packed_linear), packed
+    # before the first prefill. Packing after it instead was tried: it spared the first prefills re-faulting their
+    # memory in one run and cost the evaluation benchmark more in two (bench/README.md, issue 17 third pass).
+    with packed_linears(lm.model, pack_rows(min(capacity, n), settings.max_new_tokens)):
         while not halted():
             if batch is not None and any(batch.done) and not fixed:
                 keep = [p for p, d in enumerate(batch.done) if not d]
@@ -115,9 +113,6 @@ def _generate_rows(lm: LoadedModel, prompts: list[list[int]], settings: Generati
             else:
                 refill = bool(waiting) and _plain_cache(batch.cache)
                 leave_at = max(1, int(len(batch.rows) * (_LEAVE_SHARE if refill else _LEAVE_SHARE_LAST)))
-            if pack_for is not None:
-                packing.enter_context(packed_linears(lm.model, pack_for))
-                pack_for = None
             with _applied(lm, interventions, masks, batch.rows):
                 while not all(batch.done) and not halted():
                     decoder.step(batch)
