@@ -5,7 +5,7 @@ a 16-row step is `aten::mm` (bench/README.md, issue 17). MKL's kernel for a shor
 its stored layout. MKL can also reorder a weight once into the layout its kernel reads (``cblas_sgemm_pack``). PyTorch
 exposes that as ``torch.ops.mkl._mkl_reorder_linear_weight`` / ``_mkl_linear``; Inductor's CPU freezing uses the
 same two ops. On the starter each later product is then 1.5-2× faster for 8-32 rows, and a whole 16-row step is
-1.5× faster (`python -m bench --only validation-throughput`).
+1.44× faster (`python -m bench --only step-cost`).
 
 How it is used: `packed_linears(model, rows)` around a generation packs every float32 ``nn.Linear`` weight for
 products of ``rows`` rows. Inside it, in the current contextvars context only (as for hooks.py's hooks), a layer
@@ -21,8 +21,9 @@ and so can a change of batch. A packed row does not depend on the other rows of 
 tests check this bit for bit.
 
 The cost: a packed copy of every weight for the context's duration (the starter: about 2 GB, 0.3-0.5 s to
-pack). It is skipped where that memory is not available, where the MKL ops are missing (non-x86 builds) or fail a
-self-test, and when ``SSN_PACKED_LINEAR=0`` is set in the environment.
+pack). Where touching fresh memory is slow (the project's VM), the first prefills after packing pay for it: see
+bench/README.md, issue 17 third pass. It is skipped where that memory is not available, where the MKL ops are
+missing (non-x86 builds) or fail a self-test, and when ``SSN_PACKED_LINEAR=0`` is set in the environment.
 """
 
 from __future__ import annotations
