@@ -11,7 +11,6 @@ job's own ETA (`ssn_core.progress`) replaces them with the speed measured in tha
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ssn_core._conventions import input_device
+from ssn_core.generation.decoder import _forward_names
 from ssn_core.packed_linear import MAX_PACK_ROWS, MIN_PACK_ROWS, packed_linears
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def _timed(model, ids: torch.Tensor, config, full_prefill: bool = True) -> tuple
         t0 = time.perf_counter()
         model(input_ids=ids, attention_mask=attention)
         prefill = max(time.perf_counter() - t0, 1e-6)
-    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+    _, keeps_logits = _forward_names(model)  # as the decoder asks it (a PEFT wrapper unwrapped)
     t0 = time.perf_counter()
     model(input_ids=ids, attention_mask=attention, **({"logits_to_keep": 1} if keeps_logits else {}))
     generate_prefill = max(time.perf_counter() - t0, 1e-6)
