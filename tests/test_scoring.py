@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import threading
 from types import SimpleNamespace
@@ -115,7 +116,8 @@ def test_impact_equals_layer_local_ablation(family, kinds):
 def test_qk_shift_scores_equal_ablation_on_both_contractions_and_peaked_attention(family, two_stage, peaked,
                                                                                    monkeypatch):
     """attn_k has two exact contractions (per-head values then the group's factor, or V F_gᵀ over (g, s)), chosen by
-    flop count; rows go in blocks that skip the keys after them. ``peaked``: q and k weights ×60, so scores span
+    flop count; rows go in blocks that skip the keys after them and the prompts that have only filler rows there.
+    ``peaked``: q and k weights ×60, so scores span
     hundreds of nats and zeroing a dim shifts them by far more than exp's range (88) — the shifted softmax must stay
     exact where exp(s − Δ) unnormalised would overflow or underflow."""
     from ssn_core.scoring import qk  # the kernels look these up in their own module
@@ -130,7 +132,8 @@ def test_qk_shift_scores_equal_ablation_on_both_contractions_and_peaked_attentio
     monkeypatch.setattr(qk, "_K_TWO_STAGE", two_stage)
     row_blocks = qk._row_blocks
     blocks = []
-    monkeypatch.setattr(qk, "_row_blocks", lambda rows: blocks.append(row_blocks(rows, min_rows=3)) or blocks[-1])
+    monkeypatch.setattr(qk, "_row_blocks", lambda rows, weights: blocks.append(
+        row_blocks(rows, weights, step=3, block_cost=0)) or blocks[-1])
     shifts = []
     shifted_probs = qk._shifted_probs
     monkeypatch.setattr(qk, "_shifted_probs", lambda s, rf, kf, out: shifts.append(
@@ -138,13 +141,46 @@ def test_qk_shift_scores_equal_ablation_on_both_contractions_and_peaked_attentio
     indices = [0, 3, 17, 31]
     fast = score_batch(lm, batch, "impact", ("attn_q", "attn_k"))
     assert shifts and (max(shifts) > 100 if peaked else max(shifts) < 88)  # the peaked model really is out of range
-    assert all(len(b) > 1 for b in blocks) and any(keys < b[-1][2] for b in blocks for _, _, keys in b[:-1])
+    assert all(len(b) > 1 for b in blocks) and any(keys < b[-1][2] for b in blocks for _, _, keys, _ in b[:-1])
+    # The short prompt's filler rows sit in blocks of the long prompt alone.
+    assert any(prompts is not None and len(prompts) == 1 for b in blocks for *_, prompts in b)
     for layer in (0, 1):
         for kind in ("attn_q", "attn_k"):
             exact = brute_force(lm, batch, layer, kind, indices)
             assert bool(torch.isfinite(fast[(layer, kind)]).all())
             torch.testing.assert_close(fast[(layer, kind)][:, indices], exact, rtol=1e-4,
                                        atol=max(1e-6, 1e-5 * exact.abs().max().item()))
+
+
+@pytest.mark.parametrize("block_cost", [0, 8, 1000])
+def test_row_blocks_cover_every_counted_row_once_with_its_keys(block_cost):
+    """Whatever the blocks' fixed cost, every counted (prompt, row) is recomputed in exactly one block that includes
+    its prompt and all keys up to its position; a prompt left out of a block has only filler rows there."""
+    from ssn_core.scoring.attention import _row_blocks, _weighted_rows
+
+    generator = torch.Generator().manual_seed(0)
+    T = 70
+    weights = torch.zeros(6, T)
+    for b, (pad, n) in enumerate([(0, 60), (10, 7), (30, 1), (5, 33), (40, 12), (59, 8)]):
+        weights[b, pad + 3:pad + 3 + n] = torch.rand(n, generator=generator) + 0.1
+    rows, row_weights = _weighted_rows(weights)
+    blocks = _row_blocks(rows, row_weights, block_cost=block_cost)
+    covered = torch.zeros_like(row_weights, dtype=torch.long)
+    assert blocks[0][0] == 0 and blocks[-1][1] == rows.shape[1]
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(blocks))  # in order, back to back
+    for j0, j1, keys, prompts in blocks:
+        active = list(range(6)) if prompts is None else prompts.tolist()
+        for b in range(6):
+            if b in active:
+                covered[b, j0:j1] += 1
+                assert int(rows[b, j1 - 1]) < keys
+            else:
+                assert not bool((row_weights[b, j0:j1] > 0).any())
+    assert bool((covered[row_weights > 0] == 1).all())
+    if block_cost == 1000:  # blocks are dear: one block, everything in it
+        assert len(blocks) == 1 and blocks[0][3] is None
+    if block_cost == 0:  # blocks are free: nothing but counted rows is recomputed
+        assert int(covered.sum()) == int((row_weights > 0).sum())
 
 
 @pytest.mark.parametrize("aggregate", ["last", "all"])

@@ -7,8 +7,6 @@ checked against the model's own output on every batch), while the kernels are ou
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import nn
 
@@ -82,13 +80,50 @@ def _weighted_rows(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return index, torch.where(kept, torch.gather(weights, 1, index), 0.0)
 
 
-def _row_blocks(rows: torch.Tensor, min_rows: int = 16, most: int = 4) -> list[tuple[int, int, int]]:
-    """(first row, end row, keys) blocks of the recomputed rows: a block's rows attend to keys < its last position + 1
-    in every prompt, so the keys after it are skipped (they are masked for those rows: exactly zero weight)."""
-    R = rows.shape[1]
-    n = max(1, min(most, R // min_rows))
-    bounds = [round(i * R / n) for i in range(n + 1)]
-    return [(j0, j1, int(rows[:, j1 - 1].max()) + 1) for j0, j1 in itertools.pairwise(bounds) if j1 > j0]
+def _row_blocks(rows: torch.Tensor, row_weights: torch.Tensor, step: int = 8, block_cost: int = 8
+                ) -> list[tuple[int, int, int, torch.Tensor | None]]:
+    """(first row, end row, keys, prompts) blocks of the recomputed rows; ``prompts`` the batch rows that have a
+    counted row in the block (None: all of them).
+
+    Two kinds of work are skipped exactly. A prompt with fewer counted rows than the batch's most has weight-0
+    filler rows in front (`_weighted_rows`); a block where a prompt has only filler leaves that prompt out (the
+    filler adds 0 to its aggregate). And a block's rows attend to keys < its last position + 1, so the keys after
+    it are left out (they are masked for those rows: exactly zero weight). Block bounds are chosen among the
+    multiples of ``step`` and the prompts' first counted rows to minimise Σ (prompts × rows × keys) plus
+    ``block_cost`` rows of every prompt at full keys per block (a block's fixed cost), by dynamic programming.
+    """
+    B, R = rows.shape
+    firsts = (R - (row_weights > 0).sum(-1)).tolist()  # per prompt: its counted rows are its last ones
+    bounds = sorted({0, R, *range(step, R, step), *(j for j in firsts if 0 < j < R)})
+    positions = rows.tolist()
+    fixed = block_cost * B * (max(max(p) for p in positions) + 1)
+
+    def block(i: int, j: int) -> tuple[float, int, list[int]]:
+        j0, j1 = bounds[i], bounds[j]
+        active = [b for b in range(B) if firsts[b] < j1]
+        if not active:  # only filler rows here (no prompt has a counted row at all): nothing to compute
+            return 0.0, 0, active
+        keys = max(positions[b][j1 - 1] for b in active) + 1
+        return len(active) * (j1 - j0) * keys + fixed, keys, active
+
+    n = len(bounds)
+    best = [0.0] + [float("inf")] * (n - 1)
+    choice = [0] * n
+    for j in range(1, n):
+        for i in range(j):
+            cost = best[i] + block(i, j)[0]
+            if cost < best[j]:
+                best[j], choice[j] = cost, i
+    blocks = []
+    j = n - 1
+    while j > 0:
+        i = choice[j]
+        _cost, keys, active = block(i, j)
+        if active:
+            prompts = None if len(active) == B else torch.tensor(active, dtype=torch.long, device=rows.device)
+            blocks.append((bounds[i], bounds[j], keys, prompts))
+        j = i
+    return blocks[::-1]
 
 
 def _take_rows(x: torch.Tensor, index: torch.Tensor, dim: int = 1) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Exact attn_q / attn_k importance: the layer's attention recomputed with one q (or k) dim zeroed, for a chunk of
 dims at once (`_qk_impact`).
 
-Only the query rows that count are recomputed, against the keys up to the last of them; without q/k norms a zeroed
+Only the query rows that count are recomputed, in blocks (`_row_blocks`) against the keys up to a block's last
+row and for the prompts with a counted row in it (`_over_blocks`); without q/k norms a zeroed
 dim moves the scores by a rank-2 product (`ssn_core.scoring.attention._rope_pairs`), so a chunk costs one small
 matmul and one in-place softmax per score (`_shifted_probs`, used by `_q_shift_impact` and `_k_shift_impact`); with
 q/k norms or soft-capping the softmax is taken per chunk after re-projecting. The derivation is in
@@ -11,10 +12,11 @@ patch it here, where `_qk_impact` looks it up.
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
-from collections.abc import Iterable
-from typing import cast
+from collections.abc import Callable
+from functools import partial
 
 import torch
 
@@ -54,6 +56,7 @@ class _Workspace(threading.local):
 _WORK = _Workspace()
 _CHUNK_ELEMENTS = 2**21  # one chunk's [.., R, S] score tensor: 8 MB of float32, cache-sized
 _K_TWO_STAGE: bool | None = None  # attn_k contraction: None = whichever takes fewer flops (tests force each)
+_TRIANGLE_BLOCKS = 4  # column blocks of the triangular kv-group factor (measured: 1.15x faster than 2 at 448 wide)
 
 
 def _blocks(B: int, D: int, per_prompt_dim: int) -> tuple[int, int]:
@@ -117,7 +120,7 @@ def _q_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, scores
 
 
 def _k_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, scores: torch.Tensor,
-                    vh: torch.Tensor, z: torch.Tensor, factors: torch.Tensor, row_weights: torch.Tensor
+                    vh: torch.Tensor, z: torch.Tensor, row_weights: torch.Tensor, factors: torch.Tensor
                     ) -> torch.Tensor:
     """attn_k impact of every (kv head, dim) from rank-2 score shifts: [B, K, D].
 
@@ -132,17 +135,21 @@ def _k_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, scores
     G = z.shape[2]
     R = RG // G
     r = factors.shape[1]
-    # A QR factor is upper triangular: Y Rᵀ's second half of columns only needs Y's second half (1/4 fewer flops).
-    half = (G * D) // 2
-    triangular = r == G * D and half > 0 and not bool(factors[:, half:, :half].any())
-    flops_per_row = {True: G * S * D + G * D * r * (0.75 if triangular else 1.0), False: G * S * r}
+    # A QR factor is upper triangular: output coordinates [c0, c1) of Y Rᵀ only need Y's coordinates from c0 on,
+    # so in `_TRIANGLE_BLOCKS` column blocks the product takes Σ (G·D − c0)(c1 − c0) flops, 5/8 of G·D·r for 4.
+    width = G * D
+    triangular = r == width and bool(torch.equal(factors, factors.triu()))
+    n_blocks = min(_TRIANGLE_BLOCKS, width) if triangular else 1
+    bounds = [round(i * r / n_blocks) for i in range(n_blocks + 1)]
+    starts = [c0 if triangular else 0 for c0 in bounds[:-1]]  # the first input coordinate each block reads
+    share = sum((width - c0) * (c1 - c0) for c0, c1 in itertools.pairwise(bounds)) / (width * r)
+    flops_per_row = {True: G * S * D + width * r * share, False: G * S * r}
     two_stage = flops_per_row[True] < flops_per_row[False] if _K_TWO_STAGE is None else _K_TWO_STAGE
     if two_stage:
         zk = z.permute(0, 1, 3, 2, 4)  # [B,K,R,G,D]
         factors_t = factors.transpose(1, 2)  # [K, G*D, r]
-        if triangular:
-            first_cols = factors_t[:, :, :half].contiguous()  # [K, G*D, half]
-            last_cols = factors_t[:, half:, half:].contiguous()  # [K, G*D - half, r - half]
+        column_blocks = [factors_t[:, c_in:, c0:c1].contiguous()  # [K, G*D - c_in, c1 - c0]
+                         for c_in, (c0, c1) in zip(starts, itertools.pairwise(bounds), strict=True)]
     else:
         vf = torch.einsum("bksd,krgd->bkgsr", vh, factors.view(K, r, G, D)).reshape(B, K, G * S, r)
         zf = torch.einsum("bkgtd,krgd->bktr", z, factors.view(K, r, G, D))  # [B,K,R,r]
@@ -163,16 +170,12 @@ def _k_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, scores
                 heads = _WORK.get("qk_heads", (K, nb, c, R, G, D), vh)  # kv head first: one bmm with its factor
                 torch.sub(y.view(nb, K, c, R, G, D), zk[b0:b1, :, None], out=heads.transpose(0, 1))  # (A′_g − A_g) V
                 flat = heads.view(K, nb * c * R, G * D)
-                if triangular:
-                    first = _WORK.get("qk_projected", (K, nb * c * R, half), vh)
-                    last = _WORK.get("qk_projected_last", (K, nb * c * R, r - half), vh)
-                    torch.bmm(flat, first_cols, out=first)
-                    torch.bmm(flat[:, :, half:], last_cols, out=last)
-                    delta = torch.hypot(first.norm(dim=-1), last.norm(dim=-1))
-                else:
-                    projected = _WORK.get("qk_projected", (K, nb * c * R, r), vh)
-                    torch.bmm(flat, factors_t, out=projected)
-                    delta = projected.norm(dim=-1)
+                block_norms = _WORK.get("qk_block_norms", (n_blocks, K, nb * c * R), vh)
+                for i, (c_in, columns) in enumerate(zip(starts, column_blocks, strict=True)):
+                    projected = _WORK.get(f"qk_projected_{i}", (K, nb * c * R, columns.shape[-1]), vh)
+                    torch.bmm(flat[:, :, c_in:], columns, out=projected)
+                    torch.linalg.vector_norm(projected, dim=-1, out=block_norms[i])
+                delta = torch.linalg.vector_norm(block_norms, dim=0)
                 delta = delta.view(K, nb, c, R).transpose(0, 1)
             else:
                 y = _WORK.get("qk_values", (nb, K, c * R, r), vh)
@@ -182,9 +185,29 @@ def _k_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, scores
     return impact
 
 
-def _sum_blocks(parts: Iterable[torch.Tensor]) -> torch.Tensor:
-    """The sum of the row blocks' parts (there are rows to recompute, so at least one block: never the empty 0)."""
-    return cast(torch.Tensor, sum(parts))
+def _over_blocks(blocks: list[tuple[int, int, int, torch.Tensor | None]], batch: int,
+                 inputs: Callable[[int, int, int], list[torch.Tensor]],
+                 kernel: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """Σ over the row blocks of ``kernel(*inputs(j0, j1, keys))``, each block run on its own prompts only.
+
+    ``inputs`` slices the per-prompt tensors (batch first) for a block; a block that leaves prompts out
+    (`_row_blocks`) gets those tensors' selected rows, and its result is added back to those prompts.
+    There are rows to recompute, so at least one block.
+    """
+    total: torch.Tensor | None = None
+    for j0, j1, keys, prompts in blocks:
+        tensors = inputs(j0, j1, keys)
+        if prompts is not None:
+            tensors = [t.index_select(0, prompts) for t in tensors]
+        part = kernel(*tensors)
+        if total is None:
+            total = part.new_zeros(batch, *part.shape[1:])
+        if prompts is None:
+            total.add_(part)
+        else:
+            total.index_add_(0, prompts, part)
+    assert total is not None, "every batch has a row that counts"
+    return total
 
 
 def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, weights, kinds, check_tol):
@@ -224,6 +247,7 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
             "leave attn_q and attn_k out of the sites for this model"
         )
     out: dict[str, torch.Tensor] = {}
+    blocks = _row_blocks(rows, row_weights)  # which rows, keys and prompts each kernel call recomputes
     eye = torch.eye(D, device=q_raw.device)
     # Scaled scores (plus the mask when no soft-capping sits in between): what a score shift is subtracted from.
     base = raw_scores * geo.scaling if geo.softcap is not None else raw_scores * geo.scaling + bias[:, None]
@@ -241,10 +265,9 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
         if pairs is not None and geo.softcap is None:
             # softmax(s − Δ) in place, in cache-sized chunks (`_q_shift_impact`).
             zf_q = torch.einsum("bkgtd,kgrd->bkgtr", z, geo.q_factors.view(K, G, -1, D))  # [B,K,G,R,r] = A V F_hᵀ
-            out["attn_q"] = _sum_blocks(
-                _q_shift_impact(row_factors[..., j0:j1, :], key_factors[..., :keys],
-                                base[..., j0:j1, :keys], vf_q[..., :keys, :], zf_q[..., j0:j1, :],
-                                row_weights[:, j0:j1]) for j0, j1, keys in _row_blocks(rows)).reshape(B, H * D)
+            out["attn_q"] = _over_blocks(blocks, B, lambda j0, j1, keys: [
+                row_factors[..., j0:j1, :], key_factors[..., :keys], base[..., j0:j1, :keys], vf_q[..., :keys, :],
+                zf_q[..., j0:j1, :], row_weights[:, j0:j1]], _q_shift_impact).reshape(B, H * D)
         else:  # soft-capping (the shift goes through tanh) or q norms: softmax per chunk, as before
             scores = torch.zeros(B, H, D, device=q_raw.device)
             chunk = min(D, _chunk_size(B * H, R, S, vf_q.shape[-1]))
@@ -276,10 +299,10 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
                                        (k_raw * other[:, :, None]).permute(0, 2, 3, 1)), dim=3)  # [B,K,D,2,S]
             base_k = base.permute(0, 1, 3, 2, 4).contiguous()  # [B,K,R,G,S]
             factors = geo.k_factors.to(vh.device)
-            out["attn_k"] = _sum_blocks(
-                _k_shift_impact(row_factors[..., j0 * G:j1 * G, :], key_factors[..., :keys],
-                                base_k[:, :, j0:j1, :, :keys], vh[:, :, :keys], z[:, :, :, j0:j1], factors,
-                                row_weights[:, j0:j1]) for j0, j1, keys in _row_blocks(rows)).reshape(B, K * D)
+            out["attn_k"] = _over_blocks(blocks, B, lambda j0, j1, keys: [
+                row_factors[..., j0 * G:j1 * G, :], key_factors[..., :keys], base_k[:, :, j0:j1, :, :keys],
+                vh[:, :, :keys], z[:, :, :, j0:j1], row_weights[:, j0:j1]],
+                partial(_k_shift_impact, factors=factors)).reshape(B, K * D)
         else:  # soft-capping or k norms
             vf_k = torch.einsum("bksd,krgd->bkgsr", vh, geo.k_factors.view(K, -1, G, D))  # [B,K,G,S,r]
             scores = torch.zeros(B, K, D, device=q_raw.device)
