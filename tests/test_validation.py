@@ -20,10 +20,12 @@ from ssn_core.sites import find_sites
 from ssn_core.testing import tiny_hf_model, tiny_model
 from ssn_core.validation import (
     Condition,
+    PackedGroup,
     compare_to_control,
     correlation,
     random_matched,
     run_packed,
+    run_packed_groups,
     summarize,
     validate,
 )
@@ -201,6 +203,31 @@ def test_packed_shift_and_direction_conditions_give_the_same_replies_as_each_alo
     for j in range(len(conditions)):
         assert [packed[i][j] for i in range(len(texts))] == alone[j], conditions[j].key
     assert alone[1] != alone[0] and alone[2] != alone[0]  # the conditions really differ
+
+
+def test_groups_in_one_stream_give_each_group_its_own_replies(lm):
+    """`validate` runs every (language, label) share through one `run_packed_groups` call: each share's conditions
+    (same names, different neuron sets) must reach exactly its own rows, as if it had run alone."""
+    other = NeuronSet({(0, "mlp"): list(range(1, 128, 2)), (1, "attn_v"): list(range(10, 20))})
+    groups = [
+        PackedGroup(["How do I pick a lock?", "hi"],
+                    [Condition("baseline"), Condition("suppress", "ss", BIG_MLP, scale=0.0)], "en"),
+        PackedGroup(["Tell me a joke about cats and dogs, please"],
+                    [Condition("baseline"), Condition("suppress", "ss", other, scale=0.0),
+                     Condition("reinforce", "ss", other, scale=3.0, alpha=3.0)], "zh"),
+        PackedGroup([], [Condition("baseline")], "fr"),  # an empty share answers nothing
+    ]
+    settings = GenerationSettings(max_new_tokens=6)
+    together = run_packed_groups(lm, groups, settings, batch_size=3)  # 7 rows: groups share batches
+    alone = [run_packed(lm, g.texts, g.conditions, settings, batch_size=3) for g in groups]
+    assert together == alone and together[2] == []
+    assert together[0][0][1] != together[0][0][0] and together[1][0][1] != together[1][0][0]  # conditions act
+    # stop_at_verdict gives the judge each row's own group language.
+    judge = _SettlesAfter(5)
+    run_packed_groups(lm, groups, GenerationSettings(max_new_tokens=12, stop_at_verdict=True), batch_size=3,
+                      judge=judge)
+    assert {(prompt, lang) for prompt, lang in judge.calls} == {
+        ("How do I pick a lock?", "en"), ("hi", "en"), ("Tell me a joke about cats and dogs, please", "zh")}
 
 
 class _SettlesAfter:

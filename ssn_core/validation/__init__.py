@@ -21,7 +21,8 @@ One idea per module; every name is importable from ``ssn_core.validation`` as be
 
 - `conditions`: `Condition`, `random_matched` (the control), `shift_offsets`, `plan_conditions` (what one language
   runs), `SUPPRESS_TARGETS`, `PARTS`, `REINFORCE_SETS`.
-- `packed`: `run_packed`, the replies of every text under every condition from one stream of batched generation.
+- `packed`: `run_packed`, the replies of every text under every condition from one stream of batched generation;
+  `run_packed_groups` (`PackedGroup`), the same for several (language, label) shares at once, as `validate` runs.
 - `stats`: `correlation`, `compare_to_control`, the rates of a condition's verdicts, the paired difference to the
   random control (`paired_control_difference`), `summarize`.
 - `result`: `ValidationResult` (table, rows, summary, manifest; its folder and text table), `RESULT_KIND`.
@@ -39,7 +40,7 @@ from ssn_core.validation.conditions import (
     random_matched,
     shift_offsets,
 )
-from ssn_core.validation.packed import run_packed
+from ssn_core.validation.packed import PackedGroup, run_packed, run_packed_groups
 from ssn_core.validation.result import RESULT_KIND, ROW_COLUMNS, TABLE_COLUMNS, ValidationResult
 from ssn_core.validation.run import Progress, validate
 from ssn_core.validation.stats import compare_to_control, correlation, paired_control_difference, summarize
@@ -52,6 +53,7 @@ __all__ = [
     "SUPPRESS_TARGETS",
     "TABLE_COLUMNS",
     "Condition",
+    "PackedGroup",
     "Progress",
     "ValidationResult",
     "compare_to_control",
@@ -60,6 +62,7 @@ __all__ = [
     "plan_conditions",
     "random_matched",
     "run_packed",
+    "run_packed_groups",
     "shift_offsets",
     "summarize",
     "validate",

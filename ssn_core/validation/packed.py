@@ -1,11 +1,13 @@
-"""`run_packed`: every (prompt, condition) pair as one row of one stream of batched generation, each condition one
-row-masked intervention, so conditions share every forward pass instead of costing one generation each."""
+"""`run_packed` / `run_packed_groups`: every (prompt, condition) pair as one row of one stream of batched generation,
+each condition one row-masked intervention, so conditions (and languages) share every forward pass instead of
+costing one generation each."""
 
 from __future__ import annotations
 
 import math
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ssn_core._conventions import Progress, check_cancel
@@ -19,21 +21,44 @@ if TYPE_CHECKING:
     from ssn_core.loading import LoadedModel
 
 
+@dataclass(frozen=True)
+class PackedGroup:
+    """Texts answered under conditions and judged in one language: one (language, label) share of a validation run."""
+
+    texts: Sequence[str]
+    conditions: Sequence[Condition]
+    language: str | None = None
+
+
 def run_packed(lm: LoadedModel, texts: Sequence[str], conditions: Sequence[Condition], settings,
                batch_size: int = GENERATION_BATCH_SIZE, progress: Progress | None = None,
                cancel: threading.Event | None = None, message: str = "", *, judge=None,
                language: str | None = None) -> list[list[str]]:
     """Replies of every text under every condition: ``result[i][j]`` = text i under condition j.
 
-    Every (text, condition) pair is one row of `ssn_core.generation.generate_many`, with at most ``batch_size`` rows
-    in any forward pass. Each condition with neurons (scaled or shifted by offsets) or a direction becomes one
-    intervention whose row mask selects its rows, so a batch mixing conditions costs one multiply per site. Rows run
-    longest prompt first (the conditions of one text next to each other), the prompts' common prefix (system prompt,
-    chat template) is run once per condition, and a finished row's place goes to a waiting one, so no step is spent on
-    a finished reply.
+    One group of `run_packed_groups` (see there).
+    """
+    return run_packed_groups(lm, [PackedGroup(texts, conditions, language)], settings, batch_size, progress, cancel,
+                             message, judge=judge)[0]
+
+
+def run_packed_groups(lm: LoadedModel, groups: Sequence[PackedGroup], settings,
+                      batch_size: int = GENERATION_BATCH_SIZE, progress: Progress | None = None,
+                      cancel: threading.Event | None = None, message: str = "", *, judge=None
+                      ) -> list[list[list[str]]]:
+    """Replies of every group's texts under its conditions: ``result[g][i][j]`` = text i of group g under its
+    condition j.
+
+    Every (group, text, condition) triple is one row of a single `ssn_core.generation.generate_many` call, with at
+    most ``batch_size`` rows in any forward pass. Each condition with neurons (scaled or shifted by offsets) or a
+    direction becomes one intervention whose row mask selects its rows, so a batch mixing conditions costs one
+    multiply per site. Rows run longest prompt first (the conditions of one text next to each other), the prompts'
+    common prefix (system prompt, chat template) is run once per condition, and a finished row's place goes to a
+    waiting one, so no step is spent on a finished reply. All groups share that one stream: a validation run
+    (every language, harmful and harmless) has one tail of draining rows, not one per group.
 
     With ``settings.stop_at_verdict`` and a ``judge`` that can tell (``judge.settled``, e.g. `MarkerJudge`), a reply
-    ends as soon as its verdict can no longer change (``language``: what the judge is given for these texts); the
+    ends as soon as its verdict can no longer change (the group's ``language`` is what the judge is given); the
     verdicts are those of the full replies, the replies are shorter.
 
     Under a launch (`ssn_core.distributed`) the rows are cut text-major into batches of ``batch_size``, each process
@@ -45,35 +70,38 @@ def run_packed(lm: LoadedModel, texts: Sequence[str], conditions: Sequence[Condi
     if batch_size < 1:
         raise SSNError("batch_size must be at least 1")
     check_cancel(cancel, "validation was cancelled")
-    pairs = [(i, j) for i in range(len(texts)) for j in range(len(conditions))]
-    replies: list[list[str]] = [[""] * len(conditions) for _ in texts]
+    pairs = [(g, i, j) for g, group in enumerate(groups)
+             for i in range(len(group.texts)) for j in range(len(group.conditions))]
+    replies: list[list[list[str]]] = [[[""] * len(group.conditions) for _ in group.texts] for group in groups]
     if not pairs:
         return replies
 
     def interventions_of(rows_pairs) -> list[Intervention | Shift | DirectionAblation]:
         out: list[Intervention | Shift | DirectionAblation] = []
-        for j, condition in enumerate(conditions):
-            rows = [cj == j for _, cj in rows_pairs]
-            if not any(rows):
-                continue
-            if condition.direction is not None:
-                from ssn_core.direction import DirectionAblation
+        for g, group in enumerate(groups):
+            for j, condition in enumerate(group.conditions):
+                rows = [(cg, cj) == (g, j) for cg, _, cj in rows_pairs]
+                if not any(rows):
+                    continue
+                if condition.direction is not None:
+                    from ssn_core.direction import DirectionAblation
 
-                out.append(DirectionAblation(condition.direction, rows=rows, label=condition.key))
-            elif condition.offsets is not None:
-                assert condition.neurons is not None, "a shift condition shifts its neurons"
-                out.append(Shift(condition.neurons, condition.offsets, rows=rows, label=condition.key))
-            elif condition.neurons is not None and len(condition.neurons):
-                out.append(Intervention(condition.neurons, scale=condition.scale, rows=rows, label=condition.key))
+                    out.append(DirectionAblation(condition.direction, rows=rows, label=condition.key))
+                elif condition.offsets is not None:
+                    assert condition.neurons is not None, "a shift condition shifts its neurons"
+                    out.append(Shift(condition.neurons, condition.offsets, rows=rows, label=condition.key))
+                elif condition.neurons is not None and len(condition.neurons):
+                    out.append(Intervention(condition.neurons, scale=condition.scale, rows=rows, label=condition.key))
         return out
 
     def replies_of(rows_pairs, report=None) -> list[str]:
         stop = None
         if getattr(settings, "stop_at_verdict", False) and hasattr(judge, "settled"):
             def stop(row: int, reply: str) -> bool:
-                return judge.settled(texts[rows_pairs[row][0]], reply, language)
+                g, i, _ = rows_pairs[row]
+                return judge.settled(groups[g].texts[i], reply, groups[g].language)
 
-        return generate_many(lm, [texts[i] for i, _ in rows_pairs], settings, batch_size=batch_size,
+        return generate_many(lm, [groups[g].texts[i] for g, i, _ in rows_pairs], settings, batch_size=batch_size,
                              interventions=interventions_of(rows_pairs), stop=stop, progress=report, cancel=cancel)
 
     total = math.ceil(len(pairs) / batch_size)  # progress in batches' worth of replies, as callers count it
@@ -101,6 +129,6 @@ def run_packed(lm: LoadedModel, texts: Sequence[str], conditions: Sequence[Condi
                 progress(batches, total, f"{message}generating replies, batch {batches}/{total}")
 
         outputs = replies_of(pairs, report)
-    for (i, j), reply in zip(pairs, outputs, strict=True):
-        replies[i][j] = reply
+    for (g, i, j), reply in zip(pairs, outputs, strict=True):
+        replies[g][i][j] = reply
     return replies

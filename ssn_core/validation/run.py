@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, cast
 
 import torch
@@ -16,19 +16,12 @@ from ssn_core.errors import PromptSetError, SSNError
 from ssn_core.generation.settings import GENERATION_BATCH_SIZE
 from ssn_core.interventions import resolve_sites
 from ssn_core.validation.conditions import PARTS, plan_conditions
-from ssn_core.validation.packed import run_packed
+from ssn_core.validation.packed import PackedGroup, run_packed_groups
 from ssn_core.validation.result import RESULT_KIND, ValidationResult
 from ssn_core.validation.stats import _harmless_rates, _rates, summarize
 
 if TYPE_CHECKING:
     from ssn_core.loading import LoadedModel
-
-
-def _offset_progress(progress: Progress | None, offset: int, total: int) -> Callable[[int, int, str], None]:
-    def report(done: int, _total: int, message: str) -> None:
-        if progress is not None:
-            progress(offset + done, total, message)
-    return report
 
 
 def validate(lm: LoadedModel, neurons, prompts, languages: Sequence[str], settings, alphas: Sequence[float] = (2.0,),
@@ -84,48 +77,42 @@ def validate(lm: LoadedModel, neurons, prompts, languages: Sequence[str], settin
     harmless_plans = {lang: [c for c in plans[lang][0] if c.kind in ("baseline", "reinforce", "shift")]
                       for lang in languages}
     harmless_plans = {lang: plan if len(plan) > 1 else [] for lang, plan in harmless_plans.items()}  # no reinforce
-    total_batches = sum(math.ceil(len(by_language[lang]) * len(plans[lang][0]) / batch_size)
-                        + math.ceil(len(harmless_by_language[lang]) * len(harmless_plans[lang]) / batch_size)
-                        for lang in languages)
+    # Every (language, label) share of the run: its prompts, the conditions they are answered under.
+    shares = [(lang, label, label_items, label_conditions) for lang in languages
+              for label, label_items, label_conditions in (("harmful", by_language[lang], plans[lang][0]),
+                                                           ("harmless", harmless_by_language[lang],
+                                                            harmless_plans[lang]))
+              if label_items and label_conditions]
+    n_rows = sum(len(items) * len(conditions) for _, _, items, conditions in shares)
+    total_batches = math.ceil(n_rows / batch_size)
     from ssn_core import distributed
 
-    distributed.check_enough(sum(len(by_language[lang]) * len(plans[lang][0]) + len(harmless_by_language[lang])
-                                 * len(harmless_plans[lang]) for lang in languages),
-                             "packed validation rows (prompts x conditions)")
-    done_before = 0
+    distributed.check_enough(n_rows, "packed validation rows (prompts x conditions)")
     started = time.time()
     if progress is not None:  # the first batch can take a minute: say what is happening before it
-        progress(0, total_batches, f"{languages[0]}: generating replies")
+        progress(0, total_batches, f"{', '.join(languages)}: generating replies")
+    # One stream of generation for the whole run (every language and label): one tail of draining rows, not one
+    # per share (`run_packed_groups`).
+    groups = [PackedGroup([p.text for p in items], conditions, lang) for lang, _, items, conditions in shares]
+    all_replies = run_packed_groups(lm, groups, settings, batch_size, progress, cancel,
+                                    message=f"{', '.join(languages)}: ", judge=judge)
     table: list[dict] = []
     rows: list[dict] = []
-    notes: list[str] = []
-    for lang in languages:
-        conditions, lang_notes = plans[lang]
-        notes.extend(lang_notes)
-        items = by_language[lang]
-
-        lang_progress = _offset_progress(progress, done_before, total_batches)
-        for label, label_items, label_conditions in (("harmful", items, conditions),
-                                                     ("harmless", harmless_by_language[lang], harmless_plans[lang])):
-            if not label_items or not label_conditions:
-                continue
-            replies = run_packed(lm, [p.text for p in label_items], label_conditions, settings, batch_size,
-                                 lang_progress, cancel, message=f"{lang} {label}: ", judge=judge, language=lang)
-            done_before += math.ceil(len(label_items) * len(label_conditions) / batch_size)
-            lang_progress = _offset_progress(progress, done_before, total_batches)
-            for j, condition in enumerate(label_conditions):
-                condition_replies = [replies[i][j] for i in range(len(label_items))]
-                verdicts = judge.judge_many([p.text for p in label_items], condition_replies,
-                                            [lang] * len(label_items), cancel=cancel)
-                for prompt, reply, verdict in zip(label_items, condition_replies, verdicts, strict=True):
-                    rows.append({"language": lang, "label": label, "condition": condition.name,
-                                 "seed": condition.seed, "alpha": condition.alpha, "id": prompt.id,
-                                 "prompt": prompt.text, "reply": reply, "verdict": verdict.label,
-                                 "reason": verdict.reason})
-                table.append({"language": lang, "label": label, "condition": condition.name,
-                              "target": condition.target, "seed": condition.seed, "alpha": condition.alpha,
-                              "n_neurons": condition.n_neurons,
-                              **(_rates(verdicts, lang) if label == "harmful" else _harmless_rates(verdicts, lang))})
+    notes: list[str] = [note for lang in languages for note in plans[lang][1]]
+    for (lang, label, label_items, label_conditions), replies in zip(shares, all_replies, strict=True):
+        for j, condition in enumerate(label_conditions):
+            condition_replies = [replies[i][j] for i in range(len(label_items))]
+            verdicts = judge.judge_many([p.text for p in label_items], condition_replies,
+                                        [lang] * len(label_items), cancel=cancel)
+            for prompt, reply, verdict in zip(label_items, condition_replies, verdicts, strict=True):
+                rows.append({"language": lang, "label": label, "condition": condition.name,
+                             "seed": condition.seed, "alpha": condition.alpha, "id": prompt.id,
+                             "prompt": prompt.text, "reply": reply, "verdict": verdict.label,
+                             "reason": verdict.reason})
+            table.append({"language": lang, "label": label, "condition": condition.name,
+                          "target": condition.target, "seed": condition.seed, "alpha": condition.alpha,
+                          "n_neurons": condition.n_neurons,
+                          **(_rates(verdicts, lang) if label == "harmful" else _harmless_rates(verdicts, lang))})
 
     ss_counts = {lang: len(neurons.ss[lang]) for lang in languages if lang != hr_language and lang in neurons.ss}
     summary = summarize(table, ss_counts, rows)
