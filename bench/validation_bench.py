@@ -151,6 +151,11 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
     eval_texts = [t for lang in ("en", "zh", "ar", "sw", "bn", "th") for t in _prompts(lang, cfg.pick(1, 4, 16), 50)]
     outputs: dict[str, object] = {}
 
+    def one_stream(run_settings, run_batch_size):
+        groups = [validation.PackedGroup(t, conditions, lang) for lang, t in texts.items()]
+        replies = validation.run_packed_groups(lm, groups, run_settings, run_batch_size, judge=judge)
+        return dict(zip(texts, replies, strict=True))
+
     def run(name, fn):
         def timed():
             outputs[name] = fn()
@@ -159,18 +164,17 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
     fns = {
         "old": run("old", lambda: {lang: legacy.run_packed(lm, t, conditions, settings, batch_size)
                                    for lang, t in texts.items()}),
-        "new": run("new", lambda: {lang: validation.run_packed(lm, t, conditions, settings, batch_size)
-                                   for lang, t in texts.items()}),
-        "new_stop_at_verdict": run("new_stop_at_verdict", lambda: {
-            lang: validation.run_packed(lm, t, conditions, stop_settings, batch_size, judge=judge, language=lang)
-            for lang, t in texts.items()}),
+        # What `validate` runs: every language's share in one stream (`run_packed_groups`).
+        "new": run("new", lambda: one_stream(settings, batch_size)),
+        # The previous pass's path beside it: one stream per language.
+        "new_per_language": run("new_per_language", lambda: {
+            lang: validation.run_packed(lm, t, conditions, settings, batch_size) for lang, t in texts.items()}),
+        "new_stop_at_verdict": run("new_stop_at_verdict", lambda: one_stream(stop_settings, batch_size)),
         # Each path at its own default batch size: the old CLI's 8, the new `GENERATION_BATCH_SIZE` (what a user of
         # `ssn validate` without --batch-size gets).
         "old_default": run("old_default", lambda: {
             lang: legacy.run_packed(lm, t, conditions, settings, OLD_DEFAULT_BATCH) for lang, t in texts.items()}),
-        "new_default": run("new_default", lambda: {lang: validation.run_packed(lm, t, conditions, settings,
-                                                                               generation.GENERATION_BATCH_SIZE)
-                                                   for lang, t in texts.items()}),
+        "new_default": run("new_default", lambda: one_stream(settings, generation.GENERATION_BATCH_SIZE)),
         "eval_old": run("eval_old", lambda: legacy.evaluate_replies(lm, eval_texts, settings, batch_size)),
         "eval_new": run("eval_new", lambda: generation.generate_many(lm, eval_texts, settings, batch_size=batch_size)),
         "eval_old_default": run("eval_old_default", lambda: legacy.evaluate_replies(lm, eval_texts, settings,
@@ -190,13 +194,15 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
                       on_time=lambda r, name, seconds: ctx.log(f"round {r + 1}: {name} {seconds:.1f} s"))
     ratios = {"validation_replies_per_s": paired_ratio(times["old"], times["new"]),
               "validation_stop_at_verdict": paired_ratio(times["old"], times["new_stop_at_verdict"]),
+              "validation_one_stream_vs_per_language": paired_ratio(times["new_per_language"], times["new"]),
               "validation_at_defaults": paired_ratio(times["old_default"], times["new_default"]),
               "evaluation_replies_per_s": paired_ratio(times["eval_old"], times["eval_new"]),
               "evaluation_at_defaults": paired_ratio(times["eval_old_default"], times["eval_new_default"])}
     agree = {"new_vs_old": _agreement(judge, texts, outputs["old"], outputs["new"]),
              "stop_at_verdict_vs_old": _agreement(judge, texts, outputs["old"], outputs["new_stop_at_verdict"],
                                                   prefix_ok=True),
-             "defaults_new_vs_old": _agreement(judge, texts, outputs["old_default"], outputs["new_default"])}
+             "defaults_new_vs_old": _agreement(judge, texts, outputs["old_default"], outputs["new_default"]),
+             "one_stream_vs_per_language": _agreement(judge, texts, outputs["new_per_language"], outputs["new"])}
     eval_agree = sum(a == b for a, b in zip(outputs["eval_old"], outputs["eval_new"], strict=True))
     eval_default_agree = sum(a == b for a, b in zip(outputs["eval_old_default"], outputs["eval_new_default"],
                                                     strict=True))
@@ -226,6 +232,7 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
                "settings (greedy); agreement compares the two runs' verdicts (label and reason) reply by reply")],
     )
     a, s, d = agree["new_vs_old"], agree["stop_at_verdict_vs_old"], agree["defaults_new_vs_old"]
+    o = agree["one_stream_vs_per_language"]
     result.summary = (
         f"validation-throughput: replies/s new/old {fmt_ratio(ratios['validation_replies_per_s'])}"
         f"{goal_text(result, 'validation_replies_per_s')}; with stop_at_verdict "
@@ -236,6 +243,8 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
         f"{goal_text(result, 'evaluation_replies_per_s')}; each at its default batch "
         f"{fmt_ratio(ratios['evaluation_at_defaults'])} (same replies {eval_default_agree}/{len(eval_texts)})"
         f" | same verdicts {a['same_verdict']}/{a['replies']} "
-        f"(stop_at_verdict {s['same_verdict']}/{s['replies']}), same replies {a['same_reply']}/{a['replies']}")
+        f"(stop_at_verdict {s['same_verdict']}/{s['replies']}), same replies {a['same_reply']}/{a['replies']}"
+        f" | one stream / one per language {fmt_ratio(ratios['validation_one_stream_vs_per_language'])} "
+        f"(same replies {o['same_reply']}/{o['replies']})")
     return result
 
