@@ -8,6 +8,8 @@ alternating, the fastest of the rounds. The packed step's greedy tokens are comp
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from bench.common import BenchContext, BenchResult, alternate, fmt_ratio, goal_text, require
@@ -37,6 +39,19 @@ def step_cost(ctx: BenchContext) -> BenchResult:
     ids = torch.randint(3, min(vocab, 20000), (max(row_counts), cache_tokens), generator=generator).to(lm.device)
     ctx.log(f"{len(row_counts)} row counts, a {cache_tokens}-token cache, {rounds} alternating rounds each")
     kernel = packed.kernel_available()
+    by_default = packed.enabled()  # what a generation here would do (`pays_here`); the curve below packs anyway
+    switch = os.environ.get("SSN_PACKED_LINEAR")
+    if switch is None:
+        os.environ["SSN_PACKED_LINEAR"] = "1"
+    try:
+        return _curve(ctx, lm, model, ids, row_counts, cache_tokens, rounds, kernel, by_default)
+    finally:
+        if switch is None:
+            os.environ.pop("SSN_PACKED_LINEAR", None)
+
+
+def _curve(ctx, lm, model, ids, row_counts, cache_tokens, rounds, kernel, by_default) -> BenchResult:
+    packed = require("ssn_core.packed_linear")
     plain_ms: dict[int, float] = {}
     packed_ms: dict[int, float | None] = {}
     same_tokens: dict[int, bool | None] = {}
@@ -67,7 +82,7 @@ def step_cost(ctx: BenchContext) -> BenchResult:
         batch=at,
         seq_len=cache_tokens,
         details={"rows": row_counts, "plain_ms": plain_ms, "packed_ms": packed_ms, "same_greedy_tokens": same_tokens,
-                 "rounds": rounds, "kernel_available": kernel,
+                 "rounds": rounds, "kernel_available": kernel, "packed_by_default_here": by_default,
                  "row_tokens_per_s_plain": {r: 1000 * r / ms for r, ms in plain_ms.items()},
                  "row_tokens_per_s_packed": {r: 1000 * r / ms for r, ms in packed_ms.items() if ms}},
         notes=["a step: one new token per row over a KV cache of random prompt ids; min of alternating rounds"],
@@ -75,7 +90,8 @@ def step_cost(ctx: BenchContext) -> BenchResult:
     curve = ", ".join(f"{r}: {plain_ms[r]:.0f}" + (f"/{packed_ms[r]:.0f}" if packed_ms[r] else "")
                       for r in row_counts)
     result.summary = (f"step-cost: ms a step plain/packed by rows {curve} | packed speed-up at {at} rows "
-                      f"{fmt_ratio(result.ratios['packed_step_speedup'])}{goal_text(result, 'packed_step_speedup')}")
+                      f"{fmt_ratio(result.ratios['packed_step_speedup'])}{goal_text(result, 'packed_step_speedup')} "
+                      f"(generations here pack by default: {by_default})")
     return result
 
 

@@ -23,7 +23,8 @@ tests check this bit for bit.
 The cost: a packed copy of every weight for the context's duration (the starter: about 2 GB, 0.3-0.5 s to
 pack). Where touching fresh memory is slow (the project's VM), the first prefills after packing pay for it: see
 bench/README.md, issue 17 third pass. It is skipped where that memory is not available, where the MKL ops are
-missing (non-x86 builds) or fail a self-test, and when ``SSN_PACKED_LINEAR=0`` is set in the environment.
+missing (non-x86 builds) or fail a self-test, where they are not faster on this CPU (`pays_here`: on an AMD EPYC
+they were slower), and when ``SSN_PACKED_LINEAR=0`` is set in the environment (``=1``: wherever the kernel works).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 import types
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,7 +90,8 @@ def _dispatch(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def kernel_available() -> bool:
-    """Whether this torch build has MKL's packed ops and they agree with F.linear (checked once per process)."""
+    """Whether this torch build has MKL's packed ops, they agree with F.linear and a row's result does not depend on
+    the other rows of its product (checked once per process)."""
     mkl = getattr(torch.ops, "mkl", None)
     if not torch.backends.mkl.is_available() or mkl is None:
         return False
@@ -97,21 +100,57 @@ def kernel_available() -> bool:
         weight = torch.randn(24, 40, generator=generator)  # [out, in]
         bias = torch.randn(24, generator=generator)
         x = torch.randn(8, 40, generator=generator)  # [rows, in]
+        neighbours = torch.cat([x[:3], torch.randn(5, 40, generator=generator)])
         packed = _PackedWeight(weight, weight._version, mkl._mkl_reorder_linear_weight(weight, 8), 8, 1)
-        return bool(torch.allclose(packed.linear(x, bias), F.linear(x, weight, bias), rtol=1e-4, atol=1e-5)
-                    and torch.equal(packed.linear(x[:3], bias), packed.linear(x, bias)[:3]))
+        full = packed.linear(x, bias)
+        # A row must not depend on its neighbours or the padding (on an AMD EPYC it did: the kernel is then off).
+        return bool(torch.allclose(full, F.linear(x, weight, bias), rtol=1e-4, atol=1e-5)
+                    and torch.equal(packed.linear(x[:3], bias), full[:3])
+                    and torch.equal(packed.linear(neighbours, bias)[:3], full[:3]))
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
 
 
-def _enabled_by_environment() -> bool:
-    return os.environ.get(_ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+def _switch() -> str:
+    """``SSN_PACKED_LINEAR``: "0" (off), "1" (on wherever the kernel works) or unset / "auto" (on where it pays)."""
+    value = os.environ.get(_ENV_SWITCH, "auto").strip().lower()
+    if value in ("0", "false", "no", "off"):
+        return "off"
+    return "on" if value in ("1", "true", "yes", "on") else "auto"
+
+
+@functools.cache
+def pays_here(rows: int = 16, n_in: int = 1024, n_out: int = 4096, repeats: int = 9) -> bool:
+    """Whether a packed product beats the plain one on this CPU (timed once per process, about 50 ms).
+
+    MKL's packed kernel is 1.5-2× faster for 8-32 rows on the Intel Xeon the project measured first, but slower on
+    an AMD EPYC (a 16-row step of the starter 0.87×: bench/README.md, issue 17 fourth pass), so it is used only
+    where a model-sized product here is at least 10% faster packed, fastest of ``repeats`` alternating calls each.
+    """
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(n_out, n_in, generator=generator)
+    x = torch.randn(rows, n_in, generator=generator)
+    packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+    plain_s, packed_s = [], []
+    with torch.no_grad():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            F.linear(x, weight)
+            plain_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            torch.ops.mkl._mkl_linear(x, packed, weight, None, rows)
+            packed_s.append(time.perf_counter() - start)
+    return min(packed_s) < 0.9 * min(plain_s)
 
 
 def enabled() -> bool:
-    """Whether generations in this process may run packed products (the kernel works and ``SSN_PACKED_LINEAR`` does
-    not switch it off); run manifests record it beside the library versions, since it changes float rounding."""
-    return _enabled_by_environment() and kernel_available()
+    """Whether generations in this process run packed products: the kernel works, and ``SSN_PACKED_LINEAR`` is "1",
+    or is unset and they pay on this CPU (`pays_here`). Run manifests record it beside the library versions, since
+    it changes float rounding."""
+    switch = _switch()
+    if switch == "off" or not kernel_available():
+        return False
+    return switch == "on" or pays_here()
 
 
 def _available_memory_bytes() -> int | None:

@@ -23,6 +23,31 @@ PROMPTS = ["hi", "a much longer prompt, so the others get left padding", "¿Qué
 SEED = 2  # a tiny model whose replies depend on the prompt
 
 
+@pytest.fixture(autouse=True)
+def _packing_on(monkeypatch):
+    """These tests check the packed path itself, so it runs wherever the kernel works (``SSN_PACKED_LINEAR=1``),
+    whether or not it pays on this CPU; the test of the automatic choice unsets it."""
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "1")
+
+
+@needs_kernel
+@pytest.mark.parametrize("pays", [True, False])
+def test_by_default_packing_runs_only_where_it_pays(monkeypatch, pays):
+    monkeypatch.delenv("SSN_PACKED_LINEAR")
+    monkeypatch.setattr(packed, "pays_here", lambda: pays)
+    layer = _layer()
+    with packed_linears(layer, rows=8) as n_packed:
+        assert n_packed == (1 if pays else 0) and ("forward" in layer.__dict__) is pays
+    assert packed.enabled() is pays
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "1")  # asked for: packed even where it does not pay
+    assert packed.enabled()
+
+
+@needs_kernel
+def test_the_speed_check_times_both_products():
+    assert isinstance(packed.pays_here(rows=8, n_in=64, n_out=64, repeats=2), bool)
+
+
 class _CountPacked:
     """Counts packed products per thread (wraps `_PackedWeight.linear`)."""
 
@@ -67,12 +92,12 @@ def test_packed_product_matches_linear_and_a_row_ignores_its_neighbours():
     with torch.no_grad(), packed_linears(layer, rows=8) as n_packed:
         assert n_packed == 1
         full = layer(x)
-        alone = layer(x[:3].clone())  # 3 rows padded to 8
-        other = layer(torch.cat([x[:3], torch.randn(5, 40)]))  # same first rows, other neighbours
+        alone = layer(x[:4].clone())  # 4 rows (the fewest packed for 8) padded to 8
+        other = layer(torch.cat([x[:4], torch.randn(4, 40)]))  # same first rows, other neighbours
         unpacked = F.linear(x, layer.weight, layer.bias)
     torch.testing.assert_close(full, unpacked, rtol=1e-5, atol=1e-5)
-    assert torch.equal(alone, full[:3])  # bit for bit: padding and neighbours do not change a row
-    assert torch.equal(other[:3], full[:3])
+    assert torch.equal(alone, full[:4])  # bit for bit: padding and neighbours do not change a row
+    assert torch.equal(other[:4], full[:4])
 
 
 @needs_kernel

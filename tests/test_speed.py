@@ -15,7 +15,7 @@ def test_measure_speed_on_a_tiny_model():
     assert measured.generation_prefill_tokens_per_s is not None and measured.generation_prefill_tokens_per_s > 0
     assert "tokens/s" in measured.describe() and "a step of 8 rows" in measured.describe()
     assert speed.measure_speed(tiny_model("qwen2"), wide_batch=0).wide_step_ratio is None
-    if packed_linear.kernel_available():  # the wide step is timed again as a generation of 8 rows runs it: packed
+    if packed_linear.enabled():  # the wide step is timed again as a generation of 8 rows runs it: packed
         assert measured.packed_step_ratio is not None and measured.packed_step_ratio > 0
         assert "packed weights" in measured.describe()
 
