@@ -40,21 +40,28 @@ def step_cost(ctx: BenchContext) -> BenchResult:
     ctx.log(f"{len(row_counts)} row counts, a {cache_tokens}-token cache, {rounds} alternating rounds each")
     kernel = packed.kernel_available()
     by_default = packed.enabled()  # what a generation here would do (`pays_here`); the curve below packs anyway
-    switch = os.environ.get("SSN_PACKED_LINEAR")
-    if switch is None:
-        os.environ["SSN_PACKED_LINEAR"] = "1"
+    screen_by_default = require("ssn_core.generation.greedy_screen").enabled()
+    switches = {name: os.environ.get(name) for name in ("SSN_PACKED_LINEAR", "SSN_GREEDY_SCREEN")}
+    for name, value in switches.items():
+        if value is None:  # the curve packs and screens wherever the kernels work, and says what is the default
+            os.environ[name] = "1"
     try:
-        return _curve(ctx, lm, model, ids, row_counts, cache_tokens, rounds, kernel, by_default)
+        return _curve(ctx, lm, model, ids, row_counts, cache_tokens, rounds, kernel, by_default, screen_by_default)
     finally:
-        if switch is None:
-            os.environ.pop("SSN_PACKED_LINEAR", None)
+        for name, value in switches.items():
+            if value is None:
+                os.environ.pop(name, None)
 
 
-def _curve(ctx, lm, model, ids, row_counts, cache_tokens, rounds, kernel, by_default) -> BenchResult:
+def _curve(ctx, lm, model, ids, row_counts, cache_tokens, rounds, kernel, by_default, screen_by_default
+           ) -> BenchResult:
     packed = require("ssn_core.packed_linear")
+    screen = require("ssn_core.generation.greedy_screen")
     plain_ms: dict[int, float] = {}
     packed_ms: dict[int, float | None] = {}
+    screened_ms: dict[int, float | None] = {}
     same_tokens: dict[int, bool | None] = {}
+    screened_same: dict[int, bool | None] = {}
     for rows in row_counts:
         with torch.no_grad():
             prefill = model(input_ids=ids[:rows], use_cache=True)
@@ -68,20 +75,33 @@ def _curve(ctx, lm, model, ids, row_counts, cache_tokens, rounds, kernel, by_def
         plain_ms[rows] = 1000 * min(times["plain"])
         packed_ms[rows] = 1000 * min(times["packed"]) if n_packed else None
         same_tokens[rows] = bool(torch.equal(packed_tokens, plain_tokens)) if n_packed else None
+        # What a greedy generation runs: the output layer through the bfloat16 screen, every other layer packed.
+        with (screen.screened_head(model, rows >= screen.MIN_ROWS) as screened,
+              packed.packed_linears(model, rows if kernel else None)):
+            screened_tokens = step().argmax(-1)
+            screened_ms[rows] = 1000 * min(alternate({"screened": step}, rounds)["screened"]) if screened else None
+        screened_same[rows] = bool(torch.equal(screened_tokens, plain_tokens)) if screened else None
         ctx.log(f"{rows:3d} rows: plain {plain_ms[rows]:.0f} ms"
                 + (f", packed {packed_ms[rows]:.0f} ms ({plain_ms[rows] / packed_ms[rows]:.2f}x), same greedy "
                    f"tokens {same_tokens[rows]}" if packed_ms[rows] else ", packed: not applied (outside 4-32 rows "
-                                                                        "or no kernel)"))
+                                                                        "or no kernel)")
+                + (f"; screened output layer {screened_ms[rows]:.0f} ms, same greedy tokens {screened_same[rows]}"
+                   if screened_ms[rows] else ""))
     speedups = {rows: plain_ms[rows] / ms for rows, ms in packed_ms.items() if ms}
     at = 16 if 16 in speedups else (max(speedups) if speedups else None)
+    screen_gain = {rows: (packed_ms[rows] or plain_ms[rows]) / ms for rows, ms in screened_ms.items() if ms}
+    screen_at = 16 if 16 in screen_gain else (max(screen_gain) if screen_gain else None)
     result = BenchResult(
         name="step-cost",
-        ratios={"packed_step_speedup": speedups[at] if at is not None else float("nan")},
+        ratios={"packed_step_speedup": speedups[at] if at is not None else float("nan"),
+                "screened_vs_packed_step": screen_gain[screen_at] if screen_at is not None else float("nan")},
         goals={},
         summary="",
         batch=at,
         seq_len=cache_tokens,
         details={"rows": row_counts, "plain_ms": plain_ms, "packed_ms": packed_ms, "same_greedy_tokens": same_tokens,
+                 "screened_ms": screened_ms, "screened_same_greedy_tokens": screened_same,
+                 "screened_by_default_here": screen_by_default,
                  "rounds": rounds, "kernel_available": kernel, "packed_by_default_here": by_default,
                  "row_tokens_per_s_plain": {r: 1000 * r / ms for r, ms in plain_ms.items()},
                  "row_tokens_per_s_packed": {r: 1000 * r / ms for r, ms in packed_ms.items() if ms}},
@@ -91,7 +111,9 @@ def _curve(ctx, lm, model, ids, row_counts, cache_tokens, rounds, kernel, by_def
                       for r in row_counts)
     result.summary = (f"step-cost: ms a step plain/packed by rows {curve} | packed speed-up at {at} rows "
                       f"{fmt_ratio(result.ratios['packed_step_speedup'])}{goal_text(result, 'packed_step_speedup')} "
-                      f"(generations here pack by default: {by_default})")
+                      f"(generations here pack by default: {by_default}) | screened output layer at {screen_at} rows "
+                      f"{fmt_ratio(result.ratios['screened_vs_packed_step'])} the packed step ("
+                      + ", ".join(f"{r}: {ms:.0f}" for r, ms in screened_ms.items() if ms) + " ms)")
     return result
 
 

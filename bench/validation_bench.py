@@ -11,6 +11,7 @@ sides; the verdicts of both are compared reply by reply.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import torch
@@ -61,6 +62,28 @@ def _agreement(judge, texts_by_lang, old, new, prefix_ok: bool = False) -> dict:
                 total += 1
     return {"replies": total, "same_verdict": same_verdict, "same_reply" + ("_or_prefix" if prefix_ok else ""):
             same_reply}
+
+
+@contextlib.contextmanager
+def _greedy_screen_off():
+    """The new path with greedy decoding's output layer in float32 (``SSN_GREEDY_SCREEN=0``), to show what the
+    bfloat16 screen (`ssn_core.generation.greedy_screen`) adds."""
+    previous = os.environ.get("SSN_GREEDY_SCREEN")
+    os.environ["SSN_GREEDY_SCREEN"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("SSN_GREEDY_SCREEN", None)
+        else:
+            os.environ["SSN_GREEDY_SCREEN"] = previous
+
+
+def _unscreened(fn):
+    def run():
+        with _greedy_screen_off():
+            return fn()
+    return run
 
 
 @contextlib.contextmanager
@@ -170,6 +193,8 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
         "new_per_language": run("new_per_language", lambda: {
             lang: validation.run_packed(lm, t, conditions, settings, batch_size) for lang, t in texts.items()}),
         "new_stop_at_verdict": run("new_stop_at_verdict", lambda: one_stream(stop_settings, batch_size)),
+        # The same stream with the output layer in float32: what the greedy screen adds.
+        "new_unscreened": run("new_unscreened", _unscreened(lambda: one_stream(settings, batch_size))),
         # Each path at its own default batch size: the old CLI's 8, the new `GENERATION_BATCH_SIZE` (what a user of
         # `ssn validate` without --batch-size gets).
         "old_default": run("old_default", lambda: {
@@ -177,6 +202,8 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
         "new_default": run("new_default", lambda: one_stream(settings, generation.GENERATION_BATCH_SIZE)),
         "eval_old": run("eval_old", lambda: legacy.evaluate_replies(lm, eval_texts, settings, batch_size)),
         "eval_new": run("eval_new", lambda: generation.generate_many(lm, eval_texts, settings, batch_size=batch_size)),
+        "eval_new_unscreened": run("eval_new_unscreened", _unscreened(
+            lambda: generation.generate_many(lm, eval_texts, settings, batch_size=batch_size))),
         "eval_old_default": run("eval_old_default", lambda: legacy.evaluate_replies(lm, eval_texts, settings,
                                                                                     OLD_DEFAULT_BATCH)),
         "eval_new_default": run("eval_new_default", lambda: generation.generate_many(
@@ -197,13 +224,17 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
               "validation_one_stream_vs_per_language": paired_ratio(times["new_per_language"], times["new"]),
               "validation_at_defaults": paired_ratio(times["old_default"], times["new_default"]),
               "evaluation_replies_per_s": paired_ratio(times["eval_old"], times["eval_new"]),
-              "evaluation_at_defaults": paired_ratio(times["eval_old_default"], times["eval_new_default"])}
+              "evaluation_at_defaults": paired_ratio(times["eval_old_default"], times["eval_new_default"]),
+              "validation_screened_vs_float32_head": paired_ratio(times["new_unscreened"], times["new"]),
+              "evaluation_screened_vs_float32_head": paired_ratio(times["eval_new_unscreened"], times["eval_new"])}
     agree = {"new_vs_old": _agreement(judge, texts, outputs["old"], outputs["new"]),
              "stop_at_verdict_vs_old": _agreement(judge, texts, outputs["old"], outputs["new_stop_at_verdict"],
                                                   prefix_ok=True),
              "defaults_new_vs_old": _agreement(judge, texts, outputs["old_default"], outputs["new_default"]),
-             "one_stream_vs_per_language": _agreement(judge, texts, outputs["new_per_language"], outputs["new"])}
+             "one_stream_vs_per_language": _agreement(judge, texts, outputs["new_per_language"], outputs["new"]),
+             "screened_vs_float32_head": _agreement(judge, texts, outputs["new_unscreened"], outputs["new"])}
     eval_agree = sum(a == b for a, b in zip(outputs["eval_old"], outputs["eval_new"], strict=True))
+    eval_screen_agree = sum(a == b for a, b in zip(outputs["eval_new_unscreened"], outputs["eval_new"], strict=True))
     eval_default_agree = sum(a == b for a, b in zip(outputs["eval_old_default"], outputs["eval_new_default"],
                                                     strict=True))
     ctx.log("profiling one old-path batch and one new-path run (en)")
@@ -224,6 +255,8 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
                  "languages": list(languages), "agreement": agree,
                  "eval_same_reply": f"{eval_agree}/{len(eval_texts)}",
                  "eval_defaults_same_reply": f"{eval_default_agree}/{len(eval_texts)}",
+                 "eval_screened_same_reply": f"{eval_screen_agree}/{len(eval_texts)}",
+                 "greedy_screen_by_default": generation.greedy_screen.enabled(),
                  "replies_per_s": {k: (n_replies if not k.startswith("eval") else len(eval_texts)) / median(v)
                                    for k, v in times.items()},
                  "old_batch_breakdown": breakdown, "new_run_breakdown_en": new_stats,
@@ -232,7 +265,7 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
                "settings (greedy); agreement compares the two runs' verdicts (label and reason) reply by reply")],
     )
     a, s, d = agree["new_vs_old"], agree["stop_at_verdict_vs_old"], agree["defaults_new_vs_old"]
-    o = agree["one_stream_vs_per_language"]
+    o, g = agree["one_stream_vs_per_language"], agree["screened_vs_float32_head"]
     result.summary = (
         f"validation-throughput: replies/s new/old {fmt_ratio(ratios['validation_replies_per_s'])}"
         f"{goal_text(result, 'validation_replies_per_s')}; with stop_at_verdict "
@@ -245,6 +278,10 @@ def validation_throughput(ctx: BenchContext) -> BenchResult:
         f" | same verdicts {a['same_verdict']}/{a['replies']} "
         f"(stop_at_verdict {s['same_verdict']}/{s['replies']}), same replies {a['same_reply']}/{a['replies']}"
         f" | one stream / one per language {fmt_ratio(ratios['validation_one_stream_vs_per_language'])} "
-        f"(same replies {o['same_reply']}/{o['replies']})")
+        f"(same replies {o['same_reply']}/{o['replies']})"
+        f" | greedy screen / float32 output layer: validation "
+        f"{fmt_ratio(ratios['validation_screened_vs_float32_head'])} (same replies {g['same_reply']}/{g['replies']}),"
+        f" evaluation {fmt_ratio(ratios['evaluation_screened_vs_float32_head'])} (same replies "
+        f"{eval_screen_agree}/{len(eval_texts)})")
     return result
 

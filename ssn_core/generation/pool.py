@@ -9,6 +9,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 
 from ssn_core._conventions import check_cancel
+from ssn_core.generation import greedy_screen
 from ssn_core.generation.decoder import StopFn, _Batch, _Decoder, _keep_rows, _merge, _plain_cache
 from ssn_core.generation.masks import _applied, _row_masks
 from ssn_core.generation.settings import GenerationSettings
@@ -85,7 +86,12 @@ def _generate_rows(lm: LoadedModel, prompts: list[list[int]], settings: Generati
     # Decoding steps of this many rows run MKL's packed products (CPU, float32; see ssn_core.packed_linear), packed
     # before the first prefill. Packing after it instead was tried: it spared the first prefills re-faulting their
     # memory in one run and cost the evaluation benchmark more in two (bench/README.md, issue 17 third pass).
-    with packed_linears(lm.model, pack_rows(min(capacity, n), settings.max_new_tokens)):
+    # Greedy decoding reads only the argmax of the output layer: screened in bfloat16 (ssn_core.generation.
+    # greedy_screen), entered first so that packing leaves that layer alone.
+    screen = (decoder.sampler is None and min(capacity, n) >= greedy_screen.MIN_ROWS
+              and settings.max_new_tokens >= greedy_screen.MIN_STEPS)
+    with (greedy_screen.screened_head(lm.model, screen),
+          packed_linears(lm.model, pack_rows(min(capacity, n), settings.max_new_tokens))):
         while not halted():
             if batch is not None and any(batch.done) and not fixed:
                 keep = [p for p, d in enumerate(batch.done) if not d]

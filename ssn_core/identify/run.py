@@ -28,9 +28,11 @@ def _versions() -> dict:
 
     from ssn_core import __version__ as ssn_version
     from ssn_core import packed_linear
+    from ssn_core.generation import greedy_screen
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "ssn_core": ssn_version,
-            "python": platform.python_version(), "packed_linear": packed_linear.enabled()}
+            "python": platform.python_version(), "packed_linear": packed_linear.enabled(),
+            "greedy_screen": greedy_screen.enabled()}
 
 
 def identify(lm: LoadedModel, prompts, languages, hr=("en",), method: ScoringMethod | None = None,
