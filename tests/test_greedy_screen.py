@@ -93,12 +93,19 @@ def test_the_float32_argmax_is_always_a_candidate(seed):
 
 
 @needs_kernel
-def test_a_flat_row_gets_the_float32_product():
-    model = _Head(vocab=4096)
+def test_flat_rows_get_the_float32_product(monkeypatch):
+    vocab = 2 * greedy_screen._MAX_CANDIDATE_TOKENS
+    model = _Head(vocab=vocab)
+    calls = []
+    linear = F.linear
+    monkeypatch.setattr(greedy_screen.F, "linear", lambda *args: calls.append(args) or linear(*args))
     x = torch.zeros(4, 64)  # every logit 0: every token a candidate, more than the cap
     with torch.no_grad(), screened_head(model) as on:
         assert on
-        assert torch.equal(model(x), F.linear(x, model.head.weight))
+        assert torch.equal(model(x), torch.zeros(4, vocab))
+        assert len(calls) == 1  # the float32 product, not the screened one
+        model(_rows(n=4))
+        assert len(calls) == 1  # ordinary rows: screened
 
 
 @needs_kernel
