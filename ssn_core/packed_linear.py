@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 import time
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -42,6 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ssn_core.forward_swap import ForwardSwap
 
 # Outside this band of rows a step is better served by F.linear: at 1-2 rows MKL's plain kernel is already
 # memory-bound and cheaper than a padded packed product, and from 64 rows packing gained 1.05× on the starter.
@@ -73,9 +73,6 @@ class _PackedWeight:
 
 # The packed weights active in the current context (thread / task): id(module) -> its packed weight.
 _ACTIVE: ContextVar[dict[int, _PackedWeight] | None] = ContextVar("ssn_packed_linears", default=None)
-_INSTALLED: dict[int, tuple[nn.Module, int]] = {}  # id(module) -> (module, contexts using its dispatch)
-_LOCK = threading.Lock()
-
 
 def _dispatch(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """The forward of a layer while some context packs it: the packed product when this context's call qualifies."""
@@ -86,6 +83,9 @@ def _dispatch(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
             and packed.min_rows <= x.numel() // max(x.shape[-1], 1) <= packed.rows):
         return packed.linear(x, module.bias)
     return nn.Linear.forward(module, x)
+
+
+_SWAP = ForwardSwap(_dispatch)
 
 
 @functools.cache
@@ -175,8 +175,7 @@ def packable_layers(model: nn.Module) -> list[nn.Linear]:
         weight = module.weight
         if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
             continue
-        forward = module.__dict__.get("forward")
-        if forward is not None and getattr(forward, "__func__", None) is not _dispatch:
+        if _SWAP.replaced_by_another(module):
             continue
         layers.append(module)
     return layers
@@ -220,40 +219,15 @@ def packed_linears(model: nn.Module, rows: int | None) -> Iterator[int]:
         return
     token = None
     try:
-        _install(layers)
+        _SWAP.install(layers)
         token = _ACTIVE.set(packs)
         yield len(packs)
     finally:
         if token is not None:
             _ACTIVE.reset(token)
-        _uninstall(layers)
-
-
-def _install(layers: list[nn.Linear]) -> None:
-    with _LOCK:
-        for layer in layers:
-            entry = _INSTALLED.get(id(layer))
-            if entry is None:
-                layer.forward = types.MethodType(_dispatch, layer)  # type: ignore[method-assign]
-                _INSTALLED[id(layer)] = (layer, 1)
-            else:
-                _INSTALLED[id(layer)] = (layer, entry[1] + 1)
-
-
-def _uninstall(layers: list[nn.Linear]) -> None:
-    with _LOCK:
-        for layer in layers:
-            entry = _INSTALLED.get(id(layer))
-            if entry is None:
-                continue
-            if entry[1] > 1:
-                _INSTALLED[id(layer)] = (layer, entry[1] - 1)
-            else:
-                del _INSTALLED[id(layer)]
-                layer.__dict__.pop("forward", None)
+        _SWAP.uninstall(layers)
 
 
 def packed_layer_count(model: nn.Module) -> int:
     """Layers of ``model`` whose forward is currently the packed dispatch (0 once every context has exited)."""
-    return sum(1 for module in model.modules()
-               if getattr(module.__dict__.get("forward"), "__func__", None) is _dispatch)
+    return sum(1 for module in model.modules() if _SWAP.installed(module))

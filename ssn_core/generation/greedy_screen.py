@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 import time
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -43,6 +41,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ssn_core.forward_swap import ForwardSwap
 
 MIN_ROWS = 2  # a single row's product is memory-bound either way: bfloat16 saved 3 of 20 ms, less than the screen
 MAX_ROWS = 64  # more rows (a prefill without logits_to_keep): the plain product
@@ -104,8 +104,6 @@ class _Screen:
 
 # The screen active in the current context (thread / task): id(module) -> its screen.
 _ACTIVE: ContextVar[dict[int, _Screen] | None] = ContextVar("ssn_greedy_screen", default=None)
-_INSTALLED: dict[int, tuple[nn.Module, int]] = {}  # id(module) -> (module, contexts using its dispatch)
-_LOCK = threading.Lock()
 
 
 def _dispatch(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -119,6 +117,9 @@ def _dispatch(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
             and MIN_ROWS <= x.numel() // max(x.shape[-1], 1) <= MAX_ROWS):
         return screen.logits(x)
     return nn.Linear.forward(module, x)
+
+
+_SWAP = ForwardSwap(_dispatch)
 
 
 @functools.cache
@@ -188,8 +189,7 @@ def screenable_head(model: nn.Module) -> nn.Linear | None:
     weight = head.weight
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or weight.dim() != 2:
         return None
-    forward = head.__dict__.get("forward")
-    if forward is not None and getattr(forward, "__func__", None) is not _dispatch:
+    if _SWAP.replaced_by_another(head):
         return None
     return head
 
@@ -210,32 +210,11 @@ def screened_head(model: nn.Module, active: bool = True) -> Iterator[bool]:
         return
     token = None
     try:
-        _install(head)
+        _SWAP.install([head])
         token = _ACTIVE.set({id(head): screen})
         yield True
     finally:
         if token is not None:
             _ACTIVE.reset(token)
-        _uninstall(head)
+        _SWAP.uninstall([head])
 
-
-def _install(head: nn.Module) -> None:
-    with _LOCK:
-        entry = _INSTALLED.get(id(head))
-        if entry is None:
-            head.forward = types.MethodType(_dispatch, head)
-            _INSTALLED[id(head)] = (head, 1)
-        else:
-            _INSTALLED[id(head)] = (head, entry[1] + 1)
-
-
-def _uninstall(head: nn.Module) -> None:
-    with _LOCK:
-        entry = _INSTALLED.get(id(head))
-        if entry is None:
-            return
-        if entry[1] > 1:
-            _INSTALLED[id(head)] = (head, entry[1] - 1)
-        else:
-            del _INSTALLED[id(head)]
-            head.__dict__.pop("forward", None)
