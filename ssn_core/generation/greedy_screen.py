@@ -19,7 +19,7 @@ What changes in the results: the chosen token is the largest of the recomputed f
 between batch sizes; only a near-tie at that level can pick another token. Tests check the bound on random and
 adversarial rows (the float32 argmax is always a candidate) and that greedy replies are unchanged.
 
-Where it applies: `screened_head(model, rows)` around a greedy generation (`ssn_core.generation.pool`) swaps the
+Where it applies: `screened_head(model)` around a greedy generation (`ssn_core.generation.pool`) swaps the
 forward of a plain float32, bias-free ``nn.Linear`` output layer on the CPU, in the current contextvars context
 only, for calls of 2 to 64 rows without autograd or hooks on the layer. It is skipped where bfloat16 products are
 not at least 1.6× faster than float32 ones on this CPU (`pays_here`: no AMX or AVX512-BF16), where they fail a
