@@ -30,8 +30,6 @@ they were slower), and when ``SSN_PACKED_LINEAR=0`` is set in the environment (`
 from __future__ import annotations
 
 import functools
-import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -41,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssn_core.forward_swap import ForwardSwap
+from ssn_core.forward_swap import ForwardSwap, env_switch, fastest_alternating
 
 # Outside this band of rows a step is better served by F.linear: at 1-2 rows MKL's plain kernel is already
 # memory-bound and cheaper than a padded packed product, and from 64 rows packing gained 1.05× on the starter.
@@ -112,11 +110,8 @@ def kernel_available() -> bool:
 
 
 def _switch() -> str:
-    """``SSN_PACKED_LINEAR``: "0" (off), "1" (on wherever the kernel works) or unset / "auto" (on where it pays)."""
-    value = os.environ.get(_ENV_SWITCH, "auto").strip().lower()
-    if value in ("0", "false", "no", "off"):
-        return "off"
-    return "on" if value in ("1", "true", "yes", "on") else "auto"
+    """``SSN_PACKED_LINEAR``: "off", "on" (wherever the kernel works) or "auto" (where it pays)."""
+    return env_switch(_ENV_SWITCH)
 
 
 @functools.cache
@@ -131,16 +126,9 @@ def pays_here(rows: int = 16, n_in: int = 1024, n_out: int = 4096, repeats: int 
     weight = torch.randn(n_out, n_in, generator=generator)
     x = torch.randn(rows, n_in, generator=generator)
     packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
-    plain_s, packed_s = [], []
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            F.linear(x, weight)
-            plain_s.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            torch.ops.mkl._mkl_linear(x, packed, weight, None, rows)
-            packed_s.append(time.perf_counter() - start)
-    return min(packed_s) < 0.9 * min(plain_s)
+    plain_s, packed_s = fastest_alternating(lambda: F.linear(x, weight),
+                                            lambda: torch.ops.mkl._mkl_linear(x, packed, weight, None, rows), repeats)
+    return packed_s < 0.9 * plain_s
 
 
 def enabled() -> bool:

@@ -31,8 +31,6 @@ enters it only for generations of at least `MIN_STEPS` new tokens.
 from __future__ import annotations
 
 import functools
-import os
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -42,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssn_core.forward_swap import ForwardSwap
+from ssn_core.forward_swap import ForwardSwap, env_switch, fastest_alternating
 
 MIN_ROWS = 2  # a single row's product is memory-bound either way: bfloat16 saved 3 of 20 ms, less than the screen
 MAX_ROWS = 64  # more rows (a prefill without logits_to_keep): the plain product
@@ -150,24 +148,14 @@ def pays_here(rows: int = 16, n_in: int = 896, n_out: int = 32768, repeats: int 
     weight = torch.randn(n_out, n_in, generator=generator)
     low = weight.to(torch.bfloat16)
     x = torch.randn(rows, n_in, generator=generator)
-    plain_s, low_s = [], []
-    with torch.no_grad():
-        for _ in range(repeats):
-            start = time.perf_counter()
-            F.linear(x, weight)
-            plain_s.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            torch.mm(low, x.to(torch.bfloat16).T).T.contiguous()
-            low_s.append(time.perf_counter() - start)
-    return min(low_s) * 1.6 < min(plain_s)
+    plain_s, low_s = fastest_alternating(lambda: F.linear(x, weight),
+                                         lambda: torch.mm(low, x.to(torch.bfloat16).T).T.contiguous(), repeats)
+    return low_s * 1.6 < plain_s
 
 
 def _switch() -> str:
-    """``SSN_GREEDY_SCREEN``: "0" (off), "1" (on wherever the self-test passes), unset / "auto" (where it pays)."""
-    value = os.environ.get(_ENV_SWITCH, "auto").strip().lower()
-    if value in ("0", "false", "no", "off"):
-        return "off"
-    return "on" if value in ("1", "true", "yes", "on") else "auto"
+    """``SSN_GREEDY_SCREEN``: "off", "on" (wherever the kernel works) or "auto" (where it pays)."""
+    return env_switch(_ENV_SWITCH)
 
 
 def enabled() -> bool:
