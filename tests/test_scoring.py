@@ -183,6 +183,29 @@ def test_row_blocks_cover_every_counted_row_once_with_its_keys(block_cost):
         assert int(covered.sum()) == int((row_weights > 0).sum())
 
 
+@pytest.mark.parametrize(("G", "D"), [(1, 5), (3, 4), (7, 8)])
+def test_factor_blocks_partition_the_columns_and_skip_only_zeros(G, D):
+    """Both attn_k contractions' column blocks of the kv-group factor cover every output coordinate once, and what a
+    block does not read (input coordinates before its start; for the one-stage, whole heads) is zero in a triangular
+    factor, so ‖F y‖² = Σ_blocks ‖F[c0:c1, c_in:] y[c_in:]‖² exactly; a dense factor is read whole."""
+    from ssn_core.scoring.qk import _factor_blocks
+
+    width = G * D
+    factor = torch.linalg.qr(torch.randn(3 * width, width, generator=torch.Generator().manual_seed(G))).R
+    y = torch.randn(width)
+    for triangular, matrix in ((True, factor), (False, torch.randn(width, width))):
+        for blocks in _factor_blocks(G, D, width, triangular):
+            assert [c0 for _, c0, _ in blocks] == [0, *[c1 for _, _, c1 in blocks[:-1]]] and blocks[-1][2] == width
+            assert all(c_in <= c0 for c_in, c0, _ in blocks)
+            for c_in, c0, c1 in blocks:
+                assert bool((matrix[c0:c1, :c_in] == 0).all())
+            by_blocks = sum(float((matrix[c0:c1, c_in:] @ y[c_in:]).square().sum()) for c_in, c0, c1 in blocks)
+            assert math.isclose(by_blocks, float((matrix @ y).square().sum()), rel_tol=1e-5)
+    two_stage, one_stage = _factor_blocks(G, D, width, True)
+    assert all(c_in % D == 0 for c_in, _, _ in one_stage)  # the one-stage reads heads whole
+    assert len(one_stage) == G and (G == 1 or any(c_in > 0 for c_in, _, _ in two_stage))
+
+
 @pytest.mark.parametrize("aggregate", ["last", "all"])
 def test_impact_other_aggregates_equal_ablation(aggregate):
     lm = tiny_lm("llama")

@@ -119,6 +119,23 @@ def _q_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, scores
     return impact
 
 
+def _factor_blocks(G: int, D: int, r: int, triangular: bool
+                   ) -> tuple[list[tuple[int, int, int]], list[tuple[int, int, int]]]:
+    """Column blocks (first input coordinate read, c0, c1) of the kv-group factor for the two attn_k contractions.
+
+    A QR factor is upper triangular: output coordinates [c0, c1) of F y only read y's coordinates from c0 on. The
+    two-stage product reads y itself, so its blocks start where they like; the one-stage product reads y's heads
+    through V F_gᵀ, so it takes one block per head, and head g's block reads heads g..G−1: Σ_g (G − g)·S·D flops
+    a row, (G + 1)/2G of the full G·S·G·D. A factor that is not triangular is one block reading everything.
+    """
+    if not triangular:
+        return [(0, 0, r)], [(0, 0, r)]
+    width = G * D
+    n = min(_TRIANGLE_BLOCKS, width)
+    two_stage = [(c0, c0, c1) for c0, c1 in itertools.pairwise(round(i * width / n) for i in range(n + 1))]
+    return two_stage, [(g * D, g * D, (g + 1) * D) for g in range(G)]  # one block per head
+
+
 def _k_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, scores: torch.Tensor,
                     vh: torch.Tensor, z: torch.Tensor, row_weights: torch.Tensor, factors: torch.Tensor
                     ) -> torch.Tensor:
@@ -127,32 +144,35 @@ def _k_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, scores
     row_factors [B,K,D,R*G,2], key_factors [B,K,D,2,S]; scores [B,K,R,G,S] the scaled, masked scores; vh [B,K,S,D]
     values; z [B,K,G,R,D] = A V per head; factors [K, r, G*D] with ‖W_O,group y‖ = ‖factors y‖. Zeroing a key dim
     moves the scores of the group's G heads at once, and Δout = W_O,group [(A′_g − A_g) V]_g: per head the value
-    matmul of A′, then one matmul with the group's factor for the norm; when the keys are few, V F_gᵀ is contracted
-    over (g, s) at once instead (whichever takes fewer flops).
+    matmul of A′, then one matmul with the group's factor for the norm (two-stage); or, when the keys are few,
+    A′ over (g, s) times V F_gᵀ at once (one-stage). Whichever takes fewer flops, both in the triangular factor's
+    column blocks (`_factor_blocks`).
     """
     B, K, D, RG, _ = row_factors.shape
     S = key_factors.shape[-1]
     G = z.shape[2]
     R = RG // G
     r = factors.shape[1]
-    # A QR factor is upper triangular: output coordinates [c0, c1) of Y Rᵀ only need Y's coordinates from c0 on,
-    # so in `_TRIANGLE_BLOCKS` column blocks the product takes Σ (G·D − c0)(c1 − c0) flops, 5/8 of G·D·r for 4.
     width = G * D
     triangular = r == width and bool(torch.equal(factors, factors.triu()))
-    n_blocks = min(_TRIANGLE_BLOCKS, width) if triangular else 1
-    bounds = [round(i * r / n_blocks) for i in range(n_blocks + 1)]
-    starts = [c0 if triangular else 0 for c0 in bounds[:-1]]  # the first input coordinate each block reads
-    share = sum((width - c0) * (c1 - c0) for c0, c1 in itertools.pairwise(bounds)) / (width * r)
-    flops_per_row = {True: G * S * D + width * r * share, False: G * S * r}
+    two_stage_blocks, one_stage_blocks = _factor_blocks(G, D, r, triangular)
+    flops_per_row = {True: G * S * D + sum((width - c_in) * (c1 - c0) for c_in, c0, c1 in two_stage_blocks),
+                     False: sum((G - c_in // D) * S * (c1 - c0) for c_in, c0, c1 in one_stage_blocks)}
     two_stage = flops_per_row[True] < flops_per_row[False] if _K_TWO_STAGE is None else _K_TWO_STAGE
     if two_stage:
         zk = z.permute(0, 1, 3, 2, 4)  # [B,K,R,G,D]
         factors_t = factors.transpose(1, 2)  # [K, G*D, r]
         column_blocks = [factors_t[:, c_in:, c0:c1].contiguous()  # [K, G*D - c_in, c1 - c0]
-                         for c_in, (c0, c1) in zip(starts, itertools.pairwise(bounds), strict=True)]
+                         for c_in, c0, c1 in two_stage_blocks]
     else:
-        vf = torch.einsum("bksd,krgd->bkgsr", vh, factors.view(K, r, G, D)).reshape(B, K, G * S, r)
+        # V F_gᵀ over (g, s) for the heads a column block reads (from its own on): [B, K, (G - g0)*S, c1 - c0],
+        # written contiguous by matmul (an einsum's output would be copied again by the reshape).
+        per_head = factors.view(K, r, G, D).permute(0, 2, 3, 1)  # [K, G, D, r]
+        column_blocks = [torch.matmul(vh[:, :, None], per_head[:, c_in // D:, :, c0:c1]).view(B, K, -1, c1 - c0)
+                         for c_in, c0, c1 in one_stage_blocks]
         zf = torch.einsum("bkgtd,krgd->bktr", z, factors.view(K, r, G, D))  # [B,K,R,r]
+        zf_blocks = [zf[..., c0:c1] for _, c0, c1 in one_stage_blocks]
+    n_blocks = len(column_blocks)
     impact = torch.zeros(B, K, D, dtype=vh.dtype, device=vh.device)
     block, chunk = _blocks(B, D, K * G * R * S)
     for b0 in range(0, B, block):
@@ -171,16 +191,25 @@ def _k_shift_impact(row_factors: torch.Tensor, key_factors: torch.Tensor, scores
                 torch.sub(y.view(nb, K, c, R, G, D), zk[b0:b1, :, None], out=heads.transpose(0, 1))  # (A′_g − A_g) V
                 flat = heads.view(K, nb * c * R, G * D)
                 block_norms = _WORK.get("qk_block_norms", (n_blocks, K, nb * c * R), vh)
-                for i, (c_in, columns) in enumerate(zip(starts, column_blocks, strict=True)):
+                for i, ((c_in, _, _), columns) in enumerate(zip(two_stage_blocks, column_blocks, strict=True)):
                     projected = _WORK.get(f"qk_projected_{i}", (K, nb * c * R, columns.shape[-1]), vh)
                     torch.bmm(flat[:, :, c_in:], columns, out=projected)
                     torch.linalg.vector_norm(projected, dim=-1, out=block_norms[i])
                 delta = torch.linalg.vector_norm(block_norms, dim=0)
                 delta = delta.view(K, nb, c, R).transpose(0, 1)
             else:
-                y = _WORK.get("qk_values", (nb, K, c * R, r), vh)
-                _bmm_into(probs.view(nb, K, c * R, G * S), vf[b0:b1], y)
-                delta = y.view(nb, K, c, R, r).sub_(zf[b0:b1, :, None]).norm(dim=-1)
+                # A′ over (g, s) for each row, times the block's V F_gᵀ rows, minus A V F_gᵀ: that block's Δout.
+                flat = probs.view(nb * K, c * R, G * S)
+                block_norms = _WORK.get("qk_block_norms", (n_blocks, nb, K, c, R), vh)
+                for i, ((c_in, _, _), columns, zf_i) in enumerate(zip(one_stage_blocks, column_blocks, zf_blocks,
+                                                                     strict=True)):
+                    w = columns.shape[-1]
+                    projected = _WORK.get(f"qk_projected_{i}", (nb, K, c, R, w), vh)
+                    torch.bmm(flat[:, :, c_in // D * S:], columns[b0:b1].view(nb * K, -1, w),
+                              out=projected.view(nb * K, c * R, w))
+                    projected.sub_(zf_i[b0:b1, :, None])
+                    torch.linalg.vector_norm(projected, dim=-1, out=block_norms[i])
+                delta = torch.linalg.vector_norm(block_norms, dim=0)
             impact[b0:b1, :, d0:d1] = torch.einsum("bkct,bt->bkc", delta.view(nb, K, c, R), row_weights[b0:b1])
     return impact
 
@@ -233,7 +262,7 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
     bias = _take_rows(bias[..., :S], rows, dim=2)  # [B, 1, R, S]
     qp = _prep(q_rows, geo.q_norm, row_cos, row_sin).permute(0, 2, 1, 3).reshape(B, K, G, R, D)  # [B,K,G,R,D]
     kp = _prep(k_raw, geo.k_norm, key_cos, key_sin).permute(0, 2, 1, 3)  # [B,K,S,D]
-    vh = v.permute(0, 2, 1, 3)  # [B,K,S,D]
+    vh = v.permute(0, 2, 1, 3).contiguous()  # [B,K,S,D]; contiguous, so a row block's keys batch as one bmm
     raw_scores = torch.einsum("bkgtd,bksd->bkgts", qp, kp)  # [B,K,G,R,S] before scaling / softcap / mask
     probs = _softmax_scores(raw_scores, geo, bias[:, None])
     z = torch.einsum("bkgts,bksd->bkgtd", probs, vh)  # [B,K,G,R,D]
@@ -252,7 +281,8 @@ def _qk_impact(geo: _LayerAttention, q_raw, k_raw, v, z_obs, cos, sin, bias, wei
     # Scaled scores (plus the mask when no soft-capping sits in between): what a score shift is subtracted from.
     base = raw_scores * geo.scaling if geo.softcap is not None else raw_scores * geo.scaling + bias[:, None]
     if "attn_q" in kinds:
-        vf_q = torch.einsum("bksd,kgrd->bkgsr", vh, geo.q_factors.view(K, G, -1, D))  # [B,K,G,S,r]
+        # [B,K,G,S,r] = V F_hᵀ, contiguous (by matmul), so a row block's keys batch without a copy
+        vf_q = torch.matmul(vh[:, :, None], geo.q_factors.view(K, G, -1, D).transpose(-1, -2))
         pairs = _rope_pairs(row_cos, row_sin, B, R, D, q_raw.device) if geo.q_norm is None else None
         if pairs is not None:
             # Zeroing q_d shifts score (t, s) by q_d(t) (own_d(t) k_d(s) + other_d(t) k_partner(d)(s)): a rank-2
