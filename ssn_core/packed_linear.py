@@ -1,4 +1,5 @@
-"""MKL's packed matrix product for the linear layers of a batch's decoding steps on the CPU.
+"""Faster kernels for the linear layers of a batch's decoding steps on the CPU: MKL's packed product, and the
+weight-left product.
 
 Why: a decoding step sends a few rows (one new token per reply) through every weight matrix, and on the CPU 87% of
 a 16-row step is `aten::mm` (bench/README.md, issue 17). MKL's kernel for a short, wide product reads the weight in
@@ -25,11 +26,25 @@ pack). Where touching fresh memory is slow (the project's VM), the first prefill
 bench/README.md, issue 17 third pass. It is skipped where that memory is not available, where the MKL ops are
 missing (non-x86 builds) or fail a self-test, where they are not faster on this CPU (`pays_here`: on an AMD EPYC
 they were slower), and when ``SSN_PACKED_LINEAR=0`` is set in the environment (``=1``: wherever the kernel works).
+
+The weight-left product: ``F.linear(x, W)`` is ``x · Wᵀ``, and MKL's kernel for that short, wide product can be
+slow on some CPUs. On an AMD EPYC (issue 17, seventh pass) a 2-row ``F.linear`` costs twice one row (it does not read
+the weight once for both), while the same product computed as ``(W · xᵀ)ᵀ`` costs 0.2-0.6× ``F.linear``'s for 1 to
+32 rows on the starter's tall weights (the MLP's gate and up, the output layer); one row goes through it as two (a
+one-column product takes the matrix-vector kernel, as slow as ``F.linear``). `weight_left_products(model)` around
+a generation runs it, in the current contextvars context only, for each layer and row count where it is at least
+10% faster here: timed once per process on the layer's weight (its first 16 MB) for rows in powers of two
+(`_weight_left_pays`), and not at all where a model-sized check says it never pays (`weight_left_pays_here`) or
+``SSN_WEIGHT_LEFT=0``. It needs no copy of any weight. Its results differ from ``F.linear``'s by float rounding
+only, as ``F.linear``'s own rows differ between batch sizes (both are equal from 16 rows on the starter's shapes).
+Where both kernels apply, the packed product runs for its rows and the weight-left product below them, and packing
+is only used where it beats the better of the two unpacked products.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -48,6 +63,9 @@ MAX_PACK_ROWS = 32
 _MEMORY_MARGIN_BYTES = 1 << 30  # free memory to leave after the packed copies are made
 
 _ENV_SWITCH = "SSN_PACKED_LINEAR"
+_WEIGHT_LEFT_SWITCH = "SSN_WEIGHT_LEFT"
+WEIGHT_LEFT_MAX_ROWS = MAX_PACK_ROWS  # more rows (a prefill): F.linear, whose kernel suits tall inputs
+_TUNING_WEIGHT_BYTES = 16 << 20  # a weight's first rows up to this size time the two products for its shape
 
 
 @dataclass
@@ -69,17 +87,65 @@ class _PackedWeight:
         return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
 
 
+def weight_left_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` computed as ``(weight · xᵀ)ᵀ`` (equal up to float rounding)."""
+    rows = x.numel() // x.shape[-1]
+    flat = x.reshape(rows, x.shape[-1])  # [rows, in]
+    if rows == 1:  # a one-column product takes the matrix-vector kernel: two columns are faster
+        flat = flat.repeat(2, 1)  # [2, in]
+    out = torch.mm(weight, flat.T)[:, :rows].T.contiguous()  # [rows, out]
+    if bias is not None:
+        out += bias
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def _row_bucket(rows: int) -> int:
+    """The power of two at or above ``rows``: the row counts the weight-left product is timed at."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+# (tuning weight rows, columns, row bucket) -> whether the weight-left product is at least 10% faster there.
+_WEIGHT_LEFT_CHOICE: dict[tuple[int, int, int], bool] = {}
+_WEIGHT_LEFT_LOCK = threading.Lock()
+
+
+def _weight_left_pays(weight: torch.Tensor, rows: int, repeats: int = 5) -> bool:
+    """Whether the weight-left product of ``rows`` rows beats ``F.linear`` by 10% on ``weight``'s shape here: timed
+    once per process and shape (on at most the weight's first `_TUNING_WEIGHT_BYTES`, about 10-40 ms)."""
+    n_out = min(weight.shape[0], max(1, _TUNING_WEIGHT_BYTES // (4 * weight.shape[1])))
+    key = (n_out, weight.shape[1], _row_bucket(rows))
+    choice = _WEIGHT_LEFT_CHOICE.get(key)
+    if choice is None:
+        sample = weight.detach()[:n_out]  # [n_out, in], a view
+        x = torch.randn(key[2], weight.shape[1], generator=torch.Generator().manual_seed(0))
+        plain_s, left_s = fastest_alternating(lambda: F.linear(x, sample),
+                                              lambda: weight_left_linear(sample, None, x), repeats)
+        with _WEIGHT_LEFT_LOCK:
+            choice = _WEIGHT_LEFT_CHOICE.setdefault(key, left_s < 0.9 * plain_s)
+    return choice
+
+
 # The packed weights active in the current context (thread / task): id(module) -> its packed weight.
 _ACTIVE: ContextVar[dict[int, _PackedWeight] | None] = ContextVar("ssn_packed_linears", default=None)
+# Whether the current context runs weight-left products where they pay.
+_WEIGHT_LEFT: ContextVar[bool] = ContextVar("ssn_weight_left", default=False)
+
 
 def _dispatch(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The forward of a layer while some context packs it: the packed product when this context's call qualifies."""
-    active = _ACTIVE.get()
-    packed = active.get(id(module)) if active else None
-    if (packed is not None and module.weight is packed.weight and module.weight._version == packed.version
-            and not torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu"
-            and packed.min_rows <= x.numel() // max(x.shape[-1], 1) <= packed.rows):
-        return packed.linear(x, module.bias)
+    """The forward of a layer while some context swaps it: the packed product when this context packs the layer
+    and the call qualifies, else the weight-left product where this context runs it and it pays, else the layer's
+    own forward."""
+    if not torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu":
+        rows = x.numel() // max(x.shape[-1], 1)
+        active = _ACTIVE.get()
+        packed = active.get(id(module)) if active else None
+        if (packed is not None and module.weight is packed.weight and module.weight._version == packed.version
+                and packed.min_rows <= rows <= packed.rows):
+            return packed.linear(x, module.bias)
+        weight = module.weight
+        if (_WEIGHT_LEFT.get() and 1 <= rows <= WEIGHT_LEFT_MAX_ROWS and weight.dtype == torch.float32
+                and weight.device.type == "cpu" and _weight_left_pays(weight, rows)):
+            return weight_left_linear(weight, module.bias, x)
     return nn.Linear.forward(module, x)
 
 
@@ -116,11 +182,13 @@ def _switch() -> str:
 
 @functools.cache
 def pays_here(rows: int = 16, n_in: int = 1024, n_out: int = 4096, repeats: int = 9) -> bool:
-    """Whether a packed product beats the plain one on this CPU (timed once per process, about 50 ms).
+    """Whether a packed product beats the unpacked one generations would run on this CPU (timed once per process,
+    about 50 ms).
 
     MKL's packed kernel is 1.5-2× faster for 8-32 rows on the Intel Xeon the project measured first, but slower on
     an AMD EPYC (a 16-row step of the starter 0.87×: bench/README.md, issue 17 fourth pass), so it is used only
-    where a model-sized product here is at least 10% faster packed, fastest of ``repeats`` alternating calls each.
+    where a model-sized product here is at least 10% faster packed, fastest of ``repeats`` alternating calls each,
+    than ``F.linear`` and, where generations run it (`weight_left_enabled`), the weight-left product.
     """
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(n_out, n_in, generator=generator)
@@ -128,7 +196,33 @@ def pays_here(rows: int = 16, n_in: int = 1024, n_out: int = 4096, repeats: int 
     packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
     plain_s, packed_s = fastest_alternating(lambda: F.linear(x, weight),
                                             lambda: torch.ops.mkl._mkl_linear(x, packed, weight, None, rows), repeats)
+    if weight_left_enabled():
+        left_s, packed_again_s = fastest_alternating(lambda: weight_left_linear(weight, None, x),
+                                                     lambda: torch.ops.mkl._mkl_linear(x, packed, weight, None, rows),
+                                                     repeats)
+        plain_s, packed_s = min(plain_s, left_s), min(packed_s, packed_again_s)
     return packed_s < 0.9 * plain_s
+
+
+@functools.cache
+def weight_left_pays_here(n_in: int = 1024, n_out: int = 4096, repeats: int = 9) -> bool:
+    """Whether the weight-left product is at least 10% faster than ``F.linear`` for 2 or 16 rows of a model-sized
+    weight on this CPU (timed once per process, about 50 ms): where it is not, no layer is timed for it."""
+    weight = torch.randn(n_out, n_in, generator=torch.Generator().manual_seed(0))
+    def pays(x: torch.Tensor) -> bool:
+        plain_s, left_s = fastest_alternating(lambda: F.linear(x, weight),
+                                              lambda: weight_left_linear(weight, None, x), repeats)
+        return left_s < 0.9 * plain_s
+
+    return any(pays(torch.randn(rows, n_in, generator=torch.Generator().manual_seed(1))) for rows in (2, 16))
+
+
+def weight_left_enabled() -> bool:
+    """Whether generations in this process may run weight-left products: ``SSN_WEIGHT_LEFT`` is "1", or is unset
+    and they pay on this CPU (`weight_left_pays_here`; each layer's shape is then timed at first use). Run manifests
+    record it, since it changes float rounding."""
+    switch = env_switch(_WEIGHT_LEFT_SWITCH)
+    return switch == "on" or (switch == "auto" and weight_left_pays_here())
 
 
 def enabled() -> bool:
@@ -213,6 +307,29 @@ def packed_linears(model: nn.Module, rows: int | None) -> Iterator[int]:
     finally:
         if token is not None:
             _ACTIVE.reset(token)
+        _SWAP.uninstall(layers)
+
+
+@contextmanager
+def weight_left_products(model: nn.Module) -> Iterator[int]:
+    """Calls of 1 to `WEIGHT_LEFT_MAX_ROWS` rows inside the block run the weight-left product where it pays (see the
+    module docstring). Yields how many layers may run it: 0 when it is switched off or does not pay here, or an
+    enclosing block of this context already runs it. Always restores every layer's forward on exit."""
+    if _WEIGHT_LEFT.get() or not weight_left_enabled():
+        yield 0
+        return
+    layers = packable_layers(model)
+    if not layers:
+        yield 0
+        return
+    token = None
+    try:
+        _SWAP.install(layers)
+        token = _WEIGHT_LEFT.set(True)
+        yield len(layers)
+    finally:
+        if token is not None:
+            _WEIGHT_LEFT.reset(token)
         _SWAP.uninstall(layers)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from ssn_core._conventions import input_device
 from ssn_core.generation.decoder import _forward_names
-from ssn_core.packed_linear import MAX_PACK_ROWS, MIN_PACK_ROWS, packed_linears
+from ssn_core.packed_linear import MAX_PACK_ROWS, MIN_PACK_ROWS, packed_linears, weight_left_products
 
 if TYPE_CHECKING:
     from ssn_core.loading import LoadedModel
@@ -99,7 +99,8 @@ def measure_speed(lm: LoadedModel, batch: int = 2, prompt_tokens: int = 24, new_
     ids = torch.randint(3, max(4, min(vocab, 1000)), (rows, prompt_tokens), generator=generator).to(device)  # [B, T]
     config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, num_beams=1, repetition_penalty=1.0,
                               pad_token_id=0, eos_token_id=None)
-    with torch.no_grad():
+    # Generations run the weight-left product where it pays (ssn_core.packed_linear): so are the steps timed here.
+    with torch.no_grad(), weight_left_products(model):
         model(input_ids=ids[:1, :4], attention_mask=torch.ones_like(ids[:1, :4]))  # warm-up
         prefill, decode, steps, generate_prefill = _timed(model, ids[:batch], config)
         wide = _timed(model, ids[:wide_batch], config, full_prefill=False) if wide_batch > batch else None

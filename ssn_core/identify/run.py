@@ -32,7 +32,7 @@ def _versions() -> dict:
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "ssn_core": ssn_version,
             "python": platform.python_version(), "packed_linear": packed_linear.enabled(),
-            "greedy_screen": greedy_screen.enabled()}
+            "weight_left_linear": packed_linear.weight_left_enabled(), "greedy_screen": greedy_screen.enabled()}
 
 
 def identify(lm: LoadedModel, prompts, languages, hr=("en",), method: ScoringMethod | None = None,
