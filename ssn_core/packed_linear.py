@@ -131,10 +131,10 @@ _ACTIVE: ContextVar[dict[int, _PackedWeight] | None] = ContextVar("ssn_packed_li
 _WEIGHT_LEFT: ContextVar[bool] = ContextVar("ssn_weight_left", default=False)
 
 
-def _dispatch(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def linear_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """The forward of a layer while some context swaps it: the packed product when this context packs the layer
     and the call qualifies, else the weight-left product where this context runs it and it pays, else the layer's
-    own forward."""
+    own forward. (The greedy screen's output layer falls back to it: what that layer would run unscreened.)"""
     if not torch.is_grad_enabled() and x.dtype == torch.float32 and x.device.type == "cpu":
         rows = x.numel() // max(x.shape[-1], 1)
         active = _ACTIVE.get()
@@ -142,14 +142,24 @@ def _dispatch(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if (packed is not None and module.weight is packed.weight and module.weight._version == packed.version
                 and packed.min_rows <= rows <= packed.rows):
             return packed.linear(x, module.bias)
-        weight = module.weight
-        if (_WEIGHT_LEFT.get() and 1 <= rows <= WEIGHT_LEFT_MAX_ROWS and weight.dtype == torch.float32
-                and weight.device.type == "cpu" and _weight_left_pays(weight, rows)):
-            return weight_left_linear(weight, module.bias, x)
+        if _WEIGHT_LEFT.get() and weight_left_would_run(module.weight, rows):
+            return weight_left_linear(module.weight, module.bias, x)
     return nn.Linear.forward(module, x)
 
 
-_SWAP = ForwardSwap(_dispatch)
+_SWAP = ForwardSwap(linear_forward)
+
+
+def weight_left_active() -> bool:
+    """Whether the current context runs weight-left products (inside `weight_left_products`)."""
+    return _WEIGHT_LEFT.get()
+
+
+def weight_left_would_run(weight: torch.Tensor, rows: int) -> bool:
+    """Whether `linear_forward` would run the weight-left product for ``rows`` rows of ``weight`` in a context
+    that runs them (float32 on the CPU, 1 to `WEIGHT_LEFT_MAX_ROWS` rows, and it pays for the shape here)."""
+    return (1 <= rows <= WEIGHT_LEFT_MAX_ROWS and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and _weight_left_pays(weight, rows))
 
 
 @functools.cache

@@ -113,8 +113,7 @@ def test_calls_that_do_not_qualify_run_the_layers_own_forward():
     model = _Head()
     head = model.head
     with torch.no_grad(), screened_head(model):
-        one, many = _rows(n=1), _rows(n=greedy_screen.MAX_ROWS + 1)
-        assert torch.equal(model(one), F.linear(one, head.weight))  # a single row: plain
+        many = _rows(n=greedy_screen.MAX_ROWS + 1)
         assert torch.equal(model(many), F.linear(many, head.weight))  # a prefill's many rows: plain
         x = _rows(n=4)
         assert not torch.isfinite(model(x)).all()  # screened: only candidates are finite
@@ -126,6 +125,100 @@ def test_calls_that_do_not_qualify_run_the_layers_own_forward():
     with screened_head(model):  # autograd: the plain product
         x = _rows(n=4).requires_grad_()
         assert torch.equal(model(x), F.linear(x, head.weight))
+
+
+@needs_kernel
+def test_a_row_alone_keeps_its_float32_argmax():
+    model = _Head(seed=3)
+    x = _rows(n=12, seed=3)
+    screen = greedy_screen._Screen.of(model.head.weight)
+    best = F.linear(x, model.head.weight).argmax(dim=1)
+    with torch.no_grad():
+        alone = torch.stack([screen.logits(x[i:i + 1])[0].argmax() for i in range(x.shape[0])])  # one column each
+    assert torch.equal(alone, best)
+
+
+class _CountWeightLeft:
+    """Counts the weight-left products the screen's fallback runs (wraps `packed_linear.weight_left_linear`)."""
+
+    def __init__(self, monkeypatch):
+        from ssn_core import packed_linear
+
+        self.rows: list[int] = []
+        original = packed_linear.weight_left_linear
+
+        def counting(weight, bias, x):
+            self.rows.append(x.numel() // x.shape[-1])
+            return original(weight, bias, x)
+
+        monkeypatch.setattr(packed_linear, "weight_left_linear", counting)
+
+
+@needs_kernel
+def test_each_row_bucket_runs_whichever_of_screen_and_fallback_is_faster(monkeypatch):
+    from ssn_core import packed_linear
+
+    monkeypatch.delenv("SSN_GREEDY_SCREEN")  # automatic: timed per row bucket
+    monkeypatch.setenv("SSN_WEIGHT_LEFT", "1")
+    monkeypatch.setattr(packed_linear, "_weight_left_pays", lambda weight, rows: True)
+    monkeypatch.setattr(greedy_screen, "_SCREEN_CHOICE", {})
+    timed: list[int] = []
+
+    def fake_timing(fallback, screened, repeats):  # the screen loses below 4 rows, wins from 4
+        fallback()
+        screened()
+        timed.append(len(timed))
+        return (1.0, 2.0) if len(greedy_screen._SCREEN_CHOICE) < 2 else (2.0, 1.0)
+
+    monkeypatch.setattr(greedy_screen, "fastest_alternating", fake_timing)
+    monkeypatch.setattr(greedy_screen, "pays_here", lambda: True)
+    model = _Head()
+    model.other = nn.Linear(64, 64)  # a layer the weight-left product swaps (the screened head is left to the screen)
+    left = _CountWeightLeft(monkeypatch)
+    with torch.no_grad(), screened_head(model) as on, packed_linear.weight_left_products(model):
+        assert on
+        for n in (1, 2):  # buckets 1 and 2: the weight-left product, every logit
+            x = _rows(n=n)
+            torch.testing.assert_close(model(x), F.linear(x, model.head.weight), rtol=1e-5, atol=1e-3)
+        assert not torch.isfinite(model(_rows(n=3))).all()  # bucket 4: screened
+        assert not torch.isfinite(model(_rows(n=4))).all()  # the same bucket: not timed again
+        assert len(timed) == 3
+    n_out, width = model.head.weight.shape
+    choices = greedy_screen._SCREEN_CHOICE
+    assert choices == {(n_out, width, 1, True): False, (n_out, width, 2, True): False, (n_out, width, 4, True): True}
+    assert left.rows == [1, 2]  # the fallback ran the weight-left product; screened calls did not
+    assert not greedy_screen.may_pay(model, 2)  # every bucket up to 2 timed, and lost: no copy is made
+    assert greedy_screen.may_pay(model, 3) and greedy_screen.may_pay(model, 16)  # won at 4; 8 and 16 not timed
+
+
+def test_the_screens_timing_returns_a_choice_on_a_slice(monkeypatch):
+    monkeypatch.delenv("SSN_GREEDY_SCREEN")
+    monkeypatch.setattr(greedy_screen, "_SCREEN_CHOICE", {})
+    monkeypatch.setattr(greedy_screen, "_TUNING_HEAD_BYTES", 4 * 64 * 1000)  # the first 1,000 of 4,096 rows
+    screen = greedy_screen._Screen.of(_Head().head.weight)
+    assert isinstance(greedy_screen._screen_pays(screen, 3, repeats=1), bool)
+    assert list(greedy_screen._SCREEN_CHOICE) == [(1000, 64, 4, False)]
+
+
+@needs_kernel
+def test_a_generation_makes_no_copy_where_the_screen_never_pays(tiny, monkeypatch):
+    lm = tiny("qwen2", seed=2)
+    settings = GenerationSettings(max_new_tokens=10)
+    monkeypatch.setenv("SSN_GREEDY_SCREEN", "0")
+    plain = generate_many(lm, PROMPTS[:4], settings, batch_size=4)
+    monkeypatch.delenv("SSN_GREEDY_SCREEN")
+    monkeypatch.setattr(greedy_screen, "pays_here", lambda: True)
+    head = lm.model.get_output_embeddings().weight
+    monkeypatch.setattr(greedy_screen, "_SCREEN_CHOICE", {(head.shape[0], head.shape[1], bucket, left): False
+                                                          for bucket in (1, 2, 4) for left in (False, True)})
+    copies = []
+    original = greedy_screen._Screen.of
+    monkeypatch.setattr(greedy_screen._Screen, "of", classmethod(lambda cls, w: copies.append(w) or original(w)))
+    assert generate_many(lm, PROMPTS[:4], settings, batch_size=4) == plain
+    assert copies == []
+    greedy_screen._SCREEN_CHOICE[(head.shape[0], head.shape[1], 4, True)] = True
+    assert generate_many(lm, PROMPTS[:4], settings, batch_size=4) == plain
+    assert len(copies) == 1
 
 
 @needs_kernel

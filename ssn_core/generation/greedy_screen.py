@@ -21,9 +21,12 @@ adversarial rows (the float32 argmax is always a candidate) and that greedy repl
 
 Where it applies: `screened_head(model)` around a greedy generation (`ssn_core.generation.pool`) swaps the
 forward of a plain float32, bias-free ``nn.Linear`` output layer on the CPU, in the current contextvars context
-only, for calls of 2 to 64 rows without autograd or hooks on the layer. It is skipped where bfloat16 products are
-not at least 1.6× faster than float32 ones on this CPU (`pays_here`: no AMX or AVX512-BF16), where they fail a
-self-test, and under ``SSN_GREEDY_SCREEN=0`` (``=1``: wherever the self-test passes). Making the bfloat16 copy of
+only, for calls of 1 to 64 rows without autograd or hooks on the layer, at the row counts where the screen is
+faster than what the layer would run unscreened (`_screen_pays`, timed once per row bucket; on an AMD EPYC the
+weight-left product of `ssn_core.packed_linear` wins at 1-2 rows, the screen from 4). It is skipped where bfloat16
+products are not at least 1.6× faster than float32 ones on this CPU (`pays_here`: no AMX or AVX512-BF16), where
+they fail a self-test, and under ``SSN_GREEDY_SCREEN=0`` (``=1``: at every row count, wherever the self-test
+passes). Making the bfloat16 copy of
 the weight costs about 0.15 s and 2 bytes a weight for the block's duration (the starter: 272 MB), so the pool
 enters it only for generations of at least `MIN_STEPS` new tokens.
 """
@@ -41,14 +44,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssn_core.forward_swap import ForwardSwap, env_switch, fastest_alternating
+from ssn_core.packed_linear import linear_forward, weight_left_active, weight_left_linear, weight_left_would_run
 
-MIN_ROWS = 2  # a single row's product is memory-bound either way: bfloat16 saved 3 of 20 ms, less than the screen
+MIN_ROWS = 1  # whether a call of few rows is worth screening is timed per row count (`_screen_pays`)
 MAX_ROWS = 64  # more rows (a prefill without logits_to_keep): the plain product
 MIN_STEPS = 8  # new tokens a generation needs before the bfloat16 copy (about 0.15 s) is worth making
 _MAX_CANDIDATE_TOKENS = 8192  # more distinct candidates in a call (very flat rows): its float32 product instead
 _SAFETY = 1.5  # on top of the rounding bound; the self-test checks errors stay below half of it
 _UNIT_ROUNDOFF = 2.0 ** -8  # bfloat16
 _ENV_SWITCH = "SSN_GREEDY_SCREEN"
+_TUNING_HEAD_BYTES = 64 << 20  # the output layer's first rows up to this size time the screen against its fallback
 
 
 @dataclass
@@ -104,17 +109,65 @@ class _Screen:
 _ACTIVE: ContextVar[dict[int, _Screen] | None] = ContextVar("ssn_greedy_screen", default=None)
 
 
+def _row_bucket(rows: int) -> int:
+    """The power of two at or above ``rows``: the row counts the screen is timed at."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
+# (tuning rows of the weight, columns, row bucket, weight-left product in play) -> whether the screen is faster.
+_SCREEN_CHOICE: dict[tuple[int, int, int, bool], bool] = {}
+
+
+def _screen_pays(screen: _Screen, rows: int, repeats: int = 3) -> bool:
+    """Whether screening a call of ``rows`` rows is faster here than what the layer would run unscreened
+    (`ssn_core.packed_linear.linear_forward`: ``F.linear``, or the weight-left product where this context runs
+    it): timed once per process, shape and row bucket, on at most the weight's first `_TUNING_HEAD_BYTES` (on an
+    AMD EPYC the weight-left product is faster for 1-2 rows, the screen from 4). ``SSN_GREEDY_SCREEN=1``: always."""
+    if _switch() == "on":
+        return True
+    n_out = min(screen.weight.shape[0], max(1, _TUNING_HEAD_BYTES // (4 * screen.weight.shape[1])))
+    left = weight_left_active() and weight_left_would_run(screen.weight, rows)
+    key = (n_out, screen.weight.shape[1], _row_bucket(rows), left)
+    choice = _SCREEN_CHOICE.get(key)
+    if choice is None:
+        weight = screen.weight.detach()[:n_out]  # [n_out, d], views: nothing is copied
+        sample = _Screen(weight, screen.version, screen.low[:n_out], screen.max_row_norm, screen.product_error)
+        x = torch.randn(key[2], weight.shape[1], generator=torch.Generator().manual_seed(0))  # [bucket, d]
+        fallback = (lambda: weight_left_linear(weight, None, x)) if left else (lambda: F.linear(x, weight))
+        fallback_s, screened_s = fastest_alternating(fallback, lambda: sample.logits(x), repeats)
+        choice = _SCREEN_CHOICE.setdefault(key, screened_s < fallback_s)
+    return choice
+
+
+def may_pay(model: nn.Module, rows: int) -> bool:
+    """Whether screening ``model``'s output layer may pay for some call of 1 to ``rows`` rows: false only once
+    every row bucket up to ``rows`` was timed here and the screen lost (a generation then skips making the bfloat16
+    copy, about 0.15 s on the starter)."""
+    head = screenable_head(model)
+    if head is None:
+        return False
+    if _switch() == "on":
+        return True
+    n_out = min(head.weight.shape[0], max(1, _TUNING_HEAD_BYTES // (4 * head.weight.shape[1])))
+    for bucket in (1 << i for i in range(_row_bucket(max(rows, 1)).bit_length())):
+        choices = [_SCREEN_CHOICE.get((n_out, head.weight.shape[1], bucket, left)) for left in (False, True)]
+        if True in choices or all(choice is None for choice in choices):  # won, or not timed yet
+            return True
+    return False
+
+
 def _dispatch(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """The output layer's forward while some context screens it: the screened logits when this context's call
-    qualifies, else the layer's own forward."""
+    qualifies and screening it pays, else what the layer would run unscreened (`linear_forward`)."""
     active = _ACTIVE.get()
     screen = active.get(id(module)) if active else None
+    rows = x.numel() // max(x.shape[-1], 1)
     if (screen is not None and module.weight is screen.weight and module.weight._version == screen.version
             and module.bias is None and not torch.is_grad_enabled() and x.dtype == torch.float32
             and x.device.type == "cpu" and not module._forward_hooks and not module._forward_pre_hooks
-            and MIN_ROWS <= x.numel() // max(x.shape[-1], 1) <= MAX_ROWS):
+            and MIN_ROWS <= rows <= MAX_ROWS and _screen_pays(screen, rows)):
         return screen.logits(x)
-    return nn.Linear.forward(module, x)
+    return linear_forward(module, x)
 
 
 _SWAP = ForwardSwap(_dispatch)
@@ -129,13 +182,18 @@ def kernel_ok() -> bool:
         weight = torch.randn(512, 96, generator=generator) * torch.rand(512, 1, generator=generator)  # [V, d]
         x = torch.randn(8, 96, generator=generator) * torch.logspace(-2, 3, 8)[:, None]  # [n, d]
         screen = _Screen.of(weight)
-        low = torch.mm(screen.low, x.to(torch.bfloat16).T).T.double()  # [n, V]
-        exact = x.double() @ weight.double().T
-        largest = low.abs().amax(dim=1, keepdim=True)
-        u = _UNIT_ROUNDOFF
-        bound = (screen.product_error * screen.max_row_norm * x.double().norm(dim=1, keepdim=True)
-                 + _SAFETY * u / (1 - u) * largest)
-        return bool(((low - exact).abs() <= bound / _SAFETY).all())
+
+        def within_bound(rows: torch.Tensor) -> bool:
+            low = torch.mm(screen.low, rows.to(torch.bfloat16).T).T.double()  # [n, V]
+            exact = rows.double() @ weight.double().T
+            largest = low.abs().amax(dim=1, keepdim=True)
+            u = _UNIT_ROUNDOFF
+            bound = (screen.product_error * screen.max_row_norm * rows.double().norm(dim=1, keepdim=True)
+                     + _SAFETY * u / (1 - u) * largest)
+            return bool(((low - exact).abs() <= bound / _SAFETY).all())
+
+        # A matrix product, and one row alone: a one-column product takes another kernel (matrix-vector).
+        return within_bound(x) and all(within_bound(x[i:i + 1]) for i in range(x.shape[0]))
     except (RuntimeError, NotImplementedError):
         return False
 

@@ -87,10 +87,12 @@ def _generate_rows(lm: LoadedModel, prompts: list[list[int]], settings: Generati
     # before the first prefill. Packing after it instead was tried: it spared the first prefills re-faulting their
     # memory in one run and cost the evaluation benchmark more in two (bench/README.md, issue 17 third pass).
     # Greedy decoding reads only the argmax of the output layer: screened in bfloat16 (ssn_core.generation.
-    # greedy_screen), entered first so that packing leaves that layer alone. Steps of fewer rows than were packed
-    # for (or of any rows, where nothing was packed) run the weight-left product where it pays (the same module).
+    # greedy_screen) at the row counts where that is faster, entered first so that packing leaves that layer alone
+    # (its other calls run what the layer would run unscreened). Steps of fewer rows than were packed for (or of any
+    # rows, where nothing was packed) run the weight-left product where it pays (the same module).
     screen = (decoder.sampler is None and min(capacity, n) >= greedy_screen.MIN_ROWS
-              and settings.max_new_tokens >= greedy_screen.MIN_STEPS)
+              and settings.max_new_tokens >= greedy_screen.MIN_STEPS
+              and greedy_screen.may_pay(lm.model, min(capacity, n)))
     with (greedy_screen.screened_head(lm.model, screen),
           weight_left_products(lm.model),
           packed_linears(lm.model, pack_rows(min(capacity, n), settings.max_new_tokens))):
