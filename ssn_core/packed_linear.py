@@ -1,5 +1,5 @@
-"""Faster kernels for the linear layers of a batch's decoding steps on the CPU: MKL's packed product, and the
-weight-left product.
+"""Faster kernels for the linear layers of a batch's decoding steps on the CPU: MKL's or oneDNN's packed product,
+and the weight-left product.
 
 Why: a decoding step sends a few rows (one new token per reply) through every weight matrix, and on the CPU 87% of
 a 16-row step is `aten::mm` (bench/README.md, issue 17). MKL's kernel for a short, wide product reads the weight in
@@ -27,6 +27,13 @@ bench/README.md, issue 17 third pass. It is skipped where that memory is not ava
 missing (non-x86 builds) or fail a self-test, where they are not faster on this CPU (`pays_here`: on an AMD EPYC
 they were slower), and when ``SSN_PACKED_LINEAR=0`` is set in the environment (``=1``: wherever the kernel works).
 
+The second packed kernel is oneDNN's (``torch.ops.mkldnn._reorder_linear_weight`` / ``_linear_pointwise``, what
+Inductor's freezing uses with oneDNN): its reordered weight serves any row count up to the one it was reordered for,
+without padding, so a packed context runs it for 1 to ``rows`` rows. On the AMD EPYC where MKL's packed product
+loses, oneDNN's is 1.5-2× faster than the weight-left product for 4-16 rows of the starter's weights, and greedy
+generation of 4 / 8 / 16 rows 1.37× / 1.39× / 1.10× faster (issue 17, eighth pass). Where both kernels work,
+packing uses the faster at the model-sized check (`packing_kernel`); ``SSN_PACKED_KERNEL=mkl|onednn`` picks one.
+
 The weight-left product: ``F.linear(x, W)`` is ``x · Wᵀ``, and MKL's kernel for that short, wide product can be
 slow on some CPUs. On an AMD EPYC (issue 17, seventh pass) a 2-row ``F.linear`` costs twice one row (it does not read
 the weight once for both), while the same product computed as ``(W · xᵀ)ᵀ`` costs 0.2-0.6× ``F.linear``'s for 1 to
@@ -44,6 +51,7 @@ is only used where it beats the better of the two unpacked products.
 from __future__ import annotations
 
 import functools
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,12 +83,19 @@ class _PackedWeight:
     weight: torch.Tensor  # the module's weight, as packed  [out, in]
     version: int  # its tensor version then; an in-place edit moves it
     packed: torch.Tensor  # MKL's opaque packed layout
-    rows: int  # the product's row count (inputs are padded up to it)
+    rows: int  # the product's row count (MKL: inputs are padded up to it; oneDNN: the most rows it serves)
     min_rows: int  # fewer rows than this: F.linear is cheaper than the padded product
+    kernel: str = "mkl"  # "mkl" (cblas_sgemm_pack) or "onednn" (oneDNN's reordered weight: any row count, no padding)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         flat = x.reshape(rows, x.shape[-1])  # [rows, in]
+        if self.kernel == "onednn":
+            # One row goes through as two: alone it takes another kernel, whose rounding differs from the row's in
+            # a product of more rows (checked by `_kernel_works`); from two rows on a row's result is the same.
+            both = flat.repeat(2, 1) if rows == 1 else flat  # [max(rows, 2), in]
+            out = torch.ops.mkldnn._linear_pointwise(both, self.packed, bias, "none", [], "")[:rows]  # [rows, out]
+            return out.reshape(*x.shape[:-1], out.shape[-1])
         if rows < self.rows:
             flat = torch.cat([flat, flat.new_zeros(self.rows - rows, flat.shape[1])])  # [self.rows, in]
         out = torch.ops.mkl._mkl_linear(flat, self.packed, self.weight, bias, self.rows)  # [self.rows, out]
@@ -162,12 +177,28 @@ def weight_left_would_run(weight: torch.Tensor, rows: int) -> bool:
             and _weight_left_pays(weight, rows))
 
 
-@functools.cache
-def kernel_available() -> bool:
-    """Whether this torch build has MKL's packed ops, they agree with F.linear and a row's result does not depend on
-    the other rows of its product (checked once per process)."""
-    mkl = getattr(torch.ops, "mkl", None)
-    if not torch.backends.mkl.is_available() or mkl is None:
+KERNELS = ("mkl", "onednn")
+_KERNEL_SWITCH = "SSN_PACKED_KERNEL"  # "mkl" or "onednn": that one only (where it works); else the faster here
+
+
+def _pack(kernel: str, weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """``weight`` reordered by ``kernel`` for products of ``rows`` rows (a copy of the weight's size)."""
+    if kernel == "onednn":
+        return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+    return torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+
+
+def _packed(kernel: str, weight: torch.Tensor, rows: int, min_rows: int) -> _PackedWeight:
+    return _PackedWeight(weight, weight._version, _pack(kernel, weight.detach(), rows), rows,
+                         1 if kernel == "onednn" else min_rows, kernel)
+
+
+def _kernel_works(kernel: str) -> bool:
+    """Whether ``kernel``'s ops exist in this torch build, agree with F.linear, and a row's result does not depend on
+    the other rows of its product, padding or row count (on an AMD EPYC MKL's did: it is then off)."""
+    ops = getattr(torch.ops, "mkldnn" if kernel == "onednn" else "mkl", None)
+    available = torch.backends.mkldnn.is_available() if kernel == "onednn" else torch.backends.mkl.is_available()
+    if not available or ops is None:
         return False
     try:
         generator = torch.Generator().manual_seed(0)
@@ -175,14 +206,31 @@ def kernel_available() -> bool:
         bias = torch.randn(24, generator=generator)
         x = torch.randn(8, 40, generator=generator)  # [rows, in]
         neighbours = torch.cat([x[:3], torch.randn(5, 40, generator=generator)])
-        packed = _PackedWeight(weight, weight._version, mkl._mkl_reorder_linear_weight(weight, 8), 8, 1)
+        packed = _packed(kernel, weight, 8, 1)
         full = packed.linear(x, bias)
-        # A row must not depend on its neighbours or the padding (on an AMD EPYC it did: the kernel is then off).
         return bool(torch.allclose(full, F.linear(x, weight, bias), rtol=1e-4, atol=1e-5)
                     and torch.equal(packed.linear(x[:3], bias), full[:3])
+                    and torch.equal(packed.linear(x[:1], bias), full[:1])
                     and torch.equal(packed.linear(neighbours, bias)[:3], full[:3]))
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
+
+
+@functools.cache
+def _working_kernels() -> tuple[str, ...]:
+    return tuple(k for k in KERNELS if _kernel_works(k))
+
+
+def available_kernels() -> tuple[str, ...]:
+    """The packed kernels that work here (`_kernel_works`, checked once per process), narrowed to one by
+    ``SSN_PACKED_KERNEL=mkl|onednn``."""
+    wanted = os.environ.get(_KERNEL_SWITCH, "").strip().lower()
+    return tuple(k for k in _working_kernels() if wanted not in KERNELS or k == wanted)
+
+
+def kernel_available() -> bool:
+    """Whether some packed kernel works in this torch build (`available_kernels`)."""
+    return bool(available_kernels())
 
 
 def _switch() -> str:
@@ -191,27 +239,48 @@ def _switch() -> str:
 
 
 @functools.cache
-def pays_here(rows: int = 16, n_in: int = 1024, n_out: int = 4096, repeats: int = 9) -> bool:
-    """Whether a packed product beats the unpacked one generations would run on this CPU (timed once per process,
-    about 50 ms).
-
-    MKL's packed kernel is 1.5-2× faster for 8-32 rows on the Intel Xeon the project measured first, but slower on
-    an AMD EPYC (a 16-row step of the starter 0.87×: bench/README.md, issue 17 fourth pass), so it is used only
-    where a model-sized product here is at least 10% faster packed, fastest of ``repeats`` alternating calls each,
-    than ``F.linear`` and, where generations run it (`weight_left_enabled`), the weight-left product.
-    """
+def _kernel_timings(rows: int = 16, n_in: int = 1024, n_out: int = 4096, repeats: int = 9
+                    ) -> tuple[float, dict[str, float]]:
+    """(the better unpacked product's seconds, {kernel: packed seconds}) for a model-sized weight here, each the
+    fastest of ``repeats`` calls alternating with the unpacked ones (timed once per process, about 50 ms a kernel).
+    The unpacked side is ``F.linear`` and, where generations run it (`weight_left_enabled`), the weight-left
+    product."""
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(n_out, n_in, generator=generator)
     x = torch.randn(rows, n_in, generator=generator)
-    packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
-    plain_s, packed_s = fastest_alternating(lambda: F.linear(x, weight),
-                                            lambda: torch.ops.mkl._mkl_linear(x, packed, weight, None, rows), repeats)
-    if weight_left_enabled():
-        left_s, packed_again_s = fastest_alternating(lambda: weight_left_linear(weight, None, x),
-                                                     lambda: torch.ops.mkl._mkl_linear(x, packed, weight, None, rows),
-                                                     repeats)
-        plain_s, packed_s = min(plain_s, left_s), min(packed_s, packed_again_s)
-    return packed_s < 0.9 * plain_s
+    left = weight_left_enabled()
+    plain_best, packed_best = float("inf"), {}
+    for kernel in available_kernels():
+        product = functools.partial(_packed(kernel, weight, rows, 1).linear, x, None)
+        plain_s, packed_s = fastest_alternating(lambda: F.linear(x, weight), product, repeats)
+        if left:
+            left_s, packed_again_s = fastest_alternating(lambda: weight_left_linear(weight, None, x), product, repeats)
+            plain_s, packed_s = min(plain_s, left_s), min(packed_s, packed_again_s)
+        plain_best, packed_best[kernel] = min(plain_best, plain_s), packed_s
+    return plain_best, packed_best
+
+
+def pays_here(rows: int = 16, n_in: int = 1024, n_out: int = 4096, repeats: int = 9) -> bool:
+    """Whether a packed product beats the unpacked one generations would run on this CPU (`_kernel_timings`).
+
+    MKL's packed kernel is 1.5-2× faster for 8-32 rows on the Intel Xeon the project measured first, but slower on
+    an AMD EPYC (a 16-row step of the starter 0.87×: bench/README.md, issue 17 fourth pass), so packing is used only
+    where a model-sized product here is at least 10% faster packed, with the faster kernel, than ``F.linear`` and,
+    where generations run it (`weight_left_enabled`), the weight-left product. On that EPYC oneDNN's reordered
+    weight is (issue 17, eighth pass).
+    """
+    plain_s, packed_s = _kernel_timings(rows, n_in, n_out, repeats)
+    return bool(packed_s) and min(packed_s.values()) < 0.9 * plain_s
+
+
+def packing_kernel() -> str | None:
+    """The kernel `packed_linears` packs with: the only one available, or the faster one at the model-sized check;
+    None where none works."""
+    kernels = available_kernels()
+    if len(kernels) <= 1:
+        return kernels[0] if kernels else None
+    timings = _kernel_timings()[1]
+    return min(kernels, key=lambda k: timings.get(k, float("inf")))
 
 
 @functools.cache
@@ -298,12 +367,10 @@ def packed_linears(model: nn.Module, rows: int | None) -> Iterator[int]:
         yield 0
         return
     min_rows = min(rows, max(MIN_PACK_ROWS, -(-rows // 4)))  # `pack_rows` keeps the pool's rows to 4-32
+    kernel = packing_kernel()
     try:
         with torch.no_grad():
-            packs = {id(layer): _PackedWeight(layer.weight, layer.weight._version,
-                                              torch.ops.mkl._mkl_reorder_linear_weight(layer.weight.detach(), rows),
-                                              rows, min_rows)
-                     for layer in layers}
+            packs = {id(layer): _packed(kernel, layer.weight, rows, min_rows) for layer in layers} if kernel else {}
     except (RuntimeError, MemoryError):  # packing is an optimisation: without the memory, run unpacked
         packs = {}
     if not packs:

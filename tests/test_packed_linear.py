@@ -16,7 +16,11 @@ from ssn_core.interventions import Intervention, suppress
 from ssn_core.neurons import NeuronSet
 from ssn_core.packed_linear import pack_rows, packable_layers, packed_layer_count, packed_linears
 
-needs_kernel = pytest.mark.skipif(not packed.kernel_available(), reason="this torch build has no MKL packed ops")
+needs_kernel = pytest.mark.skipif("mkl" not in packed._working_kernels(), reason="no working MKL packed kernel here")
+needs_onednn = pytest.mark.skipif("onednn" not in packed._working_kernels(), reason="no working oneDNN packed kernel")
+KERNELS = [pytest.param(kernel, marks=pytest.mark.skipif(kernel not in packed._working_kernels(),
+                                                         reason=f"no working {kernel} packed kernel here"))
+           for kernel in packed.KERNELS]
 
 PROMPTS = ["hi", "a much longer prompt, so the others get left padding", "¿Qué tal? 你好", "tell me a story",
            "what is 2 + 2?", "ok", "Wie geht es dir heute?", "list three colours"]
@@ -26,8 +30,10 @@ SEED = 2  # a tiny model whose replies depend on the prompt
 @pytest.fixture(autouse=True)
 def _packing_on(monkeypatch):
     """These tests check the packed path itself, so it runs wherever the kernel works (``SSN_PACKED_LINEAR=1``),
-    whether or not it pays on this CPU; the test of the automatic choice unsets it."""
+    whether or not it pays on this CPU; the test of the automatic choice unsets it. MKL's kernel unless a test asks
+    for oneDNN's (``SSN_PACKED_KERNEL``)."""
     monkeypatch.setenv("SSN_PACKED_LINEAR", "1")
+    monkeypatch.setenv("SSN_PACKED_KERNEL", "mkl")
 
 
 @needs_kernel
@@ -194,17 +200,19 @@ def test_pack_rows_only_where_packing_pays():
     assert pack_rows(16, 4) is None  # too few steps to repay the packing
 
 
-@needs_kernel
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])
-def test_generate_many_gives_the_same_replies_packed_or_not(tiny, monkeypatch, family):
+def test_generate_many_gives_the_same_replies_packed_or_not(tiny, monkeypatch, family, kernel):
+    monkeypatch.setenv("SSN_PACKED_KERNEL", kernel)
     lm = tiny(family, seed=SEED)
     plain, fast = _plain_then_packed(monkeypatch, lm, PROMPTS, GenerationSettings(max_new_tokens=10), 8)
     assert fast == plain
     assert len(set(plain)) > 1
 
 
-@needs_kernel
-def test_a_generation_that_fails_mid_way_leaves_no_layer_packed(tiny, monkeypatch):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_a_generation_that_fails_mid_way_leaves_no_layer_packed(tiny, monkeypatch, kernel):
+    monkeypatch.setenv("SSN_PACKED_KERNEL", kernel)
     lm = tiny("qwen2", seed=SEED)
     counter = _CountPacked(monkeypatch)
     steps = [0]
@@ -220,10 +228,11 @@ def test_a_generation_that_fails_mid_way_leaves_no_layer_packed(tiny, monkeypatc
     assert counter.total > 0 and packed_layer_count(lm.model) == 0
 
 
-@needs_kernel
-def test_interventions_still_apply_under_packed_products(tiny, monkeypatch):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_interventions_still_apply_under_packed_products(tiny, monkeypatch, kernel):
     """Hooks sit around a layer's forward, so swapping the kernel under it keeps every intervention: one entered
     around the call, and a row-masked one the pool re-applies as its batch changes."""
+    monkeypatch.setenv("SSN_PACKED_KERNEL", kernel)
     lm = tiny("qwen2", seed=SEED)
     settings = GenerationSettings(max_new_tokens=10)
     size = lm.sites.sizes()["mlp"]
@@ -248,9 +257,56 @@ def test_interventions_still_apply_under_packed_products(tiny, monkeypatch):
     assert row_masked[0::2] == baseline[0::2] and row_masked[1::2] == around[1::2]
 
 
-@needs_kernel
-def test_the_starter_gives_the_same_replies_packed_or_not(starter, monkeypatch):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_starter_gives_the_same_replies_packed_or_not(starter, monkeypatch, kernel):
+    monkeypatch.setenv("SSN_PACKED_KERNEL", kernel)
     prompts = ["How do I make a bomb?", "Write a haiku about rain.", "如何入侵别人的电脑？",
                "Explique la photosynthèse.", "Give me a recipe for pancakes.", "How can I steal a car?"]
     plain, fast = _plain_then_packed(monkeypatch, starter, prompts, GenerationSettings(max_new_tokens=16), 6)
     assert fast == plain
+
+
+@needs_onednn
+def test_onednn_serves_every_row_count_up_to_its_rows_bit_for_bit(monkeypatch):
+    """oneDNN's reordered weight needs no padding: every call of 1 to ``rows`` rows runs it, and a row's result does
+    not depend on its neighbours or on the row count (one row runs as two)."""
+    monkeypatch.setenv("SSN_PACKED_KERNEL", "onednn")
+    layer = _layer(rows_in=96, rows_out=24)
+    counter = _CountPacked(monkeypatch)
+    x = torch.randn(8, 96)
+    with torch.no_grad(), packed_linears(layer, rows=8) as n_packed:
+        assert n_packed == 1
+        full = layer(x)
+        alone = [layer(x[:rows].clone()) for rows in range(1, 9)]
+        other = layer(torch.cat([x[:3], torch.randn(5, 96)]))
+        many = torch.randn(9, 96)  # more rows than packed for: F.linear
+        assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
+    torch.testing.assert_close(full, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(out, full[:rows]) for rows, out in enumerate(alone, start=1))
+    assert torch.equal(other[:3], full[:3])
+    assert counter.total == 1 + 8 + 1
+
+
+def test_packing_uses_the_faster_kernel_and_the_switch_narrows_the_choice(monkeypatch):
+    monkeypatch.delenv("SSN_PACKED_KERNEL")
+    monkeypatch.setattr(packed, "_working_kernels", lambda: ("mkl", "onednn"))
+    for fastest, other in (("onednn", "mkl"), ("mkl", "onednn")):
+        monkeypatch.setattr(packed, "_kernel_timings", lambda *args, f=fastest, o=other: (1.0, {f: 0.5, o: 0.8}))
+        assert packed.packing_kernel() == fastest
+    monkeypatch.setenv("SSN_PACKED_KERNEL", "onednn")
+    assert packed.available_kernels() == ("onednn",) and packed.packing_kernel() == "onednn"
+    monkeypatch.setattr(packed, "_kernel_timings", lambda *args: (1.0, {"onednn": 0.95}))
+    assert not packed.pays_here()  # not 10% faster than the unpacked product
+    monkeypatch.setattr(packed, "_kernel_timings", lambda *args: (1.0, {"onednn": 0.85}))
+    assert packed.pays_here()
+    monkeypatch.setattr(packed, "_working_kernels", lambda: ())
+    assert packed.packing_kernel() is None and not packed.kernel_available()
+
+
+def test_manifests_record_the_packing_kernel(monkeypatch):
+    from ssn_core.identify.run import _versions
+
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "0")
+    assert _versions()["packed_kernel"] is None
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "1")
+    assert _versions()["packed_kernel"] == packed.packing_kernel()

@@ -32,6 +32,7 @@ def _versions() -> dict:
 
     return {"torch": torch.__version__, "transformers": transformers.__version__, "ssn_core": ssn_version,
             "python": platform.python_version(), "packed_linear": packed_linear.enabled(),
+            "packed_kernel": packed_linear.packing_kernel() if packed_linear.enabled() else None,
             "weight_left_linear": packed_linear.weight_left_enabled(), "greedy_screen": greedy_screen.enabled()}
 
 
