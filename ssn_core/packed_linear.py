@@ -193,6 +193,12 @@ def _packed(kernel: str, weight: torch.Tensor, rows: int, min_rows: int) -> _Pac
                          1 if kernel == "onednn" else min_rows, kernel)
 
 
+def packed_sample(kernel: str, weight: torch.Tensor, rows: int) -> _PackedWeight:
+    """``weight`` packed by ``kernel`` for ``rows`` rows, as `packed_linears` packs a layer (to time it against
+    another product: the greedy screen's check)."""
+    return _packed(kernel, weight, rows, min(rows, max(MIN_PACK_ROWS, -(-rows // 4))))
+
+
 def _kernel_works(kernel: str) -> bool:
     """Whether ``kernel``'s ops exist in this torch build, agree with F.linear, and a row's result does not depend on
     the other rows of its product, padding or row count (on an AMD EPYC MKL's did: it is then off)."""

@@ -204,6 +204,7 @@ def test_the_screens_timing_returns_a_choice_on_a_slice(monkeypatch):
 def test_a_generation_makes_no_copy_where_the_screen_never_pays(tiny, monkeypatch):
     lm = tiny("qwen2", seed=2)
     settings = GenerationSettings(max_new_tokens=10)
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "0")  # nothing packed: the screen's choice alone decides
     monkeypatch.setenv("SSN_GREEDY_SCREEN", "0")
     plain = generate_many(lm, PROMPTS[:4], settings, batch_size=4)
     monkeypatch.delenv("SSN_GREEDY_SCREEN")
@@ -303,3 +304,45 @@ def test_the_starter_gives_the_same_replies_screened_or_not(starter, monkeypatch
     plain, fast, screened = _plain_then_screened(monkeypatch, starter, prompts, GenerationSettings(max_new_tokens=16),
                                                  6)
     assert screened > 0 and fast == plain
+
+
+@needs_kernel
+@pytest.mark.parametrize("screen_wins", [True, False])
+def test_a_packed_generation_screens_the_head_only_where_that_beats_its_packed_product(tiny, monkeypatch,
+                                                                                     screen_wins):
+    from ssn_core import packed_linear
+
+    if not packed_linear.kernel_available():
+        pytest.skip("no packed kernel here")
+    lm = tiny("qwen2", seed=2)
+    settings = GenerationSettings(max_new_tokens=10)
+    monkeypatch.setenv("SSN_GREEDY_SCREEN", "0")
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "0")
+    plain = generate_many(lm, PROMPTS, settings, batch_size=8)
+    monkeypatch.delenv("SSN_GREEDY_SCREEN")
+    monkeypatch.setenv("SSN_PACKED_LINEAR", "1")
+    monkeypatch.setattr(greedy_screen, "pays_here", lambda: True)
+    monkeypatch.setattr(greedy_screen, "_screen_pays", lambda screen, rows: True)
+    monkeypatch.setattr(greedy_screen, "_PACKED_CHOICE", {})
+    timed = []
+
+    def fake_timing(packed, screened, repeats):
+        packed()
+        screened()
+        timed.append(1)
+        return (2.0, 1.0) if screen_wins else (1.0, 2.0)
+
+    monkeypatch.setattr(greedy_screen, "fastest_alternating", fake_timing)
+    head = lm.model.get_output_embeddings()
+    packed_heads = []
+    original = packed_linear._PackedWeight.linear
+    monkeypatch.setattr(packed_linear._PackedWeight, "linear",
+                        lambda self, x, bias: (packed_heads.append(1) if self.weight is head.weight else None)
+                        or original(self, x, bias))
+    counter = _CountScreened(monkeypatch)
+    assert generate_many(lm, PROMPTS, settings, batch_size=8) == plain
+    assert len(timed) == 1 and list(greedy_screen._PACKED_CHOICE.values()) == [screen_wins]
+    assert (counter.total - len(timed) > 0) is screen_wins  # screened (beyond the timing's one call), or ...
+    assert (len(packed_heads) > 0) is not screen_wins  # ... the head packed with the rest
+    generate_many(lm, PROMPTS, settings, batch_size=8)
+    assert len(timed) == 1  # decided once per process

@@ -44,7 +44,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssn_core.forward_swap import ForwardSwap, env_switch, fastest_alternating
-from ssn_core.packed_linear import linear_forward, weight_left_active, weight_left_linear, weight_left_would_run
+from ssn_core.packed_linear import (
+    linear_forward,
+    packed_sample,
+    weight_left_active,
+    weight_left_linear,
+    weight_left_would_run,
+)
 
 MIN_ROWS = 1  # whether a call of few rows is worth screening is timed per row count (`_screen_pays`)
 MAX_ROWS = 64  # more rows (a prefill without logits_to_keep): the plain product
@@ -136,6 +142,34 @@ def _screen_pays(screen: _Screen, rows: int, repeats: int = 3) -> bool:
         fallback = (lambda: weight_left_linear(weight, None, x)) if left else (lambda: F.linear(x, weight))
         fallback_s, screened_s = fastest_alternating(fallback, lambda: sample.logits(x), repeats)
         choice = _SCREEN_CHOICE.setdefault(key, screened_s < fallback_s)
+    return choice
+
+
+# (tuning rows of the weight, columns, packing kernel, packed rows) -> whether the screen beats the packed product.
+_PACKED_CHOICE: dict[tuple[int, int, str, int], bool] = {}
+
+
+def beats_packed(model: nn.Module, kernel: str, rows: int, repeats: int = 3) -> bool:
+    """Whether screening ``model``'s output layer for ``rows`` rows is faster here than its packed product with
+    ``kernel`` (`ssn_core.packed_linear`), which a generation that packs for ``rows`` runs on the layer instead:
+    timed once per process, shape, kernel and row count on the layer's first `_TUNING_HEAD_BYTES`. On an AMD EPYC
+    oneDNN's packed product beat the screen at 4-32 rows (bench/README.md, issue 17 eighth pass); with AMX the
+    screen's bfloat16 product is the faster. ``SSN_GREEDY_SCREEN=1``: always."""
+    head = screenable_head(model)
+    if head is None:
+        return False
+    if _switch() == "on":
+        return True
+    n_out = min(head.weight.shape[0], max(1, _TUNING_HEAD_BYTES // (4 * head.weight.shape[1])))
+    key = (n_out, head.weight.shape[1], kernel, rows)
+    choice = _PACKED_CHOICE.get(key)
+    if choice is None:
+        weight = head.weight.detach()[:n_out]  # [n_out, d], a view
+        sample = _Screen.of(weight)
+        packed = packed_sample(kernel, weight, rows)
+        x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(0))  # [rows, d]
+        packed_s, screened_s = fastest_alternating(lambda: packed.linear(x, None), lambda: sample.logits(x), repeats)
+        choice = _PACKED_CHOICE.setdefault(key, screened_s < packed_s)
     return choice
 
 

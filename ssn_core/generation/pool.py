@@ -14,7 +14,8 @@ from ssn_core.generation.decoder import StopFn, _Batch, _Decoder, _keep_rows, _m
 from ssn_core.generation.masks import _applied, _row_masks
 from ssn_core.generation.settings import GenerationSettings
 from ssn_core.loading import LoadedModel
-from ssn_core.packed_linear import pack_rows, packed_linears, weight_left_products
+from ssn_core.packed_linear import enabled as packing_enabled
+from ssn_core.packed_linear import pack_rows, packed_linears, packing_kernel, weight_left_products
 
 RowProgress = Callable[[int, int], None]  # (replies finished, replies in all)
 
@@ -90,12 +91,17 @@ def _generate_rows(lm: LoadedModel, prompts: list[list[int]], settings: Generati
     # greedy_screen) at the row counts where that is faster, entered first so that packing leaves that layer alone
     # (its other calls run what the layer would run unscreened). Steps of fewer rows than were packed for (or of any
     # rows, where nothing was packed) run the weight-left product where it pays (the same module).
+    # Where the batch is packed, the layer is packed too unless the screen beats its packed product here (on an AMD
+    # EPYC oneDNN's did: bench/README.md, issue 17 eighth pass).
+    rows_packed = pack_rows(min(capacity, n), settings.max_new_tokens)
+    kernel = packing_kernel() if rows_packed is not None and packing_enabled() else None
     screen = (decoder.sampler is None and min(capacity, n) >= greedy_screen.MIN_ROWS
               and settings.max_new_tokens >= greedy_screen.MIN_STEPS
-              and greedy_screen.may_pay(lm.model, min(capacity, n)))
+              and greedy_screen.may_pay(lm.model, min(capacity, n))
+              and (kernel is None or rows_packed is None or greedy_screen.beats_packed(lm.model, kernel, rows_packed)))
     with (greedy_screen.screened_head(lm.model, screen),
           weight_left_products(lm.model),
-          packed_linears(lm.model, pack_rows(min(capacity, n), settings.max_new_tokens))):
+          packed_linears(lm.model, rows_packed)):
         while not halted():
             if batch is not None and any(batch.done) and not fixed:
                 keep = [p for p, d in enumerate(batch.done) if not d]
