@@ -120,6 +120,11 @@ def _row_bucket(rows: int) -> int:
     return 1 << max(rows - 1, 0).bit_length()
 
 
+def _tuning_rows(weight: torch.Tensor) -> int:
+    """How many of the output layer's first rows (at most `_TUNING_HEAD_BYTES`) its speed checks are timed on."""
+    return min(weight.shape[0], max(1, _TUNING_HEAD_BYTES // (4 * weight.shape[1])))
+
+
 # (tuning rows of the weight, columns, row bucket, weight-left product in play) -> whether the screen is faster.
 _SCREEN_CHOICE: dict[tuple[int, int, int, bool], bool] = {}
 
@@ -131,7 +136,7 @@ def _screen_pays(screen: _Screen, rows: int, repeats: int = 3) -> bool:
     AMD EPYC the weight-left product is faster for 1-2 rows, the screen from 4). ``SSN_GREEDY_SCREEN=1``: always."""
     if _switch() == "on":
         return True
-    n_out = min(screen.weight.shape[0], max(1, _TUNING_HEAD_BYTES // (4 * screen.weight.shape[1])))
+    n_out = _tuning_rows(screen.weight)
     left = weight_left_active() and weight_left_would_run(screen.weight, rows)
     key = (n_out, screen.weight.shape[1], _row_bucket(rows), left)
     choice = _SCREEN_CHOICE.get(key)
@@ -160,7 +165,7 @@ def beats_packed(model: nn.Module, kernel: str, rows: int, repeats: int = 3) -> 
         return False
     if _switch() == "on":
         return True
-    n_out = min(head.weight.shape[0], max(1, _TUNING_HEAD_BYTES // (4 * head.weight.shape[1])))
+    n_out = _tuning_rows(head.weight)
     key = (n_out, head.weight.shape[1], kernel, rows)
     choice = _PACKED_CHOICE.get(key)
     if choice is None:
@@ -182,7 +187,7 @@ def may_pay(model: nn.Module, rows: int) -> bool:
         return False
     if _switch() == "on":
         return True
-    n_out = min(head.weight.shape[0], max(1, _TUNING_HEAD_BYTES // (4 * head.weight.shape[1])))
+    n_out = _tuning_rows(head.weight)
     for bucket in (1 << i for i in range(_row_bucket(max(rows, 1)).bit_length())):
         choices = [_SCREEN_CHOICE.get((n_out, head.weight.shape[1], bucket, left)) for left in (False, True)]
         if True in choices or all(choice is None for choice in choices):  # won, or not timed yet
