@@ -150,6 +150,15 @@ def _screen_pays(screen: _Screen, rows: int, repeats: int = 3) -> bool:
     return choice
 
 
+def _head_to_time(model: nn.Module) -> tuple[nn.Linear | None, bool]:
+    """(the output layer whose speed checks decide, None) or (None, the answer without timing): no servable layer
+    never pays; ``SSN_GREEDY_SCREEN=1`` always does."""
+    head = screenable_head(model)
+    if head is None:
+        return None, False
+    return (None, True) if _switch() == "on" else (head, False)
+
+
 # (tuning rows of the weight, columns, packing kernel, packed rows) -> whether the screen beats the packed product.
 _PACKED_CHOICE: dict[tuple[int, int, str, int], bool] = {}
 
@@ -160,11 +169,9 @@ def beats_packed(model: nn.Module, kernel: str, rows: int, repeats: int = 3) -> 
     timed once per process, shape, kernel and row count on the layer's first `_TUNING_HEAD_BYTES`. On an AMD EPYC
     oneDNN's packed product beat the screen at 4-32 rows (bench/README.md, issue 17 eighth pass); with AMX the
     screen's bfloat16 product is the faster. ``SSN_GREEDY_SCREEN=1``: always."""
-    head = screenable_head(model)
+    head, decided = _head_to_time(model)
     if head is None:
-        return False
-    if _switch() == "on":
-        return True
+        return decided
     n_out = _tuning_rows(head.weight)
     key = (n_out, head.weight.shape[1], kernel, rows)
     choice = _PACKED_CHOICE.get(key)
@@ -182,11 +189,9 @@ def may_pay(model: nn.Module, rows: int) -> bool:
     """Whether screening ``model``'s output layer may pay for some call of 1 to ``rows`` rows: false only once
     every row bucket up to ``rows`` was timed here and the screen lost (a generation then skips making the bfloat16
     copy, about 0.15 s on the starter)."""
-    head = screenable_head(model)
+    head, decided = _head_to_time(model)
     if head is None:
-        return False
-    if _switch() == "on":
-        return True
+        return decided
     n_out = _tuning_rows(head.weight)
     for bucket in (1 << i for i in range(_row_bucket(max(rows, 1)).bit_length())):
         choices = [_SCREEN_CHOICE.get((n_out, head.weight.shape[1], bucket, left)) for left in (False, True)]
