@@ -36,7 +36,10 @@ def test_attribution_equals_finite_differences(lm64):
     assert len({len(encode_prompt(lm64, p.text)[0]) for p in items}) == 1
     scores = attribution_batch(lm64, items, KINDS)
     texts, langs = [p.text for p in items], [p.language for p in items]
-    eps = 1e-3  # central differences; RMSNorm and RoPE compute in float32 even in a float64 model
+    # Central differences. RMSNorm and RoPE compute in float32 even in a float64 model, and their rounding, divided
+    # by 2·eps, was most of the tolerance at eps = 1e-3 (over it on an AVX2-only EPYC); at 1e-2 the truncation
+    # error (O(eps²) for a central difference) and the rounding both use under 15% of it on that CPU.
+    eps = 1e-2
     checked = 0
     for layer, kind in [(0, "mlp"), (1, "attn_q"), (1, "attn_k"), (0, "attn_v"), (1, "attn_o")]:
         for index in (0, 3, 5):
