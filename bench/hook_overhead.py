@@ -7,12 +7,62 @@ issue 17 (transformers' ``generate`` called directly). Every run makes the same 
 
 from __future__ import annotations
 
+import time
+
 import torch
+from torch import nn
 
 from bench.common import BenchContext, BenchResult, alternate, fmt_ratio, goal_text, median, paired_ratio, require
 from bench.workloads import bench_prompts, random_neuron_set
 
 SS_FRACTION = 0.003  # a real SS set is ~0.3% of all neurons
+
+
+def time_inside_hooks(run, hooks_module) -> tuple[float, int]:
+    """Seconds spent inside SSN Lab's hook dispatchers (`ssn_core.hooks`) while ``run()`` runs, and their calls.
+
+    The hooks' cost is a few percent of a decoding step, below what a shared CPU drifts between two timed runs; the
+    time inside them is measured within one run, so it does not drift. The timer's own ~0.3 µs a call is counted in.
+    """
+    dispatcher = hooks_module._ModuleDispatcher
+    original = dispatcher._apply
+    spent = [0.0, 0]
+
+    def timed(self, carrier, module_input):
+        start = time.perf_counter()
+        try:
+            return original(self, carrier, module_input)
+        finally:
+            spent[0] += time.perf_counter() - start
+            spent[1] += 1
+
+    dispatcher._apply = timed
+    try:
+        run()
+    finally:
+        dispatcher._apply = original
+    return spent[0], int(spent[1])
+
+
+def bare_hook_cost(calls: int = 2000) -> float:
+    """Seconds PyTorch adds to a module call for one forward pre-hook that does nothing (fastest of 5 runs): what
+    a hooked call costs beyond the time inside our dispatcher (the module's slow call path)."""
+    module = nn.Identity()
+    x = torch.zeros(1, 1, 8)
+
+    def per_call() -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            module(x)
+        return (time.perf_counter() - start) / calls
+
+    plain = min(per_call() for _ in range(5))
+    handle = module.register_forward_pre_hook(lambda _module, _args: None)
+    try:
+        hooked = min(per_call() for _ in range(5))
+    finally:
+        handle.remove()
+    return max(hooked - plain, 0.0)
 
 
 def chat_ids(lm, text: str) -> list[int]:
@@ -108,6 +158,12 @@ def hook_overhead(ctx: BenchContext) -> BenchResult:
     speed = min(pairs["plain"]) / min(pairs["suppressed"])  # tok/s suppressed / tok/s plain, fastest of each
     speed_pairs = paired_ratio(pairs["plain"], pairs["suppressed"])
     speed_spread = paired_ratio(times["engine_plain"], times["engine_suppressed"])  # from the round above
+    # The same cost from inside one run: the time in our dispatchers plus PyTorch's per-call cost of a hook, beside
+    # the fastest plain run (what the hooks cannot avoid; cache effects on the model's own work are not in it).
+    inside_s, hook_calls = time_inside_hooks(engine_suppressed, require("ssn_core.hooks"))
+    per_hook_s = bare_hook_cost()
+    hooks_s = inside_s + hook_calls * per_hook_s
+    speed_from_inside = min(pairs["plain"]) / (min(pairs["plain"]) + hooks_s)
     ab = paired_ratio(times["engine_ab"], times["engine_plain"])
     speed_old = paired_ratio(times["plain"], times["suppressed"])
     ab_old = paired_ratio(times["ab_batched"], times["plain"])
@@ -130,6 +186,8 @@ def hook_overhead(ctx: BenchContext) -> BenchResult:
                  "lm_head_two_rows_vs_one": head_floor, "lm_head_two_rows_vs_one_weight_left": head_floor_left,
                  "suppressed_tok_s_pairs": pair_ratios, "suppressed_tok_s_pairs_median": speed_pairs,
                  "suppressed_tok_s_in_the_round": speed_spread, "hook_pairs_s": pairs,
+                 "hook_calls": hook_calls, "inside_hooks_s": inside_s, "bare_hook_cost_s": per_hook_s,
+                 "suppressed_tok_s_from_inside_hooks": speed_from_inside,
                  "plain_tok_s": new_tokens / median(times["engine_plain"]),
                  "plain_tok_s_old": new_tokens / median(times["plain"]),
                  "median_s": {k: median(v) for k, v in times.items()},
@@ -138,10 +196,14 @@ def hook_overhead(ctx: BenchContext) -> BenchResult:
                 "size)"),
                (f"hooks timed in {len(pair_ratios)} adjacent pairs: fastest of each {speed:.3f}, median of the "
                 f"pairs' ratios {speed_pairs:.3f} (range {pair_ratios[0]:.3f}-{pair_ratios[-1]:.3f}); in the "
-                f"8-way round {speed_spread:.3f}")],
+                f"8-way round {speed_spread:.3f}"),
+               (f"from inside one suppressed run: {hook_calls} hook calls, {inside_s * 1e3:.1f} ms in our "
+                f"dispatchers + {per_hook_s * 1e6:.1f} us of PyTorch's per hooked call = {hooks_s * 1e3:.1f} ms "
+                f"beside a {min(pairs['plain']) * 1e3:.0f} ms plain run: tok/s {speed_from_inside:.3f}")],
     )
     result.summary = (f"hook-overhead: tok/s suppressed/plain {fmt_ratio(speed)} (fastest of {len(pair_ratios)} "
-                      f"adjacent pairs; their median ratio {fmt_ratio(speed_pairs)}; old path {fmt_ratio(speed_old)})"
+                      f"adjacent pairs; their median ratio {fmt_ratio(speed_pairs)}; from the time inside the hooks "
+                      f"{fmt_ratio(speed_from_inside)}; old path {fmt_ratio(speed_old)})"
                       f"{goal_text(result, 'suppressed_tok_s')} | A/B batched time / one stream {fmt_ratio(ab)} "
                       f"(old path {fmt_ratio(ab_old)}){goal_text(result, 'ab_batched_time')}"
                       f" (two rows without hooks {fmt_ratio(batching)};"

@@ -86,3 +86,27 @@ def test_gpu_profile_code_path_in_smoke_mode(tmp_path, capsys):
     assert "full" in table[3] and "full" not in table[4]  # no full fine-tuning of a 4-bit model
     rows = json.loads((tmp_path / "train-step.json").read_text())
     assert [r["details"]["variant"] for r in rows] == ["bf16", "4bit"] and all(r["gpu_profile"] for r in rows)
+
+
+def test_time_inside_hooks_counts_each_dispatch_and_restores_the_dispatcher():
+    import torch
+
+    from bench.hook_overhead import bare_hook_cost, time_inside_hooks
+    from ssn_core import hooks
+    from ssn_core.testing import tiny_model
+
+    lm = tiny_model("qwen2", seed=0)
+    sites = [lm.sites.get(0, "mlp"), lm.sites.get(1, "attn_q")]
+    original = hooks._ModuleDispatcher._apply
+    ids = torch.tensor([[1, 2, 3]])
+
+    def two_forwards():
+        with hooks.hook_sites([(site, lambda carrier: None) for site in sites]), torch.no_grad():
+            lm.model(ids)
+            lm.model(ids)
+
+    spent, calls = time_inside_hooks(two_forwards, hooks)
+    assert calls == 4 and spent > 0  # two sites, two forwards
+    assert hooks._ModuleDispatcher._apply is original
+    assert time_inside_hooks(lambda: lm.model(ids), hooks)[1] == 0  # no hooks, no dispatch
+    assert 0 <= bare_hook_cost(calls=200) < 1e-3
