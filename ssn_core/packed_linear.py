@@ -193,10 +193,15 @@ def _packed(kernel: str, weight: torch.Tensor, rows: int, min_rows: int) -> _Pac
                          1 if kernel == "onednn" else min_rows, kernel)
 
 
+def _min_rows(rows: int) -> int:
+    """The fewest rows a product packed for ``rows`` runs packed (`pack_rows` keeps the pool's rows to 4-32)."""
+    return min(rows, max(MIN_PACK_ROWS, -(-rows // 4)))
+
+
 def packed_sample(kernel: str, weight: torch.Tensor, rows: int) -> _PackedWeight:
     """``weight`` packed by ``kernel`` for ``rows`` rows, as `packed_linears` packs a layer (to time it against
     another product: the greedy screen's check)."""
-    return _packed(kernel, weight, rows, min(rows, max(MIN_PACK_ROWS, -(-rows // 4))))
+    return _packed(kernel, weight, rows, _min_rows(rows))
 
 
 def _kernel_works(kernel: str) -> bool:
@@ -372,7 +377,7 @@ def packed_linears(model: nn.Module, rows: int | None) -> Iterator[int]:
     if not layers or (available is not None and available < needed + _MEMORY_MARGIN_BYTES):
         yield 0
         return
-    min_rows = min(rows, max(MIN_PACK_ROWS, -(-rows // 4)))  # `pack_rows` keeps the pool's rows to 4-32
+    min_rows = _min_rows(rows)
     kernel = packing_kernel()
     try:
         with torch.no_grad():
